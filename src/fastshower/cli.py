@@ -1,0 +1,306 @@
+"""The ``fastshower`` command: a thin layer over the Python API.
+
+Every sub-command parses its arguments, calls one API function and prints a
+short summary. Bad input (anything the API rejects with one of the project's
+error classes) prints one line ``fastshower: error: ...`` and exits with 2;
+Ctrl-C exits with 130 after the API has kept what was finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fastshower import __version__
+
+__all__ = ["main"]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes that mean bad input, not a bug (imported lazily: torch is slow to import)."""
+    from fastshower.energy import EnergySpecError
+    from fastshower.geometry import GeometryError
+    from fastshower.io import ShowerFileError
+    from fastshower.simulate.backend import SimulationError
+
+    errors: list[type[BaseException]] = [EnergySpecError, GeometryError, ShowerFileError, SimulationError,
+                                         FileNotFoundError, FileExistsError]
+    for module, name in (
+        ("fastshower.simulate.g4data", "Geant4DataError"),
+        ("fastshower.train", "TrainingError"),
+        ("fastshower.sample", "GenerationError"),
+        ("fastshower.validate.evaluate", "ValidationInputError"),
+        ("fastshower.export", "ExportError"),
+    ):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            errors.append(getattr(mod, name))
+    return tuple(errors)
+
+
+# --- sub-commands ------------------------------------------------------------------------
+
+
+def _cmd_geometries(args: argparse.Namespace) -> int:
+    from fastshower.geometry import get_geometry, list_geometries
+
+    if args.name:
+        print(get_geometry(args.name).summary())
+        return 0
+    print(f"{'name':20s} {'voxels':>7s}  description")
+    for g in list_geometries():
+        print(f"{g.name:20s} {g.n_voxels:7d}  {g.description}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from fastshower.io import ShowerFile
+
+    with ShowerFile(args.file, require_complete=False) as f:
+        print(f.describe())
+        if args.check:
+            f.check()
+            print("values:     all finite and non-negative")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fastshower.io import convert_3dgan, convert_calogan
+
+    if args.layout == "calogan":
+        out = convert_calogan(args.input, args.out, particle=args.particle or "e+")
+    else:
+        out = convert_3dgan(args.input, args.out, particle=args.particle or "e-", unit_mev=args.ecal_unit_mev)
+    print(f"wrote {out}")
+    return 0
+
+
+def _parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+    from fastshower.energy import EnergySpecError
+
+    out: dict[str, str] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise EnergySpecError(f"{flag} expects name=SPEC, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fastshower.simulate.run import simulate
+
+    extra = {k: v for k, v in (("zenith", args.zenith), ("azimuth", args.azimuth)) if v is not None}
+    res = simulate(
+        args.geometry, args.particle, args.energy, args.n, args.out, seed=args.seed, jobs=args.jobs,
+        cut_mm=args.cut, physics=args.physics, resume=args.resume, chunk_size=args.chunk_size,
+        progress=not args.quiet, extra=extra,
+    )
+    print(f"wrote {res.n_written} showers to {res.path} ({res.n_new} new in {res.seconds:.1f} s, "
+          f"{1e3 * res.seconds_per_shower:.1f} ms/shower with {args.jobs} job(s)); generator: {res.generator}")
+    if not args.quiet:
+        from fastshower.summary import physics_summary
+
+        print(physics_summary(res.path))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastshower.train import train
+
+    run = train(
+        data=args.data, model=args.model, out=args.out, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, config=args.config, resume=args.resume,
+        progress=not args.quiet,
+    )
+    print(f"run written to {run}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fastshower.sample import generate
+
+    kwargs = {}
+    if args.backend != "torch":
+        kwargs["backend"] = args.backend
+    out = generate(
+        run=args.run, n=args.n, energy=args.energy, conditions=_parse_kv(args.condition, "--condition"),
+        out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, **kwargs,
+    )
+    print(f"wrote {args.n} showers to {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fastshower.validate.evaluate import evaluate
+
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    result = evaluate(
+        args.reference, args.candidate, args.out, metrics=metrics, seed=args.seed, floor=args.floor,
+        binning=args.binning, progress=not args.quiet,
+    )
+    out = Path(args.out)
+    print(json.dumps(_headline(result), indent=2))
+    print(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _headline(result: dict) -> dict:
+    """The few numbers worth printing from a metrics dict."""
+    keep = {}
+    for key in ("n_reference", "n_candidate", "classifier", "fpd", "kpd"):
+        if key in result:
+            keep[key] = result[key]
+    sp = result.get("separation_power")
+    if isinstance(sp, dict):
+        keep["separation_power (largest 5)"] = dict(sorted(sp.items(), key=lambda kv: -float(kv[1]))[:5])
+    return keep
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastshower.demo import run_demo
+
+    run_demo(out=args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fastshower.export import export_onnx
+
+    path = export_onnx(args.run, args.out, int8=args.int8, opset=args.opset)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastshower.export import bench
+
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    bench(args.run, out=args.out, batch_sizes=sizes, threads=args.threads, geant4=args.geant4)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastshower",
+        description="Fast simulation of particle showers: simulate -> train -> generate -> evaluate -> export.",
+    )
+    p.add_argument("--version", action="version", version=f"fastshower {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    g = add("geometries", _cmd_geometries, "list the built-in detectors, or describe one")
+    g.add_argument("name", nargs="?", help="geometry name (or a CaloChallenge binning XML)")
+
+    i = add("info", _cmd_info, "describe a shower file: geometry, particle, energies, N, provenance")
+    i.add_argument("file")
+    i.add_argument("--check", action="store_true", help="also scan every value (NaN, negative)")
+
+    c = add("convert", _cmd_convert, "convert CaloGAN or 3DGAN files to the CaloChallenge format")
+    c.add_argument("input")
+    c.add_argument("--layout", choices=["calogan", "3dgan"], required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--particle", default=None, help="particle of the file (default e+ for CaloGAN, e- for 3DGAN)")
+    c.add_argument("--ecal-unit-mev", type=float, default=1e3, help="3DGAN: unit of ECAL cells in MeV (GeV: 1000)")
+
+    s = add("simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
+    s.add_argument("--geometry", required=True)
+    s.add_argument("--particle", required=True, help="e-, e+, gamma, pi+, pi- ; air showers: p, He, N, Fe")
+    s.add_argument("--energy", required=True, help="2.0 | 0.5,1,1.5,2.5 | 1:100 | 1:100:log ; GeV unless a unit "
+                   "is given (500MeV, 1e18eV)")
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--jobs", type=int, default=1, help="worker processes")
+    s.add_argument("--cut", type=float, default=0.7, help="Geant4 production cut, mm")
+    s.add_argument("--physics", choices=["auto", "official", "substitute"], default="auto",
+                   help="Geant4 data: official sets (GEANT4_DATA_DIR), substitute EM tables, or auto")
+    s.add_argument("--resume", action="store_true", help="top an interrupted or smaller file up to --n")
+    s.add_argument("--chunk-size", type=int, default=None, help="showers per chunk (seeding/writing unit)")
+    s.add_argument("--zenith", default=None, help="air showers: zenith range in degrees, e.g. 0:65")
+    s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees, e.g. 0:360")
+    s.add_argument("--quiet", action="store_true")
+
+    t = add("train", _cmd_train, "train a generative model on a shower file")
+    t.add_argument("--data", required=True)
+    t.add_argument("--model", default="flow-matching")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    t.add_argument("--config", default=None, help="TOML file of model hyper-parameters and training options")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--quiet", action="store_true")
+
+    gen = add("generate", _cmd_generate, "generate showers from a trained run")
+    gen.add_argument("--run", required=True)
+    gen.add_argument("--n", type=int, required=True)
+    gen.add_argument("--energy", required=True)
+    gen.add_argument("--condition", action="append", help="name=SPEC for the run's extra conditions")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--batch-size", type=int, default=10000)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    gen.add_argument("--quiet", action="store_true")
+
+    e = add("evaluate", _cmd_evaluate, "score a candidate shower file against a reference")
+    e.add_argument("--reference", required=True)
+    e.add_argument("--candidate", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--metrics", default=None, help="comma-separated subset of metrics")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--floor", action="store_true", help="also score the reference against itself (halves)")
+    e.add_argument("--binning", default=None, help="CaloChallenge binning XML for files of datasets 1-3")
+    e.add_argument("--quiet", action="store_true")
+
+    d = add("demo", _cmd_demo, "end-to-end demo on Belle II 5x5: simulate, train, generate, evaluate")
+    d.add_argument("--out", default="demo-output")
+    d.add_argument("--quick", action="store_true", help="a 2-minute version")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--jobs", type=int, default=2)
+
+    x = add("export", _cmd_export, "export a run's sampler to ONNX (optionally INT8)")
+    x.add_argument("--run", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--int8", action="store_true")
+    x.add_argument("--opset", type=int, default=17)
+
+    b = add("bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
+    b.add_argument("--run", required=True)
+    b.add_argument("--geant4", action="store_true")
+    b.add_argument("--batch-sizes", default="1,100,10000")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("fastshower: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"fastshower: error: {message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

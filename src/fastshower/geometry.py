@@ -1,0 +1,536 @@
+"""Detector descriptions as data.
+
+A :class:`Geometry` is a stack of readout layers along the beam axis ``z``. Each
+:class:`ReadoutLayer` merges ``n_pairs`` absorber+active slabs and is segmented
+either on a cartesian grid (``ny`` rows x ``nx`` columns, centred on the beam
+axis) or on a polar grid (radial edges x ``n_alpha`` angular bins, centred on
+the incident particle, as in the CaloChallenge).
+
+Voxel order in a flattened shower (CaloChallenge convention): within a layer,
+polar layers run radial bins fastest, then angular bins; cartesian layers run
+columns (x) fastest, then rows (y); layers follow one another front to back.
+
+All lengths are in mm. Materials are Geant4 NIST names (``G4_W``, ``G4_Si``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "CartesianSegmentation",
+    "Geometry",
+    "GeometryError",
+    "PolarSegmentation",
+    "ProfileAxis",
+    "ReadoutLayer",
+    "get_geometry",
+    "geometry_from_json",
+    "list_geometries",
+    "read_calochallenge_binning",
+]
+
+
+class GeometryError(ValueError):
+    """An unknown or malformed detector description."""
+
+
+@dataclass(frozen=True)
+class CartesianSegmentation:
+    """A grid of ``ny`` rows x ``nx`` columns of cells, centred on the z axis.
+
+    Attributes:
+        nx: number of columns (along x).
+        ny: number of rows (along y).
+        pitch_x: cell width along x, mm.
+        pitch_y: cell width along y, mm.
+    """
+
+    nx: int
+    ny: int
+    pitch_x: float
+    pitch_y: float
+    kind: Literal["cartesian"] = "cartesian"
+
+    @property
+    def n_cells(self) -> int:
+        return self.nx * self.ny
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Image shape of the layer: (rows, columns) = (ny, nx)."""
+        return (self.ny, self.nx)
+
+    @property
+    def half_width(self) -> tuple[float, float]:
+        """Half extent (x, y) of the read-out area, mm."""
+        return (0.5 * self.nx * self.pitch_x, 0.5 * self.ny * self.pitch_y)
+
+    def cell_centres(self) -> np.ndarray:
+        """Cell centres, shape (n_cells, 2) as (x, y) in mm, in voxel order."""
+        xs = (np.arange(self.nx) - 0.5 * (self.nx - 1)) * self.pitch_x
+        ys = (np.arange(self.ny) - 0.5 * (self.ny - 1)) * self.pitch_y
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")  # rows (y) slow, columns (x) fast
+        return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+    def cell_areas(self) -> np.ndarray:
+        """Cell areas, shape (n_cells,), mm^2."""
+        return np.full(self.n_cells, self.pitch_x * self.pitch_y)
+
+
+@dataclass(frozen=True)
+class PolarSegmentation:
+    """Rings x angular sectors centred on the incident particle (CaloChallenge).
+
+    Attributes:
+        r_edges: radial bin edges, mm, strictly increasing, starting at 0.
+        n_alpha: number of angular bins covering 2 pi (1 means rings only).
+    """
+
+    r_edges: tuple[float, ...]
+    n_alpha: int
+    kind: Literal["polar"] = "polar"
+
+    @property
+    def n_r(self) -> int:
+        return len(self.r_edges) - 1
+
+    @property
+    def n_cells(self) -> int:
+        return self.n_r * self.n_alpha
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Image shape of the layer: (alpha bins, radial bins)."""
+        return (self.n_alpha, self.n_r)
+
+    @property
+    def half_width(self) -> tuple[float, float]:
+        return (self.r_edges[-1], self.r_edges[-1])
+
+    def r_centres(self) -> np.ndarray:
+        """Radial bin centres, shape (n_r,), mm."""
+        e = np.asarray(self.r_edges)
+        return 0.5 * (e[1:] + e[:-1])
+
+    def alpha_centres(self) -> np.ndarray:
+        """Angular bin centres, shape (n_alpha,), radians in [0, 2 pi)."""
+        return (np.arange(self.n_alpha) + 0.5) * (2 * math.pi / self.n_alpha)
+
+    def cell_centres(self) -> np.ndarray:
+        """Cell centres, shape (n_cells, 2) as (x, y) in mm, in voxel order
+        (radial bins fastest, then angular bins)."""
+        aa, rr = np.meshgrid(self.alpha_centres(), self.r_centres(), indexing="ij")
+        return np.stack([(rr * np.cos(aa)).ravel(), (rr * np.sin(aa)).ravel()], axis=1)
+
+    def cell_areas(self) -> np.ndarray:
+        """Cell areas, shape (n_cells,), mm^2."""
+        e = np.asarray(self.r_edges)
+        ring = math.pi * (e[1:] ** 2 - e[:-1] ** 2) / self.n_alpha
+        return np.tile(ring, self.n_alpha)
+
+
+Segmentation = CartesianSegmentation | PolarSegmentation
+
+
+@dataclass(frozen=True)
+class ReadoutLayer:
+    """One readout layer: ``n_pairs`` x (absorber + active) read out together.
+
+    Attributes:
+        absorber: NIST material of the passive slab, or None (homogeneous).
+        absorber_thickness: mm per pair (0 when homogeneous).
+        active: NIST material of the sensitive slab.
+        active_thickness: mm per pair.
+        n_pairs: number of absorber+active pairs merged into this readout layer.
+        segmentation: cartesian or polar cells.
+        score: ``"active"`` (sampling calorimeter, CaloChallenge) or ``"all"``
+            (active + absorber energy, as in CaloGAN's published files).
+    """
+
+    absorber: str | None
+    absorber_thickness: float
+    active: str
+    active_thickness: float
+    n_pairs: int
+    segmentation: Segmentation
+    score: Literal["active", "all"] = "active"
+
+    @property
+    def thickness(self) -> float:
+        """Depth of the readout layer, mm."""
+        return self.n_pairs * (self.absorber_thickness + self.active_thickness)
+
+    @property
+    def n_cells(self) -> int:
+        return self.segmentation.n_cells
+
+
+@dataclass(frozen=True)
+class ProfileAxis:
+    """Binning of a longitudinal air-shower profile.
+
+    Attributes:
+        x_max: last slant depth edge, g/cm^2 (bins start at 0).
+        dx: bin width, g/cm^2.
+        channels: names of the profile quantities, e.g. ("dEdX",) in MeV/(g/cm^2).
+    """
+
+    x_max: float
+    dx: float
+    channels: tuple[str, ...] = ("dEdX",)
+
+    @property
+    def n_bins(self) -> int:
+        return int(round(self.x_max / self.dx))
+
+    def centres(self) -> np.ndarray:
+        """Bin centres, shape (n_bins,), g/cm^2."""
+        return (np.arange(self.n_bins) + 0.5) * self.dx
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A detector: readout layers (calorimeter) or a profile axis (air shower).
+
+    Attributes:
+        name: registry name.
+        description: one line for listings.
+        source: citation of the paper or repository whose dimensions are used.
+        layers: readout layers front to back (empty for air-shower profiles).
+        profile: the slant-depth axis for air-shower profiles, else None.
+        particles: particles the detector is meant for (default first).
+        energy: default energy spec (see :mod:`fastshower.energy`).
+        notes: deviations from the source and other facts a user should know.
+    """
+
+    name: str
+    description: str
+    source: str
+    layers: tuple[ReadoutLayer, ...] = ()
+    profile: ProfileAxis | None = None
+    particles: tuple[str, ...] = ("e-",)
+    energy: str = "1"
+    notes: str = ""
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    # --- sizes ---------------------------------------------------------------
+    @property
+    def kind(self) -> Literal["calorimeter", "airshower"]:
+        return "airshower" if self.profile is not None else "calorimeter"
+
+    @property
+    def n_layers(self) -> int:
+        if self.profile is not None:
+            return len(self.profile.channels)
+        return len(self.layers)
+
+    @cached_property
+    def layer_sizes(self) -> tuple[int, ...]:
+        """Voxels per layer (per channel for profiles)."""
+        if self.profile is not None:
+            return tuple(self.profile.n_bins for _ in self.profile.channels)
+        return tuple(layer.n_cells for layer in self.layers)
+
+    @property
+    def n_voxels(self) -> int:
+        return int(sum(self.layer_sizes))
+
+    @cached_property
+    def layer_offsets(self) -> tuple[int, ...]:
+        """Start index of each layer in the flattened shower; length n_layers + 1."""
+        return tuple(int(v) for v in np.concatenate([[0], np.cumsum(self.layer_sizes)]))
+
+    def layer_slice(self, i: int) -> slice:
+        """Slice of the flattened shower that holds layer ``i``."""
+        return slice(self.layer_offsets[i], self.layer_offsets[i + 1])
+
+    def layer_shape(self, i: int) -> tuple[int, int]:
+        """Image shape of layer ``i`` (see the segmentation's ``shape``)."""
+        if self.profile is not None:
+            return (1, self.profile.n_bins)
+        return self.layers[i].segmentation.shape
+
+    @property
+    def depth(self) -> float:
+        """Total depth of the calorimeter, mm."""
+        return float(sum(layer.thickness for layer in self.layers))
+
+    def layer_z_centres(self) -> np.ndarray:
+        """Depth of each readout layer's centre from the front face, shape (n_layers,), mm."""
+        t = np.array([layer.thickness for layer in self.layers])
+        return np.cumsum(t) - 0.5 * t
+
+    def materials(self) -> tuple[str, ...]:
+        """NIST materials used, in order of first appearance."""
+        out: list[str] = []
+        for layer in self.layers:
+            for m in (layer.absorber, layer.active):
+                if m is not None and m not in out:
+                    out.append(m)
+        return tuple(out)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when every layer has the same segmentation (image stacks as 3D)."""
+        return len({layer.segmentation for layer in self.layers}) <= 1
+
+    # --- serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("_cache", None)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def summary(self) -> str:
+        """Multi-line human description (for ``fastshower geometries NAME``)."""
+        lines = [f"{self.name}: {self.description}", f"  source: {self.source}"]
+        if self.profile is not None:
+            p = self.profile
+            lines.append(
+                f"  slant depth 0-{p.x_max:g} g/cm^2 in {p.n_bins} bins of {p.dx:g} g/cm^2; "
+                f"channels {', '.join(p.channels)}"
+            )
+        else:
+            lines.append(f"  depth {self.depth:.1f} mm, {self.n_layers} readout layers")
+            for i, layer in enumerate(self.layers):
+                seg = layer.segmentation
+                if isinstance(seg, CartesianSegmentation):
+                    cells = f"{seg.ny}x{seg.nx} cells of {seg.pitch_x:g}x{seg.pitch_y:g} mm (x*y)"
+                else:
+                    cells = (
+                        f"{seg.n_r} r bins (edges {seg.r_edges[0]:g}..{seg.r_edges[-1]:g} mm)"
+                        f" x {seg.n_alpha} alpha bins"
+                    )
+                absorber = (
+                    f"{layer.absorber_thickness:g} mm {layer.absorber} + " if layer.absorber else ""
+                )
+                lines.append(
+                    f"  layer {i:2d}: {layer.n_pairs} x ({absorber}{layer.active_thickness:g} mm "
+                    f"{layer.active}) = {layer.thickness:.1f} mm; {cells}; scores {layer.score}"
+                )
+        lines.append(f"  voxels: {self.n_voxels}")
+        lines.append(f"  particles: {', '.join(self.particles)}; default energy: {self.energy}")
+        if self.notes:
+            lines.append(f"  notes: {self.notes}")
+        return "\n".join(lines)
+
+
+def _segmentation_from_dict(d: dict[str, Any]) -> Segmentation:
+    if d.get("kind") == "polar":
+        return PolarSegmentation(r_edges=tuple(float(r) for r in d["r_edges"]), n_alpha=int(d["n_alpha"]))
+    if d.get("kind") == "cartesian":
+        return CartesianSegmentation(
+            nx=int(d["nx"]), ny=int(d["ny"]), pitch_x=float(d["pitch_x"]), pitch_y=float(d["pitch_y"])
+        )
+    raise GeometryError(f"unknown segmentation kind {d.get('kind')!r}")
+
+
+def geometry_from_json(text: str | dict[str, Any]) -> Geometry:
+    """Rebuild a :class:`Geometry` from :meth:`Geometry.to_json` output."""
+    try:
+        d = json.loads(text) if isinstance(text, str) else dict(text)
+        layers = tuple(
+            ReadoutLayer(
+                absorber=la["absorber"],
+                absorber_thickness=float(la["absorber_thickness"]),
+                active=la["active"],
+                active_thickness=float(la["active_thickness"]),
+                n_pairs=int(la["n_pairs"]),
+                segmentation=_segmentation_from_dict(la["segmentation"]),
+                score=la.get("score", "active"),
+            )
+            for la in d.get("layers", ())
+        )
+        prof = d.get("profile")
+        profile = (
+            ProfileAxis(float(prof["x_max"]), float(prof["dx"]), tuple(prof["channels"])) if prof else None
+        )
+        return Geometry(
+            name=d["name"],
+            description=d.get("description", ""),
+            source=d.get("source", ""),
+            layers=layers,
+            profile=profile,
+            particles=tuple(d.get("particles", ("e-",))),
+            energy=str(d.get("energy", "1")),
+            notes=d.get("notes", ""),
+        )
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise GeometryError(f"malformed geometry description: {exc}") from exc
+
+
+# --- built-in detectors ---------------------------------------------------------
+
+
+def _uniform(
+    n_layers: int,
+    absorber: str | None,
+    t_abs: float | Sequence[float],
+    active: str,
+    t_act: float,
+    seg: Segmentation,
+    n_pairs: int = 1,
+    score: Literal["active", "all"] = "active",
+) -> tuple[ReadoutLayer, ...]:
+    t = [t_abs] * n_layers if isinstance(t_abs, (int, float)) else list(t_abs)
+    return tuple(ReadoutLayer(absorber, float(t[i]), active, t_act, n_pairs, seg, score) for i in range(n_layers))
+
+
+def _par04(n_r: int, n_alpha: int, dr: float, ds: int) -> Geometry:
+    return Geometry(
+        name=f"par04-ds{ds}",
+        description=f"Geant4 Par04 / CaloChallenge dataset {ds}: Si-W, 45 layers x {n_r} r x {n_alpha} alpha",
+        source=(
+            "Geant4 examples/extended/parameterisations/Par04; CaloChallenge 2022 dataset "
+            f"{ds} (arXiv:2410.21611): 90 x (1.4 mm W + 0.3 mm Si), pairs merged into 45 readout layers, "
+            f"{n_r} radial bins of {dr:g} mm x {n_alpha} angular bins"
+        ),
+        layers=_uniform(
+            45, "G4_W", 1.4, "G4_Si", 0.3,
+            PolarSegmentation(tuple(round(i * dr, 6) for i in range(n_r + 1)), n_alpha), n_pairs=2,
+        ),
+        particles=("e-", "gamma", "e+"),
+        energy="1:1000:log",
+        notes="energy outside the outermost radial edge is not scored, as in the CaloChallenge files",
+    )
+
+
+def _builtins() -> dict[str, Geometry]:
+    g: list[Geometry] = [
+        Geometry(
+            name="belle2-ecl-5x5",
+            description="Belle II-like ECL: 5x5 CsI(Tl) crystals, 6x6x30 cm, homogeneous",
+            source=(
+                "Belle II Technical Design Report (arXiv:1011.0352), ECL: CsI(Tl) crystals 30 cm "
+                "(16.1 X0) long with ~6x6 cm faces"
+            ),
+            layers=(ReadoutLayer(None, 0.0, "G4_CESIUM_IODIDE", 300.0, 1, CartesianSegmentation(5, 5, 60.0, 60.0)),),
+            particles=("e-", "gamma", "e+", "pi+", "pi-"),
+            energy="0.5,1,1.5,2.5",
+            notes=(
+                "crystals are straight boxes without wrapping or gaps; the entry point is smeared uniformly "
+                "over the centre crystal's face and stored as conditions/position (mm)"
+            ),
+        ),
+        Geometry(
+            name="calogan-3layer",
+            description="CaloGAN 3-layer Pb/LAr calorimeter, 480 mm deep, 3x96 + 12x12 + 12x6 cells",
+            source=(
+                "Paganini, de Oliveira, Nachman, arXiv:1712.10321 and 1705.02355: 2 mm Pb + 4 mm LAr, 480 mm "
+                "deep, layers 90/347/43 mm; cells 160x5, 40x40, 40x80 mm (eta x phi)"
+            ),
+            layers=(
+                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 15, CartesianSegmentation(96, 3, 5.0, 160.0), "all"),
+                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 58, CartesianSegmentation(12, 12, 40.0, 40.0), "all"),
+                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 7, CartesianSegmentation(6, 12, 80.0, 40.0), "all"),
+            ),
+            particles=("e+", "gamma", "pi+"),
+            energy="1:100",
+            notes=(
+                "readout boundaries are put on whole Pb+LAr pairs: 15/58/7 pairs = 90/348/42 mm instead of "
+                "90/347/43 mm; cells score absorber + active energy as the published CaloGAN files do"
+            ),
+        ),
+        Geometry(
+            name="ild-siw-30",
+            description="ILD-like Si-W ECAL: 30 layers, 30x30 cells of 5.1 mm",
+            source=(
+                "ILD ECAL as used by BIB-AE (Buhmann et al., arXiv:2005.05334): W 2.1 mm (layers 1-20) and "
+                "4.2 mm (21-30), Si 0.5 mm, 5.1 mm cells, 30x30 cells around the impact point"
+            ),
+            layers=_uniform(30, "G4_W", [2.1] * 20 + [4.2] * 10, "G4_Si", 0.5, CartesianSegmentation(30, 30, 5.1, 5.1)),
+            particles=("gamma", "e-"),
+            energy="10:100",
+            notes="flat slabs without PCB, cooling or gaps between wafers",
+        ),
+        _par04(9, 16, 4.65, 2),
+        _par04(18, 50, 2.325, 3),
+        Geometry(
+            name="siw-51x51x25",
+            description="CLIC-like Si-W ECAL of the 3DGAN papers: 25 layers of 51x51 cells of 5.1 mm",
+            source=(
+                "3DGAN (Khattak et al., arXiv:2103.10142) on the CLIC ECAL (CLICdp ECal twiki): 25 layers, "
+                "17 x 2.4 mm W then 8 x 4.8 mm W, Si pads 5.1x5.1 mm"
+            ),
+            layers=_uniform(25, "G4_W", [2.4] * 17 + [4.8] * 8, "G4_Si", 0.5, CartesianSegmentation(51, 51, 5.1, 5.1)),
+            particles=("e-", "gamma", "pi+"),
+            energy="2:500",
+            notes="Si thickness 0.5 mm assumed; flat slabs, no PCB or gaps",
+        ),
+        Geometry(
+            name="airshower-profile",
+            description="air-shower longitudinal profile: slant depth 0-3200 g/cm^2 in 10 g/cm^2 bins",
+            source="CONEX-style profiles (Bergmann et al., astro-ph/0606564); KIT profile-GAN study",
+            profile=ProfileAxis(3200.0, 10.0, ("dEdX", "Ne")),
+            particles=("p", "He", "N", "Fe"),
+            energy="1e17eV:1e19eV:log",
+            notes="dEdX in MeV/(g/cm^2), Ne = number of charged particles; bins below ground are zero",
+        ),
+    ]
+    return {geo.name: geo for geo in g}
+
+
+_REGISTRY: dict[str, Geometry] = _builtins()
+
+
+def list_geometries() -> list[Geometry]:
+    """All built-in detectors, in registry order."""
+    return list(_REGISTRY.values())
+
+
+def get_geometry(name: str) -> Geometry:
+    """A built-in detector by name, or one read from a CaloChallenge binning XML path."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.endswith(".xml") and Path(name).is_file():
+        return read_calochallenge_binning(name)
+    raise GeometryError(f"unknown geometry {name!r}; choose one of: {', '.join(_REGISTRY)}")
+
+
+def read_calochallenge_binning(path: str | Path, name: str | None = None) -> Geometry:
+    """Read a CaloChallenge binning XML (``<Bin><Layer id r_edges n_bin_alpha/>...``).
+
+    Only the read-out binning is known from such a file, so layers are described
+    with no materials (``active="unknown"``); the result serves evaluation and
+    training, not simulation. Layers with no radial bins (empty ``r_edges``, as in
+    dataset 1) are kept with zero cells so that layer indices match the file.
+    """
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise GeometryError(f"{path}: not a readable binning XML ({exc})") from exc
+    bins = [root] if root.tag == "Bin" else list(root.iter("Bin"))
+    if not bins:
+        raise GeometryError(f"{path}: no <Bin> element")
+    layers: list[ReadoutLayer] = []
+    for el in bins[0].iter("Layer"):
+        edges_txt = (el.get("r_edges") or "").strip()
+        edges = tuple(float(v) for v in edges_txt.split(",") if v.strip()) if edges_txt else ()
+        n_alpha = int(el.get("n_bin_alpha", "1"))
+        if len(edges) < 2:
+            continue  # a layer without cells contributes no voxels in the CaloChallenge files
+        layers.append(ReadoutLayer(None, 0.0, "unknown", 1.0, 1, PolarSegmentation(edges, n_alpha)))
+    if not layers:
+        raise GeometryError(f"{path}: no <Layer> with r_edges")
+    particle = bins[0].get("name", "")
+    return Geometry(
+        name=name or path.stem,
+        description=f"CaloChallenge binning read from {path.name}",
+        source=str(path),
+        layers=tuple(layers),
+        particles=(particle,) if particle else ("e-",),
+        energy="1:1000:log",
+    )

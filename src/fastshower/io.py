@@ -1,0 +1,515 @@
+"""HDF5 shower files in the CaloChallenge format, with fastshower's provenance.
+
+Layout (readable by the CaloChallenge tools, which only look at the first two keys):
+
+- ``incident_energies``: float (N, 1), MeV
+- ``showers``: float32 (N, n_voxels), MeV, in the geometry's voxel order
+- ``conditions/<name>``: float (N, k) labels a model is conditioned on (``position`` in mm, angles, ...)
+- ``truth/<name>``: float (N, k) per-shower Monte Carlo truth that is not a condition (air-shower Xmax, ...)
+- file attributes: ``geometry`` (JSON), ``particle``, ``pdg``, ``physics``, ``generator``,
+  ``seed``, ``fastshower_version``, ``created``, ``n_target`` and ``complete``.
+
+Writers append in chunks under HDF5's single-writer/multiple-reader mode, which
+orders metadata writes so that a killed writer leaves a readable file holding
+every flushed chunk. ``complete`` stays False until the writer is closed after
+reaching its target, so an interrupted file never looks finished; ``--resume``
+reopens it and appends.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from fastshower import __version__
+from fastshower.geometry import Geometry, GeometryError, geometry_from_json, list_geometries
+
+__all__ = [
+    "ShowerBatch",
+    "ShowerFile",
+    "ShowerFileError",
+    "ShowerWriter",
+    "check_values",
+    "convert_calogan",
+    "convert_3dgan",
+    "write_showers",
+]
+
+PDG = {"e-": 11, "e+": -11, "gamma": 22, "pi+": 211, "pi-": -211, "p": 2212, "He": 1000020040,
+       "N": 1000070140, "Fe": 1000260560}
+_TARGET_CHUNK_BYTES = 2 << 20  # HDF5 chunk of ~2 MiB: good gzip ratio, cheap partial reads
+
+
+class ShowerFileError(ValueError):
+    """A shower file that is missing, corrupt, truncated, foreign or inconsistent."""
+
+
+@dataclass
+class ShowerBatch:
+    """A block of showers.
+
+    Attributes:
+        energies: incident energies, shape (n,), MeV.
+        showers: deposited energy per voxel, shape (n, n_voxels), MeV.
+        conditions: extra labels, name -> array of shape (n, k).
+        truth: Monte Carlo truth that is not a condition, name -> array of shape (n, k).
+    """
+
+    energies: np.ndarray
+    showers: np.ndarray
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.energies.shape[0])
+
+
+def check_values(batch: ShowerBatch, where: str, offset: int = 0) -> None:
+    """Raise :class:`ShowerFileError` on NaN/inf or negative energies, naming the first bad shower."""
+    e, s = batch.energies, batch.showers
+    bad_e = ~np.isfinite(e) | (e <= 0)
+    if bad_e.any():
+        i = int(np.argmax(bad_e))
+        raise ShowerFileError(f"{where}: incident energy of shower {offset + i} is {e[i]!r} (must be finite and > 0)")
+    finite = np.isfinite(s)
+    if not finite.all():
+        i = int(np.argmax(~finite.all(axis=1)))
+        raise ShowerFileError(f"{where}: shower {offset + i} has NaN or infinite voxel energies")
+    neg = s < 0
+    if neg.any():
+        i = int(np.argmax(neg.any(axis=1)))
+        raise ShowerFileError(f"{where}: shower {offset + i} has negative voxel energies (min {s[i].min():.3g} MeV)")
+    for name, c in batch.conditions.items():
+        if not np.isfinite(c).all():
+            raise ShowerFileError(f"{where}: condition {name!r} has NaN or infinite values")
+
+
+def _chunk_rows(n_voxels: int) -> int:
+    return int(np.clip(_TARGET_CHUNK_BYTES // (4 * max(n_voxels, 1)), 1, 1024))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ShowerWriter:
+    """Append showers to a new or resumed file, chunk by chunk.
+
+    Use as a context manager; leaving the block normally after ``n_written >=
+    n_target`` marks the file complete, any other exit leaves it resumable.
+
+    Args:
+        path: output file.
+        geometry: detector the showers belong to.
+        particle: particle name (e-, gamma, p, Fe, ...).
+        generator: what made the showers ("geant4 11.4 official data", a model + run id, ...).
+        n_target: showers the file is meant to hold.
+        conditions: names and widths of the per-shower conditions, e.g. {"position": 2}.
+        truth: names and widths of per-shower truth values, e.g. {"xmax": 1}.
+        attrs: more provenance (seed, physics, cut, ...), JSON-serialisable values.
+        resume: reopen an existing incomplete file and append.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        geometry: Geometry,
+        particle: str,
+        generator: str,
+        n_target: int,
+        conditions: Mapping[str, int] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        resume: bool = False,
+        truth: Mapping[str, int] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.geometry = geometry
+        self.n_target = int(n_target)
+        self.conditions = dict(conditions or {})
+        self.truth = dict(truth or {})
+        if resume:
+            self._f = self._reopen(particle)
+        else:
+            if self.path.exists():
+                raise ShowerFileError(f"{self.path} exists; use --resume to top it up or choose another --out")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self._create(particle, generator, attrs or {})
+        self._f.swmr_mode = True
+        self.n_written = int(self._f["incident_energies"].shape[0])
+
+    # -- opening --------------------------------------------------------------
+    def _create(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> h5py.File:
+        f = h5py.File(self.path, "w", libver="latest")
+        v = self.geometry.n_voxels
+        rows = _chunk_rows(v)
+        f.create_dataset("incident_energies", (0, 1), maxshape=(None, 1), dtype="f8", chunks=(max(rows, 1024), 1))
+        f.create_dataset(
+            "showers", (0, v), maxshape=(None, v), dtype="f4", chunks=(rows, v), compression="gzip",
+            compression_opts=4, shuffle=True,
+        )
+        for group, widths in (("conditions", self.conditions), ("truth", self.truth)):
+            grp = f.create_group(group)
+            for name, width in widths.items():
+                grp.create_dataset(name, (0, width), maxshape=(None, width), dtype="f8", chunks=(1024, width))
+        meta = {
+            "geometry": self.geometry.to_json(),
+            "particle": particle,
+            "pdg": PDG.get(particle, 0),
+            "generator": generator,
+            "fastshower_version": __version__,
+            "created": _now(),
+            "n_target": self.n_target,
+            "complete": False,
+        }
+        for key, val in {**meta, **attrs}.items():
+            f.attrs[key] = val if isinstance(val, (str, int, float, bool, np.number)) else json.dumps(val)
+        return f
+
+    def _reopen(self, particle: str) -> h5py.File:
+        reader = ShowerFile(self.path, require_complete=False)  # validates layout and geometry
+        if reader.geometry.to_dict() != self.geometry.to_dict():
+            raise ShowerFileError(
+                f"--resume: {self.path} holds geometry {reader.geometry.name!r}, not {self.geometry.name!r}"
+            )
+        if reader.particle != particle:
+            raise ShowerFileError(f"--resume: {self.path} holds {reader.particle} showers, not {particle}")
+        if set(reader.condition_names) != set(self.conditions):
+            raise ShowerFileError(
+                f"--resume: {self.path} has conditions {sorted(reader.condition_names)}, "
+                f"expected {sorted(self.conditions)}"
+            )
+        n = reader.n
+        reader.close()
+        f = h5py.File(self.path, "r+", libver="latest")
+        # Datasets may differ in length by the chunk in flight when the writer died: cut back to
+        # the rows every dataset holds.
+        for ds in self._datasets(f):
+            ds.resize(n, axis=0)
+        f.attrs["complete"] = False
+        f.attrs["n_target"] = self.n_target
+        f.attrs["resumed"] = _now()
+        return f
+
+    def _datasets(self, f: h5py.File) -> list[h5py.Dataset]:
+        extra = [f[g][k] for g in ("conditions", "truth") if g in f for k in f[g]]
+        return [f["incident_energies"], f["showers"], *extra]
+
+    # -- writing --------------------------------------------------------------
+    def append(self, batch: ShowerBatch) -> None:
+        """Write one chunk and flush it to disk. Shapes: see :class:`ShowerBatch`."""
+        n = len(batch)
+        if batch.showers.shape != (n, self.geometry.n_voxels):
+            raise ShowerFileError(
+                f"showers of shape {batch.showers.shape} do not fit geometry {self.geometry.name!r} "
+                f"({self.geometry.n_voxels} voxels)"
+            )
+        if set(batch.conditions) != set(self.conditions) or set(batch.truth) != set(self.truth):
+            raise ShowerFileError(
+                f"conditions/truth {sorted(batch.conditions)}/{sorted(batch.truth)} != declared "
+                f"{sorted(self.conditions)}/{sorted(self.truth)}"
+            )
+        check_values(batch, str(self.path), self.n_written)
+        a, b = self.n_written, self.n_written + n
+        f = self._f
+        # Showers first, energies last: a reader takes the shortest dataset as the file's length.
+        f["showers"].resize(b, axis=0)
+        f["showers"][a:b] = batch.showers.astype(np.float32, copy=False)
+        for group, values in (("conditions", batch.conditions), ("truth", batch.truth)):
+            for name, c in values.items():
+                ds = f[group][name]
+                ds.resize(b, axis=0)
+                ds[a:b] = np.asarray(c, dtype=np.float64).reshape(n, -1)
+        f["incident_energies"].resize(b, axis=0)
+        f["incident_energies"][a:b] = np.asarray(batch.energies, dtype=np.float64).reshape(n, 1)
+        f.flush()
+        self.n_written = b
+
+    def close(self, complete: bool | None = None) -> None:
+        """Close the file; mark it complete when ``complete`` (default: target reached)."""
+        if self._f is None:
+            return
+        done = self.n_written >= self.n_target if complete is None else complete
+        self._f.close()
+        self._f = None  # type: ignore[assignment]
+        if done:
+            # Attributes cannot change under SWMR: reopen plainly to set the flag.
+            with h5py.File(self.path, "r+") as f:
+                f.attrs["complete"] = True
+                f.attrs["finished"] = _now()
+
+    def __enter__(self) -> ShowerWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(complete=None if exc_type is None else False)
+
+
+def write_showers(
+    path: str | Path,
+    geometry: Geometry,
+    batch: ShowerBatch,
+    particle: str,
+    generator: str,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a whole in-memory sample to a new complete file."""
+    def widths(d: Mapping[str, np.ndarray]) -> dict[str, int]:
+        return {k: int(np.asarray(v).reshape(len(batch), -1).shape[1]) for k, v in d.items()}
+
+    with ShowerWriter(path, geometry, particle, generator, len(batch), widths(batch.conditions), attrs,
+                      truth=widths(batch.truth)) as w:
+        w.append(batch)
+    return Path(path)
+
+
+def _infer_geometry(n_voxels: int, path: Path) -> Geometry:
+    matches = [g for g in list_geometries() if g.n_voxels == n_voxels]
+    if len(matches) == 1:
+        return matches[0]
+    raise ShowerFileError(
+        f"{path}: no 'geometry' attribute and {n_voxels} voxels match "
+        f"{'no' if not matches else 'several'} built-in geometries; pass the geometry (--binning XML or --geometry)"
+    )
+
+
+class ShowerFile:
+    """Validated, streaming read access to a shower file.
+
+    Opening checks the keys, shapes and the geometry (against ``geometry`` when
+    given); voxel values are checked chunk by chunk as they are read.
+
+    Args:
+        path: the file.
+        geometry: expected geometry; required for foreign files without a ``geometry`` attribute
+            unless the voxel count matches exactly one built-in.
+        require_complete: refuse a file whose writer was interrupted.
+    """
+
+    def __init__(self, path: str | Path, geometry: Geometry | None = None, require_complete: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ShowerFileError(f"{self.path}: no such file")
+        try:
+            self._f = h5py.File(self.path, "r", libver="latest", swmr=True)
+        except OSError as exc:
+            try:
+                self._f = h5py.File(self.path, "r")
+            except OSError:
+                raise ShowerFileError(f"{self.path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+        try:
+            self._validate_layout(geometry, require_complete)
+        except Exception:
+            self._f.close()
+            raise
+
+    def _validate_layout(self, geometry: Geometry | None, require_complete: bool) -> None:
+        f = self._f
+        for key in ("incident_energies", "showers"):
+            if key not in f:
+                raise ShowerFileError(
+                    f"{self.path}: missing dataset {key!r} (keys: {sorted(f.keys())}); not a CaloChallenge-format "
+                    "shower file (CaloGAN or 3DGAN files: use `fastshower convert`)"
+                )
+        s, e = f["showers"], f["incident_energies"]
+        if s.ndim != 2 or e.ndim not in (1, 2):
+            raise ShowerFileError(f"{self.path}: 'showers' must be 2-D (N, voxels), got shape {s.shape}")
+        stored = self.attrs.get("geometry")
+        if stored is not None:
+            try:
+                file_geo = geometry_from_json(stored)
+            except GeometryError as exc:
+                raise ShowerFileError(f"{self.path}: {exc}") from exc
+            if geometry is not None and file_geo.to_dict() != geometry.to_dict():
+                raise ShowerFileError(
+                    f"{self.path}: holds geometry {file_geo.name!r}, expected {geometry.name!r}"
+                )
+            self.geometry = file_geo
+        else:
+            self.geometry = geometry or _infer_geometry(int(s.shape[1]), self.path)
+        if s.shape[1] != self.geometry.n_voxels:
+            raise ShowerFileError(
+                f"{self.path}: showers have {s.shape[1]} voxels but geometry {self.geometry.name!r} has "
+                f"{self.geometry.n_voxels}"
+            )
+        lengths = [s.shape[0], e.shape[0]] + [d.shape[0] for d in (*self._conditions().values(),
+                                                                   *self._group("truth").values())]
+        self.n = int(min(lengths))
+        self.complete = bool(self.attrs.get("complete", True))  # foreign files carry no flag: take them as whole
+        if require_complete and not self.complete:
+            raise ShowerFileError(
+                f"{self.path}: incomplete ({self.n} of {self.attrs.get('n_target', '?')} showers; the writer was "
+                "interrupted); finish it with `fastshower simulate ... --resume` or accept partial files explicitly"
+            )
+        if self.n == 0 and require_complete:
+            raise ShowerFileError(f"{self.path}: holds no showers")
+
+    # -- metadata ----------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self._f.attrs.items()}
+
+    @property
+    def particle(self) -> str:
+        return str(self.attrs.get("particle", "unknown"))
+
+    @property
+    def generator(self) -> str:
+        return str(self.attrs.get("generator", "unknown"))
+
+    def _group(self, name: str) -> dict[str, h5py.Dataset]:
+        grp = self._f.get(name)
+        return {k: grp[k] for k in grp} if isinstance(grp, h5py.Group) else {}
+
+    def _conditions(self) -> dict[str, h5py.Dataset]:
+        return self._group("conditions")
+
+    @property
+    def truth_names(self) -> list[str]:
+        return sorted(self._group("truth"))
+
+    @property
+    def condition_names(self) -> list[str]:
+        return sorted(self._conditions())
+
+    def condition_widths(self) -> dict[str, int]:
+        return {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in self._conditions().items()}
+
+    def energies(self) -> np.ndarray:
+        """All incident energies, shape (N,), MeV (small: always read whole)."""
+        return np.asarray(self._f["incident_energies"][: self.n], dtype=np.float64).reshape(-1)
+
+    # -- data ----------------------------------------------------------------------
+    def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> ShowerBatch:
+        """Showers ``start:stop`` as a :class:`ShowerBatch` (float32 showers, float64 energies)."""
+        stop = self.n if stop is None else min(stop, self.n)
+        start = max(0, min(start, stop))
+        batch = ShowerBatch(
+            energies=np.asarray(self._f["incident_energies"][start:stop], dtype=np.float64).reshape(-1),
+            showers=np.asarray(self._f["showers"][start:stop], dtype=np.float32),
+            conditions={
+                k: np.asarray(d[start:stop], dtype=np.float64).reshape(stop - start, -1)
+                for k, d in self._conditions().items()
+            },
+            truth={
+                k: np.asarray(d[start:stop], dtype=np.float64).reshape(stop - start, -1)
+                for k, d in self._group("truth").items()
+            },
+        )
+        if check:
+            check_values(batch, str(self.path), start)
+        return batch
+
+    def iter_chunks(self, chunk_size: int = 4096, start: int = 0, stop: int | None = None,
+                    check: bool = True) -> Iterator[ShowerBatch]:
+        """Stream ``start:stop`` in blocks of ``chunk_size`` showers; memory stays bounded."""
+        stop = self.n if stop is None else min(stop, self.n)
+        for a in range(start, stop, chunk_size):
+            yield self.read(a, min(a + chunk_size, stop), check=check)
+
+    def check(self, chunk_size: int = 4096) -> None:
+        """Stream the whole file and raise on the first NaN or negative energy."""
+        for _ in self.iter_chunks(chunk_size):
+            pass
+
+    def describe(self) -> str:
+        """Human summary for ``fastshower info``."""
+        a = self.attrs
+        e = self.energies()
+        lines = [
+            f"file:       {self.path}",
+            f"geometry:   {self.geometry.name} ({self.geometry.n_voxels} voxels)",
+            f"particle:   {self.particle} (PDG {a.get('pdg', '?')})",
+            f"showers:    {self.n}" + ("" if self.complete else f" of {a.get('n_target', '?')} (INCOMPLETE)"),
+        ]
+        if self.n:
+            lines.append(
+                f"energies:   {e.min() / 1e3:.4g} - {e.max() / 1e3:.4g} GeV (mean {e.mean() / 1e3:.4g} GeV, "
+                f"{len(np.unique(e))} distinct)"
+            )
+        if self.condition_names:
+            lines.append(f"conditions: {', '.join(f'{k} ({w})' for k, w in self.condition_widths().items())}")
+        for key in ("generator", "physics", "seed", "cut_mm", "fastshower_version", "created", "finished"):
+            if key in a:
+                lines.append(f"{key + ':':11s} {a[key]}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> ShowerFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- converters ------------------------------------------------------------------
+
+
+def _open_foreign(path: Path, keys: tuple[str, ...]) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ShowerFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    missing = [k for k in keys if k not in f]
+    if missing:
+        f.close()
+        raise ShowerFileError(f"{path}: missing {missing} (keys: {sorted(f.keys())})")
+    return f
+
+
+def convert_calogan(src: str | Path, dst: str | Path, particle: str = "e+", chunk: int = 10000) -> Path:
+    """CaloGAN layout (``energy`` GeV, ``layer_0`` (N,3,96), ``layer_1`` (N,12,12), ``layer_2`` (N,12,6) MeV)
+    -> calogan-3layer file. Layer images are flattened row-major (eta rows, phi columns)."""
+    from fastshower.geometry import get_geometry
+
+    src = Path(src)
+    geo = get_geometry("calogan-3layer")
+    f = _open_foreign(src, ("energy", "layer_0", "layer_1", "layer_2"))
+    with f:
+        n = int(f["energy"].shape[0])
+        shapes = [tuple(f[f"layer_{i}"].shape[1:]) for i in range(3)]
+        expected = [geo.layer_shape(i) for i in range(3)]
+        if shapes != expected:
+            raise ShowerFileError(f"{src}: CaloGAN layer shapes {shapes} != {expected}")
+        with ShowerWriter(dst, geo, particle, f"converted from CaloGAN file {src.name}", n) as w:
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                showers = np.concatenate([np.asarray(f[f"layer_{i}"][a:b]).reshape(b - a, -1) for i in range(3)], 1)
+                w.append(ShowerBatch(np.asarray(f["energy"][a:b]).reshape(-1) * 1e3, showers))
+    return Path(dst)
+
+
+def convert_3dgan(src: str | Path, dst: str | Path, particle: str = "e-", unit_mev: float = 1e3,
+                  chunk: int = 2000) -> Path:
+    """3DGAN layout (``ECAL`` (N,51,51,25) as (x, y, layer), ``energy`` GeV) -> siw-51x51x25 file.
+
+    ``unit_mev`` is the unit of the ECAL cells in MeV (1e3: GeV, as in the 3DGAN files).
+    """
+    from fastshower.geometry import get_geometry
+
+    src = Path(src)
+    geo = get_geometry("siw-51x51x25")
+    f = _open_foreign(src, ("ECAL", "energy"))
+    with f:
+        n = int(f["ECAL"].shape[0])
+        if tuple(f["ECAL"].shape[1:]) != (51, 51, 25):
+            raise ShowerFileError(f"{src}: ECAL shape {f['ECAL'].shape[1:]} != (51, 51, 25)")
+        with ShowerWriter(dst, geo, particle, f"converted from 3DGAN file {src.name}", n) as w:
+            for a in range(0, n, chunk):
+                b = min(a + chunk, n)
+                ecal = np.asarray(f["ECAL"][a:b], dtype=np.float32) * unit_mev
+                # (n, x, y, z) -> (n, z, y, x): layers slowest, columns (x) fastest
+                showers = np.ascontiguousarray(ecal.transpose(0, 3, 2, 1)).reshape(b - a, -1)
+                w.append(ShowerBatch(np.asarray(f["energy"][a:b]).reshape(-1) * 1e3, np.clip(showers, 0, None)))
+    return Path(dst)

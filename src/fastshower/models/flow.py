@@ -1,0 +1,249 @@
+"""Two-stage conditional normalizing flow in the manner of CaloFlow (Krause & Shih).
+
+CaloFlow (arXiv:2106.05285) splits ``p(shower | E_inc)`` into
+
+- **flow 1**: ``p(layer energies | conditions)``, a small flow on L numbers;
+- **flow 2**: ``p(shower normalised per layer | layer energies, conditions)``.
+
+The split lets flow 1 learn the energy response (linearity, resolution, the
+layer-energy correlations) exactly, while flow 2 only learns shapes.
+
+Model space and internal variables. ``default_transform = ("per_incident",)``: the
+model receives ``x = voxel energy / E_inc`` (B, V), >= 0, and does its own
+decomposition (so it must not be combined with ``log``/``logit``/``standardize``):
+
+1. *Dequantisation* (CaloFlow section 3): ``x += U(0, noise)`` per voxel during training,
+   so that the many exact zeros do not make the density degenerate. ``noise`` is in
+   units of E_inc (1e-6 = 1 keV at 1 GeV). On sampling every voxel below ``noise`` is set
+   to zero, which removes the noise again.
+2. *Stage-1 variables* (CaloFlow's u-variables), from the layer fractions
+   ``e_l = sum_{v in l} x_v`` (E_l / E_inc):
+   ``f_0 = log(sum_l e_l)`` and ``f_i = logit(alpha + (1 - 2 alpha) u_{i-1})`` for
+   ``i = 1..L-1``, with ``u_i = e_i / sum_{j >= i} e_j`` in [0, 1]. The map is invertible
+   given ``sum_l e_l``; a one-layer detector has only ``f_0``.
+3. *Stage-2 variables*: ``y_v = logit(alpha + (1 - 2 alpha) x_v / e_l(v))``, the voxel's
+   share of its layer, in logit space.
+
+Both sets are standardised by buffers fitted on the first training batch (a
+data-dependent initialisation, as ActNorm in Glow, arXiv:1807.03039) and saved in the
+state dict. The stage-2 flow is conditioned on the conditions and the standardised
+stage-1 variables (the true ones in training, the sampled ones in generation).
+
+Sampling runs flow 1, then flow 2, clips the voxel shares to [0, 1], renormalises each
+layer to sum to 1 (as CaloFlow does, since the shares of one layer are constrained to
+sum to 1), multiplies by the sampled layer fractions and applies the zero threshold.
+
+Loss: ``nll_stage1 + nll_stage2`` (mean per shower), trained jointly with one Adam. The
+NLLs are of the flows' internal standardised variables; they differ from the NLL of
+``x`` by a Jacobian that does not depend on the parameters, so the gradients are those
+of the NLL of x.
+
+Flows: zuko's neural spline flows (rational-quadratic splines, Durkan et al.,
+arXiv:1906.04032). Flow 1 is fully autoregressive (as CaloFlow's MADE-based flows);
+flow 2 defaults to coupling (``stage2_passes=2``: sampling takes one pass instead of V,
+the reason CaloINN, arXiv:2305.11934, uses couplings) with random permutations between
+transforms; ``stage2_passes=None`` gives CaloFlow's fully autoregressive flow 2.
+
+Size limit: flow 2 models all V voxels jointly; above ``max_voxels`` (1000) the model
+raises a clear error (use ``flow-matching`` for large detectors).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import zuko
+from torch import Tensor, nn
+
+from . import register
+from .base import ModelSpec, ShowerModel
+
+__all__ = ["CaloFlow", "FeatureScaler"]
+
+_TINY = 1e-12  # guards divisions by an empty layer's energy
+
+
+class FeatureScaler(nn.Module):
+    """Per-feature standardisation ``(f - mean) / std`` fitted once on a batch.
+
+    Buffers ``mean`` (D,), ``std`` (D,) and ``fitted`` (scalar bool) live in the
+    state dict, so a loaded model does not refit. Under torch.distributed the moments
+    are averaged over the ranks' first batches.
+    """
+
+    mean: Tensor
+    std: Tensor
+    fitted: Tensor
+
+    def __init__(self, dim: int, min_std: float = 1e-2) -> None:
+        super().__init__()
+        self.min_std = min_std
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @torch.no_grad()
+    def fit_once(self, f: Tensor) -> None:
+        """Fit on f (B, D) unless already fitted; a floor on std keeps constant features finite."""
+        if bool(self.fitted) or f.shape[0] < 2:
+            return
+        moments = torch.stack([f.mean(0), (f * f).mean(0)])
+        if dist.is_available() and dist.is_initialized():
+            # every rank fits on its own first batch: average, so that all ranks hold one scaler
+            dist.all_reduce(moments)
+            moments /= dist.get_world_size()
+        mean, sq = moments
+        self.mean.copy_(mean)
+        self.std.copy_((sq - mean * mean).clamp_min(0.0).sqrt().clamp_min(self.min_std))
+        self.fitted.fill_(True)
+
+    def forward(self, f: Tensor) -> Tensor:
+        return (f - self.mean) / self.std
+
+    def inverse(self, g: Tensor) -> Tensor:
+        return g * self.std + self.mean
+
+
+@register
+class CaloFlow(ShowerModel):
+    """CaloFlow-style two-stage conditional flow ("flow").
+
+    Shapes: x (B, V) = voxel energy / E_inc (>= 0); c (B, C), column 0 the
+    standardised log incident energy.
+
+    Hyper-parameters (``defaults``):
+        stage1_transforms, stage1_hidden, stage1_bins: flow 1 (L features, autoregressive).
+        stage2_transforms, stage2_hidden, stage2_bins, stage2_passes: flow 2 (V features;
+            passes 2 = coupling, None = fully autoregressive).
+        noise: dequantisation noise amplitude and zero threshold, fraction of E_inc.
+        alpha: logit regulariser (CaloFlow's 1e-6).
+        max_voxels: largest V accepted.
+        lr, grad_clip: Adam learning rate and gradient-norm clip of the default step.
+
+    Optimizers: one Adam over both flows (the base class's ``configure_optimizers``).
+    """
+
+    layer_index: Tensor  # (V,) readout-layer index of each voxel
+
+    name: ClassVar[str] = "flow"
+    default_transform: ClassVar[tuple[str, ...]] = ("per_incident",)
+    defaults: ClassVar[dict[str, Any]] = {
+        "stage1_transforms": 4,
+        "stage1_hidden": 64,
+        "stage1_bins": 8,
+        "stage2_transforms": 6,
+        "stage2_hidden": 256,
+        "stage2_bins": 8,
+        "stage2_passes": 2,
+        "noise": 1e-6,
+        "alpha": 1e-6,
+        "max_voxels": 1000,
+        "lr": 5e-4,
+        "grad_clip": 5.0,
+    }
+
+    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
+        super().__init__(spec, **hparams)
+        hp = self.hparams
+        V, L, C = spec.n_voxels, len(spec.layer_sizes), spec.cond_dim
+        if V > int(hp["max_voxels"]):
+            raise ValueError(
+                f"model 'flow' supports up to {int(hp['max_voxels'])} voxels (hparam max_voxels), "
+                f"this detector has {V}: flow 2 models all voxels jointly and its cost grows like V^2; "
+                "use 'flow-matching' or 'wgan-gp' for large detectors"
+            )
+        if min(spec.layer_sizes) < 2:
+            raise ValueError("model 'flow' needs at least 2 voxels per layer (a 1-voxel layer has no shape to learn)")
+        self.noise, self.alpha = float(hp["noise"]), float(hp["alpha"])
+        self.n_layers = L
+        self.register_buffer("layer_index", torch.repeat_interleave(torch.arange(L), torch.tensor(spec.layer_sizes)))
+        self.scale1 = FeatureScaler(L)
+        self.scale2 = FeatureScaler(V)
+        h1, h2 = int(hp["stage1_hidden"]), int(hp["stage2_hidden"])
+        self.flow1 = zuko.flows.NSF(
+            L, C, bins=int(hp["stage1_bins"]), transforms=int(hp["stage1_transforms"]), hidden_features=(h1, h1)
+        )
+        passes = hp["stage2_passes"]
+        self.flow2 = zuko.flows.NSF(
+            V,
+            C + L,
+            bins=int(hp["stage2_bins"]),
+            transforms=int(hp["stage2_transforms"]),
+            passes=None if passes is None else int(passes),
+            # with couplings a fixed alternation would only ever split the voxels into the same two halves
+            randperm=passes is not None,
+            hidden_features=(h2, h2),
+        )
+
+    # -- the two-stage decomposition ---------------------------------------------------
+    def _logit(self, p: Tensor) -> Tensor:
+        q = self.alpha + (1 - 2 * self.alpha) * p
+        return torch.log(q) - torch.log1p(-q)
+
+    def _expit(self, y: Tensor) -> Tensor:
+        return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
+
+    def layer_energies(self, x: Tensor) -> Tensor:
+        """Layer fractions e_l = E_l / E_inc (B, L) of showers x (B, V)."""
+        e = x.new_zeros(x.shape[0], self.n_layers)
+        return e.index_add(1, self.layer_index, x)
+
+    def stage1_features(self, e: Tensor) -> Tensor:
+        """Layer fractions e (B, L), > 0 -> stage-1 variables (B, L): log total, then logit u's."""
+        total = e.sum(1, keepdim=True)
+        remaining = total - torch.cumsum(e, 1) + e  # sum_{j >= i} e_j
+        u = (e[:, :-1] / remaining[:, :-1].clamp_min(_TINY)).clamp(0.0, 1.0)
+        return torch.cat([torch.log(total.clamp_min(_TINY)), self._logit(u)], dim=1)
+
+    def stage1_inverse(self, f: Tensor) -> Tensor:
+        """Stage-1 variables (B, L) -> layer fractions (B, L), >= 0."""
+        remaining = torch.exp(f[:, 0])
+        u = self._expit(f[:, 1:])
+        out = []
+        for i in range(self.n_layers - 1):
+            e_i = u[:, i] * remaining
+            out.append(e_i)
+            remaining = remaining - e_i
+        out.append(remaining)
+        return torch.stack(out, dim=1)
+
+    def stage2_features(self, x: Tensor, e: Tensor) -> Tensor:
+        """Showers x (B, V) and their layer fractions e (B, L) -> logit voxel shares (B, V)."""
+        share = x / e[:, self.layer_index].clamp_min(_TINY)
+        return self._logit(share.clamp(0.0, 1.0))
+
+    def stage2_inverse(self, y: Tensor, e: Tensor) -> Tensor:
+        """Logit shares y (B, V) and layer fractions e (B, L) -> showers x (B, V), layers renormalised."""
+        share = self._expit(y)
+        norm = self.layer_energies(share)[:, self.layer_index].clamp_min(_TINY)
+        return share / norm * e[:, self.layer_index]
+
+    # -- protocol ------------------------------------------------------------------------
+    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """``nll_stage1 + nll_stage2`` (mean per shower) on x (B, V) = voxel / E_inc, c (B, C)."""
+        x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
+        e = self.layer_energies(x)
+        f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
+        if self.training:
+            self.scale1.fit_once(f1)
+            self.scale2.fit_once(f2)
+        g1, g2 = self.scale1(f1), self.scale2(f2)
+        nll1 = -self.flow1(c).log_prob(g1).mean()
+        nll2 = -self.flow2(torch.cat([c, g1], dim=1)).log_prob(g2).mean()
+        return {"loss": nll1 + nll2, "nll_stage1": nll1, "nll_stage2": nll2}
+
+    @torch.no_grad()
+    def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Showers (B, V) = voxel / E_inc for conditions c (B, C): flow 1, then flow 2."""
+        B = c.shape[0]
+        z1 = torch.randn(B, self.n_layers, generator=generator, dtype=c.dtype, device=c.device)
+        z2 = torch.randn(B, self.spec.n_voxels, generator=generator, dtype=c.dtype, device=c.device)
+        g1 = self.flow1(c).transform.inv(z1)
+        e = self.stage1_inverse(self.scale1.inverse(g1))
+        g2 = self.flow2(torch.cat([c, g1], dim=1)).transform.inv(z2)
+        x = self.stage2_inverse(self.scale2.inverse(g2), e)
+        # remove the dequantisation noise: everything below its amplitude is an empty voxel
+        return torch.where(x < self.noise, torch.zeros_like(x), x)
+

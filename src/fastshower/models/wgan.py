@@ -1,0 +1,563 @@
+"""Conditional Wasserstein GAN with gradient penalty, with optional constrainer networks.
+
+Objective (Gulrajani et al., arXiv:1704.00028): the critic ``D`` minimises
+``E[D(G(z, c), c)] - E[D(x, c)] + lambda * E[(|grad D(x_hat, c)| - 1)^2]`` on random
+interpolates ``x_hat`` of real and generated showers; the generator minimises
+``-E[D(G(z, c), c)]``. Adam with betas (0.5, 0.9) and ``n_critic = 5`` critic updates
+per generator update are the paper's settings.
+
+Constrainers (the Belle II ECL fast-simulation GAN design, following the energy and
+position regressors of the Belle II ECL GAN studies, cf. Hashemi et al.,
+arXiv:2303.07702): small regressors trained on *real* showers to predict the
+incident energy (condition column 0) and, when the conditions hold an entry
+position, the position columns, from the shower. Their squared error on generated
+showers, against the conditions the showers were generated for, is added to the
+generator loss, which pushes the generator to respect the conditioning that a
+critic alone enforces only weakly.
+
+Model space. The default preprocessing is ``("per_incident", "log", "standardize")``:
+the networks see standardised ``log(voxel / E_inc)``. The constrainers see that same
+model-space shower; since every transform is invertible no information is lost,
+and predicting the (standardised log) energy from model space is as well posed as
+from MeV. Targets are the standardised conditions themselves, so the regression
+error is dimensionless (units of one standard deviation of the condition).
+
+Training schedule (one call of :meth:`training_step` per real batch; ``step`` is the
+global step counter, so a resumed run repeats exactly the same schedule):
+
+1. critic update on this batch (every step);
+2. constrainer update on this batch (every step, when constrainers exist);
+3. generator update when ``(step + 1) % n_critic == 0``.
+
+Using every real batch for a critic update (rather than drawing ``n_critic`` batches
+inside one step) keeps one batch per step, which is what the generic fit loop feeds.
+
+:class:`AdversarialShowerModel` holds the schedule and the penalties shared with
+:mod:`fastshower.models.calogan`; :class:`WGANGP` adds the networks and constrainers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import register
+from .base import ModelSpec, ShowerModel
+
+__all__ = [
+    "WGANGP",
+    "AdversarialShowerModel",
+    "LayerwiseCritic",
+    "LayerwiseGenerator",
+    "column_names",
+    "gradient_penalty",
+    "mlp",
+    "position_columns",
+]
+
+
+# --- building blocks -------------------------------------------------------------------
+
+
+def mlp(
+    in_dim: int,
+    hidden: int,
+    n_hidden: int,
+    out_dim: int,
+    *,
+    slope: float = 0.2,
+    layer_norm: bool = False,
+) -> nn.Sequential:
+    """A multilayer perceptron ``in_dim -> hidden (x n_hidden) -> out_dim`` with LeakyReLU.
+
+    No batch normalisation anywhere: the gradient penalty is defined per sample and
+    batch norm couples the samples of a batch (Gulrajani et al., section 4). Layer
+    norm is per sample and therefore allowed.
+    """
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(max(int(n_hidden), 0)):
+        layers.append(nn.Linear(d, hidden))
+        if layer_norm:
+            layers.append(nn.LayerNorm(hidden))
+        layers.append(nn.LeakyReLU(slope))
+        d = hidden
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def column_names(spec: ModelSpec) -> list[str]:
+    """One name per condition column (length ``spec.cond_dim``).
+
+    ``spec.cond_names`` names condition *groups* of ``spec.cond_widths`` columns each
+    (``("log_energy", "position")`` with widths ``(1, 2)``), or one column per name when
+    ``cond_widths`` is empty. A group's name is repeated for each of its columns.
+    Columns that cannot be attributed are named ``""``.
+    """
+    names = list(spec.cond_names)
+    widths = [int(w) for w in spec.cond_widths] or [1] * len(names)
+    if len(widths) == len(names) and sum(widths) == spec.cond_dim:
+        return [n for n, w in zip(names, widths, strict=True) for _ in range(w)]
+    if len(names) == 2 and spec.cond_dim > 2:  # one group after log_energy: it holds the rest
+        return [names[0]] + [names[1]] * (spec.cond_dim - 1)
+    return (names + [""] * spec.cond_dim)[: spec.cond_dim]
+
+
+def position_columns(spec: ModelSpec) -> list[int]:
+    """Indices of the condition columns that hold an entry position.
+
+    A column counts as a position when its name (see :func:`column_names`) contains
+    ``pos`` (``position``, ``position_x``, ``pos_y``...) or is exactly ``x``/``y``/``z``.
+    Column 0 (log incident energy) never counts.
+    """
+    out: list[int] = []
+    for i, name in enumerate(column_names(spec)):
+        n = name.lower()
+        if i > 0 and ("pos" in n or n in ("x", "y", "z")):
+            out.append(i)
+    return out
+
+
+def gradient_penalty(critic: Any, real: Tensor, fake: Tensor, c: Tensor) -> Tensor:
+    """WGAN-GP penalty ``E[(|grad_x D(x_hat, c)|_2 - 1)^2]`` on random interpolates.
+
+    Args:
+        critic: callable ``(x (B, D), c (B, C)) -> (B,)`` scores.
+        real, fake: (B, D) points in the space the Lipschitz constraint is imposed on.
+        c: (B, C) conditions (not interpolated: real and fake share them).
+
+    Returns:
+        scalar tensor, differentiable w.r.t. the critic's parameters.
+    """
+    alpha = torch.rand(real.shape[0], 1, dtype=real.dtype, device=real.device)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    score = critic(x_hat, c)
+    (grad,) = torch.autograd.grad(score.sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """Turn off ``requires_grad`` of the modules' parameters for the block, then restore it.
+
+    Used in the generator step: gradients must flow *through* the critic and the
+    constrainers to the generator, but must not accumulate in their parameters.
+    """
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+def _betas(value: Any) -> tuple[float, float]:
+    """Adam betas from an hparam (tuple, or a list after a JSON round trip)."""
+    b = tuple(float(v) for v in value)
+    if len(b) != 2:
+        raise ValueError(f"betas must have two values, got {value!r}")
+    return (b[0], b[1])
+
+
+# --- the shared adversarial protocol --------------------------------------------------
+
+
+class AdversarialShowerModel(ShowerModel):
+    """Generator/critic schedule shared by the GAN models (not registered itself).
+
+    Subclasses build ``self.generator`` and ``self.critic`` and implement
+    :meth:`generate` and :meth:`critic_score`; they may add generator penalties
+    (:meth:`generator_penalties`) and an auxiliary update with its own optimizers
+    (:meth:`auxiliary_optimizers`, :meth:`auxiliary_step`).
+
+    Hyper-parameters used here: ``latent_dim``, ``lr``, ``betas``, ``gp_weight``,
+    ``n_critic``, ``drift`` (weight of the WGAN drift term ``E[D(x)^2]``), ``gan_loss``
+    (``"wgan-gp"`` or ``"bce"``: the original non-saturating GAN loss of Goodfellow et al.,
+    arXiv:1406.2661) and ``grad_clip``.
+
+    Optimizers (:meth:`configure_optimizers`), in this order:
+    ``[generator Adam, critic Adam, *auxiliary_optimizers()]``.
+    """
+
+    #: an adversarial game: its losses need not decrease (read by generic tests and tooling)
+    adversarial: ClassVar[bool] = True
+
+    generator: nn.Module
+    critic: nn.Module
+
+    # -- to be provided by subclasses --
+    def generate(self, z: Tensor, c: Tensor) -> Tensor:
+        """Model-space showers (B, V) from latent z (B, latent_dim) and conditions c (B, C)."""
+        raise NotImplementedError
+
+    def critic_input(self, x: Tensor) -> Tensor:
+        """Map a model-space shower (B, V) to the space the critic (and its GP) works in."""
+        return x
+
+    def critic_score(self, h: Tensor, c: Tensor) -> Tensor:
+        """Critic scores (B,) of critic-space showers h (B, V') under conditions c (B, C)."""
+        raise NotImplementedError
+
+    def generator_penalties(self, fake: Tensor, c: Tensor, step: int) -> dict[str, Tensor]:
+        """Extra generator loss terms (already weighted) on a generated batch."""
+        return {}
+
+    def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def auxiliary_step(
+        self, x: Tensor, c: Tensor, optimizers: Sequence[torch.optim.Optimizer], step: int
+    ) -> dict[str, float]:
+        return {}
+
+    # -- shared machinery --
+    @property
+    def latent_dim(self) -> int:
+        return int(self.hparams["latent_dim"])
+
+    def _latent(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(n, self.latent_dim, generator=generator, dtype=like.dtype, device=like.device)
+
+    def _adversarial_losses(self, d_real: Tensor | None, d_fake: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(critic loss without GP, generator adversarial loss) for the configured GAN loss."""
+        if self.hparams["gan_loss"] == "bce":
+            # non-saturating generator loss, as recommended by Goodfellow et al. and used by CaloGAN
+            d_loss = None if d_real is None else F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            return d_loss, F.softplus(-d_fake).mean()
+        d_loss = None if d_real is None else d_fake.mean() - d_real.mean()
+        return d_loss, -d_fake.mean()
+
+    def _check_common_hparams(self) -> None:
+        if self.hparams["gan_loss"] not in ("wgan-gp", "bce"):
+            raise ValueError(f"gan_loss must be 'wgan-gp' or 'bce', got {self.hparams['gan_loss']!r}")
+        if int(self.hparams["n_critic"]) < 1:
+            raise ValueError("n_critic must be >= 1")
+
+    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """Evaluation losses on a batch (x (B, V) model space, c (B, C)).
+
+        ``"loss"`` is the critic loss *without* the gradient penalty (the penalty needs
+        input gradients and this method may run under ``torch.no_grad``); for WGAN-GP
+        ``-loss`` is the critic's estimate of the Wasserstein distance, ``"wasserstein"``.
+        ``"generator"`` is the generator's adversarial loss, and the generator
+        penalties are reported under their own names.
+        """
+        fake = self.generate(self._latent(x.shape[0], x), c)
+        d_real = self.critic_score(self.critic_input(x), c)
+        d_fake = self.critic_score(self.critic_input(fake), c)
+        d_loss, g_loss = self._adversarial_losses(d_real, d_fake)
+        assert d_loss is not None
+        out = {"loss": d_loss, "wasserstein": d_real.mean() - d_fake.mean(), "generator": g_loss}
+        out.update(self.generator_penalties(fake, c, step=-1))
+        return out
+
+    @torch.no_grad()
+    def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Model-space showers (B, V), one per condition row of c (B, C)."""
+        return self.generate(self._latent(c.shape[0], c, generator), c)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """``[generator Adam, critic Adam, *auxiliary_optimizers()]`` (lr, betas from hparams)."""
+        lr, betas = float(self.hparams["lr"]), _betas(self.hparams["betas"])
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
+            torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas),
+            *self.auxiliary_optimizers(),
+        ]
+
+    def is_generator_step(self, step: int) -> bool:
+        """True when the call with this global step counter also updates the generator."""
+        return (step + 1) % int(self.hparams["n_critic"]) == 0
+
+    def _clip(self, module: nn.Module) -> None:
+        clip = self.hparams.get("grad_clip")
+        if clip:
+            nn.utils.clip_grad_norm_(module.parameters(), float(clip))
+
+    def critic_update(self, x: Tensor, c: Tensor, opt: torch.optim.Optimizer) -> dict[str, float]:
+        """One critic update on a real batch; returns the logged values."""
+        with torch.no_grad():
+            fake = self.generate(self._latent(x.shape[0], x), c)
+        h_real, h_fake = self.critic_input(x), self.critic_input(fake)
+        d_real, d_fake = self.critic_score(h_real, c), self.critic_score(h_fake, c)
+        d_loss, _ = self._adversarial_losses(d_real, d_fake)
+        assert d_loss is not None
+        logs = {"wasserstein": float((d_real.mean() - d_fake.mean()).detach())}
+        if self.hparams["gan_loss"] == "wgan-gp":
+            gp = gradient_penalty(self.critic_score, h_real, h_fake, c)
+            # drift term (Karras et al., arXiv:1710.10196): the WGAN loss is blind to a constant
+            # offset of the critic; a small penalty on D(real)^2 keeps the scores anchored near 0
+            drift = (d_real**2).mean()
+            d_loss = d_loss + float(self.hparams["gp_weight"]) * gp + float(self.hparams["drift"]) * drift
+            logs["gp"] = float(gp.detach())
+        opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self._clip(self.critic)
+        opt.step()
+        logs["loss_critic"] = float(d_loss.detach())
+        return logs
+
+    def generator_update(self, c: Tensor, opt: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        """One generator update for the conditions c; returns the logged values."""
+        aux = [m for m in self.children() if m is not self.generator]
+        with frozen(*aux):
+            fake = self.generate(self._latent(c.shape[0], c), c)
+            _, g_loss = self._adversarial_losses(None, self.critic_score(self.critic_input(fake), c))
+            penalties = self.generator_penalties(fake, c, step)
+            total = g_loss + sum(penalties.values(), torch.zeros((), dtype=g_loss.dtype, device=g_loss.device))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+        self._clip(self.generator)
+        opt.step()
+        logs = {"loss_generator": float(total.detach()), "generator_adv": float(g_loss.detach())}
+        logs.update({k: float(v.detach()) for k, v in penalties.items()})
+        return logs
+
+    def training_step(
+        self, x: Tensor, c: Tensor, optimizers: list[torch.optim.Optimizer], step: int
+    ) -> dict[str, float]:
+        """Critic update, auxiliary update, and (every ``n_critic``-th step) a generator update.
+
+        Args:
+            x: (B, V) real model-space showers.
+            c: (B, C) their conditions; generated showers use the same conditions.
+            optimizers: as returned by :meth:`configure_optimizers`.
+            step: global step counter (0-based), which fixes the schedule.
+
+        Returns:
+            floats to log; ``"loss"`` is the critic loss (with GP), logged every step.
+            Generator values (``loss_generator``...) appear only on generator steps.
+        """
+        opt_g, opt_d, *aux_opts = optimizers
+        logs = self.critic_update(x, c, opt_d)
+        logs.update(self.auxiliary_step(x, c, aux_opts, step))
+        if self.is_generator_step(step):
+            logs.update(self.generator_update(c, opt_g, step))
+        logs["loss"] = logs["loss_critic"]
+        return logs
+
+
+# --- networks -------------------------------------------------------------------------
+
+
+class DenseGenerator(nn.Module):
+    """``[z, c] -> MLP -> (B, V)`` with a linear output (model space is unbounded)."""
+
+    def __init__(self, latent_dim: int, cond_dim: int, n_voxels: int, hidden: int, n_hidden: int) -> None:
+        super().__init__()
+        self.net = mlp(latent_dim + cond_dim, hidden, n_hidden, n_voxels)
+
+    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+        return self.net(torch.cat([z, c], dim=1))
+
+
+class DenseCritic(nn.Module):
+    """``[x, c] -> MLP -> (B,)`` scores."""
+
+    def __init__(self, n_voxels: int, cond_dim: int, hidden: int, n_hidden: int) -> None:
+        super().__init__()
+        self.net = mlp(n_voxels + cond_dim, hidden, n_hidden, 1)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.net(torch.cat([x, c], dim=1)).squeeze(1)
+
+
+class LayerwiseGenerator(nn.Module):
+    """Generator for many equal-sized layers (e.g. 30 x 30x30 cells).
+
+    A trunk MLP maps ``[z, c]`` to one code of width ``d`` per layer; a layer
+    embedding is added and a decoder *shared by all layers* maps each code to that
+    layer's cells. Parameters grow with cells-per-layer instead of with V, which
+    is what makes 10^4-10^5 voxels tractable for an MLP GAN.
+    """
+
+    def __init__(
+        self, latent_dim: int, cond_dim: int, n_layers: int, cells: int, hidden: int, n_hidden: int, d: int
+    ) -> None:
+        super().__init__()
+        self.n_layers, self.cells, self.d = n_layers, cells, d
+        self.trunk = mlp(latent_dim + cond_dim, hidden, n_hidden, n_layers * d)
+        self.layer_embedding = nn.Parameter(torch.randn(n_layers, d) * 0.1)
+        self.decoder = mlp(d, hidden, 1, cells)
+
+    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+        codes = self.trunk(torch.cat([z, c], dim=1)).view(-1, self.n_layers, self.d) + self.layer_embedding
+        return self.decoder(F.leaky_relu(codes, 0.2)).flatten(1)
+
+
+class LayerwiseCritic(nn.Module):
+    """Critic for many equal-sized layers: a shared per-layer encoder, then an MLP over all codes."""
+
+    def __init__(self, n_layers: int, cells: int, cond_dim: int, hidden: int, n_hidden: int, d: int) -> None:
+        super().__init__()
+        self.n_layers, self.cells = n_layers, cells
+        self.encoder = mlp(cells, hidden, 1, d)
+        self.layer_embedding = nn.Parameter(torch.randn(n_layers, d) * 0.1)
+        self.head = mlp(n_layers * d + cond_dim, hidden, n_hidden, 1)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        codes = self.encoder(x.view(-1, self.n_layers, self.cells)) + self.layer_embedding
+        return self.head(torch.cat([F.leaky_relu(codes, 0.2).flatten(1), c], dim=1)).squeeze(1)
+
+
+# --- the model ------------------------------------------------------------------------
+
+
+@register
+class WGANGP(AdversarialShowerModel):
+    """Conditional WGAN-GP with optional energy/position constrainers ("wgan-gp").
+
+    Shapes: showers x (B, V) in model space (standardised log of voxel / E_inc);
+    conditions c (B, C), column 0 the standardised log incident energy.
+
+    Hyper-parameters (``defaults``):
+        latent_dim: width of the Gaussian latent z.
+        hidden, n_hidden: width and depth of generator and critic MLPs.
+        arch: ``"dense"`` (MLPs over all V voxels), ``"layerwise"`` (shared per-layer
+            decoder/encoder; needs equal-sized layers) or ``"auto"`` (layerwise when
+            V > ``dense_max_voxels`` and all layers have the same size).
+        layer_code: per-layer code width of the layerwise variant.
+        lr, betas: Adam settings of generator and critic (Gulrajani et al.).
+        gp_weight: gradient-penalty weight lambda.
+        drift: weight of the drift term ``E[D(real)^2]`` in the critic loss (Karras et al.).
+        n_critic: critic updates per generator update.
+        gan_loss: ``"wgan-gp"`` or ``"bce"``.
+        energy_constrainer: train an incident-energy regressor and use it.
+        position_constrainer: same for the entry position (only when the conditions
+            have position columns, see :func:`position_columns`).
+        energy_weight, position_weight: weights of the constrainers' squared errors
+            (in condition standard deviations squared) in the generator loss.
+        constrainer_hidden, constrainer_lr: constrainer MLP width and Adam learning rate.
+        constrainer_warmup: steps during which the constrainers train but are not yet
+            used by the generator (an untrained regressor would push it at random).
+        grad_clip: optional gradient-norm clip of each network (None: off).
+
+    Optimizers: ``[generator, critic]`` plus ``[constrainers]`` (one Adam over both
+    constrainer networks) when at least one constrainer exists.
+    """
+
+    name: ClassVar[str] = "wgan-gp"
+    default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
+    defaults: ClassVar[dict[str, Any]] = {
+        "latent_dim": 64,
+        "hidden": 256,
+        "n_hidden": 3,
+        "arch": "auto",
+        "dense_max_voxels": 2000,
+        "layer_code": 32,
+        "lr": 1e-4,
+        "betas": (0.5, 0.9),
+        "gp_weight": 10.0,
+        "drift": 1e-3,
+        "n_critic": 5,
+        "gan_loss": "wgan-gp",
+        "energy_constrainer": True,
+        "position_constrainer": True,
+        "energy_weight": 1.0,
+        "position_weight": 1.0,
+        "constrainer_hidden": 128,
+        "constrainer_lr": 1e-3,
+        "constrainer_warmup": 1000,
+        "grad_clip": None,
+    }
+
+    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
+        super().__init__(spec, **hparams)
+        self._check_common_hparams()
+        hp = self.hparams
+        V, C = spec.n_voxels, spec.cond_dim
+        hidden, n_hidden = int(hp["hidden"]), int(hp["n_hidden"])
+        sizes = set(spec.layer_sizes)
+        arch = hp["arch"]
+        if arch == "auto":
+            arch = "layerwise" if V > int(hp["dense_max_voxels"]) and len(sizes) == 1 else "dense"
+        if arch == "layerwise":
+            if len(sizes) != 1:
+                raise ValueError(f"arch='layerwise' needs equal-sized layers, got sizes {spec.layer_sizes}")
+            L, cells, d = len(spec.layer_sizes), spec.layer_sizes[0], int(hp["layer_code"])
+            self.generator = LayerwiseGenerator(self.latent_dim, C, L, cells, hidden, n_hidden, d)
+            self.critic = LayerwiseCritic(L, cells, C, hidden, n_hidden, d)
+        elif arch == "dense":
+            self.generator = DenseGenerator(self.latent_dim, C, V, hidden, n_hidden)
+            self.critic = DenseCritic(V, C, hidden, n_hidden)
+        else:
+            raise ValueError(f"arch must be 'auto', 'dense' or 'layerwise', got {arch!r}")
+        self.arch: str = arch
+
+        ch = int(hp["constrainer_hidden"])
+        self.pos_cols: list[int] = position_columns(spec) if hp["position_constrainer"] else []
+        # Two separate regressors, as in the Belle II design: each is a small MLP on the shower.
+        self.energy_constrainer: nn.Module | None = mlp(V, ch, 2, 1) if hp["energy_constrainer"] else None
+        self.position_constrainer: nn.Module | None = mlp(V, ch, 2, len(self.pos_cols)) if self.pos_cols else None
+
+    # -- networks --
+    def generate(self, z: Tensor, c: Tensor) -> Tensor:
+        return self.generator(z, c)
+
+    def critic_score(self, h: Tensor, c: Tensor) -> Tensor:
+        return self.critic(h, c)
+
+    # -- constrainers --
+    def constrainer_errors(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """Mean squared errors of the constrainers on showers x (B, V) against conditions c (B, C).
+
+        Keys ``energy_constraint`` and ``position_constraint`` (present only for the
+        constrainers that exist); units: squared standard deviations of the condition.
+        """
+        out: dict[str, Tensor] = {}
+        if self.energy_constrainer is not None:
+            out["energy_constraint"] = F.mse_loss(self.energy_constrainer(x).squeeze(1), c[:, 0])
+        if self.position_constrainer is not None:
+            out["position_constraint"] = F.mse_loss(self.position_constrainer(x), c[:, self.pos_cols])
+        return out
+
+    def generator_penalties(self, fake: Tensor, c: Tensor, step: int) -> dict[str, Tensor]:
+        """Weighted constrainer errors on generated showers; zero weight during the warm-up.
+
+        ``step=-1`` (evaluation) reports the weighted errors regardless of the warm-up.
+        """
+        if 0 <= step < int(self.hparams["constrainer_warmup"]):
+            return {}
+        weights = {
+            "energy_constraint": float(self.hparams["energy_weight"]),
+            "position_constraint": float(self.hparams["position_weight"]),
+        }
+        return {f"gen_{k}": weights[k] * v for k, v in self.constrainer_errors(fake, c).items()}
+
+    def _constrainer_params(self) -> list[nn.Parameter]:
+        nets = [m for m in (self.energy_constrainer, self.position_constrainer) if m is not None]
+        return [p for m in nets for p in m.parameters()]
+
+    def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = self._constrainer_params()
+        if not params:
+            return []
+        return [torch.optim.Adam(params, lr=float(self.hparams["constrainer_lr"]))]
+
+    def auxiliary_step(
+        self, x: Tensor, c: Tensor, optimizers: Sequence[torch.optim.Optimizer], step: int
+    ) -> dict[str, float]:
+        """One regression update of the constrainers on the real batch (x (B, V), c (B, C))."""
+        if not optimizers:
+            return {}
+        (opt,) = optimizers
+        errors = self.constrainer_errors(x, c)
+        total = sum(errors.values(), torch.zeros((), dtype=x.dtype, device=x.device))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return {k: float(v.detach()) for k, v in errors.items()}
+
+    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """As :meth:`AdversarialShowerModel.loss`, plus the constrainers' errors on real showers."""
+        out = super().loss(x, c)
+        out.update(self.constrainer_errors(x, c))
+        return out

@@ -1,0 +1,330 @@
+"""Batched generation from a trained run.
+
+- :func:`load_run` rebuilds (model, transform, info) from a run folder written by
+  :func:`fastshower.train.train`.
+- :func:`sample_batch` generates an in-memory batch in MeV for given incident energies
+  and conditions (the validation suite and the ONNX exporter use it).
+- :func:`generate` draws energies and conditions from specs, generates batch by batch
+  and streams to a shower file (any N: memory holds one batch).
+
+Post-processing (:func:`postprocess`, traceable): NaN -> 0, clamp to [0, E_inc] per
+voxel, and voxels below the run's readout threshold set to 0. The threshold defaults to
+the training option ``threshold_mev``; its default ``"auto"`` resolves at training time
+to the smallest non-zero voxel energy of the training file, so generated showers are no
+denser than the data could be; a float (MeV) fixes it, 0 disables it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastshower import __version__
+from fastshower.data import ShowerTransform
+from fastshower.energy import EnergySpec, EnergySpecError, parse_energy
+from fastshower.geometry import Geometry, geometry_from_json
+from fastshower.io import ShowerBatch, ShowerWriter
+from fastshower.models import get_model_class
+from fastshower.models.base import ModelSpec, ShowerModel
+
+__all__ = ["GenerationError", "RunInfo", "generate", "load_run", "parse_condition", "postprocess", "sample_batch"]
+
+
+class GenerationError(ValueError):
+    """A run that cannot be loaded or a generation request that does not fit it."""
+
+
+@dataclass
+class RunInfo:
+    """What a run folder says about itself.
+
+    Attributes:
+        run_dir: the folder.
+        model_name: registered model name.
+        hparams: resolved model hyper-parameters.
+        options: resolved training options (see :data:`fastshower.train.TRAIN_DEFAULTS`).
+        spec: the networks' ModelSpec.
+        geometry: training geometry.
+        particle: particle of the training file.
+        cond_names, cond_widths: extra conditions generation needs (without log_energy).
+        cond_ranges: per condition, (min per column, max per column) seen in training.
+        energy_range_mev: (min, max) incident energy of the training file, MeV.
+        threshold_mev: readout threshold applied to generated voxels, MeV.
+        step: training step of the loaded weights.
+        meta: meta.json (versions, data provenance, status).
+    """
+
+    run_dir: Path
+    model_name: str
+    hparams: dict[str, Any]
+    options: dict[str, Any]
+    spec: ModelSpec
+    geometry: Geometry
+    particle: str
+    cond_names: tuple[str, ...]
+    cond_widths: tuple[int, ...]
+    cond_ranges: dict[str, tuple[list[float], list[float]]]
+    energy_range_mev: tuple[float, float]
+    threshold_mev: float
+    step: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.resolve().name
+
+
+Run = tuple[ShowerModel, ShowerTransform, RunInfo]
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
+    """(model in eval mode, transform, info) of a run folder, with the last checkpoint's weights."""
+    from fastshower.train import TrainingError, load_checkpoint
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        spec = ModelSpec.from_dict(json.loads((run_dir / "spec.json").read_text()))
+        geometry = geometry_from_json((run_dir / "geometry.json").read_text())
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise GenerationError(f"{run_dir}: not a complete fastshower run folder ({exc})") from None
+    transform = ShowerTransform.load(run_dir / "transforms.json")
+    try:
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    except TrainingError as exc:
+        raise GenerationError(str(exc)) from None
+    cls = get_model_class(cfg["model"])
+    model = cls(spec, **cfg["hparams"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise GenerationError(f"{run_dir}: checkpoint does not fit model {cfg['model']!r} "
+                              f"({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    transform.to(device)
+    stats = transform.stats
+    opts = cfg["train"]
+    info = RunInfo(
+        run_dir=run_dir,
+        model_name=cfg["model"],
+        hparams=cfg["hparams"],
+        options=opts,
+        spec=spec,
+        geometry=geometry,
+        particle=str(meta.get("data", {}).get("particle", "unknown")),
+        cond_names=transform.cond.names,
+        cond_widths=transform.cond.widths,
+        cond_ranges={k: (stats.cond_min[k], stats.cond_max[k]) for k in transform.cond.names} if stats else {},
+        energy_range_mev=(stats.energy_min, stats.energy_max) if stats else (0.0, float("inf")),
+        threshold_mev=float(opts.get("threshold_resolved_mev", 0.0)),
+        step=int(ckpt["step"]),
+        meta=meta,
+    )
+    return model, transform, info
+
+
+# --- post-processing and in-memory sampling -----------------------------------------------------
+
+
+def postprocess(showers: Tensor, energy: Tensor, threshold_mev: float = 0.0) -> Tensor:
+    """Physical showers from decoded ones: NaN -> 0, clamp to [0, E_inc], zero below threshold.
+
+    Args:
+        showers: decoded showers (B, V), MeV.
+        energy: incident energies (B,), MeV.
+        threshold_mev: readout threshold, MeV.
+    """
+    s = torch.nan_to_num(showers, nan=0.0, posinf=0.0, neginf=0.0)
+    s = torch.minimum(s.clamp_min(0.0), energy.reshape(-1, 1).to(s.dtype))
+    if threshold_mev > 0:
+        s = torch.where(s < threshold_mev, torch.zeros_like(s), s)
+    return s
+
+
+@torch.no_grad()
+def sample_batch(
+    model: ShowerModel,
+    transform: ShowerTransform,
+    energies_mev: np.ndarray | Tensor | Sequence[float],
+    conditions: Mapping[str, np.ndarray | Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    threshold_mev: float = 0.0,
+    **sample_options: Any,
+) -> np.ndarray:
+    """Generate one in-memory batch.
+
+    Args:
+        model, transform: from :func:`load_run`.
+        energies_mev: incident energies (n,), MeV.
+        conditions: the run's extra conditions, name -> (n, k) raw values (e.g. position in mm).
+        generator: torch generator for the model's noise.
+        threshold_mev: readout threshold (``info.threshold_mev`` for a run's own).
+        sample_options: passed to ``model.sample`` (e.g. ``steps=`` for flow-matching).
+
+    Returns:
+        showers (n, V) float32, MeV.
+    """
+    device = next(iter(transform.buffers()), torch.empty(0)).device
+    e = torch.as_tensor(np.asarray(energies_mev, dtype=np.float64)).reshape(-1).to(device)
+    conds = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in (conditions or {}).items()}
+    unknown = set(conds) - set(transform.cond.names)
+    if unknown:
+        raise GenerationError(f"unknown condition(s) {sorted(unknown)}; the run uses {list(transform.cond.names)}")
+    try:
+        c = transform.conditions(e, conds)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    model.eval()
+    x = model.sample(c, generator, **sample_options)
+    showers = postprocess(transform.inverse(x, e), e, threshold_mev)
+    return showers.float().cpu().numpy()
+
+
+# --- condition specs ----------------------------------------------------------------------------------
+
+ConditionSampler = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def parse_condition(spec: str | float | Sequence[float], width: int, name: str = "condition") -> ConditionSampler:
+    """A sampler (rng, n) -> (n, width) from a spec.
+
+    A spec has one field per column, comma-separated; a field is a fixed value ``2.5``
+    or a uniform range ``LOW:HIGH``; one field is used for every column. Numbers or a
+    sequence of numbers are fixed values. Example for a 2-column position in mm:
+    ``"-30:30,-30:30"`` (uniform over a 60 mm square) or ``"0,0"``.
+    """
+    if isinstance(spec, str):
+        fields = [f.strip() for f in spec.split(",") if f.strip()]
+    elif isinstance(spec, (int, float)):
+        fields = [str(float(spec))]
+    else:
+        fields = [str(float(v)) for v in spec]
+    if len(fields) == 1:
+        fields = fields * width
+    if len(fields) != width:
+        raise GenerationError(f"condition {name!r}: {len(fields)} fields given for {width} columns (spec {spec!r})")
+    lows, highs = [], []
+    for f in fields:
+        try:
+            parts = [float(p) for p in f.split(":")]
+        except ValueError:
+            raise GenerationError(f"condition {name!r}: cannot read {f!r}; use VALUE or LOW:HIGH") from None
+        if len(parts) == 1:
+            parts = parts * 2
+        if len(parts) != 2 or not all(np.isfinite(parts)) or parts[0] > parts[1]:
+            raise GenerationError(f"condition {name!r}: bad field {f!r}; use VALUE or LOW:HIGH with LOW <= HIGH")
+        lows.append(parts[0])
+        highs.append(parts[1])
+    lo, hi = np.asarray(lows), np.asarray(highs)
+
+    def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+        return lo + (hi - lo) * rng.random((n, width))
+
+    return draw
+
+
+def _condition_samplers(info: RunInfo, given: Mapping[str, Any] | None) -> tuple[dict[str, ConditionSampler],
+                                                                                 dict[str, str]]:
+    given = dict(given or {})
+    unknown = set(given) - set(info.cond_names)
+    if unknown:
+        raise GenerationError(f"unknown condition(s) {sorted(unknown)}; run {info.run_id} uses "
+                              f"{list(info.cond_names) or 'none'}")
+    samplers: dict[str, ConditionSampler] = {}
+    used: dict[str, str] = {}
+    for name, width in zip(info.cond_names, info.cond_widths, strict=True):
+        if name in given:
+            spec = given[name]
+        elif info.options.get("condition_defaults", "range") == "range" and name in info.cond_ranges:
+            lo, hi = info.cond_ranges[name]
+            # default: uniform over the training range (for belle2-ecl-5x5 the centre crystal's face)
+            spec = ",".join(f"{a!r}:{b!r}" for a, b in zip(lo, hi, strict=True))
+        else:
+            raise GenerationError(f"condition {name!r} is required by run {info.run_id}: give it as "
+                                  f"{name}=LOW:HIGH or a fixed value per column ({width} column(s))")
+        samplers[name] = parse_condition(spec, width, name)
+        used[name] = spec if isinstance(spec, str) else json.dumps(spec)
+    return samplers, used
+
+
+def generate(
+    run: str | Path | Run,
+    n: int,
+    energy: str | EnergySpec,
+    conditions: Mapping[str, str | float | Sequence[float]] | None = None,
+    out: str | Path = "generated.h5",
+    *,
+    batch_size: int = 10000,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+    threshold_mev: float | None = None,
+    extrapolate: bool = False,
+    sample_options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Generate ``n`` showers from a trained run into a new shower file; returns its path.
+
+    Args:
+        run: run folder (or the tuple from :func:`load_run`).
+        n: number of showers.
+        energy: incident energy spec (see :mod:`fastshower.energy`, e.g. "2.0" GeV, "0.5:2.5").
+        conditions: the run's extra conditions as specs (see :func:`parse_condition`); a missing one
+            is drawn uniformly over its training range unless the run was trained with
+            ``condition_defaults = "none"``.
+        out: output file (must not exist).
+        batch_size: showers generated and written per step (memory ~ batch_size x V x 4 bytes x a few).
+        seed: seeds energies, conditions and the model's noise: same seed and batch_size -> same file.
+        progress: tqdm bar.
+        device: where the model runs.
+        threshold_mev: readout threshold, MeV (default: the run's).
+        extrapolate: allow energies outside the training range (otherwise an error).
+        sample_options: passed to ``model.sample`` (e.g. {"steps": 16} for flow-matching).
+    """
+    from tqdm.auto import tqdm
+
+    model, transform, info = load_run(run, device) if isinstance(run, (str, Path)) else run
+    if n < 1 or batch_size < 1:
+        raise GenerationError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+    espec = parse_energy(energy) if isinstance(energy, str) else energy
+    lo, hi = info.energy_range_mev
+    if not extrapolate:
+        try:
+            espec.check_range(lo, hi, f"run {info.run_id} (trained on)")
+        except EnergySpecError as exc:
+            raise GenerationError(f"{exc}; pass extrapolate=True (--extrapolate) to generate anyway") from None
+    samplers, used = _condition_samplers(info, conditions)
+    thr = info.threshold_mev if threshold_mev is None else float(threshold_mev)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    opts = dict(sample_options or {})
+    attrs = {
+        "seed": seed,
+        "model": info.model_name,
+        "run": str(info.run_dir.resolve()),
+        "run_step": info.step,
+        "energy_spec": espec.text,
+        "condition_specs": used,
+        "threshold_mev": thr,
+        "sample_options": opts,
+        "training_data": info.meta.get("data", {}).get("path", "unknown"),
+    }
+    generator_name = f"{info.model_name} run {info.run_id} step {info.step} (fastshower {__version__})"
+    widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
+    with ShowerWriter(out, info.geometry, info.particle, generator_name, n, widths, attrs) as w, \
+            tqdm(total=n, disable=not progress, desc="generate", unit="shower") as bar:
+        while w.n_written < n:
+            m = min(batch_size, n - w.n_written)
+            e = espec.sample(rng, m)
+            conds = {k: s(rng, m) for k, s in samplers.items()}
+            showers = sample_batch(model, transform, e, conds, gen, thr, **opts)
+            w.append(ShowerBatch(e, showers, conds))
+            bar.update(m)
+    return Path(out)

@@ -1,0 +1,79 @@
+"""What a reference Monte Carlo must provide to the production driver.
+
+The driver (:mod:`fastshower.simulate.run`) cuts a request into chunks, draws
+each chunk's energies and conditions from its own seed (so the same seed gives
+the same showers whatever the number of worker processes, and a resumed run
+continues the same sequence), and hands chunks to backends living in worker
+processes. A backend is built once per worker and turns a chunk into showers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fastshower.geometry import Geometry
+from fastshower.io import ShowerBatch
+
+__all__ = ["BackendOptions", "SimulationBackend", "SimulationError"]
+
+
+class SimulationError(RuntimeError):
+    """A request the Monte Carlo cannot run (missing data, unsupported particle...)."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Options passed from the CLI/API to a backend.
+
+    Attributes:
+        cut_mm: Geant4 production cut, mm.
+        physics: "auto", "official" or "substitute" (Geant4 data choice).
+        extra: backend-specific options (air showers: zenith/azimuth specs, ...).
+    """
+
+    cut_mm: float = 0.7
+    physics: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SimulationBackend(ABC):
+    """A reference Monte Carlo, instantiated once per worker process."""
+
+    #: provenance string written to the file's ``generator`` attribute
+    generator: str = "unknown"
+    #: a longer physics description for the ``physics`` attribute
+    physics: str = ""
+
+    def __init__(self, geometry: Geometry, particle: str, options: BackendOptions) -> None:
+        self.geometry = geometry
+        self.particle = particle
+        self.options = options
+
+    @classmethod
+    def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,
+                      energy_range_mev: tuple[float, float]) -> None:
+        """Raise :class:`SimulationError` (clear one-line message) before any work is started."""
+
+    @classmethod
+    def condition_widths(cls, geometry: Geometry, options: BackendOptions) -> dict[str, int]:
+        """Names and widths of the ``conditions/`` the backend writes."""
+        return {}
+
+    @classmethod
+    def truth_widths(cls, geometry: Geometry, options: BackendOptions) -> dict[str, int]:
+        """Names and widths of the ``truth/`` values the backend writes."""
+        return {}
+
+    @classmethod
+    def draw_conditions(cls, geometry: Geometry, options: BackendOptions, rng: np.random.Generator,
+                        n: int) -> dict[str, np.ndarray]:
+        """Per-shower conditions for a chunk of ``n`` showers (drawn in the parent, seeded per chunk)."""
+        return {}
+
+    @abstractmethod
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        """Simulate one chunk: energies (n,) MeV and conditions -> a ShowerBatch with the same rows."""

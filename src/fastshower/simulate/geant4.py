@@ -1,0 +1,415 @@
+"""Geant4 backend: full simulation of showers in a :class:`~fastshower.geometry.Geometry`.
+
+Runs inside a worker process (Geant4 can be initialised once per process, aborts the
+process on a fatal error, and its multithreaded run managers deadlock on the GIL):
+one :class:`Geant4Session` per process, then any number of :meth:`Geant4Session.run` calls.
+
+Detector: a world of ``G4_Galactic``; the readout layers stacked along +z from z = 0,
+each pair as absorber slab then active slab. Cartesian layers are as wide as their
+read-out area and are built from replicated cells (rows along y, columns along x); the
+energy in them is scored in C++ by a ``G4MultiFunctionalDetector`` with a
+``G4PSEnergyDeposit3D`` per readout layer and read once per event. Polar layers are
+cylinders of radius ``max(3 r_max, 300 mm)``; their cells move with the incident particle,
+so their steps are collected by a light Python sensitive detector and binned with numpy
+once per event (energy beyond the last radial edge is dropped).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from fastshower.geometry import CartesianSegmentation, Geometry, GeometryError, PolarSegmentation
+from fastshower.simulate.g4data import G4DataInfo, Geant4DataError, apply_environment, elements_of, resolve_data
+
+__all__ = ["PARTICLES", "Geant4Error", "Geant4Session"]
+
+PARTICLES = {"e-": 11, "e+": -11, "gamma": 22, "pi+": 211, "pi-": -211}
+HADRONS = {"pi+", "pi-"}
+
+_SESSION_OPEN = False
+
+
+class Geant4Error(RuntimeError):
+    """The Geant4 backend cannot run what was asked."""
+
+
+class _Quiet(io.TextIOBase):
+    """Swallows Geant4's G4cout (routed through Python's sys.stdout) except exception banners."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._keep = False
+
+    def write(self, s: str) -> int:
+        if "G4Exception" in s or "-------- EEEE" in s or "-------- WWWW" in s:
+            self._keep = "END" not in s
+            self._target.write(s)
+        elif self._keep:
+            self._target.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+def _import_g4(info: G4DataInfo):
+    if "geant4_pybind" in sys.modules:
+        want = info.env.get("G4LEDATA")
+        if want and os.environ.get("G4LEDATA") != want:
+            raise Geant4Error(
+                "geant4_pybind was imported before the Geant4 data environment was set; "
+                "create the Geant4Session in a fresh worker process"
+            )
+    apply_environment(info)
+    import geant4_pybind as g4
+
+    return g4
+
+
+class Geant4Session:
+    """One Geant4 detector + physics list in this process; :meth:`run` simulates showers.
+
+    Args:
+        geometry: a calorimeter geometry (layers with real NIST materials).
+        particle: one of :data:`PARTICLES`.
+        cut_mm: production cut (all particles), mm.
+        data: Geant4 data to use; by default :func:`~fastshower.simulate.g4data.resolve_data`
+            with mode "auto" (substitute EM tables when the official sets are absent).
+        physics: ``"auto"`` (EM list for e/gamma, FTFP_BERT for pions), ``"em"`` or ``"ftfp_bert"``.
+    """
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        particle: str,
+        cut_mm: float = 0.7,
+        data: G4DataInfo | None = None,
+        physics: str = "auto",
+    ) -> None:
+        global _SESSION_OPEN
+        if _SESSION_OPEN:
+            raise Geant4Error("Geant4 can be initialised once per process; reuse the existing Geant4Session")
+        if particle not in PARTICLES:
+            raise Geant4Error(f"unknown particle {particle!r}; choose one of {', '.join(PARTICLES)}")
+        if geometry.kind != "calorimeter" or not geometry.layers:
+            raise GeometryError(f"{geometry.name}: Geant4 simulates calorimeter geometries only")
+        for layer in geometry.layers:
+            if layer.active == "unknown":
+                raise GeometryError(f"{geometry.name}: layers without materials cannot be simulated")
+        if physics == "auto":
+            physics = "ftfp_bert" if particle in HADRONS else "em"
+        if physics not in ("em", "ftfp_bert"):
+            raise Geant4Error(f"unknown physics {physics!r}; use auto, em or ftfp_bert")
+        hadronic = physics == "ftfp_bert"
+        if data is None:
+            data = resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), "auto", hadronic=hadronic)
+        elif hadronic and data.mode != "official":
+            raise Geant4DataError(
+                "hadronic showers (FTFP_BERT) need Geant4's official data sets (G4EMLOW, G4ENSDFSTATE, "
+                "PhotonEvaporation, G4PARTICLEXS, G4SAIDDATA); set GEANT4_DATA_DIR to them"
+            )
+        self.geometry = geometry
+        self.particle = particle
+        self.cut_mm = float(cut_mm)
+        self.data = data
+        self.physics = physics
+        self.provenance = data.provenance
+        self.physics_list = (
+            "FTFP_BERT (G4EmStandardPhysics + hadronic constructors)" if hadronic
+            else "G4EmStandardPhysics + G4DecayPhysics"
+        )
+        _SESSION_OPEN = True
+
+        self._stdout = sys.stdout
+        sys.stdout = _Quiet(self._stdout)
+        try:
+            self._g4 = g4 = _import_g4(data)
+            self._build(g4)
+        finally:
+            sys.stdout = self._stdout
+
+    # --- construction -------------------------------------------------------------------------
+    def _build(self, g4: Any) -> None:
+        session = self
+        geo = self.geometry
+
+        class PhysicsList(g4.G4VModularPhysicsList):
+            def __init__(self) -> None:
+                super().__init__()
+                self.SetVerboseLevel(0)
+                self.SetDefaultCutValue(session.cut_mm * g4.mm)
+                self.RegisterPhysics(g4.G4EmStandardPhysics())
+                self.RegisterPhysics(g4.G4DecayPhysics())
+                if session.physics == "ftfp_bert":
+                    # The constructors of Geant4's reference list FTFP_BERT (FTFP_BERT.cc), registered in a
+                    # subclass: a bare G4VModularPhysicsList segfaults at exit with these bindings.
+                    for ctor in ("G4EmExtraPhysics", "G4HadronElasticPhysics", "G4HadronPhysicsFTFP_BERT",
+                                 "G4StoppingPhysics", "G4IonPhysics", "G4NeutronTrackingCut"):
+                        self.RegisterPhysics(getattr(g4, ctor)())
+
+        class Detector(g4.G4VUserDetectorConstruction):
+            def Construct(self) -> Any:
+                return session._construct(g4)
+
+            def ConstructSDandField(self) -> None:
+                session._construct_sd(g4)
+
+        class Gun(g4.G4VUserPrimaryGeneratorAction):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gun = g4.G4ParticleGun(1)
+                table = g4.G4ParticleTable.GetParticleTable()
+                self.gun.SetParticleDefinition(table.FindParticle(session.particle))
+                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, 0, 1))
+
+            def GeneratePrimaries(self, event: Any) -> None:
+                i = event.GetEventID()
+                x, y = session._pos[i]
+                self.gun.SetParticleEnergy(float(session._energy[i]) * g4.MeV)
+                self.gun.SetParticlePosition(g4.G4ThreeVector(float(x), float(y), session._z0 - 1.0 * g4.mm))
+                self.gun.GeneratePrimaryVertex(event)
+
+        class EventAction(g4.G4UserEventAction):
+            def EndOfEventAction(self, event: Any) -> None:
+                session._end_of_event(event)
+
+        class Actions(g4.G4VUserActionInitialization):
+            def Build(self) -> None:
+                self.SetUserAction(Gun())
+                self.SetUserAction(EventAction())
+
+        ui = g4.G4UImanager.GetUIpointer()
+        for cmd in ("/control/verbose 0", "/run/verbose 0", "/event/verbose 0", "/tracking/verbose 0",
+                    "/process/verbose 0", "/process/em/verbose 0", "/process/had/verbose 0",
+                    "/material/verbose 0"):
+            ui.ApplyCommand(cmd)
+        self._rm = rm = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
+        # keep Python wrappers alive for the life of the run manager
+        self._keep: list[Any] = []
+        self._det = Detector()
+        self._phys = PhysicsList()
+        self._actions = Actions()
+        rm.SetUserInitialization(self._det)
+        rm.SetUserInitialization(self._phys)
+        rm.SetUserInitialization(self._actions)
+        g4.G4EmParameters.Instance().SetVerbose(0)
+        for cmd in ("/process/em/verbose 0", "/process/had/verbose 0"):
+            ui.ApplyCommand(cmd)
+        rm.Initialize()
+        for cmd in ("/run/verbose 0", "/event/verbose 0", "/tracking/verbose 0", "/process/em/verbose 0"):
+            ui.ApplyCommand(cmd)
+        self._energy = np.zeros(1)
+        self._pos = np.zeros((1, 2))
+        self._out = np.zeros((0, geo.n_voxels), dtype=np.float32)
+        rm.BeamOn(0)  # build physics tables now, so the first run() starts like any other
+
+    def _construct(self, g4: Any) -> Any:
+        geo = self.geometry
+        nist = g4.G4NistManager.Instance()
+        mats: dict[str, Any] = {}
+
+        def mat(name: str) -> Any:
+            if name not in mats:
+                m = nist.FindOrBuildMaterial(name)
+                if m is None:
+                    raise GeometryError(f"Geant4 does not know the material {name!r}")
+                mats[name] = m
+            return mats[name]
+
+        keep = self._keep
+        half = 0.0
+        for layer in geo.layers:
+            seg = layer.segmentation
+            if isinstance(seg, CartesianSegmentation):
+                hx, hy = seg.half_width
+                half = max(half, hx, hy)
+            else:
+                half = max(half, max(3.0 * seg.r_edges[-1], 300.0))
+        depth = geo.depth
+        world_s = g4.G4Box("World", half + 10.0, half + 10.0, 0.5 * depth + 20.0)
+        world_l = g4.G4LogicalVolume(world_s, mat("G4_Galactic"), "World")
+        world_p = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_l, "World", None, False, 0, False)
+        keep += [world_s, world_l, world_p]
+        zc = -0.5 * depth  # world is centred on the calorimeter; z=0 of the stack is at -depth/2
+        self._z0 = zc
+        self._scoring_lvs: list[list[Any]] = []  # per readout layer: logical volumes that score
+        z = zc
+        for li, layer in enumerate(geo.layers):
+            seg = layer.segmentation
+            slabs = []
+            if layer.absorber and layer.absorber_thickness > 0:
+                slabs.append(("abs", layer.absorber, layer.absorber_thickness, layer.score == "all"))
+            slabs.append(("act", layer.active, layer.active_thickness, True))
+            lvs: dict[str, Any] = {}
+            scoring: list[Any] = []
+            for kind, mname, t, scores in slabs:
+                m = mat(mname)
+                name = f"L{li}_{kind}"
+                if isinstance(seg, CartesianSegmentation):
+                    hx, hy = seg.half_width
+                    s = g4.G4Box(name, hx, hy, 0.5 * t)
+                    lv = g4.G4LogicalVolume(s, m, name)
+                    keep += [s, lv]
+                    if scores:
+                        rs = g4.G4Box(name + "_row", hx, 0.5 * seg.pitch_y, 0.5 * t)
+                        rl = g4.G4LogicalVolume(rs, m, name + "_row")
+                        cs = g4.G4Box(name + "_cell", 0.5 * seg.pitch_x, 0.5 * seg.pitch_y, 0.5 * t)
+                        cl = g4.G4LogicalVolume(cs, m, name + "_cell")
+                        rp = g4.G4PVReplica(name + "_row", rl, lv, g4.EAxis.kYAxis, seg.ny, seg.pitch_y)
+                        cp = g4.G4PVReplica(name + "_cell", cl, rl, g4.EAxis.kXAxis, seg.nx, seg.pitch_x)
+                        keep += [rs, rl, cs, cl, rp, cp]
+                        scoring.append(cl)
+                else:
+                    r = max(3.0 * seg.r_edges[-1], 300.0)
+                    s = g4.G4Tubs(name, 0.0, r, 0.5 * t, 0.0, 2 * math.pi)
+                    lv = g4.G4LogicalVolume(s, m, name)
+                    keep += [s, lv]
+                    if scores:
+                        scoring.append(lv)
+                lvs[kind] = (lv, t)
+            for _ in range(layer.n_pairs):
+                for kind, _m, t, _s in slabs:
+                    lv, t = lvs[kind]
+                    pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, z + 0.5 * t), lv, lv.GetName(),
+                                          world_l, False, 0, False)
+                    keep.append(pv)
+                    z += t
+            self._scoring_lvs.append(scoring)
+        return world_p
+
+    def _construct_sd(self, g4: Any) -> None:
+        geo = self.geometry
+        sdm = g4.G4SDManager.GetSDMpointer()
+        sdm.SetVerboseLevel(0)
+        self._hc_ids: list[tuple[int, int]] = []  # (layer, collection id) for C++-scored layers
+        self._py_layers: list[int] = []
+        self._steps: dict[int, list[list[float]]] = {}
+        session = self
+
+        class PolarSD(g4.G4VSensitiveDetector):
+            def __init__(self, name: str, layer: int) -> None:
+                super().__init__(name)
+                self.buf = session._steps.setdefault(layer, [[], [], []])
+
+            def ProcessHits(self, step: Any, history: Any) -> bool:
+                e = step.GetTotalEnergyDeposit()
+                if e > 0.0:
+                    a = step.GetPreStepPoint().GetPosition()
+                    b = step.GetPostStepPoint().GetPosition()
+                    buf = self.buf
+                    buf[0].append(0.5 * (a.x + b.x))
+                    buf[1].append(0.5 * (a.y + b.y))
+                    buf[2].append(e)
+                return True
+
+        self._mfd_names: list[str] = []
+        for li, layer in enumerate(geo.layers):
+            seg = layer.segmentation
+            if isinstance(seg, CartesianSegmentation):
+                det = g4.G4MultiFunctionalDetector(f"mfd{li}")
+                # index = row * nx + column: rows are copy numbers one level up, columns at the cell
+                ps = g4.G4PSEnergyDeposit3D("edep", seg.ny, seg.nx, 1, 1, 0, 2)
+                det.RegisterPrimitive(ps)
+                sdm.AddNewDetector(det)
+                for lv in self._scoring_lvs[li]:
+                    lv.SetSensitiveDetector(det)
+                self._keep += [det, ps]
+                self._mfd_names.append(f"mfd{li}/edep")
+            else:
+                sd = PolarSD(f"polar{li}", li)
+                sdm.AddNewDetector(sd)
+                for lv in self._scoring_lvs[li]:
+                    lv.SetSensitiveDetector(sd)
+                self._keep.append(sd)
+                self._py_layers.append(li)
+        self._hc_resolved = False
+
+    # --- per event ----------------------------------------------------------------------------
+    def _resolve_hc(self) -> None:
+        sdm = self._g4.G4SDManager.GetSDMpointer()
+        self._hc_ids = []
+        k = 0
+        for li, layer in enumerate(self.geometry.layers):
+            if isinstance(layer.segmentation, CartesianSegmentation):
+                self._hc_ids.append((li, sdm.GetCollectionID(self._mfd_names[k])))
+                k += 1
+        self._hc_resolved = True
+
+    def _end_of_event(self, event: Any) -> None:
+        i = event.GetEventID()
+        if i >= self._out.shape[0]:
+            return
+        geo = self.geometry
+        row = self._out[i]
+        hce = event.GetHCofThisEvent()
+        if hce is not None and self._mfd_names:
+            if not self._hc_resolved:
+                self._resolve_hc()
+            for li, hcid in self._hc_ids:
+                hmap = hce.GetHC(hcid)
+                off = geo.layer_offsets[li]
+                for idx, val in hmap:
+                    row[off + idx] += val
+        if self._py_layers:
+            x0, y0 = self._pos[i]
+            for li in self._py_layers:
+                buf = self._steps[li]
+                if not buf[2]:
+                    continue
+                seg: PolarSegmentation = geo.layers[li].segmentation  # type: ignore[assignment]
+                x = np.asarray(buf[0]) - x0
+                y = np.asarray(buf[1]) - y0
+                e = np.asarray(buf[2])
+                for b in buf:
+                    b.clear()
+                r = np.hypot(x, y)
+                ir = np.searchsorted(np.asarray(seg.r_edges), r, side="right") - 1
+                alpha = np.mod(np.arctan2(y, x), 2 * math.pi)
+                ia = np.minimum((alpha * (seg.n_alpha / (2 * math.pi))).astype(np.int64), seg.n_alpha - 1)
+                ok = (ir >= 0) & (ir < seg.n_r)
+                cells = ia[ok] * seg.n_r + ir[ok]
+                row[geo.layer_slice(li)] += np.bincount(cells, weights=e[ok], minlength=seg.n_cells).astype(
+                    np.float32
+                )
+
+    # --- public -------------------------------------------------------------------------------
+    def run(self, energies_mev: np.ndarray, positions_mm: np.ndarray, seed: int) -> np.ndarray:
+        """Simulate one shower per entry; returns float32 (n, n_voxels) of deposited MeV.
+
+        Args:
+            energies_mev: kinetic energy of each incident particle, MeV, shape (n,).
+            positions_mm: (x, y) entry point on the front face, mm, shape (n, 2); beam along +z.
+            seed: random seed; the same seed and inputs give the same showers.
+        """
+        e = np.asarray(energies_mev, dtype=float).reshape(-1)
+        p = np.asarray(positions_mm, dtype=float).reshape(-1, 2)
+        if p.shape[0] != e.shape[0]:
+            raise ValueError(f"{e.shape[0]} energies but {p.shape[0]} positions")
+        if (e <= 0).any() or not np.isfinite(e).all():
+            raise ValueError("energies must be positive and finite")
+        n = e.shape[0]
+        self._energy, self._pos = e, p
+        self._out = np.zeros((n, self.geometry.n_voxels), dtype=np.float32)
+        for buf in self._steps.values():
+            for b in buf:
+                b.clear()
+        if n == 0:
+            return self._out
+        g4 = self._g4
+        seed = int(seed) % 900_000_000 + 1
+        g4.HepRandom.setTheSeeds([seed, seed // 7 + 12345, 0])
+        g4.HepRandom.setTheSeed(seed)
+        sys.stdout = _Quiet(self._stdout)
+        try:
+            self._rm.BeamOn(n)
+        finally:
+            sys.stdout = self._stdout
+        out = self._out
+        self._out = np.zeros((0, self.geometry.n_voxels), dtype=np.float32)
+        return out

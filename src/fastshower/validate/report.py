@@ -1,0 +1,258 @@
+"""HTML report with PNG plots (matplotlib Agg, mplhep style) for :func:`fastshower.validate.evaluate`.
+
+Plots are made from the streamed summaries (histogram counts, mean images), never from raw
+showers, and the scores come from the metrics dict: the report shows the numbers of
+metrics.json, it does not compute its own.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mplhep as hep
+import numpy as np
+
+from fastshower.geometry import Geometry
+from fastshower.validate.metrics import Binning
+
+__all__ = ["PlotData", "write_report"]
+
+_MAX_HIST_PLOTS = 48
+
+
+@dataclass
+class PlotData:
+    """What the plots need.
+
+    Attributes:
+        binnings: observable -> fixed binning; ref_counts / cand_counts: observable -> counts (k + 2,).
+        ref_image / cand_image: mean of voxels / E_inc, shape (V,).
+        radial_edges: (k + 1,) mm or None (air showers); ref_radial / cand_radial: mean energy
+            fraction per radial bin, shape (k,).
+    """
+
+    geometry: Geometry
+    binnings: dict[str, Binning]
+    ref_counts: dict[str, np.ndarray]
+    cand_counts: dict[str, np.ndarray]
+    ref_image: np.ndarray
+    cand_image: np.ndarray
+    radial_edges: np.ndarray | None
+    ref_radial: np.ndarray | None
+    cand_radial: np.ndarray | None
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if math.isfinite(x) else "-"
+    return html.escape(str(x))
+
+
+def _select(names: list[str]) -> list[str]:
+    """At most _MAX_HIST_PLOTS observables: all global ones, then per-layer ones spread evenly."""
+    glob = [k for k in names if not k.rsplit("_", 1)[-1].isdigit()]
+    per = [k for k in names if k not in glob]
+    room = max(0, _MAX_HIST_PLOTS - len(glob))
+    if len(per) > room:
+        per = [per[i] for i in np.linspace(0, len(per) - 1, room).astype(int)] if room else []
+    return glob + per
+
+
+def _hist_plot(path: Path, name: str, binning: Binning, ref: np.ndarray, cand: np.ndarray, sp: float | None) -> None:
+    edges = np.asarray(binning.edges)
+    r, c = ref[1:-1].astype(float), cand[1:-1].astype(float)
+    rn, cn = r / max(ref.sum(), 1) / np.diff(edges), c / max(cand.sum(), 1) / np.diff(edges)
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    hep.histplot(rn, edges, ax=ax, label="reference", color="k")
+    hep.histplot(cn, edges, ax=ax, label="candidate", color="tab:red")
+    ax.set_ylabel("normalised")
+    title = name + (f"  (S = {sp:.3g})" if sp is not None else "")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    if binning.log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(rn > 0, cn / rn, np.nan)
+    axr.stairs(ratio, edges, color="tab:red")
+    axr.axhline(1, color="k", lw=0.8)
+    axr.set_ylim(0.5, 1.5)
+    axr.set_ylabel("cand/ref")
+    axr.set_xlabel(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _images_plot(path: Path, pd: PlotData) -> None:
+    g = pd.geometry
+    n = g.n_layers
+    cols = min(n, 6)
+    layers = list(range(n)) if n <= 6 else [int(i) for i in np.linspace(0, n - 1, 6)]
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.2), squeeze=False)
+    for j, i in enumerate(layers):
+        sl = g.layer_slice(i)
+        shape = g.layer_shape(i)
+        vmax = max(pd.ref_image[sl].max(), pd.cand_image[sl].max(), 1e-12)
+        for row, (img, lab) in enumerate(((pd.ref_image, "reference"), (pd.cand_image, "candidate"))):
+            ax = axes[row, j]
+            im = ax.imshow(img[sl].reshape(shape), origin="lower", aspect="auto", vmin=0, vmax=vmax, cmap="viridis")
+            ax.set_title(f"{lab} layer {i}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6)
+    fig.suptitle("mean voxel energy / E_inc (rows: angle or y; columns: r or x)", fontsize=9)
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _profiles_plot(path: Path, pd: PlotData) -> None:
+    g = pd.geometry
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if g.profile is None:
+        z = g.layer_z_centres()
+        lr = np.array([pd.ref_image[g.layer_slice(i)].sum() for i in range(g.n_layers)])
+        lc = np.array([pd.cand_image[g.layer_slice(i)].sum() for i in range(g.n_layers)])
+        axes[0].plot(z, lr, "k-o", ms=3, label="reference")
+        axes[0].plot(z, lc, "r--s", ms=3, label="candidate")
+        axes[0].set_xlabel("depth of layer centre [mm]")
+        axes[0].set_ylabel("mean E_layer / E_inc")
+        if pd.radial_edges is not None and pd.ref_radial is not None and pd.cand_radial is not None:
+            axes[1].stairs(pd.ref_radial, pd.radial_edges, color="k", label="reference")
+            axes[1].stairs(pd.cand_radial, pd.radial_edges, color="tab:red", label="candidate")
+            axes[1].set_yscale("log")
+            axes[1].set_xlabel("r [mm]")
+            axes[1].set_ylabel("mean E(r bin) / E_inc")
+    else:
+        x = g.profile.centres()
+        for i, ch in enumerate(g.profile.channels[:2]):
+            sl = g.layer_slice(i)
+            axes[i].plot(x, pd.ref_image[sl], "k-", label="reference")
+            axes[i].plot(x, pd.cand_image[sl], "r--", label="candidate")
+            axes[i].set_xlabel("slant depth [g/cm^2]")
+            axes[i].set_ylabel(f"mean {ch} / E_inc")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _response_plot(path: Path, resp: dict[str, Any]) -> None:
+    rows = resp["per_energy"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for side, style in (("reference", "ko"), ("candidate", "rs")):
+        e = np.array([r.get(f"energy_mean_gev_{side}") or np.nan for r in rows], dtype=float)
+        for ax, key in ((axes[0], "response"), (axes[1], "resolution")):
+            y = np.array([r.get(f"{key}_{side}") or np.nan for r in rows], dtype=float)
+            dy = np.array([r.get(f"{key}_error_{side}") or np.nan for r in rows], dtype=float)
+            ax.errorbar(e, y, dy, fmt=style, ms=4, label=side)
+        fit = resp["fit"].get(side, {})
+        a, b = fit.get("a"), fit.get("b")
+        if a is not None and b is not None and np.isfinite(e).any():
+            ee = np.geomspace(np.nanmin(e), np.nanmax(e), 50)
+            axes[1].plot(ee, np.sqrt(a**2 / ee + b**2), style[0] + "-", lw=0.8,
+                         label=f"{side}: a={a:.3g}, b={b:.3g}")
+    axes[0].set_ylabel("mean E_vis / E_inc")
+    axes[1].set_ylabel("sigma / mean of E_vis / E_inc")
+    for ax in axes:
+        ax.set_xlabel("E_inc [GeV]")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
+    """Write ``out/report.html`` and its PNGs under ``out/plots``; returns the HTML path."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    sp = result.get("separation_power", {})
+    parts = [
+        "<html><head><meta charset='utf-8'><title>fastshower evaluation</title><style>"
+        "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #aaa;padding:2px 8px;text-align:right} img{max-width:48%}</style></head><body>",
+        "<h1>fastshower evaluation</h1>",
+        f"<p>reference: <code>{html.escape(result['reference'])}</code> ({result['n_reference']} showers)<br>"
+        f"candidate: <code>{html.escape(result['candidate'])}</code> ({result['n_candidate']} showers)<br>"
+        f"geometry {html.escape(result['geometry'])}, particle {html.escape(str(result['particle']))}, "
+        f"seed {result['seed']}</p>",
+    ]
+    fl = result.get("floor", {})
+    summary: list[list[Any]] = []
+    for side in ("low", "high"):
+        c = result.get("classifier", {}).get(side)
+        if c:
+            f = fl.get("classifier", {}).get(side, {})
+            summary.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc")])
+            summary.append([f"classifier JSD ({side}-level)", c.get("jsd"), c.get("jsd_error"), f.get("jsd")])
+    for key in ("fpd", "kpd"):
+        if key in result:
+            summary.append([f"{key.upper()} x1e3", result[key]["value"], result[key]["error"],
+                            fl.get(key, {}).get("value")])
+    if sp:
+        vals = [v for v in sp.values() if v is not None]
+        fsp = [v for v in fl.get("separation_power", {}).values() if v is not None]
+        summary.append(["separation power, mean over observables", float(np.mean(vals)), None,
+                        float(np.mean(fsp)) if fsp else None])
+    if "multi_peak" in result:
+        m = result["multi_peak"]
+        summary.append(["multi-peak fraction reference", m["reference"], m["reference_error"], None])
+        summary.append(["multi-peak fraction candidate", m["candidate"], m["candidate_error"], None])
+    if "support_size" in result and "reference" in result["support_size"]:
+        for side in ("reference", "candidate"):
+            s = result["support_size"][side]
+            summary.append([f"support size {side} (birthday)", s["support"], s["error"], None])
+    if "response" in result:
+        for side in ("reference", "candidate"):
+            f = result["response"]["fit"][side]
+            summary.append([f"resolution a (stochastic) {side}", f["a"], f["a_error"], None])
+            summary.append([f"resolution b (constant) {side}", f["b"], f["b_error"], None])
+    parts += ["<h2>Summary</h2>", _table(["score", "value", "error", "floor (reference halves)"], summary)]
+    rows = result.get("per_energy", [])
+    if rows:
+        cols = [k for k in ("label", "n_reference", "n_candidate", "separation_power_E_tot/E_inc",
+                            "separation_power_mean", "separation_power_max", "separation_power_max_observable",
+                            "auc_low", "auc_high", "ssim_reference", "ssim_candidate") if any(k in r for r in rows)]
+        parts += ["<h2>Per energy</h2>", _table(cols, [[r.get(k) for k in cols] for r in rows])]
+    if sp:
+        w1 = result.get("w1", {})
+        chi = result.get("chi2_ndf", {})
+        err = result.get("separation_power_error", {})
+        parts += ["<h2>Observables</h2>", _table(
+            ["observable", "separation power", "error", "floor", "W1", "chi2/ndf"],
+            [[k, v, err.get(k), fl.get("separation_power", {}).get(k), w1.get(k), chi.get(k)] for k, v in sp.items()],
+        )]
+    figs: list[str] = []
+    with plt.style.context(hep.style.ROOT):
+        _images_plot(plots / "images.png", pd)
+        _profiles_plot(plots / "profiles.png", pd)
+        figs += ["images.png", "profiles.png"]
+        if "response" in result:
+            _response_plot(plots / "response.png", result["response"])
+            figs.append("response.png")
+        for i, name in enumerate(_select(list(pd.binnings))):
+            fn = f"hist_{i:03d}.png"
+            _hist_plot(plots / fn, name, pd.binnings[name], pd.ref_counts[name], pd.cand_counts[name], sp.get(name))
+            figs.append(fn)
+    parts += ["<h2>Plots</h2>"] + [f"<img src='plots/{f}' alt='{f}'>" for f in figs]
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path

@@ -1,0 +1,242 @@
+"""Protocol tests of the adversarial models (wgan-gp, calogan) and the two-stage flow (flow).
+
+Tiny networks on a 2-layer 3x3 + 2x2 geometry and on belle2-ecl-5x5 with a
+(log E, x, y) condition; CPU only, a few seconds in all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer, get_geometry
+from fastshower.models import get_model_class
+from fastshower.models.base import ModelSpec, ShowerModel
+from fastshower.models.calogan import CaloGAN, MinibatchDiscrimination
+from fastshower.models.flow import CaloFlow
+from fastshower.models.wgan import WGANGP, position_columns
+
+TINY_HP: dict[str, dict[str, Any]] = {
+    "wgan-gp": {"hidden": 32, "n_hidden": 2, "latent_dim": 8, "constrainer_hidden": 16,
+                "constrainer_warmup": 0, "n_critic": 2},
+    "calogan": {"hidden": 32, "n_hidden": 1, "latent_dim": 8, "layer_features": 8,
+                "mbd_kernels": 4, "mbd_dim": 3, "n_critic": 2},
+    "flow": {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2},
+}
+MODELS = list(TINY_HP)
+
+
+def _layer(nx: int, ny: int) -> ReadoutLayer:
+    return ReadoutLayer("G4_W", 3.5, "G4_Si", 0.5, 1, CartesianSegmentation(nx, ny, 5.0, 5.0))
+
+
+def _spec(geo: Geometry, cond_names: tuple[str, ...]) -> ModelSpec:
+    return ModelSpec(
+        n_voxels=geo.n_voxels,
+        layer_sizes=geo.layer_sizes,
+        layer_shapes=tuple(geo.layer_shape(i) for i in range(geo.n_layers)),
+        cond_dim=len(cond_names),
+        cond_names=cond_names,
+    )
+
+
+TINY = Geometry(name="tiny2", description="3x3 + 2x2", source="test", layers=(_layer(3, 3), _layer(2, 2)))
+SPECS = {
+    "tiny2": _spec(TINY, ("log_energy",)),
+    "belle2": _spec(get_geometry("belle2-ecl-5x5"), ("log_energy", "position_x", "position_y")),
+}
+
+
+def _data(model: ShowerModel, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A learnable synthetic batch in the model's space: (x (n, V), c (n, C)).
+
+    Showers are a fixed per-voxel profile whose scale follows condition column 0 and
+    whose weight shifts with the position columns. For the per-incident models x is
+    the fraction of E_inc (>= 0, sums to ~0.9, with exact zeros); for wgan-gp it is an
+    unbounded standardised-log-like vector.
+    """
+    g = torch.Generator().manual_seed(seed)
+    spec = model.spec
+    c = torch.randn(n, spec.cond_dim, generator=g)
+    profile = torch.softmax(torch.linspace(2.0, -2.0, spec.n_voxels), 0)
+    v = torch.linspace(0.0, 3.0, spec.n_voxels)
+    # each position column moves the shower along its own voxel pattern, so both are identifiable
+    shift = sum((c[:, k : k + 1] * torch.sin(k * v + k) for k in range(1, spec.cond_dim)), torch.zeros(n, 1))
+    if model.default_transform == ("per_incident",):
+        w = profile * torch.exp(0.3 * shift) * (1 + 0.1 * torch.rand(n, spec.n_voxels, generator=g))
+        x = 0.9 * w / w.sum(1, keepdim=True) * (1 + 0.05 * c[:, :1])
+        return torch.where(x < 0.01, torch.zeros_like(x), x), c
+    x = c[:, :1] + shift + 0.1 * torch.randn(n, spec.n_voxels, generator=g)
+    return x, c
+
+
+def _build(name: str, spec_key: str, seed: int = 0, **extra: Any) -> ShowerModel:
+    torch.manual_seed(seed)
+    return get_model_class(name)(SPECS[spec_key], **{**TINY_HP[name], **extra})
+
+
+def _step(model: ShowerModel, opts: list[torch.optim.Optimizer], step: int, seed: int) -> dict[str, float]:
+    x, c = _data(model, 32, seed)
+    return model.training_step(x, c, opts, step)
+
+
+@pytest.mark.parametrize("spec_key", list(SPECS))
+@pytest.mark.parametrize("name", MODELS)
+def test_sample_shape_seed_and_state_dict(name: str, spec_key: str) -> None:
+    model = _build(name, spec_key)
+    opts = model.configure_optimizers()
+    for s in range(2):  # also fits the flow's scalers, so that buffers are part of the round trip
+        _step(model, opts, s, seed=s)
+    model.eval()
+    c = torch.randn(7, model.spec.cond_dim)
+    a = model.sample(c, torch.Generator().manual_seed(3))
+    assert a.shape == (7, model.spec.n_voxels)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, model.sample(c, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, model.sample(c, torch.Generator().manual_seed(4)))
+    if model.default_transform == ("per_incident",):
+        assert (a >= 0).all()
+
+    other = _build(name, spec_key, seed=1)
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    assert torch.equal(a, other.sample(c, torch.Generator().manual_seed(3)))
+
+
+def _assert_all_grads(module: torch.nn.Module, what: str) -> None:
+    for pname, p in module.named_parameters():
+        assert p.grad is not None, f"{what}: no gradient for {pname}"
+        assert p.grad.abs().sum() > 0, f"{what}: zero gradient for {pname}"
+
+
+@pytest.mark.parametrize("spec_key", list(SPECS))
+@pytest.mark.parametrize("name", ["wgan-gp", "calogan"])
+def test_gan_gradients_reach_every_network(name: str, spec_key: str) -> None:
+    model = _build(name, spec_key)
+    assert isinstance(model, WGANGP | CaloGAN)
+    opts = model.configure_optimizers()
+    n_critic = int(model.hparams["n_critic"])
+    assert [model.is_generator_step(s) for s in range(2 * n_critic)] == [
+        (s + 1) % n_critic == 0 for s in range(2 * n_critic)
+    ]
+    logs = _step(model, opts, n_critic - 1, seed=0)  # a critic + constrainer + generator step
+    assert "loss_generator" in logs and "gp" in logs
+    assert all(v == v for v in logs.values())  # no NaN
+    _assert_all_grads(model.generator, "generator")
+    _assert_all_grads(model.critic, "critic")
+    if isinstance(model, WGANGP):
+        assert model.energy_constrainer is not None
+        _assert_all_grads(model.energy_constrainer, "energy constrainer")
+        if spec_key == "belle2":
+            assert model.position_constrainer is not None and len(opts) == 3
+            _assert_all_grads(model.position_constrainer, "position constrainer")
+        else:
+            assert model.position_constrainer is None
+
+
+@pytest.mark.parametrize("spec_key", list(SPECS))
+def test_flow_gradients_reach_every_parameter(spec_key: str) -> None:
+    model = _build("flow", spec_key)
+    x, c = _data(model, 32, 0)
+    model.loss(x, c)["loss"].backward()
+    _assert_all_grads(model, "flow")
+
+
+def test_wgan_constrainers_learn() -> None:
+    model = _build("wgan-gp", "belle2", constrainer_lr=3e-3)
+    assert isinstance(model, WGANGP)
+    assert model.pos_cols == [1, 2]
+    opts = model.configure_optimizers()
+    x_eval, c_eval = _data(model, 256, 99)
+    with torch.no_grad():
+        before = model.constrainer_errors(x_eval, c_eval)
+    for s in range(40):
+        _step(model, opts, s, seed=s)
+    with torch.no_grad():
+        after = model.constrainer_errors(x_eval, c_eval)
+    for key in ("energy_constraint", "position_constraint"):
+        assert after[key] < 0.5 * before[key], (key, before[key], after[key])
+
+
+def test_calogan_critic_separates_real_from_untrained_generator() -> None:
+    # n_critic larger than the number of steps: the generator stays fixed, the critic learns
+    model = _build("calogan", "tiny2", n_critic=1000, lr=1e-3)
+    opts = model.configure_optimizers()
+    x_eval, c_eval = _data(model, 128, 99)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        w0 = float(model.loss(x_eval, c_eval)["wasserstein"])
+    for s in range(25):
+        _step(model, opts, s, seed=s)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        w1 = float(model.loss(x_eval, c_eval)["wasserstein"])
+    assert w1 > w0 + 0.1 and w1 > 0, (w0, w1)
+
+
+def test_flow_nll_decreases() -> None:
+    model = _build("flow", "belle2", lr=2e-3)
+    opts = model.configure_optimizers()
+    x_eval, c_eval = _data(model, 256, 99)
+    torch.manual_seed(0)
+    before = float(model.loss(x_eval, c_eval)["loss"].detach())  # in training mode: fits the scalers
+    for s in range(30):
+        _step(model, opts, s, seed=s)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        after = model.loss(x_eval, c_eval)
+    assert float(after["loss"]) < before - 5.0, (before, float(after["loss"]))
+    assert set(after) == {"loss", "nll_stage1", "nll_stage2"}
+
+
+def test_flow_decomposition_round_trip() -> None:
+    model = _build("flow", "tiny2")
+    assert isinstance(model, CaloFlow)
+    x = torch.rand(5, 13) * 0.05 + 1e-4
+    e = model.layer_energies(x)
+    assert torch.allclose(e, torch.stack([x[:, :9].sum(1), x[:, 9:].sum(1)], 1))
+    assert torch.allclose(model.stage1_inverse(model.stage1_features(e)), e, rtol=1e-4)
+    assert torch.allclose(model.stage2_inverse(model.stage2_features(x, e), e), x, rtol=1e-3, atol=1e-7)
+
+
+def test_calogan_energy_term_and_mbd() -> None:
+    model = _build("calogan", "tiny2")
+    assert isinstance(model, CaloGAN)
+    x = torch.zeros(2, 13)
+    x[0, 0], x[1, :] = 1.5, 0.05
+    assert torch.allclose(model.energy_excess(x), torch.tensor([0.5, 0.0]))
+    mbd = MinibatchDiscrimination(4, 3, 2)
+    f = torch.randn(5, 4)
+    o = mbd(f)
+    assert o.shape == (5, 3) and (o >= 0).all()
+    dup = mbd(torch.cat([f[:1], f[:1]]))  # two identical samples: each sees the other with weight 1
+    assert torch.allclose(dup, torch.ones_like(dup))
+
+
+def test_one_layer_calogan_and_layerwise_wgan() -> None:
+    one = _build("calogan", "belle2")
+    assert isinstance(one, CaloGAN) and len(one.generator.layers) == 1
+    spec = _spec(Geometry(name="u2", description="", source="t", layers=(_layer(3, 3), _layer(3, 3))), ("log_energy",))
+    torch.manual_seed(0)
+    model = WGANGP(spec, **{**TINY_HP["wgan-gp"], "arch": "layerwise"})
+    assert model.arch == "layerwise"
+    opts = model.configure_optimizers()
+    _step(model, opts, 1, seed=0)
+    _assert_all_grads(model.generator, "layerwise generator")
+    _assert_all_grads(model.critic, "layerwise critic")
+    with pytest.raises(ValueError, match="equal-sized"):
+        WGANGP(SPECS["tiny2"], arch="layerwise")
+
+
+def test_hparam_and_size_errors() -> None:
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        _build("wgan-gp", "tiny2", not_a_knob=1)
+    with pytest.raises(ValueError, match="supports up to 1000 voxels"):
+        CaloFlow(_spec(get_geometry("par04-ds2"), ("log_energy",)))
+    grouped = ModelSpec(25, (25,), ((5, 5),), 3, ("log_energy", "position"), cond_widths=(1, 2))
+    assert position_columns(grouped) == [1, 2]
+    assert position_columns(ModelSpec(25, (25,), ((5, 5),), 3, ("log_energy", "position"))) == [1, 2]
+    assert position_columns(SPECS["tiny2"]) == []

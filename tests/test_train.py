@@ -1,0 +1,234 @@
+"""The fit loop, run folders, resume, failure paths, and generation from a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fastshower.geometry import get_geometry
+from fastshower.io import ShowerFile
+from fastshower.models.flow_matching import FlowMatching
+from fastshower.sample import GenerationError, generate, load_run, sample_batch
+from fastshower.train import TrainingError, train
+
+SMALL = {"hparams": {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 4, "warmup": 5},
+         "train": {"chunk_rows": 128, "shuffle_chunks": 2}}
+
+
+def _train(data: Path, out: Path, steps: int = 12, **kw: Any) -> Path:
+    kw.setdefault("config", SMALL)
+    return train(data, "flow-matching", out, steps=steps, batch_size=64, progress=False, log_every=4, **kw)
+
+
+def test_run_folder(tiny_file: Path, tmp_path: Path) -> None:
+    run = _train(tiny_file, tmp_path / "run", checkpoint_every=5)
+    for name in ("config.json", "geometry.json", "transforms.json", "spec.json", "meta.json", "train_log.jsonl",
+                 "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8, 12] and all(np.isfinite(r["loss"]) for r in log)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["step"] == 12 and meta["fastshower_version"]
+    assert meta["data"]["generator"] == "toy showers (tests)" and meta["data"]["n_showers"] == 600
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"] == "flow-matching" and cfg["hparams"]["hidden"] == 32
+    assert cfg["train"]["transform"] == ["per_incident", "log", "standardize"]
+    assert cfg["train"]["threshold_resolved_mev"] > 0
+    with pytest.raises(TrainingError, match="exists and is not empty"):
+        _train(tiny_file, run)
+
+
+def _state(run: Path) -> dict[str, Any]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+def test_resume_is_bit_for_bit(tiny_file: Path, tmp_path: Path) -> None:
+    whole = _train(tiny_file, tmp_path / "whole", steps=14)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step: int, logs: dict[str, float]) -> None:
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _train(tiny_file, tmp_path / "split", steps=14, checkpoint_every=7, callback=kill_at_7)
+    assert _state(tmp_path / "split")["step"] == 7
+    split = train(tiny_file, None, tmp_path / "split", steps=14, resume=True, progress=False)
+    a, b = _state(whole), _state(split)
+    assert a["step"] == b["step"] == 14
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["data"] == b["data"]
+    assert torch.equal(a["optimizers"][0]["state"][0]["exp_avg"], b["optimizers"][0]["state"][0]["exp_avg"])
+    la = (whole / "train_log.jsonl").read_text().splitlines()
+    lb = (split / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
+def test_config_errors(tiny_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="unknown model 'nope'; available: flow-matching"):
+        train(tiny_file, "nope", tmp_path / "a", steps=1, progress=False)
+    with pytest.raises(TrainingError, match=r"unknown config key\(s\) \['optimiser'\]"):
+        _train(tiny_file, tmp_path / "b", config={"optimiser": {}})
+    with pytest.raises(TrainingError, match=r"unknown \[train\] key\(s\) \['stepz'\]"):
+        _train(tiny_file, tmp_path / "c", config={"train": {"stepz": 3}})
+    with pytest.raises(TrainingError, match=r"unknown hyper-parameter\(s\) \['hiden'\]"):
+        _train(tiny_file, tmp_path / "d", config={"hparams": {"hiden": 3}})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = [")
+    with pytest.raises(TrainingError, match="invalid TOML"):
+        _train(tiny_file, tmp_path / "e", config=bad)
+    with pytest.raises(TrainingError, match="no such file"):
+        _train(tmp_path / "missing.h5", tmp_path / "f")
+
+
+def test_toml_config(tiny_file: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "fm.toml"
+    cfg.write_text('model = "flow-matching"\n[hparams]\nhidden = 16\ndepth = 1\n[train]\nsteps = 3\nbatch_size = 32\n')
+    run = train(tiny_file, None, tmp_path / "run", config=cfg, progress=False)
+    assert (run / "config.toml").read_text() == cfg.read_text()
+    c = json.loads((run / "config.json").read_text())
+    assert c["hparams"]["hidden"] == 16 and c["train"]["batch_size"] == 32 and _state(run)["step"] == 3
+
+
+def test_corrupt_checkpoint_and_foreign_data(tiny_file: Path, belle_file: Path, tmp_path: Path) -> None:
+    run = _train(tiny_file, tmp_path / "run", steps=3)
+    with pytest.raises(TrainingError, match=r"holds geometry 'belle2-ecl-5x5' but run .* trained on 'tiny-2x4x4'"):
+        train(belle_file, None, run, steps=6, resume=True, progress=False)
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(TrainingError, match="corrupt or unreadable checkpoint"):
+        train(tiny_file, None, run, steps=6, resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = FlowMatching.loss
+
+    def poisoned(self: FlowMatching, x: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        out = real(self, x, c)
+        return {"loss": out["loss"] * float("nan")} if calls["n"] > 6 else out
+
+    monkeypatch.setattr(FlowMatching, "loss", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 7; stopped \(last good checkpoint: .* \(step 5\)"):
+        _train(tiny_file, tmp_path / "run", steps=20, checkpoint_every=5)
+    good = _state(tmp_path / "run")
+    assert good["step"] == 5 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_nan_in_data_is_a_training_error(tiny_file: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "nan.h5"
+    bad.write_bytes(tiny_file.read_bytes())
+    with h5py.File(bad, "r+") as f:
+        f["showers"][10, 3] = np.inf
+    with pytest.raises(TrainingError, match="shower 10 has NaN or infinite"):
+        _train(bad, tmp_path / "run")
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def belle_run(belle_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(belle_file, tmp_path_factory.mktemp("runs") / "belle", steps=10)
+
+
+def test_generate(belle_run: Path, tmp_path: Path) -> None:
+    out = generate(belle_run, 250, "1.0:2.0", None, tmp_path / "g.h5", batch_size=100, seed=4, progress=False)
+    with ShowerFile(out, get_geometry("belle2-ecl-5x5")) as f:
+        b = f.read()
+        assert f.n == 250 and f.complete and f.particle == "e-"
+        assert "flow-matching run belle" in f.generator
+        assert f.attrs["run_step"] == 10
+    assert (b.energies >= 1000).all() and (b.energies <= 2000).all()
+    assert np.isfinite(b.showers).all() and (b.showers >= 0).all()
+    # the position condition defaults to the training range: the centre crystal's face
+    pos = b.conditions["position"]
+    assert (np.abs(pos) <= 30.0).all() and pos.std() > 5
+    _, _, info = load_run(belle_run)
+    thr = info.threshold_mev
+    assert thr > 0 and not ((b.showers > 0) & (b.showers < thr)).any()
+    again = generate(belle_run, 250, "1.0:2.0", None, tmp_path / "g2.h5", batch_size=100, seed=4, progress=False)
+    other = generate(belle_run, 250, "1.0:2.0", None, tmp_path / "g3.h5", batch_size=100, seed=5, progress=False)
+    with ShowerFile(again) as f2, ShowerFile(other) as f3:
+        np.testing.assert_array_equal(f2.read().showers, b.showers)
+        assert not np.array_equal(f3.read().showers, b.showers)
+
+
+def test_generate_conditions_and_errors(belle_run: Path, tmp_path: Path) -> None:
+    run = load_run(belle_run)
+    out = generate(run, 20, "2", {"position": "0,5"}, tmp_path / "g.h5", progress=False,
+                   sample_options={"steps": 2})
+    with ShowerFile(out) as f:
+        np.testing.assert_array_equal(f.read().conditions["position"], np.tile([0.0, 5.0], (20, 1)))
+    with pytest.raises(GenerationError, match=r"unknown condition\(s\) \['angle'\]"):
+        generate(run, 5, "2", {"angle": "0"}, tmp_path / "x.h5", progress=False)
+    with pytest.raises(GenerationError, match="3 fields given for 2 columns"):
+        generate(run, 5, "2", {"position": "0,0,0"}, tmp_path / "x.h5", progress=False)
+    with pytest.raises(GenerationError, match="outside the range"):
+        generate(run, 5, "10", None, tmp_path / "x.h5", progress=False)
+    run[2].options["condition_defaults"] = "none"
+    with pytest.raises(GenerationError, match="condition 'position' is required"):
+        generate(run, 5, "2", None, tmp_path / "x.h5", progress=False)
+
+
+def test_sample_batch_in_memory(belle_run: Path) -> None:
+    model, transform, info = load_run(belle_run)
+    e = np.full(7, 1500.0)
+    pos = np.zeros((7, 2))
+    a = sample_batch(model, transform, e, {"position": pos}, torch.Generator().manual_seed(0), info.threshold_mev)
+    b = sample_batch(model, transform, e, {"position": pos}, torch.Generator().manual_seed(0), info.threshold_mev)
+    assert a.shape == (7, 25) and a.dtype == np.float32 and (a >= 0).all() and (a <= 1500).all()
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(GenerationError, match="missing condition"):
+        sample_batch(model, transform, e, None)
+
+
+def test_every_model_trains_and_generates(tiny_file: Path, tmp_path: Path) -> None:
+    from fastshower.models import available_models
+
+    for name in available_models():
+        run = train(tiny_file, name, tmp_path / name, steps=3, batch_size=32, progress=False)
+        out = generate(run, 10, "2", None, tmp_path / f"{name}.h5", progress=False)
+        with ShowerFile(out) as f:
+            assert f.n == 10 and np.isfinite(f.read().showers).all()
+
+
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from fastshower.train import train
+cfg = {"hparams": {"hidden": 16, "depth": 1, "emb_dim": 8, "warmup": 2}, "train": {"chunk_rows": 64}}
+kill = sys.argv[3] == "kill"
+def cb(step, logs):
+    if kill and step == 3:
+        raise SystemExit(3)
+train(sys.argv[1], "flow-matching", sys.argv[2], steps=6, batch_size=32, progress=False, config=cfg,
+      checkpoint_every=3, resume=sys.argv[3] == "resume", callback=cb)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume(tiny_file: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tiny_file)]
+    subprocess.run([*torchrun, str(tmp_path / "whole"), "fresh"], check=True, capture_output=True)
+    assert subprocess.run([*torchrun, str(tmp_path / "split"), "kill"], capture_output=True).returncode != 0
+    subprocess.run([*torchrun, str(tmp_path / "split"), "resume"], check=True, capture_output=True)
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    assert a["world_size"] == 2 and len(a["rng"]) == 2 and a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
