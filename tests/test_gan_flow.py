@@ -229,6 +229,10 @@ def test_one_layer_calogan_and_layerwise_wgan() -> None:
     _assert_all_grads(model.critic, "layerwise critic")
     with pytest.raises(ValueError, match="equal-sized"):
         WGANGP(SPECS["tiny2"], arch="layerwise")
+    bce = _build("calogan", "tiny2", gan_loss="bce", n_critic=1)  # the paper's original GAN loss
+    logs = _step(bce, bce.configure_optimizers(), 0, seed=0)
+    assert "gp" not in logs and "loss_generator" in logs
+    _assert_all_grads(bce.generator, "bce generator")
 
 
 def test_hparam_and_size_errors() -> None:

@@ -112,6 +112,14 @@ def test_killed_writer_keeps_every_flushed_chunk(tmp_path: Path) -> None:
         assert f.n >= written  # everything reported flushed is there
         assert f.n % 100 == 0
         f.check()
+        n_kept = f.n
+    # --resume on a file whose writer was killed: the flushed chunks are kept and writing goes on
+    geo = get_geometry("belle2-ecl-5x5")
+    with ShowerWriter(path, geo, "e-", "test", n_kept + 100, resume=True) as w:
+        assert w.n_written == n_kept
+        w.append(ShowerBatch(np.full(100, 1000.0), np.ones((100, 25), dtype=np.float32)))
+    with ShowerFile(path) as f:
+        assert f.complete and f.n == n_kept + 100
 
 
 def test_bad_values_are_refused_naming_the_shower(tmp_path: Path) -> None:

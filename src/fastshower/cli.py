@@ -291,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        print("fastshower: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"fastshower: {exc.args[0] if exc.args else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         if isinstance(exc, _user_errors()):

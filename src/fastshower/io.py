@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,15 @@ class ShowerWriter:
             )
         n = reader.n
         reader.close()
-        f = h5py.File(self.path, "r+", libver="latest")
+        try:
+            f = h5py.File(self.path, "r+", libver="latest")
+        except OSError as exc:
+            if _LOCKED in str(exc):
+                raise ShowerFileError(f"--resume: {self.path} is open in another writer (a run still going?)") from None
+            if _WRITER_FLAG not in str(exc):
+                raise ShowerFileError(f"--resume: cannot open {self.path} for writing: {exc}") from None
+            _recover_killed_writer(self.path)
+            f = h5py.File(self.path, "r+", libver="latest")
         # Datasets may differ in length by the chunk in flight when the writer died: cut back to
         # the rows every dataset holds.
         for ds in self._datasets(f):
@@ -272,6 +281,40 @@ def write_showers(
     return Path(path)
 
 
+def _open_read(path: Path) -> h5py.File:
+    """Open for reading: plainly, or as an SWMR reader when a writer has the file open or died with it open."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if _WRITER_FLAG not in str(exc) and _LOCKED not in str(exc):
+            raise ShowerFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as exc:
+        raise ShowerFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+
+
+#: HDF5's message for a file whose SWMR writer is still open or was killed before closing it
+_WRITER_FLAG = "already open for write"
+#: HDF5 (file locking) for a file another process is writing now
+_LOCKED = "unable to lock file"
+
+
+def _recover_killed_writer(path: Path) -> None:
+    """Rewrite a file whose writer was killed (its consistency flags still set) so it can be reopened.
+
+    HDF5 refuses to open such a file for writing (``h5clear`` would reset the flags; h5py cannot), but an
+    SWMR reader sees every flushed chunk: copy those into a fresh file and swap it in atomically.
+    """
+    tmp = path.with_name(path.name + ".recover")
+    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+        for key, val in src.attrs.items():
+            dst.attrs[key] = val
+        for key in src:
+            src.copy(src[key], dst, name=key)
+    os.replace(tmp, path)
+
+
 def _infer_geometry(n_voxels: int, path: Path) -> Geometry:
     matches = [g for g in list_geometries() if g.n_voxels == n_voxels]
     if len(matches) == 1:
@@ -299,13 +342,7 @@ class ShowerFile:
         self.path = Path(path)
         if not self.path.exists():
             raise ShowerFileError(f"{self.path}: no such file")
-        try:
-            self._f = h5py.File(self.path, "r", libver="latest", swmr=True)
-        except OSError as exc:
-            try:
-                self._f = h5py.File(self.path, "r")
-            except OSError:
-                raise ShowerFileError(f"{self.path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+        self._f = _open_read(self.path)
         try:
             self._validate_layout(geometry, require_complete)
         except Exception:

@@ -2,8 +2,8 @@
 calorimeter studies).
 
 Encoder q(z | x, c) = N(mu, diag sigma^2), decoder p(x | z, c) = N(m(z, c), diag s^2) with a
-learned per-voxel width s (a Gaussian likelihood whose variance is learned adapts the
-reconstruction-vs-KL balance to the data instead of fixing it by hand). Per shower
+fixed width s (``decoder_sigma``, in standardised model space) or a learned per-voxel one
+(``decoder_sigma = 0``). Per shower
 
     loss = [ NLL(x | z, c) + beta_t KL(q || N(0, I)) + lambda_mmd MMD(q(z), N(0, I)) ] / V
 
@@ -79,7 +79,9 @@ class VAE(ShowerModel):
         layer_dim: width per readout layer of the per-layer compression.
         beta: final KL weight; kl_warmup: steps of linear warm-up from 0.
         mmd: weight of the latent MMD term (0 disables).
-        sample_noise: add the learned per-voxel noise when sampling.
+        sample_noise: add the decoder's per-voxel noise when sampling.
+        decoder_sigma: fixed decoder width in model space; 0 learns one per voxel (prone to
+            posterior collapse on standardised data, see the module notes).
         lr, grad_clip: Adam learning rate, gradient-norm clip.
     """
 
@@ -93,8 +95,9 @@ class VAE(ShowerModel):
         "layer_dim": 32,
         "beta": 1.0,
         "kl_warmup": 500,
-        "mmd": 10.0,
+        "mmd": 1.0,
         "sample_noise": True,
+        "decoder_sigma": 0.2,
         "lr": 1e-3,
         "grad_clip": 5.0,
     }
@@ -112,8 +115,20 @@ class VAE(ShowerModel):
             self.enc_in, self.dec_out, width = nn.Identity(), nn.Identity(), v
         self.encoder = MLP([width + cdim] + [h] * k + [2 * z])
         self.decoder = nn.Sequential(MLP([z + cdim] + [h] * k + [width]))
-        self.log_sigma = nn.Parameter(torch.zeros(v))
+        fixed = float(hp["decoder_sigma"])
+        # a parameter only when learned: a frozen unused one would be dead weight in checkpoints
+        self.log_sigma: nn.Parameter | None = nn.Parameter(torch.zeros(v)) if fixed <= 0 else None
+        self.register_buffer("fixed_log_sigma", torch.full((v,), math.log(fixed) if fixed > 0 else 0.0))
         self._beta_now = float(hp["beta"])  # set from the step in training_step; full weight otherwise
+
+    fixed_log_sigma: Tensor
+
+    def _log_s(self) -> Tensor:
+        if self.log_sigma is None:
+            # a fixed width keeps reconstruction pressure on z; a learned one (decoder_sigma = 0) let the decoder
+            # explain standardised voxels as independent noise and the posterior collapse (KL -> 0) on belle2 toys
+            return self.fixed_log_sigma
+        return self.log_sigma.clamp(-7.0, 3.0)
 
     def encode(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of q(z | x, c), each (B, latent)."""
@@ -129,7 +144,7 @@ class VAE(ShowerModel):
         mu, logvar = self.encode(x, c)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         xm = self.decode(z, c)
-        log_s = self.log_sigma.clamp(-7.0, 3.0)
+        log_s = self._log_s()
         nll = (0.5 * ((x - xm) * torch.exp(-log_s)) ** 2 + log_s + 0.5 * math.log(2 * math.pi)).sum(1).mean()
         kl = (0.5 * (mu**2 + logvar.exp() - 1.0 - logvar)).sum(1).mean()
         v = x.shape[1]
@@ -160,5 +175,5 @@ class VAE(ShowerModel):
         x = self.decode(z, c)
         if self.hparams["sample_noise"]:
             eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
-            x = x + eps * torch.exp(self.log_sigma.clamp(-7.0, 3.0))
+            x = x + eps * torch.exp(self._log_s())
         return x

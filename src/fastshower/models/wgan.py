@@ -6,11 +6,11 @@ interpolates ``x_hat`` of real and generated showers; the generator minimises
 ``-E[D(G(z, c), c)]``. Adam with betas (0.5, 0.9) and ``n_critic = 5`` critic updates
 per generator update are the paper's settings.
 
-Constrainers (the Belle II ECL fast-simulation GAN design, following the energy and
-position regressors of the Belle II ECL GAN studies, cf. Hashemi et al.,
-arXiv:2303.07702): small regressors trained on *real* showers to predict the
-incident energy (condition column 0) and, when the conditions hold an entry
-position, the position columns, from the shower. Their squared error on generated
+Constrainers (the design of the Belle II ECL fast-simulation GAN studies, H. Hashemi et
+al.; the idea of 3DGAN's auxiliary energy regression, Khattak et al., arXiv:2103.10142,
+but as separate networks trained on real showers only): small regressors trained on
+*real* showers to predict the incident energy (condition column 0) and, when the
+conditions hold an entry position, the position columns, from the shower. Their squared error on generated
 showers, against the conditions the showers were generated for, is added to the
 generator loss, which pushes the generator to respect the conditioning that a
 critic alone enforces only weakly.

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,11 @@ def _worker(
     tasks: Any,
     results: Any,
 ) -> None:
-    """Worker loop: build the backend once, then simulate chunks until a None task."""
+    """Worker loop: build the backend once, then simulate chunks until a None task.
+
+    ``results`` is this worker's end of a pipe: ``send`` returns only once the data is in the pipe, so a
+    chunk reported before an abort is never lost (a Queue's feeder thread would die with the process).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     try:
         import importlib
@@ -115,9 +120,9 @@ def _worker(
         cls = getattr(importlib.import_module(cls_path[0]), cls_path[1])
         backend = cls(geometry_from_json(geometry_json), particle, options)
     except BaseException as exc:  # report set-up failures (missing data, ...) to the parent
-        results.put(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        results.send(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
-    results.put(("ready", -1, backend.generator, backend.physics))
+    results.send(("ready", -1, backend.generator, backend.physics))
     while True:
         task = tasks.get()
         if task is None:
@@ -126,14 +131,33 @@ def _worker(
         try:
             batch = backend.run(energies, conditions, mc_seed)
         except BaseException as exc:
-            results.put(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
         if skip:  # a resumed partial chunk: its first showers are already in the file
             batch = ShowerBatch(
                 batch.energies[skip:], batch.showers[skip:],
                 {k: v[skip:] for k, v in batch.conditions.items()}, {k: v[skip:] for k, v in batch.truth.items()},
             )
-        results.put(("done", index, batch, None))
+        results.send(("done", index, batch, None))
+
+
+def _messages(readers: dict[Any, Any]) -> Iterator[tuple[str, int, Any, Any]]:
+    """Messages from the workers' pipes as they come; ("dead", ...) when a worker vanished mid-work."""
+    live = dict(readers)
+    while True:
+        if not live:
+            yield ("dead", -1, "all workers stopped but chunks are missing", None)
+            return
+        for recv in mp_connection.wait(list(live), timeout=1.0):
+            try:
+                yield recv.recv()
+            except EOFError:  # the worker's end closed: it exited (normally after its last task) or died
+                proc = live.pop(recv)
+                proc.join(timeout=5)
+                if proc.exitcode not in (0, None):
+                    yield ("dead", -1, f"a worker process died (exit code {proc.exitcode}; a Geant4 abort or "
+                           "out of memory) while simulating", None)
+                    return
 
 
 # --- driver ---------------------------------------------------------------------------
@@ -153,6 +177,7 @@ def simulate(
     chunk_size: int | None = None,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    backend: type[SimulationBackend] | None = None,
 ) -> SimulationResult:
     """Produce ``n`` reference showers into ``out`` (see the module docstring).
 
@@ -170,6 +195,8 @@ def simulate(
         chunk_size: showers per chunk (the unit of seeding, writing and loss on a crash).
         progress: show a progress bar on stderr.
         extra: backend options (air showers: {"zenith": "0:65", "azimuth": "0:360"}).
+        backend: the Monte Carlo class (default: :func:`backend_class` of the geometry); it must be importable
+            by module path, since workers are fresh processes.
 
     Raises:
         SimulationError, ShowerFileError, EnergySpecError, GeometryError: bad requests, with a one-line message.
@@ -187,7 +214,7 @@ def simulate(
         raise SimulationError(f"--physics must be auto, official or substitute, got {physics!r}")
     out = Path(out)
     options = BackendOptions(cut_mm=cut_mm, physics=physics, extra=dict(extra or {}))
-    cls = backend_class(geo)
+    cls = backend or backend_class(geo)
     cls.check_request(geo, particle, options, (spec.low, spec.high))
 
     start = 0
@@ -210,8 +237,10 @@ def simulate(
         raise ShowerFileError(f"{out} exists; use --resume to top it up or choose another --out")
     chunk_size = int(chunk_size or _DEFAULT_CHUNK)
 
-    attrs = {"seed": seed, "chunk_size": chunk_size, "energy_spec": spec.text, "cut_mm": cut_mm,
-             "physics_choice": physics, **{f"option_{k}": str(v) for k, v in options.extra.items()}}
+    attrs: dict[str, Any] = {"seed": seed, "chunk_size": chunk_size, "energy_spec": spec.text,
+                             **{f"option_{k}": str(v) for k, v in options.extra.items()}}
+    if geo.kind == "calorimeter":
+        attrs.update(cut_mm=cut_mm, physics_choice=physics)
     if start >= n:
         with ShowerWriter(out, geo, particle, "", n, cls.condition_widths(geo, options), resume=True,
                           truth=cls.truth_widths(geo, options)) as w:
@@ -222,7 +251,6 @@ def simulate(
     n_chunks = -(-n // chunk_size)
     ctx = mp.get_context("spawn")  # fork would copy an initialised Geant4 or torch state
     tasks: Any = ctx.Queue()
-    results: Any = ctx.Queue()
     for k in range(first_chunk, n_chunks):
         size = min(chunk_size, n - k * chunk_size)
         energies, conditions, mc_seed = chunk_plan(spec, cls, geo, options, seed, k, chunk_size)
@@ -231,13 +259,17 @@ def simulate(
     n_workers = min(jobs, n_chunks - first_chunk)
     for _ in range(n_workers):
         tasks.put(None)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(n_workers)]
     procs = [
         ctx.Process(target=_worker, args=((cls.__module__, cls.__name__), geo.to_json(), particle, options,
-                                          tasks, results), daemon=True)
-        for _ in range(n_workers)
+                                          tasks, send), daemon=True)
+        for _, send in pipes
     ]
     for p in procs:
         p.start()
+    for _, send in pipes:
+        send.close()  # the parent keeps only the reading ends: EOF then means the worker is gone
+    readers = {recv: proc for (recv, _), proc in zip(pipes, procs, strict=True)}
 
     writer: ShowerWriter | None = None
     pending: dict[int, ShowerBatch] = {}
@@ -247,27 +279,18 @@ def simulate(
     bar = tqdm(total=n, initial=start, unit="shower", desc=f"simulate {geo.name}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     try:
-        ready = 0
+        messages = _messages(readers)
         while next_chunk < n_chunks:
-            try:
-                kind, index, payload, detail = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    failure = (f"a worker process died (exit code {dead[0].exitcode}; a Geant4 abort or out of "
-                               "memory) while simulating")
-                    break
-                if all(p.exitcode == 0 for p in procs):
-                    failure = "all workers finished but chunks are missing"
-                    break
-                continue
+            kind, index, payload, detail = next(messages)
+            if kind == "dead":
+                failure = payload
+                break
             if kind == "error":
                 failure = payload if index < 0 else f"chunk {index} failed: {payload}"
                 if os.environ.get("FASTSHOWER_DEBUG"):
                     failure += "\n" + str(detail)
                 break
             if kind == "ready":
-                ready += 1
                 generator, physics_text = payload, detail
                 if writer is None:
                     writer = ShowerWriter(out, geo, particle, generator, n, cls.condition_widths(geo, options),
@@ -292,12 +315,15 @@ def simulate(
         n_written = writer.n_written if writer is not None else start
         if writer is not None:
             writer.close()
-        for q in (tasks, results):
-            with contextlib.suppress(Exception):
-                q.cancel_join_thread()
+        with contextlib.suppress(Exception):
+            tasks.cancel_join_thread()
+        for recv in readers:
+            recv.close()
     seconds = time.perf_counter() - t0
     if failure is not None:
         kept = f"{n_written} of {n} showers are kept in {out}" if writer is not None else "nothing was written"
         resume_hint = "; continue with --resume" if writer is not None and n_written < n else ""
+        if failure == "interrupted":
+            raise KeyboardInterrupt(f"interrupted; {kept}{resume_hint}")
         raise SimulationError(f"{failure}; {kept}{resume_hint}")
     return SimulationResult(out, n_written, n_written - start, seconds, n_written >= n, generator)

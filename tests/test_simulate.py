@@ -1,0 +1,170 @@
+"""The production driver: reproducibility, resume, crash safety, bad input, physics sanity with Geant4."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastshower.geometry import get_geometry
+from fastshower.io import ShowerBatch, ShowerFile
+from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.simulate.run import simulate
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # multiprocessing fork notices
+
+
+class ToyBackend(SimulationBackend):
+    """A cheap deterministic 'Monte Carlo': the driver's logic without Geant4's start-up cost."""
+
+    generator = "toy backend (tests)"
+
+    @classmethod
+    def condition_widths(cls, geometry, options):  # type: ignore[no-untyped-def]
+        return {"position": 2}
+
+    @classmethod
+    def draw_conditions(cls, geometry, options, rng, n):  # type: ignore[no-untyped-def]
+        return {"position": rng.uniform(-30, 30, (n, 2))}
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        rng = np.random.default_rng(seed)
+        showers = rng.dirichlet(np.ones(self.geometry.n_voxels), len(energies_mev)) * energies_mev[:, None]
+        return ShowerBatch(energies_mev, showers, dict(conditions))
+
+
+class CrashingBackend(ToyBackend):
+    """Dies like a Geant4 abort (the process exits) on its third chunk."""
+
+    calls = 0
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        CrashingBackend.calls += 1
+        if CrashingBackend.calls == 3:
+            os._exit(134)
+        return super().run(energies_mev, conditions, seed)
+
+
+def _read(path: Path) -> ShowerBatch:
+    with ShowerFile(path) as f:
+        return f.read()
+
+
+def test_same_seed_same_showers_whatever_the_jobs(tmp_path: Path) -> None:
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="0.5,1", n=70, seed=5, chunk_size=20,
+              progress=False, backend=ToyBackend)
+    simulate(out=tmp_path / "a.h5", jobs=1, **kw)
+    simulate(out=tmp_path / "b.h5", jobs=3, **kw)
+    a, b = _read(tmp_path / "a.h5"), _read(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.showers, b.showers)
+    np.testing.assert_array_equal(a.energies, b.energies)
+    simulate(out=tmp_path / "c.h5", jobs=1, **{**kw, "seed": 6})
+    assert not np.array_equal(_read(tmp_path / "c.h5").showers, a.showers)
+
+
+def test_resume_tops_up_to_the_same_showers(tmp_path: Path) -> None:
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1:2", seed=1, chunk_size=20, progress=False,
+              backend=ToyBackend)
+    simulate(out=tmp_path / "full.h5", n=90, **kw)
+    simulate(out=tmp_path / "part.h5", n=50, **kw)  # ends inside chunk 2
+    res = simulate(out=tmp_path / "part.h5", n=90, resume=True, **kw)
+    assert res.n_new == 40 and res.complete
+    full, part = _read(tmp_path / "full.h5"), _read(tmp_path / "part.h5")
+    np.testing.assert_array_equal(full.showers, part.showers)
+    np.testing.assert_array_equal(full.conditions["position"], part.conditions["position"])
+
+
+def test_dead_worker_is_reported_and_finished_chunks_kept(tmp_path: Path) -> None:
+    out = tmp_path / "crash.h5"
+    with pytest.raises(SimulationError, match=r"worker process died.*40 of 100 showers are kept.*--resume"):
+        simulate("belle2-ecl-5x5", "e-", "1", 100, out, chunk_size=20, progress=False, backend=CrashingBackend)
+    with ShowerFile(out, require_complete=False) as f:
+        assert f.n == 40 and not f.complete
+    res = simulate("belle2-ecl-5x5", "e-", "1", 100, out, chunk_size=20, progress=False, resume=True,
+                   backend=ToyBackend)
+    assert res.n_written == 100
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastshower", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--geometry", "nope", "--particle", "e-", "--energy", "1", "--n", "5"], "unknown geometry 'nope'"),
+        (["--geometry", "belle2-ecl-5x5", "--particle", "mu-", "--energy", "1", "--n", "5"], "unknown particle"),
+        (["--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1:x", "--n", "5"], "cannot read energy"),
+        (["--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1e9", "--n", "5"], "outside the range"),
+        (["--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "0"], "positive number"),
+        (["--geometry", "belle2-ecl-5x5", "--particle", "pi+", "--energy", "1", "--n", "5", "--physics",
+          "substitute"], "official"),
+        (["--geometry", "airshower-profile", "--particle", "Fe", "--energy", "1e18eV", "--n", "5", "--zenith",
+          "95"], "zenith"),
+    ],
+)
+def test_bad_simulate_requests_give_one_line_and_status_2(tmp_path: Path, args: list[str], message: str) -> None:
+    r = _cli("simulate", *args, "--out", "x.h5", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_existing_output_and_mismatched_resume_are_refused(tmp_path: Path) -> None:
+    kw = dict(energy="1", n=20, seed=1, chunk_size=20, progress=False, backend=ToyBackend)
+    simulate("belle2-ecl-5x5", "e-", out=tmp_path / "a.h5", **kw)
+    base = ["--energy", "1", "--n", "40", "--out", "a.h5"]
+    r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", *base, cwd=tmp_path)
+    assert r.returncode == 2 and "exists; use --resume" in r.stderr
+    r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "gamma", *base, "--resume", cwd=tmp_path)
+    assert r.returncode == 2 and "holds e- showers, not gamma" in r.stderr
+    r = _cli("simulate", "--geometry", "calogan-3layer", "--particle", "e-", *base, "--resume", cwd=tmp_path)
+    assert r.returncode == 2 and "holds geometry 'belle2-ecl-5x5'" in r.stderr
+    (tmp_path / "t.h5").write_bytes((tmp_path / "a.h5").read_bytes()[:2000])
+    r = _cli("info", "t.h5", cwd=tmp_path)
+    assert r.returncode == 2 and "truncated or corrupt" in r.stderr
+
+
+def test_geant4_through_the_driver_and_cli(tmp_path: Path) -> None:
+    """Real Geant4 (substitute EM tables unless official data are installed): Belle II 1 GeV e-."""
+    r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "40",
+             "--out", "b.h5", "--seed", "3", "--jobs", "2", "--chunk-size", "20", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "E_vis/E_inc" in r.stdout
+    with ShowerFile(tmp_path / "b.h5") as f:
+        b = f.read()
+        assert "geant4 11.4" in f.generator and f.attrs["seed"] == 3
+    ratio = b.showers.sum(1) / b.energies
+    assert 0.85 < ratio.mean() < 1.0  # CsI, 16 X0: nearly full containment
+    # the entry point is smeared over the centre crystal and the centre crystal takes most of the energy
+    assert np.abs(b.conditions["position"]).max() <= 30.0
+    assert (b.showers[:, 12] / b.showers.sum(1)).mean() > 0.6
+
+
+def test_longitudinal_centre_grows_with_log_energy(tmp_path: Path) -> None:
+    """Shower maximum ~ ln(E/Ec): the depth of the energy centroid rises linearly in ln E (Geant4, ILD)."""
+    geo = get_geometry("ild-siw-30")
+    z = geo.layer_z_centres()
+    depths = []
+    energies = (1.0, 4.0, 16.0)
+    for i, e in enumerate(energies):
+        out = tmp_path / f"ild{i}.h5"
+        simulate(geo, "e-", str(e), 12, out, seed=i, jobs=2, chunk_size=6, progress=False)
+        b = _read(out)
+        layer_e = np.stack([b.showers[:, geo.layer_slice(k)].sum(1) for k in range(geo.n_layers)], 1)
+        depths.append(float((layer_e @ z).sum() / layer_e.sum()))
+    steps = np.diff(depths)
+    assert np.all(steps > 0)
+    # equal steps in ln E give equal steps in depth (within the statistics of 12 showers)
+    assert steps[1] == pytest.approx(steps[0], rel=0.35)
+
+
+def test_options_reach_the_backend() -> None:
+    opts = BackendOptions(cut_mm=0.5, physics="substitute", extra={"zenith": "30"})
+    assert opts.extra["zenith"] == "30" and opts.cut_mm == 0.5
