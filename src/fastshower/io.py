@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -39,8 +39,10 @@ __all__ = [
     "ShowerFileError",
     "ShowerWriter",
     "check_values",
-    "convert_calogan",
     "convert_3dgan",
+    "convert_calogan",
+    "merge_files",
+    "primary_ln_a",
     "write_showers",
 ]
 
@@ -98,7 +100,7 @@ def _chunk_rows(n_voxels: int) -> int:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class ShowerWriter:
@@ -117,6 +119,9 @@ class ShowerWriter:
         truth: names and widths of per-shower truth values, e.g. {"xmax": 1}.
         attrs: more provenance (seed, physics, cut, ...), JSON-serialisable values.
         resume: reopen an existing incomplete file and append.
+        compression: HDF5 filter of the ``showers`` dataset of a new file: ``"gzip"`` (default, level 4
+            with byte shuffle) or None (raw chunks: larger, but read without decompression, like the
+            memory-mapped arrays of large air-shower libraries).
     """
 
     def __init__(
@@ -130,7 +135,11 @@ class ShowerWriter:
         attrs: Mapping[str, Any] | None = None,
         resume: bool = False,
         truth: Mapping[str, int] | None = None,
+        compression: str | None = "gzip",
     ) -> None:
+        if compression not in ("gzip", None):
+            raise ShowerFileError(f"compression must be 'gzip' or None, got {compression!r}")
+        self.compression = compression
         self.path = Path(path)
         self.geometry = geometry
         self.n_target = int(n_target)
@@ -152,10 +161,8 @@ class ShowerWriter:
         v = self.geometry.n_voxels
         rows = _chunk_rows(v)
         f.create_dataset("incident_energies", (0, 1), maxshape=(None, 1), dtype="f8", chunks=(max(rows, 1024), 1))
-        f.create_dataset(
-            "showers", (0, v), maxshape=(None, v), dtype="f4", chunks=(rows, v), compression="gzip",
-            compression_opts=4, shuffle=True,
-        )
+        packed = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if self.compression else {}
+        f.create_dataset("showers", (0, v), maxshape=(None, v), dtype="f4", chunks=(rows, v), **packed)
         for group, widths in (("conditions", self.conditions), ("truth", self.truth)):
             grp = f.create_group(group)
             for name, width in widths.items():
@@ -550,3 +557,147 @@ def convert_3dgan(src: str | Path, dst: str | Path, particle: str = "e-", unit_m
                 showers = np.ascontiguousarray(ecal.transpose(0, 3, 2, 1)).reshape(b - a, -1)
                 w.append(ShowerBatch(np.asarray(f["energy"][a:b]).reshape(-1) * 1e3, np.clip(showers, 0, None)))
     return Path(dst)
+
+
+# --- merging -----------------------------------------------------------------------
+
+_MASS_NUMBER = {"p": 1, "n": 1, "He": 4, "C": 12, "N": 14, "O": 16, "Si": 28, "Fe": 56}
+
+
+def primary_ln_a(particle: str) -> float:
+    """ln(A) of a cosmic-ray primary (p -> 0, He -> 1.386, N -> 2.639, Fe -> 4.025).
+
+    ``particle`` is a name of :data:`PDG` / the air-shower generator, or a nucleus PDG code
+    ``100ZZZAAAI`` written as a string. Raises :class:`ShowerFileError` for anything else.
+    """
+    if particle in _MASS_NUMBER:
+        return float(np.log(_MASS_NUMBER[particle]))
+    code = PDG.get(particle)
+    if code is None and particle.lstrip("-").isdigit():
+        code = int(particle)
+    if code is not None and abs(code) > 1_000_000_000:
+        return float(np.log((abs(code) // 10) % 1000))
+    raise ShowerFileError(f"no mass number known for primary {particle!r}; pass condition_values explicitly")
+
+
+def merge_files(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    add_condition: str | None = "primary",
+    condition_values: Mapping[str, float] | None = None,
+    particle: str | None = None,
+    chunk_rows: int = 4096,
+    interleave: bool = True,
+    compression: str | None = "gzip",
+) -> Path:
+    """Merge complete shower files of one geometry into a new file, streaming (memory ~ one block).
+
+    Every input must have the same geometry, the same conditions (names and widths) and the same
+    truth names. With ``add_condition`` the output gains ``conditions/<add_condition>`` (width 1),
+    constant per input: ``condition_values[path]`` or ``condition_values[particle]`` when given,
+    otherwise, for ``add_condition == "primary"``, ln(A) of the input's particle
+    (:func:`primary_ln_a`: p 0, He 1.386, N 2.639, Fe 4.025); ln(A) is the variable in which the
+    shower maximum is linear (superposition model), so a model conditioned on it can be asked for
+    intermediate masses.
+
+    Provenance: the output's ``merged_from`` attribute is a JSON list with, per input, its path,
+    particle, PDG code, number of showers, generator, physics, seed, creation/finish times and its
+    condition value; ``merge_condition`` names the added condition and ``merge_condition_values``
+    maps each particle to its value.
+
+    Args:
+        inputs: two or more (or one) shower files, see :class:`ShowerFile`.
+        out: new output file (must not exist).
+        add_condition: name of the per-input condition to add, or None to add nothing.
+        condition_values: value per input path (as given) or per particle name.
+        particle: the output's ``particle`` attribute (default: the inputs' particles joined by "+").
+        chunk_rows: showers per written block.
+        interleave: write blocks from all inputs in turn, each block's size proportional to its
+            input's size, so that any stretch of the output holds every input in proportion (training
+            shuffles within groups of chunks, so a concatenation would give batches of a single
+            primary on large files); False concatenates the inputs in order.
+        compression: "gzip" or None (see :class:`ShowerWriter`).
+
+    Returns:
+        The output path.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ShowerFileError("merge_files: no input files")
+    files: list[ShowerFile] = []
+    try:
+        for p in paths:
+            files.append(ShowerFile(p))
+        first = files[0]
+        geo, widths, truth = first.geometry, first.condition_widths(), first.truth_names
+        for f in files[1:]:
+            if f.geometry.to_dict() != geo.to_dict():
+                raise ShowerFileError(f"merge_files: {f.path} holds geometry {f.geometry.name!r}, "
+                                      f"{first.path} holds {geo.name!r}")
+            if f.condition_widths() != widths or f.truth_names != truth:
+                raise ShowerFileError(
+                    f"merge_files: {f.path} has conditions {f.condition_widths()} / truth {f.truth_names}, "
+                    f"{first.path} has {widths} / {truth}"
+                )
+        if add_condition is not None and add_condition in widths:
+            raise ShowerFileError(f"merge_files: the inputs already have a condition {add_condition!r}")
+        values: list[float] = []
+        if add_condition is not None:
+            given = dict(condition_values or {})
+            for p, f in zip(paths, files, strict=True):
+                if str(p) in given:
+                    values.append(float(given[str(p)]))
+                elif f.particle in given:
+                    values.append(float(given[f.particle]))
+                elif add_condition == "primary":
+                    values.append(primary_ln_a(f.particle))
+                else:
+                    raise ShowerFileError(f"merge_files: no value of condition {add_condition!r} for {p} "
+                                          f"(particle {f.particle}); pass condition_values")
+        particles = list(dict.fromkeys(f.particle for f in files))
+        out_particle = particle or "+".join(particles)
+        truth_widths = {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in first._group("truth").items()}
+        cond_widths = dict(widths)
+        if add_condition is not None:
+            cond_widths[add_condition] = 1
+        sizes = [f.n for f in files]
+        total = int(sum(sizes))
+        keep = ("generator", "physics", "seed", "created", "finished", "fastshower_version")
+        provenance = []
+        for i, f in enumerate(files):
+            a = f.attrs
+            entry: dict[str, Any] = {"path": str(f.path.resolve()), "particle": f.particle, "n_showers": f.n,
+                                     **{k: (a[k].item() if isinstance(a[k], np.generic) else a[k])
+                                        for k in keep if k in a}}
+            entry["pdg"] = int(a.get("pdg", PDG.get(f.particle, 0)))
+            if add_condition is not None:
+                entry[add_condition] = values[i]
+            provenance.append(entry)
+        attrs: dict[str, Any] = {"merged_from": provenance, "merge_condition": add_condition or "",
+                                 "merge_interleaved": bool(interleave)}
+        if add_condition is not None:
+            attrs["merge_condition_values"] = {f.particle: v for f, v in zip(files, values, strict=True)}
+            if add_condition == "primary" and condition_values is None:
+                attrs["merge_condition_encoding"] = "ln(A) of the primary's mass number"
+        generator = f"merge of {len(files)} files ({', '.join(f'{f.particle}: {f.n}' for f in files)})"
+        with ShowerWriter(out, geo, out_particle, generator, total, cond_widths, attrs, truth=truth_widths,
+                          compression=compression) as w:
+            # block schedule: (input index, start, stop) in output order
+            pos = [0] * len(files)
+            while any(pos[i] < sizes[i] for i in range(len(files))):
+                for i, f in enumerate(files):
+                    if pos[i] >= sizes[i]:
+                        continue
+                    take = max(1, round(chunk_rows * sizes[i] / total)) if interleave else chunk_rows
+                    batch = f.read(pos[i], min(pos[i] + take, sizes[i]))
+                    pos[i] += len(batch)
+                    if add_condition is not None:
+                        batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
+                    w.append(batch)
+                    if not interleave:
+                        break
+    finally:
+        for f in files:
+            f.close()
+    return Path(out)

@@ -12,6 +12,11 @@ voxel, and voxels below the run's readout threshold set to 0. The threshold defa
 the training option ``threshold_mev``; its default ``"auto"`` resolves at training time
 to the smallest non-zero voxel energy of the training file, so generated showers are no
 denser than the data could be; a float (MeV) fixes it, 0 disables it.
+
+Air-shower profiles (geometries with a ``profile`` axis) get one more, geometry-aware step
+(:func:`zero_below_ground`) when the run is conditioned on ``zenith``: every slant-depth bin
+that starts at or beyond the ground, ``X_ground = 1036 g/cm^2 / cos(zenith)`` (flat Earth,
+sea level, as in the reference generator), is set to exactly zero in every channel.
 """
 
 from __future__ import annotations
@@ -33,8 +38,22 @@ from fastshower.geometry import Geometry, geometry_from_json
 from fastshower.io import ShowerBatch, ShowerWriter
 from fastshower.models import get_model_class
 from fastshower.models.base import ModelSpec, ShowerModel
+from fastshower.simulate.airshower import X_GROUND_VERTICAL
 
-__all__ = ["GenerationError", "RunInfo", "generate", "load_run", "parse_condition", "postprocess", "sample_batch"]
+__all__ = [
+    "GenerationError",
+    "RunInfo",
+    "below_ground_mask",
+    "generate",
+    "load_run",
+    "parse_condition",
+    "postprocess",
+    "sample_batch",
+    "zero_below_ground",
+]
+
+#: vertical depth of the ground (sea level) of the air-shower reference generator, g/cm^2
+GROUND_VERTICAL_DEPTH = X_GROUND_VERTICAL
 
 
 class GenerationError(ValueError):
@@ -149,6 +168,37 @@ def postprocess(showers: Tensor, energy: Tensor, threshold_mev: float = 0.0) -> 
     return s
 
 
+def below_ground_mask(geometry: Geometry, zenith_deg: Tensor,
+                      ground_vertical_depth: float = GROUND_VERTICAL_DEPTH) -> Tensor:
+    """Which profile values lie below ground: bool (B, V), True where the bin starts at or beyond the ground.
+
+    Bin ``i`` of the slant-depth axis covers ``[i dx, (i + 1) dx)`` g/cm^2; it is below ground when
+    ``i dx >= ground_vertical_depth / cos(zenith)`` (the bin that holds the ground itself keeps its
+    value, as in the reference, which keeps the part of that bin above ground). Every channel of
+    the profile geometry uses the same axis.
+
+    Args:
+        geometry: a geometry with a ``profile`` axis.
+        zenith_deg: zenith angles (B,) or (B, 1), degrees, in [0, 90).
+        ground_vertical_depth: vertical depth of the ground, g/cm^2.
+    """
+    if geometry.profile is None:
+        raise GenerationError(f"geometry {geometry.name!r} has no profile axis: no ground to apply")
+    ax = geometry.profile
+    z = zenith_deg.reshape(-1, 1).to(torch.float64)
+    x_ground = ground_vertical_depth / torch.cos(torch.deg2rad(z))  # (B, 1) slant depth, g/cm^2
+    low_edges = torch.arange(ax.n_bins, dtype=torch.float64, device=z.device) * ax.dx  # (n_bins,)
+    mask = low_edges.unsqueeze(0) >= x_ground  # (B, n_bins)
+    return mask.repeat(1, len(ax.channels))
+
+
+def zero_below_ground(showers: Tensor, geometry: Geometry, zenith_deg: Tensor,
+                      ground_vertical_depth: float = GROUND_VERTICAL_DEPTH) -> Tensor:
+    """Profiles (B, V) with every value below ground set to exactly 0 (see :func:`below_ground_mask`)."""
+    mask = below_ground_mask(geometry, zenith_deg.to(showers.device), ground_vertical_depth)
+    return showers.masked_fill(mask, 0.0)
+
+
 @torch.no_grad()
 def sample_batch(
     model: ShowerModel,
@@ -157,6 +207,7 @@ def sample_batch(
     conditions: Mapping[str, np.ndarray | Tensor] | None = None,
     generator: torch.Generator | None = None,
     threshold_mev: float = 0.0,
+    geometry: Geometry | None = None,
     **sample_options: Any,
 ) -> np.ndarray:
     """Generate one in-memory batch.
@@ -167,6 +218,8 @@ def sample_batch(
         conditions: the run's extra conditions, name -> (n, k) raw values (e.g. position in mm).
         generator: torch generator for the model's noise.
         threshold_mev: readout threshold (``info.threshold_mev`` for a run's own).
+        geometry: the run's geometry (``info.geometry``); for an air-shower profile geometry and
+            a run conditioned on ``zenith``, values below ground are set to 0 (:func:`zero_below_ground`).
         sample_options: passed to ``model.sample`` (e.g. ``steps=`` for flow-matching).
 
     Returns:
@@ -185,6 +238,8 @@ def sample_batch(
     model.eval()
     x = model.sample(c, generator, **sample_options)
     showers = postprocess(transform.inverse(x, e), e, threshold_mev)
+    if geometry is not None and geometry.profile is not None and "zenith" in conds:
+        showers = zero_below_ground(showers, geometry, conds["zenith"])
     return showers.float().cpu().numpy()
 
 
@@ -324,7 +379,7 @@ def generate(
             m = min(batch_size, n - w.n_written)
             e = espec.sample(rng, m)
             conds = {k: s(rng, m) for k, s in samplers.items()}
-            showers = sample_batch(model, transform, e, conds, gen, thr, **opts)
+            showers = sample_batch(model, transform, e, conds, gen, thr, geometry=info.geometry, **opts)
             w.append(ShowerBatch(e, showers, conds))
             bar.update(m)
     return Path(out)

@@ -1,0 +1,391 @@
+"""Model-quality table: every generative model trained on Geant4 showers under a wall-clock budget (CPU).
+
+Protocol (DESIGN.md section 7, issue "Generative models"):
+
+- belle2-ecl-5x5, e-: train on Geant4 showers at 0.5, 1.0, 1.5, 2.5 GeV (equal shares);
+  score at 2.0 GeV, an energy never seen in training (interpolation), against a held-out
+  Geant4 file, and at the training energies against a second held-out Geant4 file.
+- calogan-3layer, e+: train on Geant4 showers uniform in 1-100 GeV; score on a held-out
+  Geant4 file with the same spectrum.
+- each model trains for ``--minutes`` of wall time on CPU: a short probe run times the
+  first steps, the step count is set so that the schedule (warm-up, cosine decay) ends
+  within the budget, and a hard stop at 1.15 x the budget guards against slow-downs.
+- generation: as many showers as the test reference, at its energies (positions uniform
+  over the centre crystal face for Belle II, as in the Geant4 files); ms per shower timed.
+- scores: :func:`fastshower.validate.evaluate` (low- and high-level classifier AUC, FPD,
+  KPD, separation power per observable); the floor is the same evaluation of a second,
+  independent Geant4 file of the same size against the test reference (Geant4 vs Geant4 on
+  the same statistics).
+
+Files are reused when present (complete Geant4 files, finished runs, generated files), so a
+killed benchmark restarts where it stopped. Run ``nice``d, one thread::
+
+    nice .venv/bin/python benchmarks/model_quality.py --detector belle2 --minutes 6 \
+        --workdir /tmp/mq/belle --out benchmarks/results/model_quality_belle2-ecl-5x5.json
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fastshower import __version__  # noqa: E402
+from fastshower.io import ShowerFile, ShowerFileError  # noqa: E402
+from fastshower.sample import generate, load_run  # noqa: E402
+from fastshower.simulate.run import simulate  # noqa: E402
+from fastshower.train import train  # noqa: E402
+from fastshower.validate.evaluate import evaluate  # noqa: E402
+
+ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow")
+METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
+
+#: detector presets: geometry, particle, Geant4 files {name: (energy spec, n, seed)}, test sets
+DETECTORS: dict[str, dict[str, Any]] = {
+    "belle2": {
+        "geometry": "belle2-ecl-5x5",
+        "particle": "e-",
+        "train": ("0.5,1,1.5,2.5", 40_000, 101),
+        "files": {
+            "test_2.0": ("2.0", 5_000, 102),
+            "floor_2.0": ("2.0", 5_000, 103),
+            "test_train": ("0.5,1,1.5,2.5", 8_000, 104),
+            "floor_train": ("0.5,1,1.5,2.5", 8_000, 105),
+        },
+        # test set -> (reference file, floor file, energy spec to generate at)
+        "tests": {
+            "interpolation_2.0GeV": ("test_2.0", "floor_2.0", "2.0"),
+            "training_energies": ("test_train", "floor_train", "0.5,1,1.5,2.5"),
+        },
+        "headline": "interpolation_2.0GeV",
+        "target_auc": 0.70,
+    },
+    "calogan": {
+        "geometry": "calogan-3layer",
+        "particle": "e+",
+        "train": ("1:100", 1_500, 201),
+        "files": {
+            "test": ("1:100", 500, 202),
+            "floor": ("1:100", 500, 203),
+        },
+        "tests": {"uniform_1-100GeV": ("test", "floor", "1:100")},
+        "headline": "uniform_1-100GeV",
+        "target_auc": 0.80,
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastshower": __version__,
+        "platform": platform.platform(),
+    }
+
+
+# --- Geant4 references -----------------------------------------------------------------------------
+
+
+def complete(path: Path, n: int) -> bool:
+    try:
+        with ShowerFile(path) as f:
+            return f.n >= n
+    except (ShowerFileError, OSError):
+        return False
+
+
+def ensure_reference(path: Path, geometry: str, particle: str, energy: str, n: int, seed: int,
+                     chunk_size: int) -> dict[str, Any]:
+    """Simulate ``path`` with Geant4 unless a complete file is there; returns its description."""
+    info: dict[str, Any] = {"path": str(path), "energy": energy, "n": n, "seed": seed, "chunk_size": chunk_size}
+    if not complete(path, n):
+        log(f"Geant4: {n} x {particle} {energy} GeV in {geometry} -> {path}")
+        res = simulate(geometry, particle, energy, n, path, seed=seed, jobs=1, chunk_size=chunk_size,
+                       resume=path.exists(), progress=False)
+        info["seconds"] = round(res.seconds, 1)
+        info["ms_per_shower"] = round(1e3 * res.seconds_per_shower, 2)
+    with ShowerFile(path) as f:
+        info["generator"] = str(f.attrs.get("generator", ""))
+        info["physics"] = str(f.attrs.get("physics", ""))
+        info["n"] = f.n
+    return info
+
+
+# --- training under a wall-clock budget ---------------------------------------------------------------
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised from the training callback to stop a run (train() checkpoints the step in hand)."""
+
+
+def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: int | None, seed: int,
+                probe_steps: int) -> dict[str, Any]:
+    """Train ``model`` for about ``seconds`` of wall time; returns what happened."""
+    probe_dir = out.parent / (out.name + "-probe")
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    stamps: dict[int, float] = {}
+    t_start = time.perf_counter()
+
+    def probe_cb(step: int, logs: dict[str, float]) -> None:
+        stamps[step] = time.perf_counter()
+
+    train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
+          checkpoint_every=10**9, log_every=10**9, callback=probe_cb)
+    probe_s = time.perf_counter() - t_start
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    first = min(5, probe_steps // 4)
+    s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)
+    setup_s = probe_s - s_per_step * probe_steps  # transform fit, model build (paid again below)
+    budget = max(seconds - probe_s - setup_s, 10 * s_per_step)
+    steps = max(50, int(0.95 * budget / s_per_step))
+    log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step) -> {steps} steps")
+
+    t0 = time.perf_counter()
+    hard = t0 + 1.15 * budget + setup_s
+    state = {"step": 0, "logs": {}}
+
+    def cb(step: int, logs: dict[str, float]) -> None:
+        state["step"], state["logs"] = step, logs
+        if time.perf_counter() > hard:
+            raise _Stop
+
+    stopped = False
+    try:
+        train(data, model, out, steps=steps, batch_size=batch_size, seed=seed, progress=False,
+              checkpoint_every=max(500, steps // 4), log_every=50, callback=cb)
+    except _Stop:
+        stopped = True
+        log(f"{model}: hard time limit reached at step {state['step']} of {steps}")
+    train_s = time.perf_counter() - t0
+    return {
+        "planned_steps": steps,
+        "steps": int(state["step"]),
+        "stopped_at_time_limit": stopped,
+        "probe_steps": probe_steps,
+        "probe_seconds": round(probe_s, 1),
+        "train_seconds": round(train_s, 1),
+        "wall_minutes_total": round((time.perf_counter() - t_start) / 60, 2),
+        "ms_per_step": round(1e3 * train_s / max(state["step"], 1), 1),
+        "last_logs": {k: round(float(v), 5) for k, v in state["logs"].items()},
+    }
+
+
+# --- scores -------------------------------------------------------------------------------------------
+
+
+def summarise(m: dict[str, Any], geometry_layers: int) -> dict[str, Any]:
+    """The table's numbers from an evaluate() result."""
+    sp = m.get("separation_power", {})
+    clf = m.get("classifier", {})
+    out: dict[str, Any] = {
+        "auc_low": clf.get("low", {}).get("auc"),
+        "auc_high": clf.get("high", {}).get("auc"),
+        "fpd_x1e3": m.get("fpd", {}).get("value"),
+        "fpd_error_x1e3": m.get("fpd", {}).get("error"),
+        "kpd_x1e3": m.get("kpd", {}).get("value"),
+        "kpd_error_x1e3": m.get("kpd", {}).get("error"),
+        "sep_E_tot/E_inc": sp.get("E_tot/E_inc"),
+    }
+    if geometry_layers > 1:
+        for i in range(geometry_layers):
+            out[f"sep_E_layer_{i}"] = sp.get(f"E_layer_{i}")
+    else:
+        out["sep_E_tot"] = sp.get("E_tot")  # one layer: the layer energy is E_tot
+        for k in ("E1/E9", "E9/E25"):
+            if k in sp:
+                out[f"sep_{k}"] = sp[k]
+    if sp:
+        worst = max(sp, key=lambda k: sp[k] if sp[k] is not None else -1)
+        out["sep_mean"] = float(np.mean([v for v in sp.values() if v is not None]))
+        out["sep_max"], out["sep_max_observable"] = sp[worst], worst
+    out["separation_power"] = sp
+    out["per_energy"] = m.get("per_energy")
+    if "response" in m:
+        out["response"] = m["response"]
+    return out
+
+
+def score(reference: Path, candidate: Path, out: Path, layers: int, seed: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    m = evaluate(reference, candidate, out, metrics=METRICS, seed=seed, progress=False, report=False)
+    res = summarise(m, layers)
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    res["n_reference"], res["n_candidate"] = m["n_reference"], m["n_candidate"]
+    return res
+
+
+def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, seed: int) -> dict[str, Any]:
+    """Generate as many showers as ``reference`` at ``energy`` (None: the reference's own energies)."""
+    with ShowerFile(reference) as f:
+        n = f.n
+        e_ref = f.energies()
+    out.unlink(missing_ok=True)
+    loaded = load_run(run_dir)
+    t0 = time.perf_counter()
+    if energy is not None:
+        generate(loaded, n, energy, out=out, seed=seed, progress=False, batch_size=5000)
+    else:
+        # the reference's energy spectrum (uniform 1-100 GeV): draw from the same uniform range
+        lo, hi = float(e_ref.min()) / 1e3, float(e_ref.max()) / 1e3
+        generate(loaded, n, f"{lo}:{hi}", out=out, seed=seed, progress=False, batch_size=5000)
+    s = time.perf_counter() - t0
+    return {"n": n, "seconds": round(s, 2), "ms_per_shower": round(1e3 * s / n, 3), "step": loaded[2].step}
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--detector", choices=sorted(DETECTORS), required=True)
+    ap.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
+    ap.add_argument("--minutes", type=float, default=6.0, help="wall-clock training budget per model")
+    ap.add_argument("--n-train", type=int, default=None, help="Geant4 training showers (default: the preset's)")
+    ap.add_argument("--n-test", type=int, default=None, help="showers per test / floor file (default: preset)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: train()'s (256)")
+    ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True, help="results JSON (rewritten after every model)")
+    ap.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    d = DETECTORS[args.detector]
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = Path(args.out)
+    t_all = time.perf_counter()
+
+    # 1. Geant4 references
+    chunk = 100 if args.detector == "belle2" else 50
+    e_train, n_train, s_train = d["train"]
+    n_train = args.n_train or n_train
+    refs = {"train": ensure_reference(work / "train.h5", d["geometry"], d["particle"], e_train, n_train, s_train,
+                                      chunk)}
+    for name, (spec, n, seed) in d["files"].items():
+        refs[name] = ensure_reference(work / f"{name}.h5", d["geometry"], d["particle"], spec, args.n_test or n,
+                                      seed, chunk)
+    with ShowerFile(work / "train.h5") as f:
+        layers = f.geometry.n_layers
+
+    result: dict[str, Any] = {
+        "detector": d["geometry"],
+        "particle": d["particle"],
+        "protocol": {
+            "train_energies_gev": e_train,
+            "tests": {k: {"reference": v[0], "floor": v[1], "energy_gev": v[2] or "reference spectrum"}
+                      for k, v in d["tests"].items()},
+            "headline_test": d["headline"],
+            "target_low_auc": d["target_auc"],
+            "minutes_per_model": args.minutes,
+            "metrics": METRICS,
+            "fpd_kpd_units": "x 1e3 (JetNet definitions; features normalised by the reference's max |x|)",
+            "floor": "a second independent Geant4 file of the same size scored against the test reference",
+        },
+        "references": refs,
+        "machine": machine_info(),
+        "floor": {},
+        "models": {},
+    }
+    if out_json.exists():
+        try:
+            old = json.loads(out_json.read_text())
+            if old.get("detector") == d["geometry"]:
+                result["models"] = old.get("models", {})  # keep models scored by an earlier invocation
+        except json.JSONDecodeError:
+            pass
+
+    def write() -> None:
+        result["machine"]["load_average_1_5_15_end"] = list(os.getloadavg())
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+    # 2. floor: Geant4 vs Geant4 on the same statistics
+    for test, (ref, flo, _) in d["tests"].items():
+        cache = work / "eval" / f"floor-{test}" / "summary.json"
+        if cache.exists():
+            result["floor"][test] = json.loads(cache.read_text())
+        else:
+            log(f"floor {test}: {flo} vs {ref}")
+            result["floor"][test] = score(work / f"{ref}.h5", work / f"{flo}.h5", cache.parent, layers, args.seed)
+            cache.write_text(json.dumps(result["floor"][test], default=float))
+    write()
+
+    # 3. models
+    for model in args.models:
+        tag = f"{model}-{args.minutes:g}min"
+        run_dir = work / "runs" / tag
+        info_path = work / "runs" / f"{tag}.train.json"
+        if args.retrain or not info_path.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log(f"{model}: training for {args.minutes} min")
+            try:
+                tinfo = timed_train(work / "train.h5", model, run_dir, 60 * args.minutes, args.batch_size,
+                                    args.seed, args.probe_steps)
+            except Exception as exc:  # a model that cannot train here is a table row, not a crash
+                log(f"{model}: training failed: {type(exc).__name__}: {exc}")
+                result["models"][model] = {"error": f"{type(exc).__name__}: {exc}"}
+                write()
+                continue
+            cfg = json.loads((run_dir / "config.json").read_text())
+            tinfo["hparams"] = cfg["hparams"]
+            tinfo["batch_size"] = cfg["train"]["batch_size"]
+            tinfo["n_parameters"] = int(sum(p.numel() for p in load_run(run_dir)[0].parameters()))
+            info_path.write_text(json.dumps(tinfo, indent=1, default=str))
+        tinfo = json.loads(info_path.read_text())
+        entry: dict[str, Any] = {"minutes_budget": args.minutes, **tinfo, "tests": {}}
+        for test, (ref, _, energy) in d["tests"].items():
+            gen = work / "gen" / f"{tag}-{test}.h5"
+            gen.parent.mkdir(parents=True, exist_ok=True)
+            log(f"{model}: generating for {test}")
+            ginfo = generate_for(run_dir, work / f"{ref}.h5", energy, gen, seed=args.seed + 17)
+            log(f"{model}: scoring {test} ({ginfo['ms_per_shower']} ms/shower)")
+            try:
+                s = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed)
+            except Exception as exc:
+                s = {"error": f"{type(exc).__name__}: {exc}"}
+            entry["tests"][test] = {"generation": ginfo, **s}
+            h = entry["tests"][test]
+            log(f"{model} {test}: AUC low {h.get('auc_low')} high {h.get('auc_high')} FPD {h.get('fpd_x1e3')} "
+                f"KPD {h.get('kpd_x1e3')} sep E_tot/E_inc {h.get('sep_E_tot/E_inc')}")
+        result["models"][model] = entry
+        write()
+    result["total_minutes"] = round((time.perf_counter() - t_all) / 60, 1)
+    write()
+    log(f"done in {result['total_minutes']} min -> {out_json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
