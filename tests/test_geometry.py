@@ -92,5 +92,5 @@ def test_read_calochallenge_binning(tmp_path: Path) -> None:
 def test_broken_binning_xml_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.xml"
     bad.write_text("<Bins><Bin>")
-    with pytest.raises(GeometryError, match="bad.xml"):
+    with pytest.raises(GeometryError, match=r"bad\.xml"):
         read_calochallenge_binning(bad)

@@ -168,3 +168,52 @@ def test_longitudinal_centre_grows_with_log_energy(tmp_path: Path) -> None:
 def test_options_reach_the_backend() -> None:
     opts = BackendOptions(cut_mm=0.5, physics="substitute", extra={"zenith": "30"})
     assert opts.extra["zenith"] == "30" and opts.cut_mm == 0.5
+
+
+_SLOW_BACKEND = '''
+import time
+import numpy as np
+from fastshower.io import ShowerBatch
+from fastshower.simulate.backend import SimulationBackend
+
+
+class SlowBackend(SimulationBackend):
+    generator = "slow toy backend (tests)"
+
+    def run(self, energies_mev, conditions, seed):
+        time.sleep(0.3)
+        return ShowerBatch(energies_mev, np.ones((len(energies_mev), self.geometry.n_voxels)))
+'''
+
+_RUN = '''
+import sys
+from fastshower.cli import main
+import fastshower.simulate.run as run
+from slowbackend import SlowBackend
+run.backend_class = lambda geometry: SlowBackend
+sys.exit(main(["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "1000",
+               "--out", "ctrlc.h5", "--chunk-size", "10", "--quiet"]))
+'''
+
+
+def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    (tmp_path / "slowbackend.py").write_text(_SLOW_BACKEND)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "ctrlc.h5"
+    deadline = time.time() + 120
+    n = 0
+    while n < 30 and time.time() < deadline:
+        time.sleep(0.2)
+        if out.exists():
+            with ShowerFile(out, require_complete=False) as f:
+                n = f.n
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted;" in err and "--resume" in err
+    with ShowerFile(out, require_complete=False) as f:
+        assert f.n >= n and not f.complete and f.n % 10 == 0

@@ -132,6 +132,7 @@ def write_synthetic_profiles(
     chunk_rows: int = 8192,
     compression: str | None = "gzip",
     geometry: Geometry | None = None,
+    bank_size: int | None = None,
 ) -> Path:
     """Stream ``n`` synthetic profiles (:func:`gaisser_hillas_profiles`) into a new shower file.
 
@@ -139,25 +140,49 @@ def write_synthetic_profiles(
     (as the reference generator draws them), azimuth uniform in [0, 360), the primary drawn uniformly
     from ``primaries``. The file has conditions zenith, azimuth, primary (ln A) and truth xmax,
     like a merged reference file; memory holds one chunk.
+
+    ``bank_size``: when set, ``bank_size`` distinct profiles are drawn once and the file is filled with
+    rows drawn at random from that bank (with their conditions): ~20x faster for multi-GB I/O benchmarks,
+    at the price of repeated profiles (memory: the bank, ``bank_size`` x 2.6 kB).
     """
     geo = geometry or get_geometry("airshower-profile")
     rng = np.random.default_rng(seed)
     lna_choices = np.array([primary_ln_a(p) for p in primaries])
     c_lo, c_hi = (math.cos(math.radians(z)) ** 2 for z in (zenith_deg[1], zenith_deg[0]))
     attrs = {"seed": seed, "synthetic": "Gaisser-Hillas with fluctuations (fastshower.airshower_models)",
-             "merge_condition": "primary", "merge_condition_values": {p: primary_ln_a(p) for p in primaries}}
+             "merge_condition": "primary", "merge_condition_values": {p: primary_ln_a(p) for p in primaries},
+             "bank_size": bank_size or 0}
+    bank: ShowerBatch | None = None
+    if bank_size:
+        parts = [_draw_synthetic(geo, min(4096, bank_size - a), rng, lna_choices, log10_e_ev, (c_lo, c_hi))
+                 for a in range(0, bank_size, 4096)]  # in pieces: the float64 temporaries stay small
+        bank = ShowerBatch(np.concatenate([b.energies for b in parts]), np.concatenate([b.showers for b in parts]),
+                           {k: np.concatenate([b.conditions[k] for b in parts]) for k in parts[0].conditions},
+                           {k: np.concatenate([b.truth[k] for b in parts]) for k in parts[0].truth})
     with ShowerWriter(path, geo, "+".join(primaries), "synthetic Gaisser-Hillas profiles", n,
                       {"zenith": 1, "azimuth": 1, "primary": 1}, attrs, truth={"xmax": 1},
                       compression=compression) as w:
         while w.n_written < n:
             m = min(chunk_rows, n - w.n_written)
-            e = 10.0 ** rng.uniform(*log10_e_ev, m) * 1e-6
-            zen = np.degrees(np.arccos(np.sqrt(rng.uniform(c_lo, c_hi, m))))
-            lna = lna_choices[rng.integers(0, len(lna_choices), m)]
-            prof, xmax = gaisser_hillas_profiles(geo, e, zen, lna, rng)
-            w.append(ShowerBatch(e, prof, {"zenith": zen[:, None], "azimuth": rng.uniform(0, 360, (m, 1)),
-                                           "primary": lna[:, None]}, {"xmax": xmax[:, None]}))
+            if bank is None:
+                w.append(_draw_synthetic(geo, m, rng, lna_choices, log10_e_ev, (c_lo, c_hi)))
+            else:
+                idx = np.sort(rng.integers(0, len(bank), m))
+                w.append(ShowerBatch(bank.energies[idx], bank.showers[idx],
+                                     {k: v[idx] for k, v in bank.conditions.items()},
+                                     {k: v[idx] for k, v in bank.truth.items()}))
     return Path(path)
+
+
+def _draw_synthetic(geo: Geometry, m: int, rng: np.random.Generator, lna_choices: np.ndarray,
+                    log10_e_ev: tuple[float, float], cos2_range: tuple[float, float]) -> ShowerBatch:
+    """``m`` synthetic profiles with conditions zenith, azimuth, primary (ln A) and truth xmax."""
+    e = 10.0 ** rng.uniform(*log10_e_ev, m) * 1e-6
+    zen = np.degrees(np.arccos(np.sqrt(rng.uniform(*cos2_range, m))))
+    lna = lna_choices[rng.integers(0, len(lna_choices), m)]
+    prof, xmax = gaisser_hillas_profiles(geo, e, zen, lna, rng)
+    return ShowerBatch(e, prof, {"zenith": zen[:, None], "azimuth": rng.uniform(0, 360, (m, 1)),
+                                 "primary": lna[:, None]}, {"xmax": xmax[:, None]})
 
 
 # --- generation and scoring -------------------------------------------------------------------------------

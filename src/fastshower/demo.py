@@ -169,8 +169,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for name, s in summary["scores"].items():
         for who in ("model", "geant4_floor"):
             v = s[who]
-            print(f"{name:20s} {who:9s} {_fmt(v['low_level_auc']):>8s} {_fmt(v['high_level_auc']):>9s} "
-                  f"{_fmt(v['fpd_x1e3']):>8s} {_fmt(v['kpd_x1e3']):>8s} {_fmt(v['separation_power_Evis_over_Einc']):>9s}")
+            cells = [_fmt(v[k]) for k in ("low_level_auc", "high_level_auc", "fpd_x1e3", "kpd_x1e3",
+                                          "separation_power_Evis_over_Einc")]
+            print(f"{name:20s} {who:9s} {cells[0]:>8s} {cells[1]:>9s} {cells[2]:>8s} {cells[3]:>8s} {cells[4]:>9s}")
     t = summary["timings"]
     print(f"time: Geant4 {t['geant4_s']:.0f} s, training {t['train_s']:.0f} s, generation {t['generate_s']:.0f} s, "
           f"evaluation {t['evaluate_s']:.0f} s, total {t['total_s'] / 60:.1f} min")

@@ -38,7 +38,9 @@ def parse_energy_value(text: str, default_unit: str = "GeV") -> float:
         raise EnergySpecError(f"cannot read energy {text!r}: expected a number with an optional unit like 500MeV")
     unit = (m.group(2) or default_unit).lower()
     if unit not in _UNITS_MEV:
-        raise EnergySpecError(f"unknown energy unit {m.group(2)!r} in {text!r}; use one of eV, keV, MeV, GeV, TeV, PeV, EeV")
+        raise EnergySpecError(
+            f"unknown energy unit {m.group(2)!r} in {text!r}; use one of eV, keV, MeV, GeV, TeV, PeV, EeV"
+        )
     value = float(m.group(1)) * _UNITS_MEV[unit]
     if not np.isfinite(value) or value <= 0:
         raise EnergySpecError(f"energy must be positive and finite, got {text!r}")

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from fastshower import __version__
-from fastshower.sample import GenerationError, Run, RunInfo, load_run, postprocess, sample_batch
+from fastshower.sample import GenerationError, Run, RunInfo, load_run, postprocess, sample_batch, zero_below_ground
 
 __all__ = [
     "BACKENDS",
@@ -211,13 +211,18 @@ class SamplerModule(nn.Module):
         self.cond_names = tuple(info.cond_names)
         self.threshold_mev = float(info.threshold_mev if threshold_mev is None else threshold_mev)
         self.options = _sample_options(model, options)
+        # air-shower profiles conditioned on zenith: values below ground are zeroed, as sample_batch does
+        self.geometry = info.geometry if info.geometry.profile is not None and "zenith" in self.cond_names else None
 
     def forward(self, noise: Tensor, incident_energy_mev: Tensor, *conditions: Tensor) -> Tensor:
         e = incident_energy_mev.reshape(-1)
         conds = dict(zip(self.cond_names, conditions, strict=True))
         c = self.transform.conditions(e, conds)
         x = sample_from_noise(self.model, noise, c, **self.options)
-        return postprocess(self.transform.inverse(x, e), e, self.threshold_mev)
+        showers = postprocess(self.transform.inverse(x, e), e, self.threshold_mev)
+        if self.geometry is not None:
+            showers = zero_below_ground(showers, self.geometry, conds["zenith"])
+        return showers
 
 
 # --- export ---------------------------------------------------------------------------------------------
@@ -392,19 +397,20 @@ def export_onnx(
                     output_names=["showers_mev"], dynamic_axes={n: {0: "batch"} for n in [*names, "showers_mev"]},
                 )
         except Exception as exc:
-            hint = (" (zuko's spline flows use searchsorted and data-dependent control flow that the ONNX tracer "
-                    "cannot express; use flow-matching, vae, wgan-gp or calogan for ONNX deployment)"
-                    if info.model_name == "flow" else "")
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"model {info.model_name!r} of run {info.run_id} does not export to ONNX: "
-                              f"{msg[:300]}{hint}") from None
+                              f"{msg[:300]}{_hint(info.model_name)}") from None
         proto = onnx.load(str(fp32))
         meta = _metadata(info, module, d, "fp32", opset)
         docs = _input_docs(info, d)
         _annotate(proto, meta, docs)
         onnx.save(proto, str(fp32))
         if check:
-            _check_against_torch(module, fp32, example)
+            try:
+                _check_against_torch(module, fp32, example)
+            except ExportError as exc:
+                raise ExportError(f"model {info.model_name!r} of run {info.run_id} does not export to ONNX "
+                                  f"faithfully: {exc}{_hint(info.model_name)}") from None
         if not int8:
             tmp_out = out.with_name(out.name + ".tmp")
             tmp_out.write_bytes(fp32.read_bytes())
@@ -423,6 +429,14 @@ def export_onnx(
         onnx.save(qproto, str(tmp_out))
         os.replace(tmp_out, out)
     return out
+
+
+def _hint(model_name: str) -> str:
+    if model_name != "flow":
+        return ""
+    return (" (zuko's rational-quadratic splines locate bins with searchsorted and its autoregressive inverse "
+            "iterates on traced values, which the ONNX tracer records as constants; use flow-matching, vae, "
+            "wgan-gp or calogan for ONNX deployment)")
 
 
 def _check_against_torch(module: SamplerModule, path: Path, example: tuple[Tensor, ...]) -> None:
@@ -747,8 +761,9 @@ def bench(
             for b in sizes:
                 e, conds = inputs[b]
                 if sampler is None:
-                    def call(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds) -> None:
-                        sample_batch(model, transform, e, conds, gen, info.threshold_mev, **opts)
+                    def call(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds,
+                             g: torch.Generator = gen) -> None:
+                        sample_batch(model, transform, e, conds, g, info.threshold_mev, info.geometry, **opts)
                 else:
                     z_rng = np.random.default_rng(seed)
 

@@ -33,8 +33,8 @@ __all__ = [
     "PolarSegmentation",
     "ProfileAxis",
     "ReadoutLayer",
-    "get_geometry",
     "geometry_from_json",
+    "get_geometry",
     "list_geometries",
     "read_calochallenge_binning",
 ]
@@ -191,7 +191,7 @@ class ProfileAxis:
 
     @property
     def n_bins(self) -> int:
-        return int(round(self.x_max / self.dx))
+        return round(self.x_max / self.dx)
 
     def centres(self) -> np.ndarray:
         """Bin centres, shape (n_bins,), g/cm^2."""

@@ -21,7 +21,9 @@ sea level, as in the reference generator), is set to exactly zero in every chann
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +326,9 @@ def generate(
     threshold_mev: float | None = None,
     extrapolate: bool = False,
     sample_options: Mapping[str, Any] | None = None,
+    backend: str = "torch",
+    onnx_path: str | Path | None = None,
+    int8: bool = False,
 ) -> Path:
     """Generate ``n`` showers from a trained run into a new shower file; returns its path.
 
@@ -341,7 +346,13 @@ def generate(
         device: where the model runs.
         threshold_mev: readout threshold, MeV (default: the run's).
         extrapolate: allow energies outside the training range (otherwise an error).
-        sample_options: passed to ``model.sample`` (e.g. {"steps": 16} for flow-matching).
+        sample_options: passed to ``model.sample`` (e.g. {"steps": 16} for flow-matching); with the ONNX
+            backend they are fixed in the exported graph.
+        backend: "torch" or "onnx" (ONNX Runtime on CPU, see :mod:`fastshower.export`). Both draw the same
+            noise from ``seed``, so the same call gives the same showers within float tolerance.
+        onnx_path: with ``backend="onnx"``, an exported file of this run (its metadata is checked);
+            default: the run is exported to a temporary file first.
+        int8: with ``backend="onnx"`` and no ``onnx_path``, export with INT8 quantisation.
     """
     from tqdm.auto import tqdm
 
@@ -371,15 +382,53 @@ def generate(
         "sample_options": opts,
         "training_data": info.meta.get("data", {}).get("path", "unknown"),
     }
+    if backend not in ("torch", "onnx"):
+        raise GenerationError(f"unknown backend {backend!r}; choose torch or onnx")
     generator_name = f"{info.model_name} run {info.run_id} step {info.step} (fastshower {__version__})"
     widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
-    with ShowerWriter(out, info.geometry, info.particle, generator_name, n, widths, attrs) as w, \
-            tqdm(total=n, disable=not progress, desc="generate", unit="shower") as bar:
+    with contextlib.ExitStack() as stack:
+        onnx_sampler = None
+        if backend == "onnx":
+            onnx_sampler = _onnx_sampler(stack, (model, transform, info), onnx_path, thr, opts, int8)
+            precision = onnx_sampler.meta.get("precision", "fp32")
+            attrs["backend"] = f"onnx-{precision}"
+            generator_name += f" [ONNX {precision}]"
+        else:
+            attrs["backend"] = "torch"
+        w = stack.enter_context(ShowerWriter(out, info.geometry, info.particle, generator_name, n, widths, attrs))
+        bar = stack.enter_context(tqdm(total=n, disable=not progress, desc="generate", unit="shower"))
         while w.n_written < n:
             m = min(batch_size, n - w.n_written)
             e = espec.sample(rng, m)
             conds = {k: s(rng, m) for k, s in samplers.items()}
-            showers = sample_batch(model, transform, e, conds, gen, thr, geometry=info.geometry, **opts)
+            if onnx_sampler is None:
+                showers = sample_batch(model, transform, e, conds, gen, thr, geometry=info.geometry, **opts)
+            else:
+                from fastshower.export import draw_noise
+
+                # the same noise, in the same order, as model.sample draws from gen
+                showers = onnx_sampler(draw_noise(model, m, gen), e, conds)
             w.append(ShowerBatch(e, showers, conds))
             bar.update(m)
     return Path(out)
+
+
+def _onnx_sampler(stack: contextlib.ExitStack, run: Run, onnx_path: str | Path | None, threshold_mev: float,
+                  options: Mapping[str, Any], int8: bool) -> Any:
+    """A :class:`fastshower.export.OnnxSampler` of ``run``: the given file (checked) or a fresh export."""
+    from fastshower.export import ExportError, export_onnx, load_onnx
+
+    info = run[2]
+    if onnx_path is None:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastshower-onnx-")))
+        path = export_onnx(run, tmp / "sampler.onnx", int8=int8, threshold_mev=threshold_mev, **options)
+        return load_onnx(path, info)
+    sampler = load_onnx(onnx_path, info)
+    meta = sampler.meta
+    if float(meta.get("threshold_mev", "nan")) != threshold_mev:
+        raise ExportError(f"{onnx_path}: exported with threshold {meta.get('threshold_mev')} MeV, "
+                          f"generation asks for {threshold_mev!r} MeV; export again with that threshold")
+    for key in ("steps", "method"):
+        if key in options and str(options[key]) != meta.get(key):
+            raise ExportError(f"{onnx_path}: exported with {key} {meta.get(key)}, generation asks for {options[key]}")
+    return sampler

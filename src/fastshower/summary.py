@@ -7,6 +7,7 @@ the mean fraction of the visible energy in each readout layer. Streams the file.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def energy_groups(energies_mev: np.ndarray, max_groups: int = 6) -> tuple[np.nda
         return np.searchsorted(values, energies_mev), [f"{v / 1e3:g} GeV" for v in values]
     edges = np.geomspace(values[0], values[-1] * (1 + 1e-9), max_groups + 1)
     idx = np.clip(np.searchsorted(edges, energies_mev, side="right") - 1, 0, max_groups - 1)
-    return idx, [f"{a / 1e3:.3g}-{b / 1e3:.3g} GeV" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return idx, [f"{a / 1e3:.3g}-{b / 1e3:.3g} GeV" for a, b in itertools.pairwise(edges)]
 
 
 def physics_summary(path: str | Path) -> str:

@@ -57,6 +57,7 @@ class SimulationBackend(ABC):
     def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,
                       energy_range_mev: tuple[float, float]) -> None:
         """Raise :class:`SimulationError` (clear one-line message) before any work is started."""
+        return  # a backend with nothing to check accepts every request
 
     @classmethod
     def condition_widths(cls, geometry: Geometry, options: BackendOptions) -> dict[str, int]:

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastshower.energy import EnergySpec, parse_energy
-from fastshower.geometry import Geometry, get_geometry, geometry_from_json
+from fastshower.geometry import Geometry, geometry_from_json, get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter
 from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
 
@@ -243,8 +243,8 @@ def simulate(
         attrs.update(cut_mm=cut_mm, physics_choice=physics)
     if start >= n:
         with ShowerWriter(out, geo, particle, "", n, cls.condition_widths(geo, options), resume=True,
-                          truth=cls.truth_widths(geo, options)) as w:
-            pass
+                          truth=cls.truth_widths(geo, options)):
+            pass  # the file already holds n showers: opening and closing marks it complete
         return SimulationResult(out, start, 0, time.perf_counter() - t0, True, "")
 
     first_chunk, first_skip = divmod(start, chunk_size)

@@ -49,6 +49,10 @@ class PlotData:
     ref_radial: np.ndarray | None
     cand_radial: np.ndarray | None
 
+_DPI = 100
+_RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 12, "xtick.labelsize": 10, "ytick.labelsize": 10,
+       "legend.fontsize": 9, "figure.titlesize": 11}
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
@@ -90,7 +94,7 @@ def _hist_plot(path: Path, name: str, binning: Binning, ref: np.ndarray, cand: n
     axr.set_ylabel("cand/ref")
     axr.set_xlabel(name)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
 
 
@@ -99,7 +103,7 @@ def _images_plot(path: Path, pd: PlotData) -> None:
     n = g.n_layers
     cols = min(n, 6)
     layers = list(range(n)) if n <= 6 else [int(i) for i in np.linspace(0, n - 1, 6)]
-    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.2), squeeze=False)
+    fig, axes = plt.subplots(2, cols, figsize=(max(2.6 * cols, 4.5), 6.0), squeeze=False)
     for j, i in enumerate(layers):
         sl = g.layer_slice(i)
         shape = g.layer_shape(i)
@@ -112,7 +116,7 @@ def _images_plot(path: Path, pd: PlotData) -> None:
             ax.set_yticks([])
         fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6)
     fig.suptitle("mean voxel energy / E_inc (rows: angle or y; columns: r or x)", fontsize=9)
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
 
 
@@ -144,7 +148,7 @@ def _profiles_plot(path: Path, pd: PlotData) -> None:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
 
 
@@ -169,7 +173,7 @@ def _response_plot(path: Path, resp: dict[str, Any]) -> None:
         ax.set_xlabel("E_inc [GeV]")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=_DPI)
     plt.close(fig)
 
 
@@ -240,7 +244,8 @@ def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
             [[k, v, err.get(k), fl.get("separation_power", {}).get(k), w1.get(k), chi.get(k)] for k, v in sp.items()],
         )]
     figs: list[str] = []
-    with plt.style.context(hep.style.ROOT):
+    # mplhep's ROOT look with fonts scaled to these small multi-panel figures
+    with plt.style.context([hep.style.ROOT, _RC]):
         _images_plot(plots / "images.png", pd)
         _profiles_plot(plots / "profiles.png", pd)
         figs += ["images.png", "profiles.png"]
