@@ -30,6 +30,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
                                          FileNotFoundError, FileExistsError]
     for module, name in (
         ("fastshower.simulate.g4data", "Geant4DataError"),
+        ("fastshower.data", "DataError"),
+        ("fastshower.models", "UnknownModelError"),
         ("fastshower.train", "TrainingError"),
         ("fastshower.sample", "GenerationError"),
         ("fastshower.validate.evaluate", "ValidationInputError"),

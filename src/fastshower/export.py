@@ -434,9 +434,9 @@ def export_onnx(
 def _hint(model_name: str) -> str:
     if model_name != "flow":
         return ""
-    return (" (zuko's rational-quadratic splines locate bins with searchsorted and its autoregressive inverse "
-            "iterates on traced values, which the ONNX tracer records as constants; use flow-matching, vae, "
-            "wgan-gp or calogan for ONNX deployment)")
+    return (" (zuko's rational-quadratic spline flows do not trace faithfully: the graph exported with "
+            "dynamo=False computes other numbers than torch; use flow-matching, vae, wgan-gp or calogan for "
+            "ONNX deployment)")
 
 
 def _check_against_torch(module: SamplerModule, path: Path, example: tuple[Tensor, ...]) -> None:
@@ -700,7 +700,7 @@ def bench(
     out: str | Path | None = None,
     batch_sizes: Sequence[int] = (1, 100, 10000),
     threads: int = 1,
-    geant4: bool = False,
+    geant4: bool | Mapping[str, Any] = False,
     *,
     backends: Sequence[str] = BACKENDS,
     repeats: int = 5,
@@ -720,7 +720,8 @@ def bench(
         out: JSON file to write (optional).
         batch_sizes: showers per call.
         threads: intra-op threads for torch and ONNX Runtime.
-        geant4: also time Geant4 (jobs=1) on the run's geometry, particle and energy spectrum.
+        geant4: also time Geant4 (jobs=1) on the run's geometry, particle and energy spectrum; or the
+            ``"geant4"`` entry of an earlier report of this machine to reuse (marked ``"reused": true``).
         backends: subset of :data:`BACKENDS`.
         repeats, warmup, budget_s: timed calls (median reported), untimed warm-up calls, and the time after
             which the repeats of one (backend, batch size) stop early (at least one timed call).
@@ -776,7 +777,10 @@ def bench(
                                 "ms_per_shower": 1e3 * sec / b, "repeats": n})
             if profile_batch and be in files:
                 profiles[be] = profile_onnx(files[be], info, int(profile_batch), threads)
-    g4 = _geant4_time(info, n_geant4, n_geant4_startup, seed) if geant4 else None
+    if isinstance(geant4, Mapping):
+        g4: dict[str, Any] | None = {**geant4, "reused": True}
+    else:
+        g4 = _geant4_time(info, n_geant4, n_geant4_startup, seed) if geant4 else None
     table = {(r["backend"], r["batch_size"]): r["ms_per_shower"] for r in results}
     speedup: dict[str, dict[str, float]] = {}
     if g4:

@@ -145,6 +145,7 @@ class ShowerWriter:
         self.n_target = int(n_target)
         self.conditions = dict(conditions or {})
         self.truth = dict(truth or {})
+        self._f: h5py.File | None
         if resume:
             self._f = self._reopen(particle)
         else:
@@ -235,6 +236,8 @@ class ShowerWriter:
         check_values(batch, str(self.path), self.n_written)
         a, b = self.n_written, self.n_written + n
         f = self._f
+        if f is None:
+            raise ShowerFileError(f"{self.path}: the writer is closed")
         # Showers first, energies last: a reader takes the shortest dataset as the file's length.
         f["showers"].resize(b, axis=0)
         f["showers"][a:b] = batch.showers.astype(np.float32, copy=False)
@@ -254,7 +257,7 @@ class ShowerWriter:
             return
         done = self.n_written >= self.n_target if complete is None else complete
         self._f.close()
-        self._f = None  # type: ignore[assignment]
+        self._f = None
         if done:
             # Attributes cannot change under SWMR: reopen plainly to set the flag.
             with h5py.File(self.path, "r+") as f:

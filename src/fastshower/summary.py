@@ -36,7 +36,7 @@ def physics_summary(path: str | Path) -> str:
     with ShowerFile(path, require_complete=False) as f:
         geo = f.geometry
         if geo.kind != "calorimeter":
-            return f"{f.n} profiles of {geo.name}"
+            return _profile_summary(f, str(path))
         group, labels = energy_groups(f.energies())
         n_g, n_l = len(labels), geo.n_layers
         count = np.zeros(n_g)
@@ -66,4 +66,21 @@ def physics_summary(path: str | Path) -> str:
         if show_layers:
             row += "  " + " ".join(f"{v:.3f}" for v in layer_sum[k] / max(count[k], 1))
         lines.append(row)
+    return "\n".join(lines)
+
+
+def _profile_summary(f: ShowerFile, path: str) -> str:
+    """Air showers: <Xmax> and its RMS per energy group, from the file's truth/xmax (g/cm^2)."""
+    if "xmax" not in f.truth_names:
+        return f"{f.n} profiles of {f.geometry.name} in {path} (no truth/xmax to summarise)"
+    group, _ = energy_groups(f.energies())
+    xmax = np.concatenate([b.truth["xmax"][:, 0] for b in f.iter_chunks(65536)])
+    edges_ev = [f"{e:.3g}" for e in np.geomspace(f.energies().min(), f.energies().max(), group.max() + 2) * 1e6]
+    lines = [f"physics summary of {path} ({f.geometry.name}, {f.particle}):",
+             f"{'energy / eV':>22s} {'N':>6s} {'<Xmax>':>8s} {'RMS':>6s}  (g/cm^2, slant depth)"]
+    for k in range(group.max() + 1):
+        x = xmax[group == k]
+        if len(x):
+            label = f"{edges_ev[k]}-{edges_ev[k + 1]}" if len(np.unique(f.energies())) > 6 else edges_ev[k]
+            lines.append(f"{label:>22s} {len(x):6d} {x.mean():8.1f} {x.std():6.1f}")
     return "\n".join(lines)

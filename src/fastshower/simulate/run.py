@@ -150,7 +150,7 @@ def _messages(readers: dict[Any, Any]) -> Iterator[tuple[str, int, Any, Any]]:
             return
         for recv in mp_connection.wait(list(live), timeout=1.0):
             try:
-                yield recv.recv()
+                yield recv.recv()  # type: ignore[union-attr,call-arg,misc]
             except EOFError:  # the worker's end closed: it exited (normally after its last task) or died
                 proc = live.pop(recv)
                 proc.join(timeout=5)
