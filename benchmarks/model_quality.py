@@ -60,12 +60,12 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "belle2": {
         "geometry": "belle2-ecl-5x5",
         "particle": "e-",
-        "train": ("0.5,1,1.5,2.5", 40_000, 101),
+        "train": ("0.5,1,1.5,2.5", 20_000, 101),
         "files": {
             "test_2.0": ("2.0", 5_000, 102),
             "floor_2.0": ("2.0", 5_000, 103),
-            "test_train": ("0.5,1,1.5,2.5", 8_000, 104),
-            "floor_train": ("0.5,1,1.5,2.5", 8_000, 105),
+            "test_train": ("0.5,1,1.5,2.5", 4_000, 104),
+            "floor_train": ("0.5,1,1.5,2.5", 4_000, 105),
         },
         # test set -> (reference file, floor file, energy spec to generate at)
         "tests": {
@@ -151,8 +151,12 @@ class _Stop(KeyboardInterrupt):
 
 
 def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: int | None, seed: int,
-                probe_steps: int, clock_name: str = "cpu") -> dict[str, Any]:
-    """Train ``model`` for about ``seconds`` on ``clock_name`` ("cpu": process time, or "wall")."""
+                probe_steps: int, clock_name: str = "cpu", deadline: float | None = None) -> dict[str, Any]:
+    """Train ``model`` for about ``seconds`` on ``clock_name`` ("cpu": process time, or "wall").
+
+    ``deadline`` (epoch seconds): stop at that wall time whatever the budget (a shared machine
+    whose load leaves too little CPU); the run then keeps its last weights and says so.
+    """
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     c_start = clock()
     probe_dir = out.parent / (out.name + "-probe")
@@ -181,15 +185,19 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     def cb(step: int, logs: dict[str, float]) -> None:
         state["step"], state["logs"] = step, logs
         if clock() > hard:
+            state["why"] = "budget"
+            raise _Stop
+        if deadline is not None and time.time() > deadline:
+            state["why"] = "deadline"
             raise _Stop
 
-    stopped = False
+    stopped = None
     try:
         train(data, model, out, steps=steps, batch_size=batch_size, seed=seed, progress=False,
               checkpoint_every=max(500, steps // 4), log_every=50, callback=cb)
     except _Stop:
-        stopped = True
-        log(f"{model}: hard time limit reached at step {state['step']} of {steps}")
+        stopped = state["why"]
+        log(f"{model}: stopped ({stopped}) at step {state['step']} of {steps}")
     train_s = time.perf_counter() - t0
     train_c = clock() - c0
     return {
@@ -198,7 +206,7 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "used_minutes_total": round((clock() - c_start) / 60, 2),
         "planned_steps": steps,
         "steps": int(state["step"]),
-        "stopped_at_time_limit": stopped,
+        "stopped_early": stopped,  # None: ran its planned steps; "budget" or "deadline"
         "probe_steps": probe_steps,
         "probe_seconds": round(probe_s, 1),
         "train_seconds_wall": round(train_s, 1),
@@ -271,6 +279,51 @@ def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, 
     return {"n": n, "seconds": round(s, 2), "ms_per_shower": round(1e3 * s / n, 3), "step": loaded[2].step}
 
 
+# --- the docs' table --------------------------------------------------------------------------------------
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """One markdown table per test set: the floor row first, then the models."""
+    lines: list[str] = []
+    tests = result["protocol"]["tests"]
+    for test in tests:
+        fl = result["floor"].get(test, {})
+        sep_keys = [k for k in fl if k.startswith("sep_") and k not in ("sep_mean", "sep_max", "sep_max_observable")]
+        head = ["model", "CPU min", "steps", "AUC low", "AUC high", "FPD x1e3", "KPD x1e3",
+                *[f"S({k[4:]})" for k in sep_keys], "S mean", "S max (observable)", "gen ms/shower"]
+        lines += [f"**{test}** (reference: {fl.get('n_reference', '?')} Geant4 showers)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def row(name: str, minutes: str, steps: str, h: dict[str, Any], ms: str,
+                sep_keys: list[str] = sep_keys) -> str:
+            cells = [name, minutes, steps, _f(h.get("auc_low")), _f(h.get("auc_high")),
+                     f"{_f(h.get('fpd_x1e3'), 2)} ± {_f(h.get('fpd_error_x1e3'), 2)}",
+                     f"{_f(h.get('kpd_x1e3'), 2)} ± {_f(h.get('kpd_error_x1e3'), 2)}",
+                     *[_f(h.get(k)) for k in sep_keys], _f(h.get("sep_mean")),
+                     f"{_f(h.get('sep_max'))} ({h.get('sep_max_observable', '-')})", ms]
+            return "| " + " | ".join(cells) + " |"
+
+        lines.append(row("Geant4 vs Geant4 (floor)", "-", "-", fl, "-"))
+        for model, m in result["models"].items():
+            if "error" in m:
+                lines.append(f"| {model} | failed: {m['error']} |")
+                continue
+            h = m["tests"].get(test, {})
+            steps = f"{m['steps']}" + (f" ({m['stopped_early']})" if m.get("stopped_early") else "")
+            lines.append(row(model, _f(m.get("used_minutes_total"), 1), steps, h,
+                             _f(h.get("generation", {}).get("ms_per_shower"), 2)))
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --- driver ---------------------------------------------------------------------------------------------
 
 
@@ -289,8 +342,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True, help="results JSON (rewritten after every model)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="epoch seconds: stop training at this wall time whatever the budget (shared machines)")
     ap.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
+    ap.add_argument("--wait-references", action="store_true",
+                    help="a Geant4 file that exists but is incomplete is being written by another process: "
+                         "wait for it instead of simulating")
+    ap.add_argument("--print-table", action="store_true", help="only print the markdown tables of --out")
     args = ap.parse_args()
+    if args.print_table:
+        print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     d = DETECTORS[args.detector]
@@ -299,15 +361,19 @@ def main() -> None:
     out_json = Path(args.out)
     t_all = time.perf_counter()
 
-    # 1. Geant4 references
+    # 1. Geant4 training file
     chunk = 100 if args.detector == "belle2" else 50
     e_train, n_train, s_train = d["train"]
     n_train = args.n_train or n_train
-    refs = {"train": ensure_reference(work / "train.h5", d["geometry"], d["particle"], e_train, n_train, s_train,
-                                      chunk)}
-    for name, (spec, n, seed) in d["files"].items():
-        refs[name] = ensure_reference(work / f"{name}.h5", d["geometry"], d["particle"], spec, args.n_test or n,
-                                      seed, chunk)
+
+    def reference(name: str, spec: str, n: int, seed: int) -> dict[str, Any]:
+        path = work / f"{name}.h5"
+        if args.wait_references and path.exists():  # another process is writing it: wait for it
+            while not complete(path, n):
+                time.sleep(15)
+        return ensure_reference(path, d["geometry"], d["particle"], spec, n, seed, chunk)
+
+    refs = {"train": reference("train", e_train, n_train, s_train)}
     with ShowerFile(work / "train.h5") as f:
         layers = f.geometry.n_layers
 
@@ -316,8 +382,7 @@ def main() -> None:
         "particle": d["particle"],
         "protocol": {
             "train_energies_gev": e_train,
-            "tests": {k: {"reference": v[0], "floor": v[1], "energy_gev": v[2] or "reference spectrum"}
-                      for k, v in d["tests"].items()},
+            "tests": {k: {"reference": v[0], "floor": v[1], "energy_gev": v[2]} for k, v in d["tests"].items()},
             "headline_test": d["headline"],
             "target_low_auc": d["target_auc"],
             "minutes_per_model": args.minutes,
@@ -331,6 +396,7 @@ def main() -> None:
         "floor": {},
         "models": {},
     }
+
     def write() -> None:
         """Rewrite the JSON, keeping models another invocation (a parallel stream) has written meanwhile."""
         import fcntl
@@ -344,34 +410,25 @@ def main() -> None:
                     old = json.loads(out_json.read_text())
                     if old.get("detector") == d["geometry"]:
                         result["models"] = {**old.get("models", {}), **result["models"]}
+                        result["floor"] = {**old.get("floor", {}), **result["floor"]}
                 except json.JSONDecodeError:
                     pass
-            tmp = out_json.with_name(out_json.name + ".tmp")
+            tmp = out_json.with_name(out_json.name + f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(result, indent=1, default=float) + "\n")
             os.replace(tmp, out_json)
 
-    # 2. floor: Geant4 vs Geant4 on the same statistics
-    for test, (ref, flo, _) in d["tests"].items():
-        cache = work / "eval" / f"floor-{test}" / "summary.json"
-        if cache.exists():
-            result["floor"][test] = json.loads(cache.read_text())
-        else:
-            log(f"floor {test}: {flo} vs {ref}")
-            result["floor"][test] = score(work / f"{ref}.h5", work / f"{flo}.h5", cache.parent, layers, args.seed)
-            cache.write_text(json.dumps(result["floor"][test], default=float))
-    write()
-
-    # 3. models
+    # 2. training, one model after the other
+    tinfos: dict[str, dict[str, Any]] = {}
     for model in args.models:
         tag = f"{model}-{args.minutes:g}min"
         run_dir = work / "runs" / tag
         info_path = work / "runs" / f"{tag}.train.json"
         if args.retrain or not info_path.exists():
             shutil.rmtree(run_dir, ignore_errors=True)
-            log(f"{model}: training for {args.minutes} min")
+            log(f"{model}: training for {args.minutes} min ({args.clock} time)")
             try:
                 tinfo = timed_train(work / "train.h5", model, run_dir, 60 * args.minutes, args.batch_size,
-                                    args.seed, args.probe_steps, args.clock)
+                                    args.seed, args.probe_steps, args.clock, args.deadline)
             except Exception as exc:  # a model that cannot train here is a table row, not a crash
                 log(f"{model}: training failed: {type(exc).__name__}: {exc}")
                 result["models"][model] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -381,8 +438,30 @@ def main() -> None:
             tinfo["hparams"] = cfg["hparams"]
             tinfo["batch_size"] = cfg["train"]["batch_size"]
             tinfo["n_parameters"] = int(sum(p.numel() for p in load_run(run_dir)[0].parameters()))
+            info_path.parent.mkdir(parents=True, exist_ok=True)
             info_path.write_text(json.dumps(tinfo, indent=1, default=str))
-        tinfo = json.loads(info_path.read_text())
+            log(f"{model}: trained {tinfo['steps']} steps")
+        tinfos[model] = json.loads(info_path.read_text())
+
+    # 3. test references and the floor: Geant4 vs Geant4 on the same statistics
+    for name, (spec, n, seed) in d["files"].items():
+        refs[name] = reference(name, spec, args.n_test or n, seed)
+    for test, (ref, flo, _) in d["tests"].items():
+        cache = work / "eval" / f"floor-{test}" / "summary.json"
+        if cache.exists():
+            result["floor"][test] = json.loads(cache.read_text())
+        else:
+            log(f"floor {test}: {flo} vs {ref}")
+            result["floor"][test] = score(work / f"{ref}.h5", work / f"{flo}.h5", cache.parent, layers, args.seed)
+            cache.write_text(json.dumps(result["floor"][test], default=float))
+        f = result["floor"][test]
+        log(f"floor {test}: AUC low {f['auc_low']} high {f['auc_high']} FPD {f['fpd_x1e3']} KPD {f['kpd_x1e3']}")
+    write()
+
+    # 4. generation and scores
+    for model, tinfo in tinfos.items():
+        tag = f"{model}-{args.minutes:g}min"
+        run_dir = work / "runs" / tag
         entry: dict[str, Any] = {"minutes_budget": args.minutes, **tinfo, "tests": {}}
         for test, (ref, _, energy) in d["tests"].items():
             gen = work / "gen" / f"{tag}-{test}.h5"
@@ -391,18 +470,16 @@ def main() -> None:
             ginfo = generate_for(run_dir, work / f"{ref}.h5", energy, gen, seed=args.seed + 17)
             log(f"{model}: scoring {test} ({ginfo['ms_per_shower']} ms/shower)")
             try:
-                s = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed)
+                sc = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed)
             except Exception as exc:
-                s = {"error": f"{type(exc).__name__}: {exc}"}
-            entry["tests"][test] = {"generation": ginfo, **s}
+                sc = {"error": f"{type(exc).__name__}: {exc}"}
+            entry["tests"][test] = {"generation": ginfo, **sc}
             h = entry["tests"][test]
             log(f"{model} {test}: AUC low {h.get('auc_low')} high {h.get('auc_high')} FPD {h.get('fpd_x1e3')} "
                 f"KPD {h.get('kpd_x1e3')} sep E_tot/E_inc {h.get('sep_E_tot/E_inc')}")
         result["models"][model] = entry
         write()
-    result["total_minutes"] = round((time.perf_counter() - t_all) / 60, 1)
-    write()
-    log(f"done in {result['total_minutes']} min -> {out_json}")
+    log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min -> {out_json}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import torch
 
 from fastshower.airshower_models import (
     compare_xmax_moments,
+    fill_below_ground,
     gaisser_hillas_profiles,
     mirror_generate,
     physicality,
+    prepare_training_file,
     write_synthetic_profiles,
     xmax_moments,
 )
@@ -181,3 +183,21 @@ def test_trained_models_generate_physical_profiles(model: str, hparams: dict, me
     first_below = np.ceil(1036 / np.cos(np.radians(zen)) / 10).astype(int)
     for i in range(len(zen)):
         assert (s[i, first_below[i]:NB] == 0).all() and (s[i, NB + first_below[i]:] == 0).all()
+
+
+def test_fill_below_ground_is_undone_by_the_postprocess(primaries: dict[str, Path], tmp_path: Path) -> None:
+    with ShowerFile(primaries["p"]) as f:
+        b = f.read()
+    zen = b.conditions["zenith"]
+    filled = fill_below_ground(b.showers, GEO, zen)
+    mask = below_ground_mask(GEO, torch.from_numpy(zen)).numpy()
+    assert (filled[mask] > 0).mean() > 0.99  # continued below ground (the bimodal zeros are gone)
+    np.testing.assert_array_equal(filled[~mask], b.showers[~mask])  # above ground untouched
+    back = zero_below_ground(torch.from_numpy(filled), GEO, torch.from_numpy(zen)).numpy()
+    np.testing.assert_array_equal(back, b.showers)  # the generation postprocess inverts the fill exactly
+    out = prepare_training_file([primaries["p"], primaries["Fe"]], tmp_path / "t.h5")
+    with ShowerFile(out) as m:
+        assert m.n == 500 and "primary" in m.condition_names and "exp(-dX/100" in m.attrs["below_ground_fill"]
+        mb = m.read()
+    back = zero_below_ground(torch.from_numpy(mb.showers), GEO, torch.from_numpy(mb.conditions["zenith"])).numpy()
+    assert physicality(primaries["p"])["all_physical"] and (back >= 0).all()

@@ -31,16 +31,19 @@ import numpy as np
 import torch
 
 from fastshower.geometry import Geometry, get_geometry
-from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, primary_ln_a
+from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, merge_files, primary_ln_a
 from fastshower.sample import GROUND_VERTICAL_DEPTH, Run, below_ground_mask, load_run, sample_batch
 from fastshower.validate.observables import profile_shape
 
 __all__ = [
+    "FILL_DECAY_LENGTH",
     "PROFILE_CONFIGS",
     "compare_xmax_moments",
+    "fill_below_ground",
     "gaisser_hillas_profiles",
     "mirror_generate",
     "physicality",
+    "prepare_training_file",
     "write_synthetic_profiles",
     "xmax_moments",
 ]
@@ -57,7 +60,7 @@ PROFILE_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "flow-matching": {
         "model": "flow-matching",
-        "hparams": {"net": "mlp", "hidden": 512, "depth": 4, "steps": 16, "method": "midpoint",
+        "hparams": {"net": "mlp", "hidden": 256, "depth": 4, "steps": 16, "method": "midpoint",
                     "warmup": 200, "lr": 1e-3},
         "train": {"batch_size": 128, "log_every": 100, "checkpoint_every": 100000},
     },
@@ -183,6 +186,84 @@ def _draw_synthetic(geo: Geometry, m: int, rng: np.random.Generator, lna_choices
     prof, xmax = gaisser_hillas_profiles(geo, e, zen, lna, rng)
     return ShowerBatch(e, prof, {"zenith": zen[:, None], "azimuth": rng.uniform(0, 360, (m, 1)),
                                  "primary": lna[:, None]}, {"xmax": xmax[:, None]})
+
+
+# --- training data ------------------------------------------------------------------------------------------
+
+#: e-folding length of the below-ground continuation used for training files, g/cm^2
+FILL_DECAY_LENGTH = 100.0
+
+
+def fill_below_ground(showers: np.ndarray, geometry: Geometry, zenith_deg: np.ndarray,
+                      decay_length: float = FILL_DECAY_LENGTH) -> np.ndarray:
+    """Replace the (zero) below-ground bins by a smooth, exponentially falling continuation.
+
+    Why: below ground a profile is exactly zero, and where the ground lies depends on the zenith
+    angle, so a slant-depth bin between 1036 and ~2450 g/cm^2 is zero for some showers and large for
+    others. After the log transform and per-bin standardisation these bins are bimodal, and a model
+    makes spikes there (seen with the WGAN-GP: humps at 1050-1150 g/cm^2 that moved Xmax). Training
+    on profiles continued smoothly below ground removes the bimodality; generation then zeroes the
+    below-ground bins again (:func:`fastshower.sample.zero_below_ground`), which inverts this fill
+    exactly, since the fill touches only bins that the postprocess zeroes.
+
+    The continuation of bin ``i >= k`` (``k`` = first bin starting at or beyond the ground, see
+    :func:`fastshower.sample.below_ground_mask`) is ``v[k - 2] exp(-(i - k + 2) dx / decay_length)``
+    per channel, from the last bin wholly above ground; the bin holding the ground keeps its value.
+
+    Args:
+        showers: profiles (n, C x B), channels of the geometry's profile axis.
+        geometry: profile geometry.
+        zenith_deg: zenith angles (n,) or (n, 1), degrees.
+        decay_length: e-folding length of the continuation, g/cm^2.
+
+    Returns:
+        A new float32 array (n, C x B).
+    """
+    if geometry.profile is None:
+        raise ValueError(f"geometry {geometry.name!r} has no profile axis")
+    ax = geometry.profile
+    nb, nc = ax.n_bins, len(ax.channels)
+    n = showers.shape[0]
+    first = (~below_ground_mask(geometry, torch.as_tensor(np.asarray(zenith_deg, dtype=np.float64)))
+             .numpy()[:, :nb]).sum(axis=1)  # (n,) index k of the first bin below ground (nb: none)
+    src = np.clip(first - 2, 0, nb - 1)
+    s = np.array(showers, dtype=np.float32).reshape(n, nc, nb)
+    i = np.arange(nb)
+    base = s[np.arange(n), :, src]  # (n, C)
+    decay = np.exp(-np.clip(i[None, :] - src[:, None], 0, None) * ax.dx / decay_length)  # (n, B)
+    below = i[None, :] >= first[:, None]
+    s = np.where(below[:, None, :], base[:, :, None] * decay[:, None, :], s)
+    return s.reshape(n, nc * nb).astype(np.float32)
+
+
+def prepare_training_file(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    fill_ground: bool = True,
+    decay_length: float = FILL_DECAY_LENGTH,
+    chunk_rows: int = 4096,
+) -> Path:
+    """Merge reference files of several primaries into one training file (condition ``primary`` = ln A),
+    with the below-ground bins continued smoothly (:func:`fill_below_ground`) when ``fill_ground``.
+
+    Only training files should be filled: scoring compares generated profiles (zeroed below ground)
+    with the unfilled reference. The output's ``below_ground_fill`` attribute records the fill.
+    """
+    with ShowerFile(inputs[0]) as f0:
+        geo = f0.geometry
+        if geo.profile is None or "zenith" not in f0.condition_names:
+            raise ShowerFileError(f"{inputs[0]}: not a profile file with a zenith condition")
+
+    def fill(batch: ShowerBatch) -> ShowerBatch:
+        batch.showers = fill_below_ground(batch.showers, geo, batch.conditions["zenith"], decay_length)
+        return batch
+
+    note = (f"below-ground bins continued as exp(-dX/{decay_length:g} g/cm^2) from the last full bin above "
+            "ground (fastshower.airshower_models.fill_below_ground); generation zeroes them again"
+            if fill_ground else "none")
+    return merge_files(inputs, out, add_condition="primary", chunk_rows=chunk_rows,
+                       map_batch=fill if fill_ground else None, attrs={"below_ground_fill": note})
 
 
 # --- generation and scoring -------------------------------------------------------------------------------

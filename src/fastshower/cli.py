@@ -125,12 +125,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fastshower.sample import generate
 
-    kwargs = {}
-    if args.backend != "torch":
-        kwargs["backend"] = args.backend
     out = generate(
         run=args.run, n=args.n, energy=args.energy, conditions=_parse_kv(args.condition, "--condition"),
-        out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, **kwargs,
+        out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, backend=args.backend,
+        onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate,
     )
     print(f"wrote {args.n} showers to {out}")
     return 0
@@ -255,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=10000)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    gen.add_argument("--onnx", default=None, help="with --backend onnx: an exported model of this run")
+    gen.add_argument("--int8", action="store_true", help="with --backend onnx and no --onnx: INT8 quantisation")
+    gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
     gen.add_argument("--quiet", action="store_true")
 
     e = add("evaluate", _cmd_evaluate, "score a candidate shower file against a reference")

@@ -42,7 +42,7 @@ class DemoSettings:
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSettings:
-        return cls(n_train=3000, n_test=1000, steps=500) if quick else cls(n_train=24000, n_test=4000, steps=5000)
+        return cls(n_train=3000, n_test=1000, steps=500) if quick else cls(n_train=20000, n_test=4000, steps=5000)
 
 
 def _stage(title: str) -> None:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -422,7 +423,13 @@ def export_onnx(
         prepared = Path(tmp) / "fp32_matmul.onnx"
         onnx.save(proto, str(prepared))
         q = Path(tmp) / "int8.onnx"
-        quantize_dynamic(str(prepared), str(q), weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # onnxruntime.quantization warns through the root logger about pre-processing
+        try:
+            quantize_dynamic(str(prepared), str(q), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
         qproto = onnx.load(str(q))
         _annotate(qproto, {**meta, "precision": "int8"}, docs)
         tmp_out = out.with_name(out.name + ".tmp")
@@ -842,16 +849,16 @@ def format_table(report: Mapping[str, Any]) -> str:
     ms = {(x["backend"], x["batch_size"]): x["ms_per_shower"] for x in report["results"]}
     lines = [f"{r['model']} run {r['run_id']} on {r['geometry']} {r['sample_options'] or ''} | "
              f"{m['cpu_model']}, {m['threads']} thread(s)",
-             "ms/shower".ljust(14) + "".join(f"B={b:<12d}" for b in sizes)]
+             "ms/shower".ljust(17) + "".join(f"B={b:<12d}" for b in sizes)]
     for be in backends:
-        lines.append(be.ljust(14) + "".join(f"{ms.get((be, b), float('nan')):<14.4g}" for b in sizes))
+        lines.append(be.ljust(17) + "".join(f"{ms.get((be, b), float('nan')):<14.4g}" for b in sizes))
     g4 = report.get("geant4")
     if g4:
-        lines.append(f"geant4        {g4['ms_per_shower']:.4g} ms/shower (start-up {g4['startup_s']:.2f} s excluded, "
-                     f"{g4['n_showers']} showers, 1 job)")
+        lines.append(f"geant4           {g4['ms_per_shower']:.4g} ms/shower (start-up {g4['startup_s']:.2f} s "
+                     f"excluded, {g4['n_showers']} showers, 1 job)")
         for be, row in report["speedup_vs_geant4"].items():
-            lines.append(f"speed-up {be:<10}" + "".join(f"{row.get(str(b), float('nan')):<14.4g}" for b in sizes))
+            lines.append(f"x G4 {be:<11} " + "".join(f"{row.get(str(b), float('nan')):<14.4g}" for b in sizes))
     if report.get("int8_vs_fp32"):
-        lines.append("int8/fp32 x   " + "".join(f"{report['int8_vs_fp32'].get(str(b), float('nan')):<14.4g}"
+        lines.append("onnx int8/fp32 x " + "".join(f"{report['int8_vs_fp32'].get(str(b), float('nan')):<14.4g}"
                                              for b in sizes))
     return "\n".join(lines)

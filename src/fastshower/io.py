@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -593,6 +593,8 @@ def merge_files(
     chunk_rows: int = 4096,
     interleave: bool = True,
     compression: str | None = "gzip",
+    map_batch: Callable[[ShowerBatch], ShowerBatch] | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Merge complete shower files of one geometry into a new file, streaming (memory ~ one block).
 
@@ -621,6 +623,10 @@ def merge_files(
             shuffles within groups of chunks, so a concatenation would give batches of a single
             primary on large files); False concatenates the inputs in order.
         compression: "gzip" or None (see :class:`ShowerWriter`).
+        map_batch: optional function applied to every block before it is written (after the added
+            condition is set), e.g. a preprocessing that must see the conditions; it must keep the
+            number of rows, the voxel count and the condition/truth names.
+        attrs: more provenance for the output (JSON-serialisable values), e.g. what ``map_batch`` did.
 
     Returns:
         The output path.
@@ -677,14 +683,14 @@ def merge_files(
             if add_condition is not None:
                 entry[add_condition] = values[i]
             provenance.append(entry)
-        attrs: dict[str, Any] = {"merged_from": provenance, "merge_condition": add_condition or "",
-                                 "merge_interleaved": bool(interleave)}
+        out_attrs: dict[str, Any] = {"merged_from": provenance, "merge_condition": add_condition or "",
+                                     "merge_interleaved": bool(interleave), **dict(attrs or {})}
         if add_condition is not None:
-            attrs["merge_condition_values"] = {f.particle: v for f, v in zip(files, values, strict=True)}
+            out_attrs["merge_condition_values"] = {f.particle: v for f, v in zip(files, values, strict=True)}
             if add_condition == "primary" and condition_values is None:
-                attrs["merge_condition_encoding"] = "ln(A) of the primary's mass number"
+                out_attrs["merge_condition_encoding"] = "ln(A) of the primary's mass number"
         generator = f"merge of {len(files)} files ({', '.join(f'{f.particle}: {f.n}' for f in files)})"
-        with ShowerWriter(out, geo, out_particle, generator, total, cond_widths, attrs, truth=truth_widths,
+        with ShowerWriter(out, geo, out_particle, generator, total, cond_widths, out_attrs, truth=truth_widths,
                           compression=compression) as w:
             # block schedule: (input index, start, stop) in output order
             pos = [0] * len(files)
@@ -697,7 +703,7 @@ def merge_files(
                     pos[i] += len(batch)
                     if add_condition is not None:
                         batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
-                    w.append(batch)
+                    w.append(map_batch(batch) if map_batch is not None else batch)
                     if not interleave:
                         break
     finally:
