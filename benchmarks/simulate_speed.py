@@ -78,7 +78,9 @@ def main() -> None:
         "benchmark": "simulate_speed",
         "fastshower_version": __version__,
         "geant4": generator,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                    # other work on the machine slows every figure: keep the load beside them
+                    "load_average_1_5_15_min_at_end": list(os.getloadavg())},
         "method": __doc__.strip().splitlines()[2],
         "rows": rows,
     }
