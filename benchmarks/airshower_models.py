@@ -48,6 +48,7 @@ from fastshower.airshower_models import (
     mirror_generate,
     physicality,
     prepare_training_file,
+    profile_roughness,
 )
 from fastshower.io import ShowerFile, merge_files
 from fastshower.sample import below_ground_mask, load_run, sample_batch
@@ -123,8 +124,10 @@ def _speed(run_dir: Path, test: Path, batch: int = 10000, repeats: int = 2) -> d
         sample_batch(model, transform, e, conds, gen, info.threshold_mev, geometry=info.geometry)
         times.append(time.perf_counter() - t)
     best = min(times)
+    sampler = getattr(model, "generator", None) or getattr(model, "ema_net", None) or model
     return {"batch": batch, "threads": 1, "seconds_per_batch": times, "ms_per_profile": 1e3 * best / batch,
-            "n_parameters_sampling": sum(p.numel() for p in model.parameters())}
+            "n_parameters_sampler": sum(p.numel() for p in sampler.parameters()),
+            "sampler": "generator" if hasattr(model, "generator") else "EMA velocity net, steps x 2 evaluations"}
 
 
 def _scores(result: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +199,9 @@ def main() -> None:
             mirror_generate(run_dir, refs[key], cands[key], seed=1)
         m["physicality"] = {k: physicality(v) for k, v in cands.items()}
         m["raw_network_below_ground"] = _raw_below_ground(run_dir, test_file)
+        with ShowerFile(test_file) as fr, ShowerFile(cands["mixture"]) as fc:
+            m["roughness_dEdX_200_900"] = {"reference": profile_roughness(fr.read().showers, fr.geometry),
+                                           "model": profile_roughness(fc.read().showers, fc.geometry)}
         m["validation"] = {}
         for key in cands:
             r = evaluate(refs[key], cands[key], work / f"eval_{model}_{key}",

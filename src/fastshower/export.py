@@ -58,7 +58,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ class ExportError(ValueError):
 # --- sampling as a pure function of (noise, conditions) ---------------------------------------------
 
 
-def _sample_options(model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+def _sample_options(model: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     """Resolved sampling options: ``steps``/``method`` for flow-matching, none for the others."""
     name = getattr(model, "name", type(model).__name__)
     opts = {k: v for k, v in options.items() if v is not None}
@@ -118,12 +118,12 @@ def _sample_options(model: nn.Module, options: Mapping[str, Any]) -> dict[str, A
     return resolved
 
 
-def noise_dim(model: nn.Module, **options: Any) -> int:
+def noise_dim(model: Any, **options: Any) -> int:
     """D: standard-normal numbers per shower that :func:`sample_from_noise` consumes."""
     if hasattr(model, "noise_dim"):
         return int(model.noise_dim(**options))
     name = getattr(model, "name", "")
-    spec = model.spec  # type: ignore[attr-defined]
+    spec = model.spec
     if name == "flow-matching":
         return int(spec.n_voxels)
     if name == "vae":
@@ -135,7 +135,7 @@ def noise_dim(model: nn.Module, **options: Any) -> int:
     raise ExportError(f"model {name!r} has no noise_dim()/sample_from_noise(): it cannot be sampled from given noise")
 
 
-def draw_noise(model: nn.Module, batch: int, generator: torch.Generator | None = None,
+def draw_noise(model: Any, batch: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Tensor:
     """Standard-normal noise (batch, D), drawn in the order the model's ``sample`` draws it.
 
@@ -153,16 +153,16 @@ def draw_noise(model: nn.Module, batch: int, generator: torch.Generator | None =
     if name == "vae" and model.hparams["sample_noise"]:
         # VAE.sample draws z (B, latent), then the decoder noise (B, V)
         z = randn(batch, int(model.hparams["latent"]))
-        eps = randn(batch, int(model.spec.n_voxels))  # type: ignore[attr-defined]
+        eps = randn(batch, int(model.spec.n_voxels))
         return torch.cat([z, eps], dim=1).to(device)
     if name == "flow":
-        z1 = randn(batch, len(model.spec.layer_sizes))  # type: ignore[attr-defined]
-        z2 = randn(batch, int(model.spec.n_voxels))  # type: ignore[attr-defined]
+        z1 = randn(batch, len(model.spec.layer_sizes))
+        z2 = randn(batch, int(model.spec.n_voxels))
         return torch.cat([z1, z2], dim=1).to(device)
     return randn(batch, noise_dim(model)).to(device)
 
 
-def sample_from_noise(model: nn.Module, z: Tensor, c: Tensor, **options: Any) -> Tensor:
+def sample_from_noise(model: Any, z: Tensor, c: Tensor, **options: Any) -> Tensor:
     """Model-space showers (B, V) from noise z (B, D) and model-space conditions c (B, C); traceable.
 
     Options: ``steps``, ``method`` for flow-matching (default: the run's hparams).
@@ -569,7 +569,7 @@ def load_onnx(path: str | Path, run: str | Path | Run | RunInfo | None = None, t
 def cpu_model() -> str:
     """The CPU's model name (py-cpuinfo when installed, else /proc/cpuinfo, else platform)."""
     try:
-        import cpuinfo  # type: ignore[import-not-found]
+        import cpuinfo
 
         name = cpuinfo.get_cpu_info().get("brand_raw")
         if name:
@@ -768,17 +768,21 @@ def bench(
             gen = torch.Generator().manual_seed(seed)
             for b in sizes:
                 e, conds = inputs[b]
+                call: Callable[[], None]
                 if sampler is None:
-                    def call(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds,
-                             g: torch.Generator = gen) -> None:
+                    def call_torch(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds,
+                                   g: torch.Generator = gen) -> None:
                         sample_batch(model, transform, e, conds, g, info.threshold_mev, info.geometry, **opts)
+
+                    call = call_torch
                 else:
                     z_rng = np.random.default_rng(seed)
 
-                    def call(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds,
-                             s: OnnxSampler = sampler, r: np.random.Generator = z_rng) -> None:
+                    def call_onnx(e: np.ndarray = e, conds: dict[str, np.ndarray] = conds,
+                                  s: OnnxSampler = sampler, r: np.random.Generator = z_rng) -> None:
                         s(r.standard_normal((len(e), s.noise_dim), dtype=np.float32), e, conds)
 
+                    call = call_onnx
                 sec, n = _time_calls(call, repeats, warmup, budget_s)
                 results.append({"backend": be, "batch_size": b, "ms_per_call": 1e3 * sec,
                                 "ms_per_shower": 1e3 * sec / b, "repeats": n})

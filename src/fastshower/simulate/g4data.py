@@ -679,10 +679,7 @@ def _write_photo(emlow: Path, z: int) -> list[Path]:
         grids.append(g)
     all_e = np.unique(np.concatenate(grids))
     total = _photo_total_barn(z, all_e)
-    part_on_all = []
-    for s, b in shells:
-        part_on_all.append(_partial_barn(z, s, all_e, b))
-    part_on_all = np.array(part_on_all)
+    part_on_all = np.array([_partial_barn(z, s, all_e, b) for s, b in shells])
     if n == 1:
         part_on_all[0] = np.where(all_e >= shells[0][1], total, 0.0)
     else:
