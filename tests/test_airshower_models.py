@@ -22,6 +22,7 @@ from fastshower.airshower_models import (
     mirror_generate,
     physicality,
     prepare_training_file,
+    profile_roughness,
     write_synthetic_profiles,
     xmax_moments,
 )
@@ -201,3 +202,12 @@ def test_fill_below_ground_is_undone_by_the_postprocess(primaries: dict[str, Pat
         mb = m.read()
     back = zero_below_ground(torch.from_numpy(mb.showers), GEO, torch.from_numpy(mb.conditions["zenith"])).numpy()
     assert physicality(primaries["p"])["all_physical"] and (back >= 0).all()
+
+
+def test_profile_roughness_flags_noisy_profiles() -> None:
+    rng = np.random.default_rng(5)
+    n = 200
+    prof, _ = gaisser_hillas_profiles(GEO, np.full(n, 1e12), np.zeros(n), np.zeros(n), rng)
+    smooth = profile_roughness(prof, GEO)
+    noisy = prof * np.exp(rng.normal(0, 0.5, prof.shape)).astype(np.float32)
+    assert smooth < 0.1 < profile_roughness(noisy, GEO)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastshower.geometry import get_geometry
-from fastshower.io import ShowerBatch, ShowerFile
+from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError
 from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
 from fastshower.simulate.run import simulate
 
@@ -206,13 +206,20 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
     out = tmp_path / "ctrlc.h5"
     deadline = time.time() + 120
     n = 0
-    while n < 30 and time.time() < deadline:
-        time.sleep(0.2)
-        if out.exists():
-            with ShowerFile(out, require_complete=False) as f:
-                n = f.n
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        while n < 30 and time.time() < deadline:
+            time.sleep(0.2)
+            try:
+                with ShowerFile(out, require_complete=False) as f:
+                    n = f.n
+            except ShowerFileError:
+                continue  # not created yet, or created but not yet switched to single-writer/multi-reader mode
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     assert "interrupted;" in err and "--resume" in err
     with ShowerFile(out, require_complete=False) as f:

@@ -4,8 +4,14 @@ The pieces that are specific to profiles, around the generic registry/fit loop:
 
 - :data:`PROFILE_CONFIGS`: training configs of the KIT design (a conditional WGAN-GP on
   log energy, zenith, azimuth and the primary, ln A) and of conditional flow matching, for
-  :func:`fastshower.train.train`. Training files of several primaries are made with
-  :func:`fastshower.io.merge_files` (``add_condition="primary"``, ln A per input).
+  :func:`fastshower.train.train`.
+- :func:`prepare_training_file`: merge the files of several primaries into one training file
+  (:func:`fastshower.io.merge_files`, ``add_condition="primary"``, ln A per input) with the
+  below-ground bins continued smoothly (:func:`fill_below_ground`); generation zeroes them again
+  (:func:`fastshower.sample.zero_below_ground`), which inverts the fill exactly. Without the fill the
+  zenith-dependent ground makes the bins between 1036 and ~2450 g/cm^2 bimodal in model space and
+  the WGAN-GP made spikes there (Xmax separation power 0.076 instead of 0.019, see
+  benchmarks/results/airshower_models*.json).
 - :func:`gaisser_hillas_profiles` / :func:`write_synthetic_profiles`: realistic synthetic
   profiles (Gaisser-Hillas shapes with shower-to-shower and bin-to-bin fluctuations, zero
   below ground) for tests and for the large-file streaming benchmark; not a physics reference.
@@ -14,7 +20,7 @@ The pieces that are specific to profiles, around the generic registry/fit loop:
 - :func:`xmax_moments` / :func:`compare_xmax_moments`: <Xmax> and RMS(Xmax) per primary and
   energy bin, the quantities composition analyses are built on.
 - :func:`physicality`: checks that generated profiles are non-negative, finite and exactly
-  zero below ground.
+  zero below ground; :func:`profile_roughness`: bin-to-bin noise of dE/dX.
 
 Units: energies in MeV in files (eV where the name says so), slant depths in g/cm^2, dE/dX in
 MeV/(g/cm^2), Ne a number of charged particles, angles in degrees.
