@@ -211,3 +211,15 @@ def test_profile_roughness_flags_noisy_profiles() -> None:
     smooth = profile_roughness(prof, GEO)
     noisy = prof * np.exp(rng.normal(0, 0.5, prof.shape)).astype(np.float32)
     assert smooth < 0.1 < profile_roughness(noisy, GEO)
+
+
+def test_onnx_generation_applies_the_ground_cut(merged: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    run = train(merged, out=tmp_path / "run", progress=False,
+                config={"model": "wgan-gp", "train": {"steps": 3, "batch_size": 64},
+                        "hparams": {"latent_dim": 8, "hidden": 32, "n_hidden": 1, "arch": "dense",
+                                    "constrainer_hidden": 16}})
+    out = generate(run, 40, "1e17eV:1e19eV:log", {"zenith": "0:20"}, tmp_path / "o.h5", batch_size=20,
+                   progress=False, extrapolate=True, backend="onnx")
+    assert physicality(out)["all_physical"]

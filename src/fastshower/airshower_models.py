@@ -10,7 +10,7 @@ The pieces that are specific to profiles, around the generic registry/fit loop:
   below-ground bins continued smoothly (:func:`fill_below_ground`); generation zeroes them again
   (:func:`fastshower.sample.zero_below_ground`), which inverts the fill exactly. Without the fill the
   zenith-dependent ground makes the bins between 1036 and ~2450 g/cm^2 bimodal in model space and
-  the WGAN-GP made spikes there (Xmax separation power 0.076 instead of 0.019, see
+  the WGAN-GP made spikes there (Xmax separation power 0.076, with the fill 0.027, floor 0.024; see
   benchmarks/results/airshower_models*.json).
 - :func:`gaisser_hillas_profiles` / :func:`write_synthetic_profiles`: realistic synthetic
   profiles (Gaisser-Hillas shapes with shower-to-shower and bin-to-bin fluctuations, zero

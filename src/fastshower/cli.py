@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +77,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         out = convert_calogan(args.input, args.out, particle=args.particle or "e+")
     else:
         out = convert_3dgan(args.input, args.out, particle=args.particle or "e-", unit_mev=args.ecal_unit_mev)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from fastshower.io import merge_files
+
+    if args.fill_below_ground:
+        from fastshower.airshower_models import prepare_training_file
+
+        out = prepare_training_file(args.inputs, args.out)
+    else:
+        out = merge_files(args.inputs, args.out, add_condition=args.condition or None)
     print(f"wrote {out}")
     return 0
 
@@ -213,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--particle", default=None, help="particle of the file (default e+ for CaloGAN, e- for 3DGAN)")
     c.add_argument("--ecal-unit-mev", type=float, default=1e3, help="3DGAN: unit of ECAL cells in MeV (GeV: 1000)")
 
+    m = add("merge", _cmd_merge, "merge shower files of one geometry (e.g. shards, or several primaries)")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--condition", default="primary",
+                   help="condition added per input: 'primary' = ln A of its particle; '' adds none")
+    m.add_argument("--fill-below-ground", action="store_true",
+                   help="air showers: also continue below-ground bins smoothly for training (undone on generation)")
+
     s = add("simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
     s.add_argument("--geometry", required=True)
     s.add_argument("--particle", required=True, help="e-, e+, gamma, pi+, pi- ; air showers: p, He, N, Fe")
@@ -294,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        return 0
     except KeyboardInterrupt as exc:
         print(f"fastshower: {exc.args[0] if exc.args else 'interrupted'}", file=sys.stderr)
         return 130

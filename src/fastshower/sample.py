@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ def below_ground_mask(geometry: Geometry, zenith_deg: Tensor,
         raise GenerationError(f"geometry {geometry.name!r} has no profile axis: no ground to apply")
     ax = geometry.profile
     z = zenith_deg.reshape(-1, 1).to(torch.float64)
-    x_ground = ground_vertical_depth / torch.cos(torch.deg2rad(z))  # (B, 1) slant depth, g/cm^2
+    x_ground = ground_vertical_depth / torch.cos(z * (math.pi / 180.0))  # (B, 1) slant depth, g/cm^2 (ONNX: no deg2rad)
     low_edges = torch.arange(ax.n_bins, dtype=torch.float64, device=z.device) * ax.dx  # (n_bins,)
     mask = low_edges.unsqueeze(0) >= x_ground  # (B, n_bins)
     return mask.repeat(1, len(ax.channels))
