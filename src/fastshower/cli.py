@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BrokenPipeError:  # output piped into `head` and the like: not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        sys.stdout = open(os.devnull, "w")  # silence the flush at interpreter exit
         return 0
     except KeyboardInterrupt as exc:
         print(f"fastshower: {exc.args[0] if exc.args else 'interrupted'}", file=sys.stderr)
