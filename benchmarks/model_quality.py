@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastshower import __version__  # noqa: E402
+from fastshower.energy import parse_energy  # noqa: E402
 from fastshower.io import ShowerFile, ShowerFileError  # noqa: E402
 from fastshower.sample import generate, load_run  # noqa: E402
 from fastshower.simulate.run import simulate  # noqa: E402
@@ -268,15 +269,21 @@ def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, 
         e_ref = f.energies()
     out.unlink(missing_ok=True)
     loaded = load_run(run_dir)
+    if energy is None:  # the reference's own range
+        energy = f"{float(e_ref.min()) / 1e3}:{float(e_ref.max()) / 1e3}"
+    lo, hi = loaded[2].energy_range_mev
+    spec = parse_energy(energy)
+    # a continuous spectrum (calogan-3layer, 1-100 GeV) reaches a little beyond the training file's
+    # extreme energies (e.g. 1.26-99.5 GeV for 400 showers): generate there too, and say so
+    extrapolate = spec.low < lo * (1 - 1e-9) or spec.high > hi * (1 + 1e-9)
     t0 = time.perf_counter()
-    if energy is not None:
-        generate(loaded, n, energy, out=out, seed=seed, progress=False, batch_size=5000)
-    else:
-        # the reference's energy spectrum (uniform 1-100 GeV): draw from the same uniform range
-        lo, hi = float(e_ref.min()) / 1e3, float(e_ref.max()) / 1e3
-        generate(loaded, n, f"{lo}:{hi}", out=out, seed=seed, progress=False, batch_size=5000)
+    generate(loaded, n, energy, out=out, seed=seed, progress=False, batch_size=5000, extrapolate=extrapolate)
     s = time.perf_counter() - t0
-    return {"n": n, "seconds": round(s, 2), "ms_per_shower": round(1e3 * s / n, 3), "step": loaded[2].step}
+    info = {"n": n, "energy": energy, "seconds": round(s, 2), "ms_per_shower": round(1e3 * s / n, 3),
+            "step": loaded[2].step}
+    if extrapolate:
+        info["extrapolated_beyond_training_range_gev"] = [lo / 1e3, hi / 1e3]
+    return info
 
 
 # --- readout-threshold study ------------------------------------------------------------------------------

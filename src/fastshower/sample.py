@@ -10,8 +10,9 @@
 Post-processing (:func:`postprocess`, traceable): NaN -> 0, clamp to [0, E_inc] per
 voxel, and voxels below the run's readout threshold set to 0. The threshold defaults to
 the training option ``threshold_mev``; its default ``"auto"`` resolves at training time
-to the smallest non-zero voxel energy of the training file, so generated showers are no
-denser than the data could be; a float (MeV) fixes it, 0 disables it.
+to the energy below which 0.1 % of the training file's hits lie (data.DataStats.low_hit_mev;
+8.9 keV for Belle II 5x5 with Geant4), so models do not fill cells the Monte Carlo leaves
+empty with sub-keV noise; a float (MeV) fixes it, 0 disables it.
 
 Air-shower profiles (geometries with a ``profile`` axis) get one more, geometry-aware step
 (:func:`zero_below_ground`) when the run is conditioned on ``zenith``: every slant-depth bin

@@ -75,7 +75,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "alpha": 1e-6,  # logit transform squeeze
     "conditions": "all",  # extra file conditions to condition on: "all", a list of names, or []
     "condition_defaults": "range",  # "range": generation may omit conditions (uniform over the training range)
-    "threshold_mev": "auto",  # readout threshold for generation: "auto" = smallest non-zero training voxel
+    "threshold_mev": "auto",  # readout threshold for generation: "auto" = data.DataStats.low_hit_mev
     "chunk_rows": None,  # showers per read; None: ~4 MiB of float32
     "shuffle_chunks": 8,  # chunks whose rows are shuffled together
 }
@@ -382,7 +382,7 @@ def train(
     stats = transform.stats
     threshold = opts["threshold_mev"]
     if threshold == "auto":
-        threshold = stats.min_nonzero_mev if stats is not None else 0.0
+        threshold = (stats.low_hit_mev or stats.min_nonzero_mev) if stats is not None else 0.0
     opts["threshold_resolved_mev"] = float(threshold)
 
     # -- model -------------------------------------------------------------------------------
