@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from . import register
 from .base import ModelSpec
-from .wgan import AdversarialShowerModel, mlp
+from .wgan import ADVERSARIAL_DEFAULTS, AdversarialShowerModel, mlp
 
 __all__ = ["CaloGAN", "CaloGANCritic", "CaloGANGenerator", "MinibatchDiscrimination"]
 
@@ -235,12 +235,7 @@ class CaloGAN(AdversarialShowerModel):
         "mbd_dim": 8,
         "energy_weight": 1.0,
         "energy_cap": 1.0,
-        "lr": 1e-4,
-        "betas": (0.5, 0.9),
-        "gp_weight": 10.0,
-        "drift": 1e-3,
-        "n_critic": 5,
-        "gan_loss": "wgan-gp",
+        **ADVERSARIAL_DEFAULTS,
         "grad_clip": None,
     }
 

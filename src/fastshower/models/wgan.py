@@ -170,6 +170,18 @@ def _betas(value: Any) -> tuple[float, float]:
 # --- the shared adversarial protocol --------------------------------------------------
 
 
+#: the critic/generator schedule shared by the adversarial models (Gulrajani et al. arXiv:1704.00028 settings:
+#: Adam 1e-4, betas (0.5, 0.9), gradient penalty 10, 5 critic steps per generator step; drift: Karras et al.)
+ADVERSARIAL_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "betas": (0.5, 0.9),
+    "gp_weight": 10.0,
+    "drift": 1e-3,
+    "n_critic": 5,
+    "gan_loss": "wgan-gp",
+}
+
+
 class AdversarialShowerModel(ShowerModel):
     """Generator/critic schedule shared by the GAN models (not registered itself).
 
@@ -453,12 +465,7 @@ class WGANGP(AdversarialShowerModel):
         "arch": "auto",
         "dense_max_voxels": 2000,
         "layer_code": 32,
-        "lr": 1e-4,
-        "betas": (0.5, 0.9),
-        "gp_weight": 10.0,
-        "drift": 1e-3,
-        "n_critic": 5,
-        "gan_loss": "wgan-gp",
+        **ADVERSARIAL_DEFAULTS,
         "energy_constrainer": True,
         "position_constrainer": True,
         "energy_weight": 1.0,
