@@ -14,8 +14,8 @@ shower. :func:`noise_dim`, :func:`draw_noise` and :func:`sample_from_noise` spli
 The noise per model: ``flow-matching`` V (the ODE's initial state; the ODE is unrolled with the
 step count and solver fixed at export); ``vae`` latent (+ V for the decoder noise when
 ``sample_noise``); ``wgan-gp`` and ``calogan`` latent_dim; ``flow`` L + V (flow 1's, then flow 2's
-base variables). A model class may provide its own ``noise_dim(**options)`` and
-``sample_from_noise(z, c, **options)`` methods; they take precedence over the adapters here.
+base variables). These are the models' own ``noise_dim``/``draw_noise``/``sample_from_noise`` methods
+(the ShowerModel protocol, :mod:`fastshower.models.base`); the functions here validate and delegate.
 
 ONNX graph (:func:`export_onnx`)
 --------------------------------
@@ -118,21 +118,12 @@ def _sample_options(model: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def noise_dim(model: Any, **options: Any) -> int:
-    """D: standard-normal numbers per shower that :func:`sample_from_noise` consumes."""
-    if hasattr(model, "noise_dim"):
-        return int(model.noise_dim(**options))
-    name = getattr(model, "name", "")
-    spec = model.spec
-    if name == "flow-matching":
-        return int(spec.n_voxels)
-    if name == "vae":
-        return int(model.hparams["latent"]) + (int(spec.n_voxels) if model.hparams["sample_noise"] else 0)
-    if name in ("wgan-gp", "calogan"):
-        return int(model.hparams["latent_dim"])
-    if name == "flow":
-        return len(spec.layer_sizes) + int(spec.n_voxels)
-    raise ExportError(f"model {name!r} has no noise_dim()/sample_from_noise(): it cannot be sampled from given noise")
+def noise_dim(model: Any) -> int:
+    """D: standard-normal numbers per shower that :func:`sample_from_noise` consumes (the model's protocol)."""
+    try:
+        return int(model.noise_dim())
+    except NotImplementedError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def draw_noise(model: Any, batch: int, generator: torch.Generator | None = None,
@@ -144,22 +135,8 @@ def draw_noise(model: Any, batch: int, generator: torch.Generator | None = None,
     """
     if batch < 1:
         raise ExportError(f"batch size must be >= 1, got {batch}")
-    name = getattr(model, "name", "")
-    dev = generator.device if generator is not None else torch.device(device)
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype, device=dev)
-
-    if name == "vae" and model.hparams["sample_noise"]:
-        # VAE.sample draws z (B, latent), then the decoder noise (B, V)
-        z = randn(batch, int(model.hparams["latent"]))
-        eps = randn(batch, int(model.spec.n_voxels))
-        return torch.cat([z, eps], dim=1).to(device)
-    if name == "flow":
-        z1 = randn(batch, len(model.spec.layer_sizes))
-        z2 = randn(batch, int(model.spec.n_voxels))
-        return torch.cat([z1, z2], dim=1).to(device)
-    return randn(batch, noise_dim(model)).to(device)
+    noise_dim(model)  # a clear ExportError for models without the noise protocol
+    return model.draw_noise(batch, generator, dtype, device)
 
 
 def sample_from_noise(model: Any, z: Tensor, c: Tensor, **options: Any) -> Tensor:
@@ -167,32 +144,10 @@ def sample_from_noise(model: Any, z: Tensor, c: Tensor, **options: Any) -> Tenso
 
     Options: ``steps``, ``method`` for flow-matching (default: the run's hparams).
     """
-    if hasattr(model, "sample_from_noise"):
-        return model.sample_from_noise(z, c, **options)
-    name = getattr(model, "name", "")
-    opts = _sample_options(model, options)
-    if name == "flow-matching":
-        from fastshower.models.flow_matching import odeint
-
-        net = model.ema_net if model.ema_net is not None else model.net
-        return odeint(lambda x, t: net(x, t, c), z, opts["steps"], opts["method"])
-    if name == "vae":
-        latent = int(model.hparams["latent"])
-        x = model.decode(z[:, :latent], c)
-        if model.hparams["sample_noise"]:
-            x = x + z[:, latent:] * torch.exp(model._log_s())
-        return x
-    if name in ("wgan-gp", "calogan"):
-        return model.generate(z, c)
-    if name == "flow":
-        n_layers = len(model.spec.layer_sizes)
-        z1, z2 = z[:, :n_layers], z[:, n_layers:]
-        g1 = model.flow1(c).transform.inv(z1)
-        e = model.stage1_inverse(model.scale1.inverse(g1))
-        g2 = model.flow2(torch.cat([c, g1], dim=1)).transform.inv(z2)
-        x = model.stage2_inverse(model.scale2.inverse(g2), e)
-        return torch.where(x < model.noise, torch.zeros_like(x), x)
-    raise ExportError(f"model {name!r} has no noise_dim()/sample_from_noise(): it cannot be sampled from given noise")
+    try:
+        return model.sample_from_noise(z, c, **_sample_options(model, options))
+    except NotImplementedError as exc:
+        raise ExportError(str(exc)) from None
 
 
 class SamplerModule(nn.Module):

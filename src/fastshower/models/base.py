@@ -111,6 +111,24 @@ class ShowerModel(nn.Module):
         """Model-space showers (B, V), one per condition row of c (B, C)."""
         raise NotImplementedError
 
+    def noise_dim(self) -> int:
+        """D: standard-normal numbers per shower that :meth:`sample_from_noise` consumes."""
+        raise NotImplementedError(f"model {self.name!r} cannot be sampled from given noise")
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Tensor:
+        """Standard-normal noise (batch, D), drawn in the order :meth:`sample` draws it, so that
+        ``sample_from_noise(draw_noise(B, g), c)`` equals ``sample(c, g)`` for a generator in the same state."""
+        dev = generator.device if generator is not None else torch.device(device)
+        return torch.randn(batch, self.noise_dim(), generator=generator, dtype=dtype, device=dev).to(device)
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
+        """Model-space showers (B, V) as a pure, traceable function of noise z (B, D) and conditions c (B, C).
+
+        This is what the ONNX exporter traces; ``options`` are sampler settings (flow matching: steps, method).
+        """
+        raise NotImplementedError(f"model {self.name!r} cannot be sampled from given noise")
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers used by :meth:`training_step` (one by default)."""
         lr = float(self.hparams.get("lr", 1e-3))

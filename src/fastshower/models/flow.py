@@ -239,9 +239,17 @@ class CaloFlow(ShowerModel):
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Showers (B, V) = voxel / E_inc for conditions c (B, C): flow 1, then flow 2."""
-        B = c.shape[0]
-        z1 = torch.randn(B, self.n_layers, generator=generator, dtype=c.dtype, device=c.device)
-        z2 = torch.randn(B, self.spec.n_voxels, generator=generator, dtype=c.dtype, device=c.device)
+        return self.sample_from_noise(self.draw_noise(c.shape[0], generator, c.dtype, c.device), c)
+
+    def noise_dim(self) -> int:
+        """Stage-1 latents (one per layer) followed by stage-2 latents (one per voxel)."""
+        return self.n_layers + self.spec.n_voxels
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
+        """Showers (B, V) from noise z (B, L + V): flow 1 inverts z[:, :L], flow 2 inverts z[:, L:]."""
+        if options:
+            raise ValueError(f"model 'flow' takes no sampling options, got {sorted(options)}")
+        z1, z2 = z[:, : self.n_layers], z[:, self.n_layers :]
         g1 = self.flow1(c).transform.inv(z1)
         e = self.stage1_inverse(self.scale1.inverse(g1))
         g2 = self.flow2(torch.cat([c, g1], dim=1)).transform.inv(z2)

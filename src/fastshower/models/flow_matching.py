@@ -195,9 +195,18 @@ class FlowMatching(ShowerModel):
             steps: ODE steps (default: hparam ``steps``).
             method: "euler", "midpoint" or "heun" (default: hparam ``method``).
         """
+        return self.sample_from_noise(self.draw_noise(c.shape[0], generator, c.dtype, c.device), c, steps=steps,
+                                      method=method)
+
+    def noise_dim(self) -> int:
+        """The ODE starts from one standard-normal number per voxel."""
+        return int(self.spec.n_voxels)
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, steps: int | None = None, method: str | None = None,
+                          **options: Any) -> Tensor:
+        """Integrate the learned ODE from z (B, V) at t=0 to showers at t=1 (a fixed unrolled loop: traceable)."""
+        if options:
+            raise ValueError(f"model 'flow-matching' takes steps and method, got {sorted(options)}")
         net = self.ema_net if self.ema_net is not None else self.net
-        # draw on the generator's device so a CPU generator also seeds GPU sampling reproducibly
-        dev = generator.device if generator is not None else c.device
-        x = torch.randn(c.shape[0], self.spec.n_voxels, generator=generator, dtype=c.dtype, device=dev).to(c.device)
         n_steps = int(steps if steps is not None else self.hparams["steps"])
-        return odeint(lambda z, t: net(z, t, c), x, n_steps, str(method or self.hparams["method"]))
+        return odeint(lambda x, t: net(x, t, c), z, n_steps, str(method or self.hparams["method"]))

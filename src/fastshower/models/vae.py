@@ -169,11 +169,18 @@ class VAE(ShowerModel):
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Model-space showers (B, V): decode prior draws, plus the learned noise when ``sample_noise``."""
-        dev = generator.device if generator is not None else c.device
-        z = torch.randn(c.shape[0], int(self.hparams["latent"]), generator=generator, dtype=c.dtype,
-                        device=dev).to(c.device)
-        x = self.decode(z, c)
+        return self.sample_from_noise(self.draw_noise(c.shape[0], generator, c.dtype, c.device), c)
+
+    def noise_dim(self) -> int:
+        """The latent prior draw, then (with ``sample_noise``) one decoder-noise number per voxel."""
+        return int(self.hparams["latent"]) + (int(self.spec.n_voxels) if self.hparams["sample_noise"] else 0)
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
+        """Decode z[:, :latent]; add z[:, latent:] times the learned noise width when ``sample_noise``."""
+        if options:
+            raise ValueError(f"model 'vae' takes no sampling options, got {sorted(options)}")
+        latent = int(self.hparams["latent"])
+        x = self.decode(z[:, :latent], c)
         if self.hparams["sample_noise"]:
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=dev).to(x.device)
-            x = x + eps * torch.exp(self._log_s())
+            x = x + z[:, latent:] * torch.exp(self._log_s())
         return x

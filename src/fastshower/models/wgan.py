@@ -276,6 +276,20 @@ class AdversarialShowerModel(ShowerModel):
         """Model-space showers (B, V), one per condition row of c (B, C)."""
         return self.generate(self._latent(c.shape[0], c, generator), c)
 
+    def noise_dim(self) -> int:
+        return int(self.latent_dim)
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> Tensor:
+        # the same draw as sample(): on the condition's device
+        return torch.randn(batch, self.latent_dim, generator=generator, dtype=dtype, device=device)
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
+        """The generator applied to latent z (B, latent_dim) and conditions c."""
+        if options:
+            raise ValueError(f"model {self.name!r} takes no sampling options, got {sorted(options)}")
+        return self.generate(z, c)
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """``[generator Adam, critic Adam, *auxiliary_optimizers()]`` (lr, betas from hparams)."""
         lr, betas = float(self.hparams["lr"]), _betas(self.hparams["betas"])
