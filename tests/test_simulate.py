@@ -186,7 +186,11 @@ class SlowBackend(SimulationBackend):
 '''
 
 _RUN = '''
+import signal
 import sys
+# A shell that starts jobs in the background (CI runners may) hands them SIGINT ignored; restore what a
+# terminal gives, so Ctrl-C raises KeyboardInterrupt as for a user.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from fastshower.cli import main
 import fastshower.simulate.run as run
 from slowbackend import SlowBackend
