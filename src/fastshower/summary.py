@@ -17,18 +17,22 @@ from fastshower.io import ShowerFile
 __all__ = ["energy_groups", "physics_summary"]
 
 
-def energy_groups(energies_mev: np.ndarray, max_groups: int = 6) -> tuple[np.ndarray, list[str]]:
-    """Group index per shower, shape (N,), and a label per group.
+_UNIT_MEV = {"GeV": 1e3, "eV": 1e-6}
+
+
+def energy_groups(energies_mev: np.ndarray, max_groups: int = 6, unit: str = "GeV") -> tuple[np.ndarray, list[str]]:
+    """Group index per shower, shape (N,), and a label per group (energies in ``unit``: GeV or eV).
 
     Discrete energy lists keep one group per value; continuous spectra are cut
     into ``max_groups`` log-spaced bins.
     """
+    scale = _UNIT_MEV[unit]
     values = np.unique(energies_mev)
     if len(values) <= max_groups:
-        return np.searchsorted(values, energies_mev), [f"{v / 1e3:g} GeV" for v in values]
+        return np.searchsorted(values, energies_mev), [f"{v / scale:.3g} {unit}" for v in values]
     edges = np.geomspace(values[0], values[-1] * (1 + 1e-9), max_groups + 1)
     idx = np.clip(np.searchsorted(edges, energies_mev, side="right") - 1, 0, max_groups - 1)
-    return idx, [f"{a / 1e3:.3g}-{b / 1e3:.3g} GeV" for a, b in itertools.pairwise(edges)]
+    return idx, [f"{a / scale:.3g}-{b / scale:.3g} {unit}" for a, b in itertools.pairwise(edges)]
 
 
 def physics_summary(path: str | Path) -> str:
@@ -73,14 +77,12 @@ def _profile_summary(f: ShowerFile, path: str) -> str:
     """Air showers: <Xmax> and its RMS per energy group, from the file's truth/xmax (g/cm^2)."""
     if "xmax" not in f.truth_names:
         return f"{f.n} profiles of {f.geometry.name} in {path} (no truth/xmax to summarise)"
-    group, _ = energy_groups(f.energies())
+    group, labels = energy_groups(f.energies(), unit="eV")
     xmax = np.concatenate([b.truth["xmax"][:, 0] for b in f.iter_chunks(65536)])
-    edges_ev = [f"{e:.3g}" for e in np.geomspace(f.energies().min(), f.energies().max(), group.max() + 2) * 1e6]
     lines = [f"physics summary of {path} ({f.geometry.name}, {f.particle}):",
-             f"{'energy / eV':>22s} {'N':>6s} {'<Xmax>':>8s} {'RMS':>6s}  (g/cm^2, slant depth)"]
-    for k in range(group.max() + 1):
+             f"{'energy':>24s} {'N':>6s} {'<Xmax>':>8s} {'RMS':>6s}  (g/cm^2, slant depth)"]
+    for k, label in enumerate(labels):
         x = xmax[group == k]
         if len(x):
-            label = f"{edges_ev[k]}-{edges_ev[k + 1]}" if len(np.unique(f.energies())) > 6 else edges_ev[k]
-            lines.append(f"{label:>22s} {len(x):6d} {x.mean():8.1f} {x.std():6.1f}")
+            lines.append(f"{label:>24s} {len(x):6d} {x.mean():8.1f} {x.std():6.1f}")
     return "\n".join(lines)
