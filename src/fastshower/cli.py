@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("fastshower.sample", "GenerationError"),
         ("fastshower.validate.evaluate", "ValidationInputError"),
         ("fastshower.export", "ExportError"),
+        ("fastshower.distill", "DistillError"),
     ):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
@@ -133,6 +134,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"run written to {run}")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from fastshower.distill import distill
+
+    hparams = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
+    run = distill(args.run, args.out, n_pairs=args.pairs, steps=args.steps, batch_size=args.batch_size,
+                  ode_steps=args.ode_steps, hparams=hparams, seed=args.seed, progress=not args.quiet)
+    print(f"one-step run written to {run}")
     return 0
 
 
@@ -265,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="TOML file of model hyper-parameters and training options")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true")
+
+    ds = add("distill", _cmd_distill, "distil a flow-matching run into a one-step generator (fast sampling)")
+    ds.add_argument("--run", required=True, help="finished flow-matching run (the teacher)")
+    ds.add_argument("--out", required=True, help="new run folder for the one-step student")
+    ds.add_argument("--pairs", type=int, default=100_000, help="teacher (noise, shower) pairs to learn from")
+    ds.add_argument("--steps", type=int, default=4000, help="student optimisation steps")
+    ds.add_argument("--batch-size", type=int, default=512)
+    ds.add_argument("--ode-steps", type=int, default=None, help="teacher ODE steps (default: the teacher's)")
+    ds.add_argument("--hidden", type=int, default=None, help="student width (default 64)")
+    ds.add_argument("--depth", type=int, default=None, help="student residual blocks (default 2)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--quiet", action="store_true")
 
     gen = add("generate", _cmd_generate, "generate showers from a trained run")
     gen.add_argument("--run", required=True)

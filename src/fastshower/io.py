@@ -435,6 +435,13 @@ class ShowerFile:
         """All incident energies, shape (N,), MeV (small: always read whole)."""
         return np.asarray(self._f["incident_energies"][: self.n], dtype=np.float64).reshape(-1)
 
+    def condition(self, name: str) -> np.ndarray:
+        """All values of ``conditions/<name>``, shape (N, width), float64 (small: read whole)."""
+        conds = self._conditions()
+        if name not in conds:
+            raise ShowerFileError(f"{self.path}: no conditions/{name} (has: {', '.join(sorted(conds)) or 'none'})")
+        return np.asarray(conds[name][: self.n], dtype=np.float64).reshape(self.n, -1)
+
     # -- data ----------------------------------------------------------------------
     def read(self, start: int = 0, stop: int | None = None, check: bool = True) -> ShowerBatch:
         """Showers ``start:stop`` as a :class:`ShowerBatch` (float32 showers, float64 energies)."""

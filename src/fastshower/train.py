@@ -119,9 +119,13 @@ def load_config(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any]
 
 def _model_class(name: str) -> type[ShowerModel]:
     try:
-        return get_model_class(name)
+        cls = get_model_class(name)
     except UnknownModelError as exc:
         raise TrainingError(str(exc)) from None
+    if not cls.trainable:
+        raise TrainingError(f"model {name!r} is not trained on showers: make it from a trained run with "
+                            f"`fastshower distill --run RUN --out NEW_RUN`")
+    return cls
 
 
 def _check_hparams(cls: type[ShowerModel], hparams: Mapping[str, Any]) -> None:

@@ -40,6 +40,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "wgan": "wgan-gp",
     "calogan": "calogan",
     "flow": "flow",
+    "onestep": "one-step",
 }
 
 _REGISTRY: dict[str, type[ShowerModel]] = {}
@@ -82,10 +83,15 @@ def _load_builtins() -> None:
             _IMPORT_ERRORS[model_name] = f"{type(exc).__name__}: {exc}"
 
 
-def available_models() -> list[str]:
-    """Names of all registered models, the default first."""
+def available_models(include_derived: bool = False) -> list[str]:
+    """Names of the registered models that train on showers, the default first.
+
+    ``include_derived`` adds the models made from another run (``trainable = False``, e.g. the
+    one-step student of ``fastshower distill``), which :func:`get_model_class` also finds.
+    """
     _load_builtins()
-    return sorted(_REGISTRY, key=lambda n: (n != DEFAULT_MODEL, n))
+    names = [n for n, c in _REGISTRY.items() if include_derived or c.trainable]
+    return sorted(names, key=lambda n: (n != DEFAULT_MODEL, n))
 
 
 def get_model_class(name: str) -> type[ShowerModel]:

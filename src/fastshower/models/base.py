@@ -18,13 +18,14 @@ extra conditions, each standardised). It knows nothing about files or units.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelSpec", "ShowerModel"]
+__all__ = ["ModelSpec", "ShowerModel", "warmup_cosine"]
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,31 @@ class ModelSpec:
         )
 
 
+def warmup_cosine(
+    optimizers: list[torch.optim.Optimizer], warmup: int, total_steps: int, cosine: bool = True, floor: float = 0.05
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """One LambdaLR per optimizer: linear warm-up over ``warmup`` steps, then a cosine decay that
+    reaches ``floor`` x lr at ``total_steps`` (or a constant lr when ``cosine`` is false)."""
+    warmup = max(0, int(warmup))
+    total = max(int(total_steps), warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+
+
 class ShowerModel(nn.Module):
     """Base class: subclasses set ``name`` and ``default_transform`` and implement loss/sample."""
 
     name: ClassVar[str] = "base"
+    #: False for models made from another run rather than trained on showers (``fastshower distill``)
+    trainable: ClassVar[bool] = True
     #: preprocessing chain the model expects (names understood by fastshower.data.build_transform)
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
     #: default hyper-parameters; a run's config may override any of them

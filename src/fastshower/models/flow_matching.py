@@ -16,7 +16,6 @@ the velocity is hardest to learn.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastshower.models import register
-from fastshower.models.base import ModelSpec, ShowerModel
+from fastshower.models.base import ModelSpec, ShowerModel, warmup_cosine
 from fastshower.models.nets import MLP, LayerTokenNet, ResidualMLP, SinusoidalEmbedding, auto_net
 
 __all__ = ["FlowMatching", "VelocityNet", "odeint"]
@@ -157,19 +156,8 @@ class FlowMatching(ShowerModel):
     def configure_schedulers(
         self, optimizers: list[torch.optim.Optimizer], total_steps: int
     ) -> list[torch.optim.lr_scheduler.LRScheduler]:
-        warmup = max(0, int(self.hparams["warmup"]))
-        cosine = self.hparams["schedule"] == "cosine"
-        total = max(int(total_steps), warmup + 1)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            p = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-        return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
+        return warmup_cosine(optimizers, int(self.hparams["warmup"]), total_steps,
+                             cosine=self.hparams["schedule"] == "cosine")
 
     def training_step(
         self, x: Tensor, c: Tensor, optimizers: list[torch.optim.Optimizer], step: int

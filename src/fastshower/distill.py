@@ -1,0 +1,206 @@
+"""Distil a flow-matching run into a one-step generator (``fastshower distill``).
+
+The teacher's ODE sampler costs 2 x ``steps`` passes of its velocity net per shower; the
+student (:class:`fastshower.models.onestep.OneStep`) costs one pass of a much smaller net.
+Procedure (Luhman & Luhman 2021, arXiv:2101.02388):
+
+1. conditions: ``n_pairs`` rows drawn (with replacement) from the teacher's training file,
+   so the student learns where the showers are, in the run's own condition transform;
+2. pairs: noise z ~ N(0, I) per row, carried through the teacher's ODE (``ode_steps``,
+   default the teacher's own) to its model-space shower x; 5 % of the pairs are held out;
+3. regression: the student minimises the mean squared error to x on the other 95 % with the
+   generic one-optimizer step (AdamW, warm-up, cosine decay); the held-out MSE, relative to
+   the variance of x, is recorded as the distillation error;
+4. the new run folder holds the teacher's geometry, transforms and spec (the same model space
+   and readout threshold), the student's config and checkpoint, ``distill_log.jsonl`` and a
+   ``meta.json`` naming the teacher: ``generate``, ``export``, ``bench`` and ``evaluate`` use it
+   like any trained run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastshower import __version__
+from fastshower.io import ShowerFile, ShowerFileError
+from fastshower.models import get_model_class
+from fastshower.models.base import ShowerModel
+from fastshower.sample import GenerationError, Run, load_run
+from fastshower.train import CHECKPOINT_FORMAT, _atomic_save, _write_json
+
+__all__ = ["DistillError", "distill", "teacher_conditions"]
+
+#: copied unchanged from the teacher: the student works in the teacher's model space
+_SHARED_FILES = ("geometry.json", "transforms.json", "spec.json")
+
+
+class DistillError(ValueError):
+    """A teacher run that cannot be distilled, or bad distillation settings."""
+
+
+def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
+    """Model-space conditions (n, C) drawn with replacement from the teacher's training file.
+
+    Raises:
+        DistillError: the training file named in the run's meta.json is gone or unreadable.
+    """
+    _, transform, info = run
+    path = Path(str(info.meta.get("data", {}).get("path", "")))
+    try:
+        with ShowerFile(path) as f:
+            idx = np.sort(rng.integers(0, f.n, size=n))
+            energies = f.energies()
+            conds = {name: torch.from_numpy(f.condition(name)[idx]) for name in transform.cond.names}
+    except (ShowerFileError, OSError) as exc:
+        raise DistillError(f"the teacher's training file {str(path)!r} is needed for the conditions to "
+                           f"distil on and cannot be read ({exc})") from None
+    e = torch.from_numpy(np.asarray(energies, dtype=np.float64)[idx])
+    with torch.no_grad():
+        return transform.conditions(e, conds).float()
+
+
+@torch.no_grad()
+def teacher_pairs(model: ShowerModel, c: Tensor, generator: torch.Generator, ode_steps: int | None,
+                  chunk: int = 4096, progress: bool = False) -> Tensor:
+    """Pair rows (n, 2V): the teacher's model-space shower for each condition row, then its noise."""
+    from tqdm.auto import tqdm
+
+    out = []
+    opts: dict[str, Any] = {} if ode_steps is None else {"steps": int(ode_steps)}
+    for i in tqdm(range(0, c.shape[0], chunk), desc="teacher pairs", unit="chunk", disable=not progress):
+        cc = c[i:i + chunk]
+        z = model.draw_noise(cc.shape[0], generator)
+        out.append(torch.cat([model.sample_from_noise(z, cc, **opts), z], dim=1))
+    return torch.cat(out)
+
+
+def _check_teacher(run: Run) -> None:
+    _, _, info = run
+    if info.model_name != "flow-matching":
+        raise DistillError(f"{info.run_dir}: distillation needs a flow-matching teacher (a deterministic "
+                           f"noise-to-shower map); this run is {info.model_name!r}")
+    if info.meta.get("status") != "finished":
+        raise DistillError(f"{info.run_dir}: the teacher's training has not finished (status "
+                           f"{info.meta.get('status')!r}); resume it first")
+
+
+def distill(
+    teacher: str | Path,
+    out: str | Path,
+    n_pairs: int = 100_000,
+    steps: int = 4000,
+    batch_size: int = 512,
+    ode_steps: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Make a one-step run at ``out`` from the flow-matching run ``teacher``; returns ``out``.
+
+    Args:
+        teacher: finished flow-matching run folder.
+        out: new run folder (must not hold a run already).
+        n_pairs: teacher (noise, shower) pairs to learn from (5 % held out).
+        steps: student optimisation steps; batch_size: pairs per step.
+        ode_steps: teacher ODE steps for the pairs (default: the teacher's own ``steps``).
+        hparams: student hyper-parameters (see :class:`fastshower.models.onestep.OneStep`).
+        seed: seeds the conditions, noise, initialisation and batches (same seed -> same student).
+    """
+    out = Path(out)
+    if n_pairs < 100 or steps < 1 or batch_size < 1:
+        raise DistillError(f"need n_pairs >= 100, steps >= 1 and batch_size >= 1 (got {n_pairs}, {steps}, "
+                           f"{batch_size})")
+    if (out / "config.json").exists():
+        raise DistillError(f"{out}: already holds a run; choose a new folder")
+    try:
+        run = load_run(teacher)
+    except GenerationError as exc:
+        raise DistillError(str(exc)) from None
+    _check_teacher(run)
+    model, _, info = run
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    c = teacher_conditions(run, n_pairs, rng)
+    pairs = teacher_pairs(model, c, gen, ode_steps, progress=progress)
+    t_pairs = time.perf_counter() - t0
+    n_val = max(1, n_pairs // 20)
+    x_tr, c_tr, x_val, c_val = pairs[n_val:], c[n_val:], pairs[:n_val], c[:n_val]
+
+    torch.manual_seed(seed)
+    teacher_steps = int(ode_steps if ode_steps is not None else info.hparams["steps"])
+    hp = {**(hparams or {}), "teacher": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
+          "teacher_method": str(info.hparams.get("method", ""))}
+    try:
+        student = get_model_class("one-step")(info.spec, **hp)
+    except ValueError as exc:
+        raise DistillError(str(exc)) from None
+    log = _fit_student(student, x_tr, c_tr, x_val, c_val, steps, batch_size, gen, progress)
+    _write_run(out, run, student, steps, {
+        "teacher": str(Path(teacher).resolve()), "teacher_step": info.step, "n_pairs": n_pairs,
+        "held_out": n_val, "ode_steps": teacher_steps, "steps": steps, "batch_size": batch_size, "seed": seed,
+        "pairs_seconds": round(t_pairs, 2), "seconds": round(time.perf_counter() - t0, 2),
+        "relative_val_mse": log[-1]["relative_val_mse"],
+    }, log)
+    return out
+
+
+def _relative_mse(student: ShowerModel, x: Tensor, c: Tensor) -> float:
+    """Held-out MSE to the teacher divided by the teacher showers' variance (0 = exact, 1 = mean only)."""
+    v = student.spec.n_voxels
+    with torch.no_grad():
+        mse = float(student.loss(x, c)["loss"])
+    return mse / float(x[:, :v].var(dim=0).mean())
+
+
+def _fit_student(student: ShowerModel, x: Tensor, c: Tensor, x_val: Tensor, c_val: Tensor, steps: int,
+                 batch_size: int, gen: torch.Generator, progress: bool) -> list[dict[str, float]]:
+    from tqdm.auto import tqdm
+
+    optimizers = student.configure_optimizers()
+    schedulers = student.configure_schedulers(optimizers, steps)
+    student.train()
+    log: list[dict[str, float]] = []
+    every = max(1, steps // 20)
+    bar = tqdm(range(1, steps + 1), desc="one-step", disable=not progress)
+    for step in bar:
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+        logs = student.training_step(x[idx], c[idx], optimizers, step)
+        for s in schedulers:
+            s.step()
+        if not np.isfinite(logs["loss"]):
+            raise DistillError(f"the student's loss became {logs['loss']} at step {step}; lower the lr")
+        if step % every == 0 or step == steps:
+            student.eval()
+            rel = _relative_mse(student, x_val, c_val)
+            student.train()
+            log.append({"step": step, "loss": logs["loss"], "relative_val_mse": rel})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", val=f"{rel:.4f}")
+    student.eval()
+    return log
+
+
+def _write_run(out: Path, run: Run, student: ShowerModel, steps: int, distilled: dict[str, Any],
+               log: list[dict[str, float]]) -> None:
+    _, _, info = run
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for name in _SHARED_FILES:
+        shutil.copyfile(info.run_dir / name, out / name)
+    _atomic_save({"format": CHECKPOINT_FORMAT, "model_name": student.name, "step": steps,
+                  "world_size": 1, "model": student.state_dict()}, out / "checkpoints" / "last.pt")
+    with (out / "distill_log.jsonl").open("w") as f:
+        for line in log:
+            f.write(json.dumps(line) + "\n")
+    _write_json(out / "config.json", {"model": student.name, "hparams": student.hparams, "train": info.options})
+    # the teacher's data provenance carries over (generation checks conditions and energies against it)
+    meta = {**info.meta, "status": "finished", "step": steps, "fastshower_version": __version__,
+            "torch_version": torch.__version__, "distilled": distilled}
+    _write_json(out / "meta.json", meta)

@@ -1,0 +1,93 @@
+"""Distillation of a flow-matching run into a one-step generator (tiny runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastshower.cli import main as cli_main
+from fastshower.distill import DistillError, distill
+from fastshower.export import export_onnx, load_onnx
+from fastshower.io import ShowerFile
+from fastshower.models import available_models
+from fastshower.sample import generate, load_run
+from fastshower.train import TrainingError, train
+
+TEACHER_HP = {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 4, "warmup": 5}
+TRAIN = {"chunk_rows": 128, "shuffle_chunks": 2}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory, tiny_file: Path) -> Path:
+    return train(tiny_file, "flow-matching", tmp_path_factory.mktemp("teacher") / "fm", steps=40, batch_size=64,
+                 progress=False, config={"hparams": TEACHER_HP, "train": TRAIN})
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory, teacher: Path) -> Path:
+    return distill(teacher, tmp_path_factory.mktemp("student") / "one", n_pairs=3000, steps=600, batch_size=256,
+                   hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 20}, seed=3, progress=False)
+
+
+def test_student_learns_the_teachers_map(teacher: Path, student: Path) -> None:
+    """On fresh noise the student reproduces the teacher's ODE output far better than its mean does."""
+    t_model, _, t_info = load_run(teacher)
+    s_model, _, s_info = load_run(student)
+    assert s_info.model_name == "one-step" and s_info.spec == t_info.spec
+    g = torch.Generator().manual_seed(11)
+    c = torch.randn(500, t_info.spec.cond_dim, generator=g).clamp(-1.5, 1.5)
+    z = t_model.draw_noise(500, g)
+    with torch.no_grad():
+        x_t = t_model.sample_from_noise(z, c)
+        x_s = s_model.sample_from_noise(z, c)
+    rel = float(((x_s - x_t) ** 2).mean() / x_t.var(dim=0).mean())
+    # relative MSE 1 = predicting the mean shower; the identity map (student untrained) gives > 1
+    assert rel < 0.3, rel
+    log = [json.loads(line) for line in (student / "distill_log.jsonl").read_text().splitlines()]
+    assert log[-1]["relative_val_mse"] < log[0]["relative_val_mse"]
+
+
+def test_student_generates_and_exports(student: Path, tmp_path: Path) -> None:
+    out = generate(student, 200, "2", {"position": "0"}, tmp_path / "one.h5", progress=False)
+    with ShowerFile(out) as f:
+        b = f.read()
+    assert b.showers.shape == (200, 32) and np.isfinite(b.showers).all() and (b.showers >= 0).all()
+    # one network pass, no ODE: the exported graph agrees with torch on the same noise
+    path = export_onnx(student, tmp_path / "one.onnx")
+    sampler = load_onnx(path, student)
+    model, _, _ = load_run(student)
+    z = model.draw_noise(64, torch.Generator().manual_seed(0))
+    e = np.full(64, 2000.0)
+    ref = sampler(z.numpy(), e, {"position": np.zeros((64, 2))})
+    assert ref.shape == (64, 32) and np.isfinite(ref).all()
+
+
+def test_distill_bad_input(tiny_file: Path, teacher: Path, student: Path, tmp_path: Path) -> None:
+    vae = train(tiny_file, "vae", tmp_path / "vae", steps=3, batch_size=32, progress=False)
+    with pytest.raises(DistillError, match="flow-matching teacher"):
+        distill(vae, tmp_path / "x", n_pairs=200, steps=2, progress=False)
+    with pytest.raises(DistillError, match="already holds a run"):
+        distill(teacher, student, n_pairs=200, steps=2, progress=False)
+    with pytest.raises(DistillError, match="n_pairs"):
+        distill(teacher, tmp_path / "y", n_pairs=10, steps=2, progress=False)
+    # the one-step model is made, not trained on showers
+    assert "one-step" not in available_models() and "one-step" in available_models(include_derived=True)
+    with pytest.raises(TrainingError, match="fastshower distill"):
+        train(tiny_file, "one-step", tmp_path / "z", steps=2, progress=False)
+
+
+def test_distill_needs_the_training_file(tmp_path: Path, tiny_file: Path) -> None:
+    import shutil
+
+    data = tmp_path / "moved.h5"
+    shutil.copyfile(tiny_file, data)
+    run = train(data, "flow-matching", tmp_path / "fm", steps=3, batch_size=32, progress=False,
+                config={"hparams": TEACHER_HP, "train": TRAIN})
+    data.unlink()
+    with pytest.raises(DistillError, match=r"moved\.h5"):
+        distill(run, tmp_path / "s", n_pairs=200, steps=2, progress=False)
+    assert cli_main(["distill", "--run", str(run), "--out", str(tmp_path / "s2"), "--pairs", "200", "--quiet"]) == 2
