@@ -218,6 +218,37 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     }
 
 
+def distilled_student(work: Path, args: argparse.Namespace, teacher_info: dict[str, Any]) -> dict[str, Any]:
+    """Distil the flow-matching run into a one-step student (once); its training-info entry.
+
+    The student's CPU minutes are the teacher's plus the distillation's (pairs and regression).
+    """
+    from fastshower.distill import distill
+
+    teacher = work / "runs" / f"flow-matching-{args.minutes:g}min"
+    run_dir = work / "runs" / f"one-step-{args.minutes:g}min"
+    info_path = work / "runs" / f"one-step-{args.minutes:g}min.train.json"
+    if info_path.exists() and not args.retrain:
+        return dict(json.loads(info_path.read_text()))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log(f"one-step: distilling {teacher} ({args.distill_pairs} pairs, {args.distill_steps} steps)")
+    c0 = time.process_time()
+    distill(teacher, run_dir, n_pairs=args.distill_pairs, steps=args.distill_steps, seed=args.seed, progress=False)
+    minutes = (time.process_time() - c0) / 60
+    meta = json.loads((run_dir / "meta.json").read_text())["distilled"]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    info = {
+        "clock": "cpu", "teacher": "flow-matching", "distill_minutes": round(minutes, 2),
+        "used_minutes_total": round(float(teacher_info["used_minutes_total"]) + minutes, 2),
+        "steps": args.distill_steps, "stopped_early": None, "distilled": meta, "hparams": cfg["hparams"],
+        "batch_size": meta["batch_size"],
+        "n_parameters": int(sum(p.numel() for p in load_run(run_dir)[0].parameters())),
+    }
+    info_path.write_text(json.dumps(info, indent=1, default=str))
+    log(f"one-step: distilled in {minutes:.1f} CPU min, held-out relative MSE {meta['relative_val_mse']:.4f}")
+    return info
+
+
 # --- scores -------------------------------------------------------------------------------------------
 
 
@@ -374,6 +405,12 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None,
                     help="epoch seconds: stop training at this wall time whatever the budget (shared machines)")
     ap.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
+    ap.add_argument("--distill", action="store_true",
+                    help="also distil the flow-matching run into a one-step student (fastshower distill) and score it")
+    ap.add_argument("--distill-pairs", type=int, default=100_000)
+    ap.add_argument("--distill-steps", type=int, default=4000)
+    ap.add_argument("--skip-scored", action="store_true",
+                    help="do not generate and score again the models --out already holds scores for")
     ap.add_argument("--wait-references", action="store_true",
                     help="a Geant4 file that exists but is incomplete is being written by another process: "
                          "wait for it instead of simulating")
@@ -477,6 +514,8 @@ def main() -> None:
             info_path.write_text(json.dumps(tinfo, indent=1, default=str))
             log(f"{model}: trained {tinfo['steps']} steps")
         tinfos[model] = json.loads(info_path.read_text())
+    if args.distill and "flow-matching" in tinfos:
+        tinfos["one-step"] = distilled_student(work, args, tinfos["flow-matching"])
 
     # 3. test references and the floor: Geant4 vs Geant4 on the same statistics
     for name, (spec, n, seed) in d["files"].items():
@@ -494,7 +533,13 @@ def main() -> None:
     write()
 
     # 4. generation and scores
+    scored: set[str] = set()
+    if args.skip_scored and out_json.exists():
+        scored = {k for k, v in json.loads(out_json.read_text()).get("models", {}).items() if v.get("tests")}
     for model, tinfo in tinfos.items():
+        if model in scored:
+            log(f"{model}: already scored in {out_json}, skipped")
+            continue
         tag = f"{model}-{args.minutes:g}min"
         run_dir = work / "runs" / tag
         entry: dict[str, Any] = {"minutes_budget": args.minutes, **tinfo, "tests": {}}
