@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +77,8 @@ def test_noise_path_reproduces_sample(runs: dict[str, Path], name: str) -> None:
 
 @pytest.mark.parametrize("name", list(TINY_HP))
 def test_onnx_fp32_equals_torch(runs: dict[str, Path], name: str, tmp_path: Path) -> None:
-    if name == "flow":
-        with pytest.raises(ExportError, match="does not export"):
-            export_onnx(runs[name], tmp_path / "m.onnx")
-        pytest.skip("zuko spline flows do not export to ONNX (clear ExportError checked)")
+    """Every model (the zuko spline flow included) exports, and ONNX Runtime reproduces torch on the same
+    noise and conditions at batch sizes other than the export's (2)."""
     path = export_onnx(runs[name], tmp_path / "m.onnx")
     proto = onnx.load(str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
@@ -131,6 +132,92 @@ def test_int8_runs_and_stays_close(runs: dict[str, Path], tmp_path: Path) -> Non
     assert abs(ra.mean() - rb.mean()) < 0.02 * max(ra.mean(), 1e-3)
 
 
+def test_flow_layer_energies_export_with_repeated_layer_index(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The cause of the old flow export failure: per-layer sums over repeated layer indices (index_add) came
+    out of ONNX Runtime as the last voxel of each layer. The exported sums must equal torch's."""
+    import onnxruntime as ort
+
+    model = load_run(runs["flow"])[0]
+    x = torch.rand(3, model.spec.n_voxels)
+
+    class LayerSums(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return model.layer_energies(x)
+
+    with warnings.catch_warnings():  # the legacy (TorchScript) exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LayerSums(), (x,), str(tmp_path / "e.onnx"), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "b"}})
+    x5 = torch.rand(5, model.spec.n_voxels)
+    got = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x5.numpy()})[0]
+    want = torch.stack([x5[:, :16].sum(1), x5[:, 16:].sum(1)], 1).numpy()  # tiny-2x4x4: 2 layers of 16
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _etot_and_occupancy(a: np.ndarray, e: np.ndarray) -> tuple[float, float]:
+    """(mean E_tot / E_inc, fraction of non-zero voxels) of showers a (n, V) MeV with energies e (n,) MeV."""
+    return float((a.sum(1) / e).mean()), float((a > 0).mean())
+
+
+@pytest.mark.parametrize("name", ["vae", "flow-matching"])
+def test_int8_static_calibrated_and_close(runs: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """Static INT8 (QDQ, per-channel weights, calibrated on the training file) keeps the physics: on 300
+    showers mean E_tot / E_inc within 2 % of the FP32 graph and the voxel occupancy within 0.02."""
+    run = runs[name]
+    fp32 = load_onnx(export_onnx(run, tmp_path / "fp32.onnx"), run)
+    path = export_onnx(run, tmp_path / "static.onnx", int8=True, int8_mode="static", calibration=128)
+    static = load_onnx(path, run)
+    info = load_run(run)[2]
+    assert static.meta["precision"] == "int8" and static.meta["int8_mode"] == "static"
+    assert static.backend == "onnx-int8-static" and fp32.backend == "onnx-fp32"
+    cal = json.loads(static.meta["calibration"])
+    assert cal["n_showers"] == 128 and cal["method"] == "minmax" and cal["op_types"] == ["MatMul"]
+    assert cal["data"] == info.meta["data"]["path"]
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops  # QDQ, not dynamic
+    # per-channel weights: a weight's DequantizeLinear carries one scale per output column
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[1]].dims) == 1
+               and inits[n.input[1]].dims[0] > 1 for n in proto.graph.node)
+
+    e, conds = _inputs(run, 300, seed=4)
+    z = draw_noise(load_run(run)[0], 300, torch.Generator().manual_seed(9))
+    a, b = fp32(z, e, conds), static(z, e, conds)
+    assert b.shape == (300, 32) and np.isfinite(b).all() and (b >= 0).all()
+    (ra, occ_a), (rb, occ_b) = _etot_and_occupancy(a, e), _etot_and_occupancy(b, e)
+    assert abs(rb - ra) < 0.02 * ra, (ra, rb)
+    assert abs(occ_b - occ_a) < 0.02, (occ_a, occ_b)
+    # fixed activation scales: a shower's output does not depend on its batch mates (dynamic INT8's does),
+    # and the graph keeps its dynamic batch axis
+    alone = static(z[:7], e[:7], {k: v[:7] for k, v in conds.items()})
+    np.testing.assert_allclose(alone, b[:7], rtol=1e-6, atol=1e-6 * float(b.max()))
+
+
+def test_int8_static_needs_the_training_file(runs: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose training file is gone: static INT8 fails before exporting, naming the file; the other
+    modes do not need the file."""
+    run = tmp_path / "moved-run"
+    shutil.copytree(runs["vae"], run)
+    meta = json.loads((run / "meta.json").read_text())
+    gone = str(tmp_path / "deleted" / "train.h5")
+    (run / "meta.json").write_text(json.dumps({**meta, "data": {**meta["data"], "path": gone}}))
+    with pytest.raises(ExportError, match=re.escape(gone)):
+        export_onnx(run, tmp_path / "s.onnx", int8=True, int8_mode="static")
+    assert not (tmp_path / "s.onnx").exists()
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "s.onnx"), "--int8",
+                     "--int8-mode", "static"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastshower: error:") and gone in err and "\n" not in err
+    assert load_onnx(export_onnx(run, tmp_path / "d.onnx", int8=True), run).meta["int8_mode"] == "dynamic"
+    with pytest.raises(ExportError, match="without int8"):
+        export_onnx(run, tmp_path / "x.onnx", int8_mode="static")
+    with pytest.raises(ExportError, match="calibration method"):
+        export_onnx(run, tmp_path / "x.onnx", int8=True, int8_mode="static", calibration_method="entropy")
+
+
 def test_metadata_mismatch(runs: dict[str, Path], tmp_path: Path) -> None:
     path = export_onnx(runs["vae"], tmp_path / "vae.onnx")
     with pytest.raises(ExportError, match="different run"):
@@ -144,6 +231,16 @@ def test_metadata_mismatch(runs: dict[str, Path], tmp_path: Path) -> None:
         load_onnx(tmp_path / "old.onnx")
     with pytest.raises(ExportError, match="different run"):
         generate(runs["wgan-gp"], 5, "2", out=tmp_path / "x.h5", progress=False, backend="onnx", onnx_path=path)
+    # precision / INT8 mode: both INT8 modes load, an unknown mode does not
+    proto = onnx.load(str(path))
+    for key, value in (("precision", "int8"), ("int8_mode", "static")):
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, key: value})
+    onnx.save(proto, str(tmp_path / "static.onnx"))
+    assert load_onnx(tmp_path / "static.onnx", runs["vae"]).backend == "onnx-int8-static"
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, "int8_mode": "float4"})
+    onnx.save(proto, str(tmp_path / "odd.onnx"))
+    with pytest.raises(ExportError, match="unknown INT8 mode 'float4'"):
+        load_onnx(tmp_path / "odd.onnx")
 
 
 def test_bad_inputs(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,7 +287,25 @@ def test_cli_export_and_bench_schema(runs: dict[str, Path], tmp_path: Path) -> N
         assert r["ms_per_shower"] > 0 and r["repeats"] >= 1
         assert r["ms_per_call"] == pytest.approx(r["ms_per_shower"] * r["batch_size"])
     assert rep["geant4"] is None and rep["speedup_vs_geant4"] == {}
-    assert set(rep["int8_vs_fp32"]) == {"1", "10"}
+    assert set(rep["int8_vs_fp32"]) == {"1", "10"} and rep["int8_static_vs_fp32"] == {}
+
+
+def test_cli_export_static_and_bench_static(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = runs["flow-matching"]
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "s.onnx"), "--int8", "--int8-mode",
+                     "static", "--calibration", "64"]) == 0
+    sampler = load_onnx(tmp_path / "s.onnx", run)
+    assert sampler.meta["int8_mode"] == "static" and json.loads(sampler.meta["calibration"])["n_showers"] == 64
+    e, conds = _inputs(run, 20)
+    out = sampler(draw_noise(load_run(run)[0], 20, torch.Generator().manual_seed(0)), e, conds)
+    assert out.shape == (20, 32) and np.isfinite(out).all() and (out >= 0).all() and (out.sum(1) > 0).any()
+    assert cli_main(["bench", "--run", str(run), "--batch-sizes", "4", "--backends", "onnx-fp32,onnx-int8-static",
+                     "--out", str(tmp_path / "b.json")]) == 0
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert {r["backend"] for r in rep["results"]} == {"onnx-fp32", "onnx-int8-static"}
+    assert set(rep["int8_static_vs_fp32"]) == {"4"} and rep["int8_vs_fp32"] == {}
+    with pytest.raises(ExportError, match="unknown backend"):
+        bench(run, batch_sizes=[1], backends=["onnx-int4"], print_table=False)
 
 
 @pytest.mark.slow

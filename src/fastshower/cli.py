@@ -195,7 +195,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fastshower.export import export_onnx
 
-    path = export_onnx(args.run, args.out, int8=args.int8, opset=args.opset)
+    path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
+                       opset=args.opset)
     print(f"wrote {path}")
     return 0
 
@@ -204,7 +205,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fastshower.export import bench
 
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    bench(args.run, out=args.out, batch_sizes=sizes, threads=args.threads, geant4=args.geant4)
+    backends = [s.strip() for s in args.backends.split(",") if s.strip()]
+    bench(args.run, out=args.out, batch_sizes=sizes, threads=args.threads, geant4=args.geant4, backends=backends)
     return 0
 
 
@@ -322,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     x = add("export", _cmd_export, "export a run's sampler to ONNX (optionally INT8)")
     x.add_argument("--run", required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--int8", action="store_true")
+    x.add_argument("--int8", action="store_true", help="INT8 quantisation (dynamic unless --int8-mode static)")
+    x.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
+                   help="with --int8: dynamic (activation ranges per call) or static (ranges calibrated on the "
+                        "run's training file, QDQ)")
+    x.add_argument("--calibration", type=int, default=256,
+                   help="with --int8-mode static: training-file showers to calibrate on")
     x.add_argument("--opset", type=int, default=17)
 
     b = add("bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
@@ -330,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--geant4", action="store_true")
     b.add_argument("--batch-sizes", default="1,100,10000")
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--backends", default="torch-fp32,onnx-fp32,onnx-int8",
+                   help="comma-separated; also onnx-int8-static (calibrates on the run's training file)")
     b.add_argument("--out", required=True)
     return p
 

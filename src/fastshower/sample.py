@@ -392,9 +392,8 @@ def generate(
         onnx_sampler = None
         if backend == "onnx":
             onnx_sampler = _onnx_sampler(stack, (model, transform, info), onnx_path, thr, opts, int8)
-            precision = onnx_sampler.meta.get("precision", "fp32")
-            attrs["backend"] = f"onnx-{precision}"
-            generator_name += f" [ONNX {precision}]"
+            attrs["backend"] = onnx_sampler.backend  # onnx-fp32, onnx-int8 (dynamic) or onnx-int8-static
+            generator_name += f" [{onnx_sampler.backend.upper().replace('-', ' ', 1)}]"
         else:
             attrs["backend"] = "torch"
         w = stack.enter_context(ShowerWriter(out, info.geometry, info.particle, generator_name, n, widths, attrs))

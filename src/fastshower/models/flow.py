@@ -161,6 +161,9 @@ class CaloFlow(ShowerModel):
         self.noise, self.alpha = float(hp["noise"]), float(hp["alpha"])
         self.n_layers = L
         self.register_buffer("layer_index", torch.repeat_interleave(torch.arange(L), torch.tensor(spec.layer_sizes)))
+        # [start, stop) voxel range of each layer: layers are contiguous blocks in the voxel order
+        ends = torch.cumsum(torch.tensor(spec.layer_sizes), 0).tolist()
+        self._layer_bounds: tuple[tuple[int, int], ...] = tuple(zip([0, *ends[:-1]], ends, strict=True))
         self.scale1 = FeatureScaler(L)
         self.scale2 = FeatureScaler(V)
         h1, h2 = int(hp["stage1_hidden"]), int(hp["stage2_hidden"])
@@ -188,9 +191,14 @@ class CaloFlow(ShowerModel):
         return ((torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)).clamp(0.0, 1.0)
 
     def layer_energies(self, x: Tensor) -> Tensor:
-        """Layer fractions e_l = E_l / E_inc (B, L) of showers x (B, V)."""
-        e = x.new_zeros(x.shape[0], self.n_layers)
-        return e.index_add(1, self.layer_index, x)
+        """Layer fractions e_l = E_l / E_inc (B, L) of showers x (B, V) (any units in, the same units out).
+
+        A sum over each layer's contiguous block of voxels. Not ``index_add`` over ``layer_index``:
+        torch's ONNX exporter turns index_add into a ScatterND that *overwrites* repeated indices
+        instead of adding them (it warns "does not support duplicated values in 'index'"), so an
+        exported graph kept only the last voxel of each layer. Slices and sums export exactly.
+        """
+        return torch.stack([x[:, a:b].sum(1) for a, b in self._layer_bounds], dim=1)
 
     def stage1_features(self, e: Tensor) -> Tensor:
         """Layer fractions e (B, L), > 0 -> stage-1 variables (B, L): log total, then logit u's."""
