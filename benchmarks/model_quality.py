@@ -54,6 +54,8 @@ from fastshower.train import train  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
 
 ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow")
+#: ``--distill``: teacher -> table key of its one-step student (``fastshower distill``)
+DISTILLED = {"flow-matching": "one-step-fm", "flow": "one-step-flow"}
 METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
 
 #: detector presets: geometry, particle, Geant4 files {name: (energy spec, n, seed)}, test sets
@@ -218,34 +220,35 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     }
 
 
-def distilled_student(work: Path, args: argparse.Namespace, teacher_info: dict[str, Any]) -> dict[str, Any]:
-    """Distil the flow-matching run into a one-step student (once); its training-info entry.
+def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, key: str,
+                      teacher_info: dict[str, Any]) -> dict[str, Any]:
+    """Distil the ``teacher_name`` run into a one-step student (once); its training-info entry.
 
     The student's CPU minutes are the teacher's plus the distillation's (pairs and regression).
     """
     from fastshower.distill import distill
 
-    teacher = work / "runs" / f"flow-matching-{args.minutes:g}min"
-    run_dir = work / "runs" / f"one-step-{args.minutes:g}min"
-    info_path = work / "runs" / f"one-step-{args.minutes:g}min.train.json"
+    teacher = work / "runs" / f"{teacher_name}-{args.minutes:g}min"
+    run_dir = work / "runs" / f"{key}-{args.minutes:g}min"
+    info_path = work / "runs" / f"{key}-{args.minutes:g}min.train.json"
     if info_path.exists() and not args.retrain:
         return dict(json.loads(info_path.read_text()))
     shutil.rmtree(run_dir, ignore_errors=True)
-    log(f"one-step: distilling {teacher} ({args.distill_pairs} pairs, {args.distill_steps} steps)")
+    log(f"{key}: distilling {teacher} ({args.distill_pairs} pairs, {args.distill_steps} steps)")
     c0 = time.process_time()
     distill(teacher, run_dir, n_pairs=args.distill_pairs, steps=args.distill_steps, seed=args.seed, progress=False)
     minutes = (time.process_time() - c0) / 60
     meta = json.loads((run_dir / "meta.json").read_text())["distilled"]
     cfg = json.loads((run_dir / "config.json").read_text())
     info = {
-        "clock": "cpu", "teacher": "flow-matching", "distill_minutes": round(minutes, 2),
+        "clock": "cpu", "teacher": teacher_name, "distill_minutes": round(minutes, 2),
         "used_minutes_total": round(float(teacher_info["used_minutes_total"]) + minutes, 2),
         "steps": args.distill_steps, "stopped_early": None, "distilled": meta, "hparams": cfg["hparams"],
         "batch_size": meta["batch_size"],
         "n_parameters": int(sum(p.numel() for p in load_run(run_dir)[0].parameters())),
     }
     info_path.write_text(json.dumps(info, indent=1, default=str))
-    log(f"one-step: distilled in {minutes:.1f} CPU min, held-out relative MSE {meta['relative_val_mse']:.4f}")
+    log(f"{key}: distilled in {minutes:.1f} CPU min, held-out relative MSE {meta['relative_val_mse']:.4f}")
     return info
 
 
@@ -406,7 +409,8 @@ def main() -> None:
                     help="epoch seconds: stop training at this wall time whatever the budget (shared machines)")
     ap.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
     ap.add_argument("--distill", action="store_true",
-                    help="also distil the flow-matching run into a one-step student (fastshower distill) and score it")
+                    help="also distil the flow-matching and flow runs into one-step students (fastshower distill) "
+                         "and score them")
     ap.add_argument("--distill-pairs", type=int, default=100_000)
     ap.add_argument("--distill-steps", type=int, default=4000)
     ap.add_argument("--skip-scored", action="store_true",
@@ -514,8 +518,10 @@ def main() -> None:
             info_path.write_text(json.dumps(tinfo, indent=1, default=str))
             log(f"{model}: trained {tinfo['steps']} steps")
         tinfos[model] = json.loads(info_path.read_text())
-    if args.distill and "flow-matching" in tinfos:
-        tinfos["one-step"] = distilled_student(work, args, tinfos["flow-matching"])
+    if args.distill:
+        for teacher, key in DISTILLED.items():
+            if teacher in tinfos and "error" not in tinfos[teacher]:
+                tinfos[key] = distilled_student(work, args, teacher, key, tinfos[teacher])
 
     # 3. test references and the floor: Geant4 vs Geant4 on the same statistics
     for name, (spec, n, seed) in d["files"].items():

@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true")
 
-    ds = add("distill", _cmd_distill, "distil a flow-matching run into a one-step generator (fast sampling)")
-    ds.add_argument("--run", required=True, help="finished flow-matching run (the teacher)")
+    ds = add("distill", _cmd_distill, "distil a flow-matching (or flow) run into a one-step generator (fast sampling)")
+    ds.add_argument("--run", required=True, help="finished flow-matching or flow run (the teacher)")
     ds.add_argument("--out", required=True, help="new run folder for the one-step student")
     ds.add_argument("--pairs", type=int, default=100_000, help="teacher (noise, shower) pairs to learn from")
     ds.add_argument("--steps", type=int, default=4000, help="student optimisation steps")

@@ -1,4 +1,4 @@
-"""Distil a flow-matching run into a one-step generator (``fastshower distill``).
+"""Distil a flow-matching (or two-stage flow) run into a one-step generator (``fastshower distill``).
 
 The teacher's ODE sampler costs 2 x ``steps`` passes of its velocity net per shower; the
 student (:class:`fastshower.models.onestep.OneStep`) costs one pass of a much smaller net.
@@ -70,7 +70,7 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
 @torch.no_grad()
 def teacher_pairs(model: ShowerModel, c: Tensor, generator: torch.Generator, ode_steps: int | None,
                   chunk: int = 4096, progress: bool = False) -> Tensor:
-    """Pair rows (n, 2V): the teacher's model-space shower for each condition row, then its noise."""
+    """Pair rows (n, V + D): the teacher's model-space shower for each condition row, then its noise (D)."""
     from tqdm.auto import tqdm
 
     out = []
@@ -82,11 +82,17 @@ def teacher_pairs(model: ShowerModel, c: Tensor, generator: torch.Generator, ode
     return torch.cat(out)
 
 
-def _check_teacher(run: Run) -> None:
+#: models whose sampler is a deterministic, multi-pass noise-to-shower map worth compressing into one pass
+TEACHERS = ("flow-matching", "flow")
+
+
+def _check_teacher(run: Run, ode_steps: int | None) -> None:
     _, _, info = run
-    if info.model_name != "flow-matching":
-        raise DistillError(f"{info.run_dir}: distillation needs a flow-matching teacher (a deterministic "
-                           f"noise-to-shower map); this run is {info.model_name!r}")
+    if info.model_name not in TEACHERS:
+        raise DistillError(f"{info.run_dir}: distillation needs a flow-matching or flow teacher (a deterministic "
+                           f"multi-pass noise-to-shower map); this run is {info.model_name!r}")
+    if ode_steps is not None and info.model_name != "flow-matching":
+        raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
     if info.meta.get("status") != "finished":
         raise DistillError(f"{info.run_dir}: the teacher's training has not finished (status "
                            f"{info.meta.get('status')!r}); resume it first")
@@ -103,10 +109,10 @@ def distill(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Make a one-step run at ``out`` from the flow-matching run ``teacher``; returns ``out``.
+    """Make a one-step run at ``out`` from the flow-matching (or flow) run ``teacher``; returns ``out``.
 
     Args:
-        teacher: finished flow-matching run folder.
+        teacher: finished flow-matching or flow run folder.
         out: new run folder (must not hold a run already).
         n_pairs: teacher (noise, shower) pairs to learn from (5 % held out).
         steps: student optimisation steps; batch_size: pairs per step.
@@ -124,7 +130,7 @@ def distill(
         run = load_run(teacher)
     except GenerationError as exc:
         raise DistillError(str(exc)) from None
-    _check_teacher(run)
+    _check_teacher(run, ode_steps)
     model, _, info = run
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -136,9 +142,9 @@ def distill(
     x_tr, c_tr, x_val, c_val = pairs[n_val:], c[n_val:], pairs[:n_val], c[:n_val]
 
     torch.manual_seed(seed)
-    teacher_steps = int(ode_steps if ode_steps is not None else info.hparams["steps"])
+    teacher_steps = int(ode_steps if ode_steps is not None else info.hparams.get("steps", 0))
     hp = {**(hparams or {}), "teacher": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
-          "teacher_method": str(info.hparams.get("method", ""))}
+          "teacher_method": str(info.hparams.get("method", "")), "noise_dim": model.noise_dim()}
     try:
         student = get_model_class("one-step")(info.spec, **hp)
     except ValueError as exc:
