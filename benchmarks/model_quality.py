@@ -55,7 +55,7 @@ from fastshower.validate.evaluate import evaluate  # noqa: E402
 
 ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow")
 #: ``--distill``: teacher -> table key of its one-step student (``fastshower distill``)
-DISTILLED = {"flow-matching": "one-step-fm", "flow": "one-step-flow"}
+DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow"}
 METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
 
 #: detector presets: geometry, particle, Geant4 files {name: (energy spec, n, seed)}, test sets
