@@ -34,7 +34,7 @@ from fastshower.io import ShowerFile, ShowerFileError
 from fastshower.models import get_model_class
 from fastshower.models.base import ShowerModel
 from fastshower.sample import GenerationError, Run, load_run
-from fastshower.train import CHECKPOINT_FORMAT, _atomic_save, _write_json
+from fastshower.train import CHECKPOINT_FORMAT, atomic_save, write_json
 
 __all__ = ["DistillError", "distill", "teacher_conditions"]
 
@@ -200,13 +200,13 @@ def _write_run(out: Path, run: Run, student: ShowerModel, steps: int, distilled:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     for name in _SHARED_FILES:
         shutil.copyfile(info.run_dir / name, out / name)
-    _atomic_save({"format": CHECKPOINT_FORMAT, "model_name": student.name, "step": steps,
+    atomic_save({"format": CHECKPOINT_FORMAT, "model_name": student.name, "step": steps,
                   "world_size": 1, "model": student.state_dict()}, out / "checkpoints" / "last.pt")
     with (out / "distill_log.jsonl").open("w") as f:
         for line in log:
             f.write(json.dumps(line) + "\n")
-    _write_json(out / "config.json", {"model": student.name, "hparams": student.hparams, "train": info.options})
+    write_json(out / "config.json", {"model": student.name, "hparams": student.hparams, "train": info.options})
     # the teacher's data provenance carries over (generation checks conditions and energies against it)
     meta = {**info.meta, "status": "finished", "step": steps, "fastshower_version": __version__,
             "torch_version": torch.__version__, "distilled": distilled}
-    _write_json(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)

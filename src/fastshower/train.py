@@ -208,13 +208,15 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new checkpoint, never half of one
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file and rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -448,12 +450,12 @@ def train(
                 shutil.copyfile(config, out / "config.toml")
             (out / "geometry.json").write_text(geometry.to_json())
             transform.save(out / "transforms.json")
-            _write_json(out / "spec.json", spec.to_dict())
+            write_json(out / "spec.json", spec.to_dict())
             meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         else:
             meta = {**json.loads((out / "meta.json").read_text()), **meta, "resumed_at_step": start_step}
-        _write_json(out / "config.json", {"model": model_name, "hparams": hparams, "train": opts})
-        _write_json(out / "meta.json", meta)
+        write_json(out / "config.json", {"model": model_name, "hparams": hparams, "train": opts})
+        write_json(out / "meta.json", meta)
 
     def checkpoint(step: int) -> None:
         rng = _rng_state(dev)
@@ -478,9 +480,9 @@ def train(
             "rng": rngs,
             "data": datas,
         }
-        _atomic_save(state, ckpt_path)
+        atomic_save(state, ckpt_path)
         meta["step"] = step
-        _write_json(out / "meta.json", meta)
+        write_json(out / "meta.json", meta)
 
     # -- loop -----------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -541,7 +543,7 @@ def train(
         meta["status"] = "finished"
         meta["step"] = step
         meta["train_seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json(out / "meta.json", meta)
+        write_json(out / "meta.json", meta)
     if world > 1:
         dist.barrier()
         if own_group:
