@@ -236,7 +236,8 @@ def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, k
     shutil.rmtree(run_dir, ignore_errors=True)
     log(f"{key}: distilling {teacher} ({args.distill_pairs} pairs, {args.distill_steps} steps)")
     c0 = time.process_time()
-    distill(teacher, run_dir, n_pairs=args.distill_pairs, steps=args.distill_steps, seed=args.seed, progress=False)
+    distill(teacher, run_dir, n_pairs=args.distill_pairs, steps=args.distill_steps, seed=args.seed, progress=False,
+            hparams=args.distill_hparams)
     minutes = (time.process_time() - c0) / 60
     meta = json.loads((run_dir / "meta.json").read_text())["distilled"]
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -413,6 +414,9 @@ def main() -> None:
                          "and score them")
     ap.add_argument("--distill-pairs", type=int, default=100_000)
     ap.add_argument("--distill-steps", type=int, default=4000)
+    ap.add_argument("--distill-hparams", type=json.loads, default=None,
+                    help='student hyper-parameters as JSON, e.g. \'{"hidden": 32, "depth": 1}\'')
+    ap.add_argument("--distill-suffix", default="", help="appended to the students' table keys (one-step<suffix>)")
     ap.add_argument("--skip-scored", action="store_true",
                     help="do not generate and score again the models --out already holds scores for")
     ap.add_argument("--wait-references", action="store_true",
@@ -521,6 +525,7 @@ def main() -> None:
     if args.distill:
         for teacher, key in DISTILLED.items():
             if teacher in tinfos and "error" not in tinfos[teacher]:
+                key += args.distill_suffix
                 tinfos[key] = distilled_student(work, args, teacher, key, tinfos[teacher])
 
     # 3. test references and the floor: Geant4 vs Geant4 on the same statistics
