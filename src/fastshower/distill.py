@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from fastshower import __version__
-from fastshower.io import ShowerFile, ShowerFileError
+from fastshower.io import ShowerFileError
 from fastshower.models import get_model_class
 from fastshower.models.base import ShowerModel
-from fastshower.sample import GenerationError, Run, load_run
+from fastshower.sample import GenerationError, Run, draw_training_conditions, load_run
 from fastshower.train import CHECKPOINT_FORMAT, atomic_save, write_json
 
 __all__ = ["DistillError", "distill", "teacher_conditions"]
@@ -53,18 +53,14 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
         DistillError: the training file named in the run's meta.json is gone or unreadable.
     """
     _, transform, info = run
-    path = Path(str(info.meta.get("data", {}).get("path", "")))
     try:
-        with ShowerFile(path) as f:
-            idx = np.sort(rng.integers(0, f.n, size=n))
-            energies = f.energies()
-            conds = {name: torch.from_numpy(f.condition(name)[idx]) for name in transform.cond.names}
+        e, conds = draw_training_conditions(info, n, rng, replace=True)
     except (ShowerFileError, OSError) as exc:
+        path = info.meta.get("data", {}).get("path", "")
         raise DistillError(f"the teacher's training file {str(path)!r} is needed for the conditions to "
                            f"distil on and cannot be read ({exc})") from None
-    e = torch.from_numpy(np.asarray(energies, dtype=np.float64)[idx])
     with torch.no_grad():
-        return transform.conditions(e, conds).float()
+        return transform.conditions(torch.from_numpy(e), {k: torch.from_numpy(v) for k, v in conds.items()}).float()
 
 
 @torch.no_grad()

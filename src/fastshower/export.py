@@ -346,21 +346,17 @@ def calibration_inputs(info: RunInfo, n: int, seed: int = 0) -> tuple[np.ndarray
         ExportError: the run records no training file, or that file is missing, unreadable, of another
             geometry or without one of the run's conditions (a one-line message naming the file).
     """
-    from fastshower.io import ShowerFile
+    from fastshower.sample import draw_training_conditions
 
     if n < 1:
         raise ExportError(f"calibration needs >= 1 shower, got {n}")
     path = _training_file(info)
     try:
-        with ShowerFile(path, info.geometry) as f:
-            energies = f.energies()
-            conds = {k: f.condition(k) for k in info.cond_names}
+        return draw_training_conditions(info, n, np.random.default_rng(seed))
     except (OSError, ValueError) as exc:  # ShowerFileError is a ValueError; h5py raises OSError
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"static INT8 calibration reads run {info.run_id}'s training file {path}: "
                           f"{reason.removeprefix(f'{path}: ')}") from None
-    rows = np.random.default_rng(seed).choice(len(energies), min(n, len(energies)), replace=False)
-    return energies[rows], {k: v[rows] for k, v in conds.items()}
 
 
 def _calibration_feeds(model: Any, info: RunInfo, n: int, seed: int) -> list[dict[str, np.ndarray]]:

@@ -39,7 +39,7 @@ from fastshower import __version__
 from fastshower.data import ShowerTransform
 from fastshower.energy import EnergySpec, EnergySpecError, parse_energy
 from fastshower.geometry import Geometry, geometry_from_json
-from fastshower.io import ShowerBatch, ShowerWriter
+from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter
 from fastshower.models import get_model_class
 from fastshower.models.base import ModelSpec, ShowerModel
 from fastshower.simulate.airshower import X_GROUND_VERTICAL
@@ -48,6 +48,7 @@ __all__ = [
     "GenerationError",
     "RunInfo",
     "below_ground_mask",
+    "draw_training_conditions",
     "generate",
     "load_run",
     "parse_condition",
@@ -152,6 +153,29 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
         meta=meta,
     )
     return model, transform, info
+
+
+def draw_training_conditions(info: RunInfo, n: int, rng: np.random.Generator, replace: bool = False
+                             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Incident energies (m,) MeV and the run's raw conditions {name: (m, k)} (the file's units) of
+    showers drawn at random from the training file the run records (meta.json ``data.path``).
+
+    ``replace=False``: m = min(n, N) distinct showers of the file's N; ``replace=True``: m = n, sorted.
+    Only the energy and condition columns are read (whole), never the showers.
+
+    Raises:
+        ShowerFileError | OSError: the run records no training file, or it is missing, unreadable, of
+            another geometry or without one of the run's conditions.
+    """
+    path = info.meta.get("data", {}).get("path")
+    if not path:
+        raise ShowerFileError(f"run {info.run_dir} records no training file (meta.json data.path)")
+    with ShowerFile(path, info.geometry) as f:
+        energies = f.energies()
+        conds = {k: f.condition(k) for k in info.cond_names}
+    rows = (np.sort(rng.integers(0, len(energies), size=n)) if replace
+            else rng.choice(len(energies), min(n, len(energies)), replace=False))
+    return energies[rows], {k: v[rows] for k, v in conds.items()}
 
 
 # --- post-processing and in-memory sampling -----------------------------------------------------
