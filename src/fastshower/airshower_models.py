@@ -67,7 +67,7 @@ PROFILE_CONFIGS: dict[str, dict[str, Any]] = {
     },
     # wider than the 640-value profile: at hidden 256 the residual MLP's bottleneck cannot cancel the
     # per-bin noise the ODE starts from, and profiles came out rough (Xmax separation power 0.55);
-    # at 768 x 3 it is 0.043 on the same data and budget (benchmarks/results/airshower_models.json)
+    # at 768 x 3 it is 0.058 with the same 240 s budget (benchmarks/results/airshower_models.json)
     "flow-matching": {
         "model": "flow-matching",
         "hparams": {"net": "mlp", "hidden": 768, "depth": 3, "steps": 16, "method": "midpoint",
