@@ -14,6 +14,8 @@ from fastshower.distill import DistillError, distill
 from fastshower.export import export_onnx, load_onnx
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
+from fastshower.models.flow import CaloFlow
+from fastshower.models.onestep import OneStep
 from fastshower.sample import generate, load_run
 from fastshower.train import TrainingError, train
 
@@ -93,8 +95,9 @@ def test_distill_needs_the_training_file(tmp_path: Path, tiny_file: Path) -> Non
     assert cli_main(["distill", "--run", str(run), "--out", str(tmp_path / "s2"), "--pairs", "200", "--quiet"]) == 2
 
 
-def test_flow_teacher(tmp_path: Path, tiny_file: Path) -> None:
-    """The two-stage flow (noise L + V) distils without the skip connection and learns its map."""
+def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
+    """A flow teacher distils staged: the student keeps stage 1, so for the same noise its layer energies are
+    the teacher's exactly, and it regresses only the stage-2 latents (with the skip connection)."""
     hp = {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2}
     teacher = train(tiny_file, "flow", tmp_path / "flow", steps=30, batch_size=64, progress=False,
                     config={"hparams": hp, "train": TRAIN})
@@ -103,7 +106,20 @@ def test_flow_teacher(tmp_path: Path, tiny_file: Path) -> None:
     run = distill(teacher, tmp_path / "one", n_pairs=2000, steps=400, batch_size=256,
                   hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 20}, progress=False)
     model, _, _ = load_run(run)
-    assert model.noise_dim() == 2 + 32 and not model.skip
+    t_model, _, _ = load_run(teacher)
+    assert isinstance(model, OneStep) and isinstance(t_model, CaloFlow)
+    assert model.stage1 is not None and model.stage1.flow2 is None
+    assert model.noise_dim() == 2 + 32 and model.skip
+    c = torch.rand(500, t_model.spec.cond_dim) * 2 - 1
+    z = t_model.draw_noise(500, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x_s, x_t = model.sample_from_noise(z, c), t_model.sample_from_noise(z, c)
+    # same layer energies (the thresholded voxels below 1e-6 E_inc aside), different shapes
+    e_s, e_t = t_model.layer_energies(x_s), t_model.layer_energies(x_t)
+    assert torch.allclose(e_s, e_t, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(x_s, x_t, atol=1e-3)
+    # only the student's own net was trained: the stage-1 flow is the teacher's, bit for bit
+    for k, v in model.stage1.state_dict().items():
+        assert torch.equal(v, t_model.state_dict()[k]), k
     log = [json.loads(line) for line in (run / "distill_log.jsonl").read_text().splitlines()]
-    # learning from scratch (no skip): the held-out error falls well below predicting the mean shower
     assert log[-1]["relative_val_mse"] < 0.8 * log[0]["relative_val_mse"] and log[-1]["relative_val_mse"] < 1.0

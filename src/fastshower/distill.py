@@ -7,7 +7,10 @@ Procedure (Luhman & Luhman 2021, arXiv:2101.02388):
 1. conditions: ``n_pairs`` rows drawn (with replacement) from the teacher's training file,
    so the student learns where the showers are, in the run's own condition transform;
 2. pairs: noise z ~ N(0, I) per row, carried through the teacher's ODE (``ode_steps``,
-   default the teacher's own) to its model-space shower x; 5 % of the pairs are held out;
+   default the teacher's own) to its model-space shower x; 5 % of the pairs are held out.
+   A two-stage ``flow`` teacher is distilled *staged*: the student keeps its stage-1 flow and
+   scalers, and x is flow 2's output, the standardised logit voxel shares (see
+   :mod:`fastshower.models.onestep`);
 3. regression: the student minimises the mean squared error to x on the other 95 % with the
    generic one-optimizer step (AdamW, warm-up, cosine decay); the held-out MSE, relative to
    the variance of x, is recorded as the distillation error;
@@ -31,8 +34,8 @@ from torch import Tensor
 
 from fastshower import __version__
 from fastshower.io import ShowerFileError
-from fastshower.models import get_model_class
 from fastshower.models.base import ShowerModel
+from fastshower.models.onestep import OneStep
 from fastshower.sample import GenerationError, Run, draw_training_conditions, load_run
 from fastshower.train import CHECKPOINT_FORMAT, atomic_save, write_json
 
@@ -64,17 +67,18 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_pairs(model: ShowerModel, c: Tensor, generator: torch.Generator, ode_steps: int | None,
-                  chunk: int = 4096, progress: bool = False) -> Tensor:
-    """Pair rows (n, V + D): the teacher's model-space shower for each condition row, then its noise (D)."""
+def teacher_pairs(model: ShowerModel, student: OneStep, c: Tensor, generator: torch.Generator,
+                  ode_steps: int | None, chunk: int = 4096, progress: bool = False) -> Tensor:
+    """Pair rows (n, V + D): the student's regression target for each condition row (the teacher's model-space
+    shower, or a flow teacher's stage-2 latents), then the noise (D) it came from."""
     from tqdm.auto import tqdm
 
-    out = []
     opts: dict[str, Any] = {} if ode_steps is None else {"steps": int(ode_steps)}
+    out = []
     for i in tqdm(range(0, c.shape[0], chunk), desc="teacher pairs", unit="chunk", disable=not progress):
         cc = c[i:i + chunk]
         z = model.draw_noise(cc.shape[0], generator)
-        out.append(torch.cat([model.sample_from_noise(z, cc, **opts), z], dim=1))
+        out.append(torch.cat([student.regression_target(model, z, cc, **opts), z], dim=1))
     return torch.cat(out)
 
 
@@ -132,19 +136,12 @@ def distill(
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     c = teacher_conditions(run, n_pairs, rng)
-    pairs = teacher_pairs(model, c, gen, ode_steps, progress=progress)
+    student = _make_student(run, teacher, ode_steps, hparams, seed)
+    pairs = teacher_pairs(model, student, c, gen, ode_steps, progress=progress)
     t_pairs = time.perf_counter() - t0
     n_val = max(1, n_pairs // 20)
     x_tr, c_tr, x_val, c_val = pairs[n_val:], c[n_val:], pairs[:n_val], c[:n_val]
-
-    torch.manual_seed(seed)
-    teacher_steps = int(ode_steps if ode_steps is not None else info.hparams.get("steps", 0))
-    hp = {**(hparams or {}), "teacher": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
-          "teacher_method": str(info.hparams.get("method", "")), "noise_dim": model.noise_dim()}
-    try:
-        student = get_model_class("one-step")(info.spec, **hp)
-    except ValueError as exc:
-        raise DistillError(str(exc)) from None
+    teacher_steps = int(student.hparams["teacher_steps"])
     log = _fit_student(student, x_tr, c_tr, x_val, c_val, steps, batch_size, gen, progress)
     _write_run(out, run, student, steps, {
         "teacher": str(Path(teacher).resolve()), "teacher_step": info.step, "n_pairs": n_pairs,
@@ -153,6 +150,26 @@ def distill(
         "relative_val_mse": log[-1]["relative_val_mse"],
     }, log)
     return out
+
+
+def _make_student(run: Run, teacher: str | Path, ode_steps: int | None, hparams: dict[str, Any] | None,
+                  seed: int) -> OneStep:
+    """The untrained student for ``run``; a flow teacher's stage 1 and scalers are copied into it (staged)."""
+    model, _, info = run
+    teacher_steps = int(ode_steps if ode_steps is not None else info.hparams.get("steps", 0))
+    hp = {**(hparams or {}), "teacher": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
+          "teacher_method": str(info.hparams.get("method", "")), "noise_dim": model.noise_dim()}
+    if info.model_name == "flow":
+        hp["stage1"] = dict(info.hparams)
+    torch.manual_seed(seed)
+    try:
+        student = OneStep(info.spec, **hp)
+    except ValueError as exc:
+        raise DistillError(str(exc)) from None
+    if student.stage1 is not None:
+        kept = {k: v for k, v in model.state_dict().items() if not k.startswith("flow2.")}
+        student.stage1.load_state_dict(kept)
+    return student
 
 
 def _relative_mse(student: ShowerModel, x: Tensor, c: Tensor) -> float:

@@ -189,10 +189,13 @@ def postprocess(showers: Tensor, energy: Tensor, threshold_mev: float = 0.0) -> 
         energy: incident energies (B,), MeV.
         threshold_mev: readout threshold, MeV.
     """
-    s = torch.nan_to_num(showers, nan=0.0, posinf=0.0, neginf=0.0)
+    # written for the ONNX graph as much as for torch: ONNX Runtime's Where with a materialised zeros
+    # tensor (what nan_to_num and where(..., zeros_like) export to) cost 2-3 us per 504-voxel shower on one
+    # thread, a masked fill or a 0/1 mask 0.2-0.8 us (measured with calogan-3layer students)
+    s = showers.masked_fill(~torch.isfinite(showers), 0.0)
     s = torch.minimum(s.clamp_min(0.0), energy.reshape(-1, 1).to(s.dtype))
     if threshold_mev > 0:
-        s = torch.where(s < threshold_mev, torch.zeros_like(s), s)
+        s = s * (s >= threshold_mev).to(s.dtype)
     return s
 
 
