@@ -232,8 +232,8 @@ class CaloFlow(ShowerModel):
     def stage2_inverse(self, y: Tensor, e: Tensor) -> Tensor:
         """Logit shares y (B, V) and layer fractions e (B, L) -> showers x (B, V), layers renormalised."""
         share = self._expit(y)
-        norm = self.per_voxel(self.layer_energies(share)).clamp_min(_TINY)
-        return share / norm * self.per_voxel(e)
+        factor = e / self.layer_energies(share).clamp_min(_TINY)  # (B, L): layer energy over share sum
+        return share * self.per_voxel(factor)
 
     def per_voxel(self, e: Tensor) -> Tensor:
         """Per-layer values e (B, L) -> (B, V), each voxel given its layer's value.
