@@ -7,11 +7,11 @@ Procedure (Luhman & Luhman 2021, arXiv:2101.02388):
 1. conditions: ``n_pairs`` rows drawn (with replacement) from the teacher's training file,
    so the student learns where the showers are, in the run's own condition transform;
 2. pairs: noise z ~ N(0, I) per row, carried through the teacher's ODE (``ode_steps``,
-   default the teacher's own) to its model-space shower x; 5 % of the pairs are held out.
+   default the teacher's own) to its model-space shower x; 10 % of the pairs are held out.
    A two-stage ``flow`` teacher is distilled *staged*: the student keeps its stage-1 flow and
    scalers, and x is flow 2's output, the standardised logit voxel shares (see
    :mod:`fastshower.models.onestep`);
-3. regression: the student minimises the mean squared error to x on the other 95 % with the
+3. regression: the student minimises the mean squared error to x on the other 90 % with the
    generic one-optimizer step (AdamW, warm-up, cosine decay); the held-out MSE, relative to
    the variance of x, is recorded as the distillation error;
 4. the new run folder holds the teacher's geometry, transforms and spec (the same model space
@@ -114,7 +114,7 @@ def distill(
     Args:
         teacher: finished flow-matching or flow run folder.
         out: new run folder (must not hold a run already).
-        n_pairs: teacher (noise, shower) pairs to learn from (5 % held out).
+        n_pairs: teacher (noise, shower) pairs to learn from (10 % held out).
         steps: student optimisation steps; batch_size: pairs per step.
         ode_steps: teacher ODE steps for the pairs (default: the teacher's own ``steps``).
         hparams: student hyper-parameters (see :class:`fastshower.models.onestep.OneStep`).
@@ -139,15 +139,17 @@ def distill(
     student = _make_student(run, teacher, ode_steps, hparams, seed)
     pairs = teacher_pairs(model, student, c, gen, ode_steps, progress=progress)
     t_pairs = time.perf_counter() - t0
-    n_val = max(1, n_pairs // 20)
+    n_val = max(1, n_pairs // 10)
     x_tr, c_tr, x_val, c_val = pairs[n_val:], c[n_val:], pairs[:n_val], c[:n_val]
     teacher_steps = int(student.hparams["teacher_steps"])
     log = _fit_student(student, x_tr, c_tr, x_val, c_val, steps, batch_size, gen, progress)
+    # the hit cuts are set on the held-out pairs: on the training pairs the heads are a little overconfident
+    occupancy = student.calibrate_occupancy(x_val, c_val) if student.occupancy else {}
     _write_run(out, run, student, steps, {
         "teacher": str(Path(teacher).resolve()), "teacher_step": info.step, "n_pairs": n_pairs,
         "held_out": n_val, "ode_steps": teacher_steps, "steps": steps, "batch_size": batch_size, "seed": seed,
         "pairs_seconds": round(t_pairs, 2), "seconds": round(time.perf_counter() - t0, 2),
-        "relative_val_mse": log[-1]["relative_val_mse"],
+        "relative_val_mse": log[-1]["relative_val_mse"], **occupancy,
     }, log)
     return out
 
@@ -172,12 +174,16 @@ def _make_student(run: Run, teacher: str | Path, ode_steps: int | None, hparams:
     return student
 
 
-def _relative_mse(student: ShowerModel, x: Tensor, c: Tensor) -> float:
-    """Held-out MSE to the teacher divided by the teacher showers' variance (0 = exact, 1 = mean only)."""
+def _held_out(student: ShowerModel, x: Tensor, c: Tensor) -> dict[str, float]:
+    """Held-out MSE to the teacher divided by the teacher targets' variance (0 = exact, 1 = mean only), and
+    (staged students with an occupancy head) the hit classification's cross-entropy."""
     v = student.spec.n_voxels
     with torch.no_grad():
-        mse = float(student.loss(x, c)["loss"])
-    return mse / float(x[:, :v].var(dim=0).mean())
+        losses = student.loss(x, c)
+    out = {"relative_val_mse": float(losses.get("mse_hit", losses["loss"])) / float(x[:, :v].var(dim=0).mean())}
+    if "bce_hit" in losses:
+        out["val_bce_hit"] = float(losses["bce_hit"])
+    return out
 
 
 def _fit_student(student: ShowerModel, x: Tensor, c: Tensor, x_val: Tensor, c_val: Tensor, steps: int,
@@ -199,10 +205,10 @@ def _fit_student(student: ShowerModel, x: Tensor, c: Tensor, x_val: Tensor, c_va
             raise DistillError(f"the student's loss became {logs['loss']} at step {step}; lower the lr")
         if step % every == 0 or step == steps:
             student.eval()
-            rel = _relative_mse(student, x_val, c_val)
+            held = _held_out(student, x_val, c_val)
             student.train()
-            log.append({"step": step, "loss": logs["loss"], "relative_val_mse": rel})
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", val=f"{rel:.4f}")
+            log.append({"step": step, "loss": logs["loss"], **held})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", val=f"{held['relative_val_mse']:.4f}")
     student.eval()
     return log
 

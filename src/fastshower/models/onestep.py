@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastshower.models import register
@@ -37,6 +38,9 @@ from fastshower.models.flow import CaloFlow
 from fastshower.models.nets import MLP, ResidualMLP
 
 __all__ = ["OneStep"]
+
+#: latent subtracted from a voxel the occupancy head leaves empty (standardised logit units: share 0)
+_EMPTY = 1e4
 
 
 @register
@@ -52,6 +56,10 @@ class OneStep(ShowerModel):
         teacher_steps, teacher_method: the ODE the pairs were integrated with (provenance only).
         stage1: the flow teacher's hyper-parameters ({} for a flow-matching teacher); when set, the
             student holds that flow's stage 1 (frozen) and regresses only its stage-2 latents.
+        occupancy: staged students: a second head decides which voxels are hit (see the module docs).
+        occupancy_knots: energy knots of the occupancy calibration.
+        marginal_weight: staged students with occupancy: weight of a per-voxel 1-D Wasserstein term between
+            the student's and the teacher's latents of the batch's hit voxels (see :meth:`loss`).
     """
 
     name: ClassVar[str] = "one-step"
@@ -70,7 +78,13 @@ class OneStep(ShowerModel):
         "teacher_steps": 0,
         "teacher_method": "",
         "stage1": {},
+        "occupancy": True,
+        "occupancy_knots": 8,
+        "marginal_weight": 0.0,
     }
+
+    occ_knots: Tensor  # (K,) standardised log-energy knots of the occupancy cuts (staged, occupancy)
+    occ_cuts: Tensor  # (K, V) occupancy-logit cut per knot and voxel
 
     def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
         super().__init__(spec, **hparams)
@@ -88,8 +102,15 @@ class OneStep(ShowerModel):
             d_in = v
         else:
             d_in = self.noise_dim()
+        self.occupancy = self.stage1 is not None and bool(hp["occupancy"])
+        if self.occupancy:
+            k = int(hp["occupancy_knots"])
+            if k < 2:
+                raise ValueError(f"occupancy_knots must be >= 2, got {k}")
+            self.register_buffer("occ_knots", torch.linspace(-1.0, 1.0, k))
+            self.register_buffer("occ_cuts", torch.zeros(k, v))
         self.embed = MLP([cond, emb, emb])
-        self.body = ResidualMLP(d_in, v, emb, int(hp["hidden"]), int(hp["depth"]))
+        self.body = ResidualMLP(d_in, 2 * v if self.occupancy else v, emb, int(hp["hidden"]), int(hp["depth"]))
         # the teacher's map is the identity plus the integrated velocity when noise and shower share a space;
         # for a staged student, g2 and z2 share one (flow 2 is monotone in each voxel's own coordinate)
         self.skip = d_in == v
@@ -112,10 +133,95 @@ class OneStep(ShowerModel):
         out = self.body(z, self.embed(c))
         return z + out if self.skip else out
 
+    def stage2_heads(self, z: Tensor, c: Tensor, g1: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Staged student: the value head g2 (B, V) and (with ``occupancy``) the hit logits (B, V), from
+        noise z (B, L + V), conditions c (B, C) and g1 (B, L)."""
+        v = self.spec.n_voxels
+        z2 = z[:, -v:]
+        out = self.body(z2, self.embed(torch.cat([c, g1], dim=1)))
+        if not self.occupancy:
+            return z2 + out, None
+        return z2 + out[:, :v], out[:, v:]
+
     def stage2_latents(self, z: Tensor, c: Tensor, g1: Tensor) -> Tensor:
-        """Staged student: g2 (B, V) from noise z (B, L + V), conditions c (B, C) and g1 (B, L)."""
-        z2 = z[:, -self.spec.n_voxels:]
-        return z2 + self.body(z2, self.embed(torch.cat([c, g1], dim=1)))
+        """Staged student: g2 (B, V) from noise z (B, L + V), conditions c (B, C) and g1 (B, L); voxels the
+        occupancy head leaves empty get a latent far below any share (zero energy after assembly)."""
+        g2, logits = self.stage2_heads(z, c, g1)
+        if logits is None:
+            return g2
+        # a 0/1 mask and a subtraction rather than where(): cheaper in ONNX Runtime
+        empty = (logits < self.occupancy_cuts(c)).to(g2.dtype)
+        return g2 - empty * _EMPTY
+
+    def occupancy_cuts(self, c: Tensor) -> Tensor:
+        """Hit-logit cut per shower and voxel (B, V): the calibrated cuts, linear in c[:, 0] (standardised
+        log incident energy) between the knots, constant beyond them."""
+        k = self.occ_knots
+        h = k[1] - k[0]
+        w = torch.relu(1.0 - (c[:, :1].clamp(k[0], k[-1]) - k) .abs() / h)  # (B, K) hat functions, sum 1
+        return w @ self.occ_cuts
+
+    @torch.no_grad()
+    def calibrate_occupancy(self, x: Tensor, c: Tensor, rounds: int = 3) -> dict[str, float]:
+        """Set the occupancy cuts from pair rows x (N, V + D) and conditions c (N, C).
+
+        Per energy knot and voxel, the cut is the quantile of the student's hit logits at which the student's
+        showers hit the voxel as often as the teacher's do near that energy (pairs nearest to the knot). A
+        cut at 0 would be the most likely answer per shower, which under-fills voxels that are hit in a
+        minority of showers; matching the rates keeps the teacher's occupancy (sparsity, n_hits). A voxel
+        counts as hit when it survives assembly (its value can fall below the zero threshold although the
+        head said hit, and which voxels survive depends on the cuts through the layer renormalisation),
+        so the cuts are set ``rounds`` times, each on the showers the previous cuts give.
+        Returns the mean absolute hit-rate difference to the teacher, over knots and voxels, with every
+        logit cut at 0 and with the calibrated cuts.
+        """
+        stage1 = self.stage1
+        assert stage1 is not None and self.occupancy
+        v, n_l = self.spec.n_voxels, stage1.n_layers
+        target, z = x[:, :v], x[:, v:]
+        c0 = c[:, 0]
+        lo, hi = float(c0.min()), float(c0.max())
+        if hi - lo < 1e-6:  # one energy: every knot gets the same cut
+            lo, hi = lo - 1.0, hi + 1.0
+        k_n = self.occ_knots.numel()
+        knots = torch.linspace(lo, hi, k_n)
+        g1 = stage1.sample_stage1(z[:, :n_l], c)
+        g2, logits = self.stage2_heads(z, c, g1)
+        assert logits is not None
+        hit_t = (stage1.assemble(g1, target) > 0).float()
+        nearest = (c0[:, None] - knots).abs().argmin(1)
+        groups = [nearest == k for k in range(k_n)]
+
+        def hit_error(cuts: Tensor) -> float:
+            hit_s = stage1.assemble(g1, g2 - (logits < cuts[nearest]).float() * _EMPTY) > 0
+            errs = [float((hit_s[g].float().mean(0) - hit_t[g].mean(0)).abs().mean()) for g in groups if g.any()]
+            return sum(errs) / max(1, len(errs))
+
+        cuts = torch.zeros(k_n, v)
+        err_zero = hit_error(cuts)
+        for _ in range(rounds):
+            # a voxel whose value does not survive assembly with the current cuts is not a hit at any cut
+            alive = stage1.assemble(g1, g2 - (logits < cuts[nearest]).float() * _EMPTY) > 0
+            alive |= logits < cuts[nearest]  # masked voxels: their value is unknown, keep their logits
+            eff = torch.where(alive, logits, torch.full_like(logits, -float("inf")))
+            for k, g in enumerate(groups):
+                n_k = int(g.sum())
+                if n_k < 10:  # too few pairs near this knot: filled from the neighbours below
+                    cuts[k] = float("nan")
+                    continue
+                rate = hit_t[g].mean(0)  # (V,) teacher hit rate near this knot
+                srt = torch.cat([eff[g].sort(0).values, torch.full((1, v), float("inf"))])  # row n_k: never
+                idx = ((1.0 - rate) * n_k).round().long().clamp(0, n_k)
+                cuts[k] = srt.gather(0, idx[None]).squeeze(0)
+            for k in range(k_n):  # knots without pairs take the nearest calibrated knot's cut
+                if torch.isnan(cuts[k]).any():
+                    good = [j for j in range(k_n) if not torch.isnan(cuts[j]).any()]
+                    cuts[k] = cuts[min(good, key=lambda j: abs(j - k))]
+            # finite stand-ins for "never" / "always" keep the ONNX graph free of inf arithmetic
+            cuts = cuts.clamp(-1e4, 1e4)
+        self.occ_cuts.copy_(cuts)
+        self.occ_knots.copy_(knots)
+        return {"hit_rate_error_uncalibrated": err_zero, "hit_rate_error_calibrated": hit_error(cuts)}
 
     def regression_target(self, teacher: ShowerModel, z: Tensor, c: Tensor, **options: Any) -> Tensor:
         """What the student regresses for noise z (B, D) and conditions c (B, C), (B, V): the teacher's
@@ -140,7 +246,26 @@ class OneStep(ShowerModel):
         if self.stage1 is not None:
             with torch.no_grad():
                 g1 = self.stage1.sample_stage1(z[:, : self.stage1.n_layers], c)
-            pred = self.stage2_latents(z, c, g1)
+            g2, logits = self.stage2_heads(z, c, g1)
+            if logits is None:
+                return {"loss": ((g2 - target) ** 2).mean()}
+            # values are regressed where the teacher's voxel is hit; the hit itself is a classification, so
+            # that the mean of "empty" and "hit" latents never lands between the two as a faint hit
+            with torch.no_grad():
+                hit = (self.stage1.assemble(g1, target) > 0).to(g2.dtype)
+            mse = (hit * (g2 - target) ** 2).sum() / hit.sum().clamp_min(1.0)
+            bce = F.binary_cross_entropy_with_logits(logits, hit)
+            out = {"loss": mse + bce, "mse_hit": mse, "bce_hit": bce}
+            if float(self.hparams["marginal_weight"]) > 0:
+                # regression to the conditional mean narrows each voxel's spread of values; the squared 1-D
+                # Wasserstein distance per voxel (sorted batch values, empty entries parked at the top of
+                # both sides, where they cancel) pulls the spread back
+                parked = torch.full_like(g2, _EMPTY)
+                w2 = (torch.where(hit > 0, g2, parked).sort(0).values
+                      - torch.where(hit > 0, target, parked).sort(0).values) ** 2
+                out["w2_hit"] = w2.sum() / hit.sum().clamp_min(1.0)
+                out["loss"] = out["loss"] + float(self.hparams["marginal_weight"]) * out["w2_hit"]
+            return out
         else:
             pred = self.sample_from_noise(z, c)
         return {"loss": ((pred - target) ** 2).mean()}
