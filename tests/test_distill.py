@@ -95,7 +95,7 @@ def test_distill_needs_the_training_file(tmp_path: Path, tiny_file: Path) -> Non
     assert cli_main(["distill", "--run", str(run), "--out", str(tmp_path / "s2"), "--pairs", "200", "--quiet"]) == 2
 
 
-def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
+def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A flow teacher distils staged: the student keeps stage 1, so for the same noise its layer energies are
     the teacher's, it regresses only the stage-2 latents (with the skip connection), and its calibrated
     occupancy head hits each voxel about as often as the teacher does."""
@@ -140,3 +140,9 @@ def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
     noise = model.draw_noise(64, torch.Generator().manual_seed(4)).numpy()
     out_onnx = sampler(noise, e, {"position": np.zeros((64, 2))})
     assert out_onnx.shape == (64, 32) and np.isfinite(out_onnx).all()
+    # the command line reports the student's errors against the teacher
+    capsys.readouterr()
+    assert cli_main(["distill", "--run", str(teacher), "--out", str(tmp_path / "cli"), "--pairs", "500",
+                     "--steps", "20", "--hidden", "16", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out relative error" in out and "hit-rate error" in out

@@ -143,7 +143,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     hparams = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
     run = distill(args.run, args.out, n_pairs=args.pairs, steps=args.steps, batch_size=args.batch_size,
                   ode_steps=args.ode_steps, hparams=hparams, seed=args.seed, progress=not args.quiet)
-    print(f"one-step run written to {run}")
+    done = json.loads((run / "meta.json").read_text())["distilled"]
+    hits = (f", hit-rate error {done['hit_rate_error_calibrated']:.4f} (uncalibrated "
+            f"{done['hit_rate_error_uncalibrated']:.4f})") if "hit_rate_error_calibrated" in done else ""
+    print(f"one-step run written to {run}: held-out relative error {done['relative_val_mse']:.4f}{hits}")
     return 0
 
 

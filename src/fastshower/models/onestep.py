@@ -19,6 +19,17 @@ coordinate, so g2_v is close to a monotone function of z2_v and the skip connect
 g2 = z2 + G(z2, c, g1) applies. The layers are renormalised to the sampled layer energies as in
 the teacher, so the student's energy response is the flow's.
 
+Where the teacher's map is sharp, in whether a voxel is hit at all, an MSE fit averages "empty"
+and "hit" into a faint hit, and the student's showers fill every voxel (calogan-3layer:
+separation power of the sparsity 0.61). A staged student therefore has two heads (``occupancy``):
+values, regressed only where the teacher's voxel is hit, and hit logits, trained by binary
+cross-entropy. Thresholding the logits at 0 would give each shower its most likely hits, which
+under-fills voxels hit in a minority of showers, so the cuts are calibrated after training
+(:meth:`OneStep.calibrate_occupancy`): per energy knot and voxel, the cut at which the student
+hits the voxel as often as the teacher does; at sampling the cut is interpolated linearly in the
+log incident energy. A per-voxel 1-D Wasserstein term (``marginal_weight``) pulls back the
+spread of values that regression to the mean narrows.
+
 The student is not trained on showers: :func:`fastshower.distill.distill` makes it. Its
 :meth:`OneStep.loss` takes "pair" rows, the teacher's model-space shower followed by the
 noise it came from, so the generic one-optimizer training step serves it.
@@ -158,7 +169,7 @@ class OneStep(ShowerModel):
         log incident energy) between the knots, constant beyond them."""
         k = self.occ_knots
         h = k[1] - k[0]
-        w = torch.relu(1.0 - (c[:, :1].clamp(k[0], k[-1]) - k) .abs() / h)  # (B, K) hat functions, sum 1
+        w = torch.relu(1.0 - (c[:, :1].clamp(k[0], k[-1]) - k).abs() / h)  # (B, K) hat functions, sum 1
         return w @ self.occ_cuts
 
     @torch.no_grad()
