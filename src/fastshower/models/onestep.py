@@ -91,7 +91,7 @@ class OneStep(ShowerModel):
         "stage1": {},
         "occupancy": True,
         "occupancy_knots": 8,
-        "marginal_weight": 1.0,
+        "marginal_weight": 3.0,
     }
 
     occ_knots: Tensor  # (K,) standardised log-energy knots of the occupancy cuts (staged, occupancy)
