@@ -127,7 +127,9 @@ class CaloFlow(ShowerModel):
     Optimizers: one Adam over both flows (the base class's ``configure_optimizers``).
     """
 
-    layer_index: Tensor  # (V,) readout-layer index of each voxel
+    # (V,) readout-layer index of each voxel: no longer read (the layer bounds serve, see per_voxel), kept
+    # because every saved flow and staged-student checkpoint holds it
+    layer_index: Tensor
 
     name: ClassVar[str] = "flow"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident",)
