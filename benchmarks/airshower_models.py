@@ -10,17 +10,17 @@ Steps:
 
 1. merge p and Fe files into one training and one test file with a ``primary`` condition
    (ln A; :func:`fastshower.io.merge_files`), interleaved; the training file's below-ground bins are
-   continued smoothly (:func:`fastshower.airshower_models.prepare_training_file`; ``--no-fill`` trains
+   continued smoothly (:func:`fastshower.airshower.prepare_training_file`; ``--no-fill`` trains
    on the raw profiles), the test file is left as simulated;
 2. per model (WGAN-GP as in the KIT design, flow matching), train on the merged training file for a
    wall-clock budget (steps calibrated on a 40-step run), conditioned on log E, zenith, azimuth, ln A;
 3. generate one profile per test profile with the same energy, zenith, azimuth and primary
-   (:func:`fastshower.airshower_models.mirror_generate`), check physicality (non-negative, finite,
+   (:func:`fastshower.airshower.mirror_generate`), check physicality (non-negative, finite,
    exactly zero below ground; also how much the raw network put below ground before the postprocess);
 4. score with the validation suite (``evaluate``: separation power of Xmax, dE/dX_max and the other
    profile observables, classifier AUCs on low-level (log E, profile / E) and high-level features, with
    the reference-vs-reference floor), per primary and on the mixture, and compare <Xmax> and RMS(Xmax)
-   per primary and energy bin (:func:`fastshower.airshower_models.compare_xmax_moments`);
+   per primary and energy bin (:func:`fastshower.airshower.compare_xmax_moments`);
 5. time generation (ms per profile, batch 10k, 1 thread) beside the reference's seconds per shower
    (benchmarks/results/airshower_speed.json).
 
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastshower.airshower_models import (
+from fastshower.airshower import (
     PROFILE_CONFIGS,
     compare_xmax_moments,
     mirror_generate,
@@ -51,8 +51,9 @@ from fastshower.airshower_models import (
     profile_roughness,
 )
 from fastshower.io import ShowerFile, merge_files
-from fastshower.sample import below_ground_mask, load_run, sample_batch
-from fastshower.train import train
+from fastshower.runs import load_run
+from fastshower.sampling import below_ground_mask, sample_batch
+from fastshower.training import train
 from fastshower.validate.evaluate import EvaluationConfig, evaluate
 
 HERE = Path(__file__).parent

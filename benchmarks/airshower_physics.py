@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 
 from fastshower.geometry import get_geometry
-from fastshower.simulate.airshower import (
+from fastshower.montecarlo.airshower import (
     PUBLISHED_XMAX,
     AirShowerBackend,
     load_or_build_tables,
     table_dir,
     xmax_acceptance,
 )
-from fastshower.simulate.backend import BackendOptions
+from fastshower.montecarlo.backend import BackendOptions
 
 ELONGATION_RANGE = (50.0, 65.0)  # g/cm^2 per decade
 CALORIMETRIC_RANGE = (0.85, 0.92)

@@ -1,6 +1,6 @@
 """Generation speed against Geant4, INT8 vs FP32, and the physics cost of quantisation, in one run.
 
-For each trained run given: :func:`fastshower.export.bench` (torch FP32, ONNX FP32, ONNX INT8 at
+For each trained run given: :func:`fastshower.deploy.bench` (torch FP32, ONNX FP32, ONNX INT8 at
 each batch size; the Geant4 time per shower of the same geometry, particle and energy spectrum is
 measured once in this process and shared by all runs), an ONNX Runtime per-op profile, optional
 flow-matching step sweeps (ONNX FP32 at the largest batch), and, given a Geant4 reference file,
@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from fastshower.export import bench, export_onnx, format_table
-from fastshower.sample import generate, load_run
+from fastshower.deploy import bench, export_onnx, format_table
+from fastshower.generation import generate
+from fastshower.runs import load_run
 
 SPEEDUP_TARGET = 1e4
 INT8_TARGET = 1.5

@@ -19,7 +19,7 @@ import numpy as np
 
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerFile
-from fastshower.simulate.run import simulate
+from fastshower.montecarlo.run import simulate
 
 
 def _run(workdir: Path, geometry: str, particle: str, energy: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,10 +47,11 @@ import torch  # noqa: E402
 
 from fastshower import __version__  # noqa: E402
 from fastshower.energy import parse_energy  # noqa: E402
+from fastshower.generation import generate  # noqa: E402
 from fastshower.io import ShowerFile, ShowerFileError  # noqa: E402
-from fastshower.sample import generate, load_run  # noqa: E402
-from fastshower.simulate.run import simulate  # noqa: E402
-from fastshower.train import train  # noqa: E402
+from fastshower.montecarlo.run import simulate  # noqa: E402
+from fastshower.runs import load_run  # noqa: E402
+from fastshower.training import train  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
 
 ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow")
@@ -226,7 +227,7 @@ def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, k
 
     The student's CPU minutes are the teacher's plus the distillation's (pairs and regression).
     """
-    from fastshower.distill import distill
+    from fastshower.distillation import distill
 
     teacher = work / "runs" / f"{teacher_name}-{args.minutes:g}min"
     run_dir = work / "runs" / f"{key}-{args.minutes:g}min"

@@ -1,6 +1,6 @@
 """Geant4 reference cost: seconds per shower per geometry at 1, 10 and 50 GeV, with 1 and 2 worker processes.
 
-Each point runs the production driver (fastshower.simulate.run.simulate) twice: once on a single chunk to
+Each point runs the production driver (fastshower.montecarlo.run.simulate) twice: once on a single chunk to
 measure the start-up (process spawn, Geant4 initialisation, physics tables) and once on N showers; the cost
 per shower is (T_N - T_startup) / N, and the throughput with J jobs is N / (T_N - T_startup) showers/s.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastshower import __version__
 from fastshower.geometry import get_geometry
-from fastshower.simulate.run import simulate
+from fastshower.montecarlo.run import simulate
 
 GEOMETRIES = ("belle2-ecl-5x5", "calogan-3layer", "ild-siw-30", "par04-ds2", "par04-ds3", "siw-51x51x25")
 PARTICLE = {"belle2-ecl-5x5": "e-", "calogan-3layer": "e+", "ild-siw-30": "gamma", "par04-ds2": "e-",

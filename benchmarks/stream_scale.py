@@ -5,7 +5,7 @@ This benchmark checks that fastshower's pipeline (fastshower.data: fit_shower_tr
 ShowerDataset, BatchStream, then model.training_step) reads such a file with bounded memory:
 
 1. write a synthetic ``airshower-profile`` file (Gaisser-Hillas profiles with fluctuations,
-   :func:`fastshower.airshower_models.write_synthetic_profiles`, rows drawn from a bank of 65536
+   :func:`fastshower.airshower.write_synthetic_profiles`, rows drawn from a bank of 65536
    distinct profiles, raw/uncompressed chunks like a memory-mapped library) of at least
    ``--gb`` GB on disk (default 13.5, more than half of a 24 GiB machine);
 2. drop the file's pages from the page cache (``posix_fadvise(DONTNEED)``) so reads come from disk;
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fastshower.airshower_models import write_synthetic_profiles
+from fastshower.airshower import write_synthetic_profiles
 from fastshower.data import BatchStream, ShowerDataset, fit_shower_transform
 from fastshower.io import ShowerFile
 from fastshower.models import build_model
@@ -134,7 +134,7 @@ def main() -> None:
         print("epoch", result["phases"]["stream_epoch"], flush=True)
 
         spec = ModelSpec.from_geometry(ds.geometry, tr.cond.all_names, tr.cond.all_widths)
-        model = build_model("wgan-gp", spec, arch="dense", constrainer_warmup=0)
+        model = build_model("wgan-gp", spec, {"net": "mlp", "constrainer_warmup": 0})
         opts = model.configure_optimizers()
         t = time.perf_counter()
         for step in range(args.train_steps):

@@ -27,10 +27,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fastshower.generation import generate
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerFile
-from fastshower.sample import generate
-from fastshower.train import train
+from fastshower.training import train
 from toy_showers import make_toy_file
 
 

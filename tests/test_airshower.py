@@ -1,4 +1,4 @@
-"""Tests of the CONEX-like air-shower generator (fastshower.simulate.airshower).
+"""Tests of the CONEX-like air-shower generator (fastshower.montecarlo.airshower).
 
 The fast tests run at 1e15 eV (sub-shower tables up to 1e4 GeV, built once into the user's
 cache, ~15 s the first time). The statistical validation against published CONEX Xmax
@@ -16,15 +16,15 @@ import pytest
 pytest.importorskip("chromo")
 
 from fastshower.geometry import get_geometry
-from fastshower.simulate import airshower as air
-from fastshower.simulate.airshower import (
+from fastshower.montecarlo import airshower as air
+from fastshower.montecarlo.airshower import (
     ATMOSPHERE,
     AirShowerBackend,
     fit_xmax,
     greisen_ne,
     xmax_acceptance,
 )
-from fastshower.simulate.backend import BackendOptions, SimulationError
+from fastshower.montecarlo.backend import BackendOptions, SimulationError
 
 GEO = get_geometry("airshower-profile")
 NB = 320

@@ -1,6 +1,6 @@
 """Air-shower profile models: merging primaries, ground-aware postprocessing, physicality, Xmax moments.
 
-Fast: synthetic Gaisser-Hillas profiles (fastshower.airshower_models) and tiny networks trained for a
+Fast: synthetic Gaisser-Hillas profiles (fastshower.airshower) and tiny networks trained for a
 few steps; no SIBYLL needed.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastshower.airshower_models import (
+from fastshower.airshower import (
     compare_xmax_moments,
     fill_below_ground,
     gaisser_hillas_profiles,
@@ -26,10 +26,11 @@ from fastshower.airshower_models import (
     write_synthetic_profiles,
     xmax_moments,
 )
+from fastshower.generation import generate
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, merge_files, primary_ln_a, write_showers
-from fastshower.sample import below_ground_mask, generate, zero_below_ground
-from fastshower.train import train
+from fastshower.sampling import below_ground_mask, zero_below_ground
+from fastshower.training import train
 from fastshower.validate.observables import profile_shape
 
 GEO = get_geometry("airshower-profile")
@@ -152,7 +153,7 @@ def test_xmax_moments_separate_primaries(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("model,hparams", [
-    ("wgan-gp", {"latent_dim": 8, "hidden": 32, "n_hidden": 1, "arch": "dense", "constrainer_hidden": 16,
+    ("wgan-gp", {"latent_dim": 8, "hidden": 32, "depth": 1, "net": "mlp", "constrainer_hidden": 16,
                  "constrainer_warmup": 2}),
     ("flow-matching", {"net": "mlp", "hidden": 32, "depth": 1, "emb_dim": 16, "steps": 2, "warmup": 2}),
 ])
@@ -218,7 +219,7 @@ def test_onnx_generation_applies_the_ground_cut(merged: Path, tmp_path: Path) ->
     torch.manual_seed(0)
     run = train(merged, out=tmp_path / "run", progress=False,
                 config={"model": "wgan-gp", "train": {"steps": 3, "batch_size": 64},
-                        "hparams": {"latent_dim": 8, "hidden": 32, "n_hidden": 1, "arch": "dense",
+                        "hparams": {"latent_dim": 8, "hidden": 32, "depth": 1, "net": "mlp",
                                     "constrainer_hidden": 16}})
     out = generate(run, 40, "1e17eV:1e19eV:log", {"zenith": "0:20"}, tmp_path / "o.h5", batch_size=20,
                    progress=False, extrapolate=True, backend="onnx")

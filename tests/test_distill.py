@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from fastshower.cli import main as cli_main
-from fastshower.distill import DistillError, distill
-from fastshower.export import export_onnx, load_onnx
+from fastshower.deploy import export_onnx, load_onnx
+from fastshower.distillation import DistillError, distill
+from fastshower.generation import generate
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
 from fastshower.models.flow import CaloFlow
 from fastshower.models.onestep import OneStep
-from fastshower.sample import generate, load_run
-from fastshower.train import TrainingError, train
+from fastshower.runs import load_run
+from fastshower.training import TrainingError, train
 
 TEACHER_HP = {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 4, "warmup": 5}
 TRAIN = {"chunk_rows": 128, "shuffle_chunks": 2}

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastshower.errors import FastshowerError
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, write_showers
-from fastshower.simulate.run import simulate
+from fastshower.montecarlo.run import simulate
 from fastshower.validate.evaluate import METRICS, EvaluationConfig, ValidationInputError, evaluate
 from fastshower.validate.synthetic import write_synthetic
 
@@ -88,6 +89,17 @@ def test_bad_inputs(pair: tuple[Path, Path], tmp_path: Path) -> None:
     assert str(pair[0]) in str(exc.value) and str(far) in str(exc.value)
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(pair[0], pair[1], tmp_path / "o4", metrics=["nope"], progress=False)
+
+
+def test_input_errors_are_fastshower_errors(tmp_path: Path) -> None:
+    assert issubclass(ValidationInputError, FastshowerError) and issubclass(ValidationInputError, ValueError)
+    ref = write_synthetic(tmp_path / "belle.h5", GEO, np.full(5, 1000.0), seed=1)
+    other = write_synthetic(tmp_path / "ild.h5", get_geometry("par04-ds2"), np.full(5, 1000.0), seed=2)
+    with pytest.raises(FastshowerError, match="different geometries"):
+        evaluate(ref, other, tmp_path / "out", progress=False)
+    with pytest.raises(ValidationInputError, match="energy_bins needs at least two edges"):
+        evaluate(ref, ref, tmp_path / "out", energy_bins=[1000.0], progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_streaming_chunks_equal_one_shot(pair: tuple[Path, Path], tmp_path: Path) -> None:

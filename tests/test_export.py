@@ -16,27 +16,21 @@ import torch
 
 from fastshower import __version__
 from fastshower.cli import main as cli_main
-from fastshower.export import (
-    ExportError,
-    SamplerModule,
-    bench,
-    draw_noise,
-    export_onnx,
-    load_onnx,
-    noise_dim,
-    sample_from_noise,
-)
+from fastshower.deploy import ExportError, bench, export_onnx, load_onnx
+from fastshower.errors import FastshowerError
+from fastshower.generation import generate
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
-from fastshower.sample import generate, load_run
-from fastshower.train import train
+from fastshower.runs import RunError, load_run
+from fastshower.sampling import GenerationError, SamplerModule, draw_noise, noise_dim, sample_from_noise
+from fastshower.training import train
 
 TINY_HP: dict[str, dict[str, Any]] = {
     "flow-matching": {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 3, "warmup": 5},
-    "vae": {"latent": 4, "hidden": 32, "depth": 1, "kl_warmup": 5},
-    "wgan-gp": {"hidden": 32, "n_hidden": 2, "latent_dim": 8, "constrainer_hidden": 16,
+    "vae": {"latent_dim": 4, "hidden": 32, "depth": 1, "kl_warmup": 5},
+    "wgan-gp": {"hidden": 32, "depth": 2, "latent_dim": 8, "constrainer_hidden": 16,
                 "constrainer_warmup": 0, "n_critic": 2},
-    "calogan": {"hidden": 32, "n_hidden": 1, "latent_dim": 8, "layer_features": 8,
+    "calogan": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8,
                 "mbd_kernels": 4, "mbd_dim": 3, "n_critic": 2},
     "flow": {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2},
 }
@@ -255,8 +249,9 @@ def test_bad_inputs(runs: dict[str, Path], tmp_path: Path, capsys: pytest.Captur
     broken.mkdir()
     for name in ("config.json", "spec.json", "geometry.json", "meta.json", "transforms.json"):
         (broken / name).write_bytes((run / name).read_bytes())
-    with pytest.raises(ExportError, match="no checkpoint"):
+    with pytest.raises(RunError, match="no checkpoint") as raised:  # the run folder's error (fastshower.runs)
         export_onnx(broken, tmp_path / "b.onnx")
+    assert isinstance(raised.value, FastshowerError)
     assert cli_main(["export", "--run", str(broken), "--out", str(tmp_path / "b.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastshower: error:") and "\n" not in err
@@ -268,8 +263,14 @@ def test_bad_inputs(runs: dict[str, Path], tmp_path: Path, capsys: pytest.Captur
             (unfinished / p.relative_to(run)).write_bytes(p.read_bytes())
     meta = json.loads((unfinished / "meta.json").read_text())
     (unfinished / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
-    with pytest.raises(ExportError, match="not finished"):
+    with pytest.raises(RunError, match="not finished"):
         export_onnx(unfinished, tmp_path / "u.onnx")
+    # sampling options are checked by fastshower.sampling.sample_options, before anything is exported
+    with pytest.raises(GenerationError, match="steps must be >= 1"):
+        export_onnx(runs["flow-matching"], tmp_path / "s.onnx", steps=0)
+    with pytest.raises(GenerationError, match="unknown ODE method"):
+        export_onnx(runs["flow-matching"], tmp_path / "s.onnx", method="rk4")
+    assert not (tmp_path / "s.onnx").exists()
 
 
 def test_cli_export_and_bench_schema(runs: dict[str, Path], tmp_path: Path) -> None:

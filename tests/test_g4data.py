@@ -12,8 +12,8 @@ import pytest
 
 xraylib = pytest.importorskip("xraylib")
 
-from fastshower.simulate import g4data  # noqa: E402
-from fastshower.simulate.g4data import (  # noqa: E402
+from fastshower.montecarlo import g4data  # noqa: E402
+from fastshower.montecarlo.g4data import (  # noqa: E402
     Geant4DataError,
     elements_of,
     read_brem_table,
@@ -153,3 +153,14 @@ def test_apply_environment(monkeypatch, no_official):
 
     assert os.environ["GEANT4_DATA_DIR"] == str(info.root)
     assert Path(os.environ["G4LEDATA"]).is_dir()
+
+
+def test_missing_data_reaches_the_caller_of_simulate_unwrapped(no_official):
+    """check_request lets Geant4DataError through: one FastshowerError base, message unchanged."""
+    from fastshower.errors import FastshowerError
+    from fastshower.montecarlo.run import simulate
+
+    with pytest.raises(Geant4DataError, match="G4EMLOW") as err:
+        simulate("belle2-ecl-5x5", "e-", "1", 5, no_official / "x.h5", physics="official", progress=False)
+    assert isinstance(err.value, FastshowerError) and isinstance(err.value, RuntimeError)
+    assert not (no_official / "x.h5").exists()

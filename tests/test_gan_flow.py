@@ -12,17 +12,18 @@ import pytest
 import torch
 from torch import Tensor
 
+from fastshower.errors import ConfigError
 from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer, get_geometry
 from fastshower.models import get_model_class
 from fastshower.models.base import ModelSpec, ShowerModel
-from fastshower.models.calogan import CaloGAN, MinibatchDiscrimination
-from fastshower.models.flow import CaloFlow
-from fastshower.models.wgan import WGANGP, position_columns
+from fastshower.models.calogan import CaloGAN, CaloGANConfig, MinibatchDiscrimination
+from fastshower.models.flow import CaloFlow, FlowConfig
+from fastshower.models.wgan import WGANGP, AdversarialConfig, WGANConfig, position_columns
 
 TINY_HP: dict[str, dict[str, Any]] = {
-    "wgan-gp": {"hidden": 32, "n_hidden": 2, "latent_dim": 8, "constrainer_hidden": 16,
+    "wgan-gp": {"hidden": 32, "depth": 2, "latent_dim": 8, "constrainer_hidden": 16,
                 "constrainer_warmup": 0, "n_critic": 2},
-    "calogan": {"hidden": 32, "n_hidden": 1, "latent_dim": 8, "layer_features": 8,
+    "calogan": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8,
                 "mbd_kernels": 4, "mbd_dim": 3, "n_critic": 2},
     "flow": {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2},
 }
@@ -75,7 +76,7 @@ def _data(model: ShowerModel, n: int, seed: int) -> tuple[Tensor, Tensor]:
 
 def _build(name: str, spec_key: str, seed: int = 0, **extra: Any) -> ShowerModel:
     torch.manual_seed(seed)
-    return get_model_class(name)(SPECS[spec_key], **{**TINY_HP[name], **extra})
+    return get_model_class(name)(SPECS[spec_key], TINY_HP[name], **extra)
 
 
 def _step(model: ShowerModel, opts: list[torch.optim.Optimizer], step: int, seed: int) -> dict[str, float]:
@@ -118,7 +119,7 @@ def test_gan_gradients_reach_every_network(name: str, spec_key: str) -> None:
     model = _build(name, spec_key)
     assert isinstance(model, WGANGP | CaloGAN)
     opts = model.configure_optimizers()
-    n_critic = int(model.hparams["n_critic"])
+    n_critic = model.config.n_critic
     assert [model.is_generator_step(s) for s in range(2 * n_critic)] == [
         (s + 1) % n_critic == 0 for s in range(2 * n_critic)
     ]
@@ -221,14 +222,14 @@ def test_one_layer_calogan_and_layerwise_wgan() -> None:
     assert isinstance(one, CaloGAN) and len(one.generator.layers) == 1
     spec = _spec(Geometry(name="u2", description="", source="t", layers=(_layer(3, 3), _layer(3, 3))), ("log_energy",))
     torch.manual_seed(0)
-    model = WGANGP(spec, **{**TINY_HP["wgan-gp"], "arch": "layerwise"})
-    assert model.arch == "layerwise"
+    model = WGANGP(spec, TINY_HP["wgan-gp"], net="layers")
+    assert model.net_kind == "layers"
     opts = model.configure_optimizers()
     _step(model, opts, 1, seed=0)
     _assert_all_grads(model.generator, "layerwise generator")
     _assert_all_grads(model.critic, "layerwise critic")
     with pytest.raises(ValueError, match="equal-sized"):
-        WGANGP(SPECS["tiny2"], arch="layerwise")
+        WGANGP(SPECS["tiny2"], net="layers")
     bce = _build("calogan", "tiny2", gan_loss="bce", n_critic=1)  # the paper's original GAN loss
     logs = _step(bce, bce.configure_optimizers(), 0, seed=0)
     assert "gp" not in logs and "loss_generator" in logs
@@ -236,11 +237,50 @@ def test_one_layer_calogan_and_layerwise_wgan() -> None:
 
 
 def test_hparam_and_size_errors() -> None:
-    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+    with pytest.raises(ConfigError, match=r"model 'wgan-gp': unknown key\(s\) \['not_a_knob'\]; known: .*n_critic"):
         _build("wgan-gp", "tiny2", not_a_knob=1)
+    with pytest.raises(ConfigError, match="gan_loss must be one of 'wgan-gp', 'bce'"):
+        _build("calogan", "tiny2", gan_loss="hinge")
+    with pytest.raises(ConfigError, match="n_critic must be >= 1"):
+        _build("wgan-gp", "tiny2", n_critic=0)
+    with pytest.raises(ConfigError, match="betas must be two numbers"):
+        _build("wgan-gp", "tiny2", betas=[0.5])
     with pytest.raises(ValueError, match="supports up to 1000 voxels"):
         CaloFlow(_spec(get_geometry("par04-ds2"), ("log_energy",)))
     grouped = ModelSpec(25, (25,), ((5, 5),), 3, ("log_energy", "position"), cond_widths=(1, 2))
     assert position_columns(grouped) == [1, 2]
     assert position_columns(ModelSpec(25, (25,), ((5, 5),), 3, ("log_energy", "position"))) == [1, 2]
     assert position_columns(SPECS["tiny2"]) == []
+
+
+def test_adversarial_configs_share_the_schedule() -> None:
+    for cls in (WGANConfig, CaloGANConfig):
+        assert issubclass(cls, AdversarialConfig)
+        cfg = cls()
+        assert (cfg.lr, cfg.betas, cfg.gp_weight, cfg.drift, cfg.n_critic, cfg.gan_loss) == (
+            1e-4, (0.5, 0.9), 10.0, 1e-3, 5, "wgan-gp")
+    assert (WGANConfig().depth, CaloGANConfig().depth) == (3, 2)
+
+
+def test_configs_of_the_previous_release_still_load() -> None:
+    """The "hparams" of a run folder written before the configs were typed: old names and values."""
+    old_wgan = {"latent_dim": 8, "hidden": 32, "n_hidden": 1, "arch": "dense", "dense_max_voxels": 2000,
+                "layer_code": 16, "betas": [0.5, 0.9], "grad_clip": None}
+    new_wgan = {"latent_dim": 8, "hidden": 32, "depth": 1, "net": "mlp", "mlp_max_voxels": 2000, "layer_dim": 16}
+    assert WGANConfig.from_dict(old_wgan) == WGANConfig.from_dict(new_wgan)
+    assert WGANConfig.from_dict({"arch": "layerwise"}).net == "layers"
+    old_calogan = {"n_hidden": 1, "layer_features": 8}
+    assert CaloGANConfig.from_dict(old_calogan) == CaloGANConfig(depth=1, layer_dim=8)
+    model = _build("wgan-gp", "tiny2")
+    old = get_model_class("wgan-gp")(SPECS["tiny2"], {**old_wgan, "constrainer_hidden": 16})
+    assert old.config == model.config.replace(depth=1, layer_dim=16, net="mlp", n_critic=5, constrainer_warmup=1000)
+    assert old.net_kind == "mlp"
+
+
+def test_flow_takes_a_dict_of_its_keys() -> None:
+    spec = SPECS["tiny2"]
+    flow = CaloFlow(spec, with_stage2=False, **TINY_HP["flow"])
+    assert flow.flow2 is None and flow.config == FlowConfig.from_dict(TINY_HP["flow"])
+    assert CaloFlow(spec, FlowConfig(stage2_passes=None), max_voxels=20).config.stage2_passes is None
+    with pytest.raises(ConfigError, match="stage2_passes must be int or NoneType"):
+        CaloFlow(spec, stage2_passes="two")

@@ -28,7 +28,7 @@ _WORKER = textwrap.dedent(
     import json, sys, time
     import numpy as np
     from fastshower.geometry import get_geometry
-    from fastshower.simulate.geant4 import Geant4Session
+    from fastshower.montecarlo.geant4 import Geant4Session
     args = json.loads(sys.argv[1])
     geo = get_geometry(args["geometry"])
     s = Geant4Session(geo, args["particle"])
@@ -173,9 +173,9 @@ def test_belle2_containment_many_events(tmp_path, shared_cache):
 
 def test_pions_need_official_data(monkeypatch, tmp_path):
     from fastshower.geometry import get_geometry
-    from fastshower.simulate import g4data
-    from fastshower.simulate.g4data import Geant4DataError
-    from fastshower.simulate.geant4 import Geant4Session
+    from fastshower.montecarlo import g4data
+    from fastshower.montecarlo.g4data import Geant4DataError
+    from fastshower.montecarlo.geant4 import Geant4Session
 
     monkeypatch.delenv("GEANT4_DATA_DIR", raising=False)
     for _, var in g4data.OFFICIAL_DATASETS.values():

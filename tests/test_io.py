@@ -113,7 +113,7 @@ def test_killed_writer_keeps_every_flushed_chunk(tmp_path: Path) -> None:
         assert f.n % 100 == 0
         f.check()
         n_kept = f.n
-    # --resume on a file whose writer was killed: the flushed chunks are kept and writing goes on
+    # resume=True on a file whose writer was killed: the flushed chunks are kept and writing goes on
     geo = get_geometry("belle2-ecl-5x5")
     with ShowerWriter(path, geo, "e-", "test", n_kept + 100, resume=True) as w:
         assert w.n_written == n_kept

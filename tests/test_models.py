@@ -8,25 +8,32 @@ True``) are exempt from the "loss decreases" check (a critic's loss need not fal
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 
+from fastshower.errors import ConfigError, FastshowerError
 from fastshower.geometry import get_geometry
 from fastshower.models import (
     DEFAULT_MODEL,
+    ModelConfig,
     ModelSpec,
     UnknownModelError,
     available_models,
     build_model,
+    get_config_class,
     get_model_class,
     register,
 )
 from fastshower.models.base import ShowerModel
-from fastshower.models.flow_matching import FlowMatching, odeint
+from fastshower.models.flow_matching import FlowMatching, FlowMatchingConfig, odeint
+from fastshower.models.vae import VAEConfig
 from toy_showers import tiny_geometry
 
 MODELS = available_models()
+ALL_MODELS = available_models(include_derived=True)
 
 
 def _specs() -> dict[str, ModelSpec]:
@@ -53,8 +60,10 @@ def test_registry() -> None:
     assert get_model_class("flow-matching") is FlowMatching
     with pytest.raises(UnknownModelError, match="unknown model 'nope'; available: flow-matching"):
         get_model_class("nope")
-    with pytest.raises(ValueError, match="unknown hyper-parameter"):
-        build_model("flow-matching", SPECS["tiny"], widht=3)
+    assert issubclass(UnknownModelError, FastshowerError) and issubclass(UnknownModelError, ValueError)
+    assert get_config_class("flow-matching") is FlowMatchingConfig
+    with pytest.raises(UnknownModelError):
+        get_config_class("nope")
 
     class Clash(ShowerModel):
         name = "flow-matching"
@@ -107,7 +116,9 @@ def test_state_dict_round_trip(name: str) -> None:
     opts = model.configure_optimizers()
     for step in range(3):
         model.training_step(*_batch(spec, seed=step), opts, step)
-    clone = build_model(name, ModelSpec.from_dict(copy.deepcopy(spec.to_dict())), **model.hparams)
+    clone = build_model(name, ModelSpec.from_dict(copy.deepcopy(spec.to_dict())), model.config)
+    assert clone.config == model.config
+    assert build_model(name, spec, json.loads(json.dumps(model.hparams))).config == model.config
     clone.load_state_dict(model.state_dict())
     model.eval()
     clone.eval()
@@ -153,6 +164,8 @@ def test_flow_matching_options() -> None:
         model.sample(c, method="rk9")
     with pytest.raises(ValueError, match="t_dist"):
         FlowMatching(spec, t_dist="beta")
+    with pytest.raises(ConfigError, match="model 'flow-matching': method must be one of 'euler', 'midpoint', 'heun'"):
+        FlowMatching(spec, method="rk9")
 
 
 def test_ode_solvers_integrate_exactly_linear_field() -> None:
@@ -169,9 +182,80 @@ def test_ode_solvers_integrate_exactly_linear_field() -> None:
 def test_per_layer_network_for_large_detectors() -> None:
     spec = ModelSpec.from_geometry(get_geometry("par04-ds2"))  # 6480 voxels: net="auto" picks per-layer tokens
     torch.manual_seed(0)
-    model = FlowMatching(spec, token_dim=16, depth=1, heads=2, steps=2)
+    model = FlowMatching(spec, layer_dim=16, depth=1, heads=2, steps=2)
     assert type(model.net.body).__name__ == "LayerTokenNet"
     x, c = _batch(spec, n=4)
     model.loss(x, c)["loss"].backward()
     assert all(p.grad is not None for p in model.net.parameters())
     assert model.eval().sample(c).shape == (4, 6480)
+
+
+# --- typed configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_config_class_and_defaults(name: str) -> None:
+    cls = get_model_class(name)
+    assert issubclass(cls.config_class, ModelConfig) and get_config_class(name) is cls.config_class
+    default = cls.default_config()
+    assert isinstance(default, cls.config_class) and default == cls.config_class.from_dict({})
+    assert list(default.to_dict()) == cls.config_class.keys()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_unknown_key_lists_the_known_ones(name: str) -> None:
+    keys = get_config_class(name).keys()
+    with pytest.raises(ConfigError) as info:
+        build_model(name, SPECS["tiny"], {"widht": 3})
+    msg = str(info.value)
+    assert f"model {name!r}" in msg and "['widht']" in msg
+    assert f"known: {', '.join(keys)}" in msg
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_config_round_trips_through_json(name: str) -> None:
+    cls = get_config_class(name)
+    cfg = cls().replace(lr=3e-4)
+    if "stage1" in cls.keys():  # a nested dict: the flow teacher's config
+        cfg = cfg.replace(stage1=get_config_class("flow")(stage1_hidden=16).to_dict())
+    back = cls.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and type(back) is cls
+    if "betas" in cls.keys():  # a tuple field: a list in JSON, a tuple again when read back
+        assert isinstance(back.betas, tuple) and back.betas == (0.5, 0.9)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name,old,new", [
+    ("vae", {"latent": 8}, {"latent_dim": 8}),
+    ("vae", {"mmd": 0.5}, {"mmd_weight": 0.5}),
+    ("wgan-gp", {"n_hidden": 1}, {"depth": 1}),
+    ("wgan-gp", {"arch": "dense", "layer_code": 8, "dense_max_voxels": 10}, {"net": "mlp", "layer_dim": 8,
+                                                                             "mlp_max_voxels": 10}),
+    ("calogan", {"n_hidden": 1, "layer_features": 8}, {"depth": 1, "layer_dim": 8}),
+    ("flow-matching", {"token_dim": 16}, {"layer_dim": 16}),
+])
+def test_old_names_build_the_same_config(name: str, old: dict, new: dict) -> None:
+    spec = SPECS["tiny"]
+    assert build_model(name, spec, old).config == build_model(name, spec, new).config
+    assert get_config_class(name).from_dict(old) == get_config_class(name).from_dict(new)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_wrong_typed_value_names_the_key(name: str) -> None:
+    key = "hidden" if "hidden" in get_config_class(name).keys() else "stage2_hidden"
+    with pytest.raises(ConfigError, match=f"model {name!r}: {key} must be int, got 'abc'"):
+        build_model(name, SPECS["tiny"], {key: "abc"})
+    with pytest.raises(ConfigError, match="lr must be float"):
+        build_model(name, SPECS["tiny"], {"lr": True})
+
+
+def test_config_object_and_overrides() -> None:
+    spec = SPECS["tiny"]
+    cfg = VAEConfig(latent_dim=4, hidden=16, depth=1)
+    model = get_model_class("vae")(spec, cfg, beta=0.5)
+    assert model.config == cfg.replace(beta=0.5)
+    assert model.hparams == model.config.to_dict() and model.hparams["latent_dim"] == 4
+    assert model.noise_dim() == 4 + spec.n_voxels
+    with pytest.raises(ConfigError, match="model 'flow-matching' takes a FlowMatchingConfig, got a VAEConfig"):
+        build_model("flow-matching", spec, cfg)

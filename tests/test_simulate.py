@@ -12,8 +12,8 @@ import pytest
 
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError
-from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
-from fastshower.simulate.run import simulate
+from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.run import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # multiprocessing fork notices
 
@@ -80,13 +80,55 @@ def test_resume_tops_up_to_the_same_showers(tmp_path: Path) -> None:
 
 def test_dead_worker_is_reported_and_finished_chunks_kept(tmp_path: Path) -> None:
     out = tmp_path / "crash.h5"
-    with pytest.raises(SimulationError, match=r"worker process died.*40 of 100 showers are kept.*--resume"):
+    with pytest.raises(SimulationError, match=r"worker process died.*40 of 100 showers are kept.*resume=True"):
         simulate("belle2-ecl-5x5", "e-", "1", 100, out, chunk_size=20, progress=False, backend=CrashingBackend)
     with ShowerFile(out, require_complete=False) as f:
         assert f.n == 40 and not f.complete
     res = simulate("belle2-ecl-5x5", "e-", "1", 100, out, chunk_size=20, progress=False, resume=True,
                    backend=ToyBackend)
     assert res.n_written == 100
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"n": 0}, r"^n must be a positive number of showers, got 0$"),
+        ({"jobs": 0}, r"^jobs must be >= 1, got 0$"),
+        ({"cut_mm": 0.0}, r"^cut_mm must be a positive length in mm"),
+        ({"physics": "nope"}, r"^physics must be auto, official or substitute, got 'nope'$"),
+    ],
+)
+def test_bad_arguments_are_named_as_python_arguments(tmp_path: Path, kw: dict, message: str) -> None:
+    args = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1", n=5, out=tmp_path / "x.h5", progress=False,
+                backend=ToyBackend) | kw
+    with pytest.raises(SimulationError, match=message):
+        simulate(**args)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_resume_errors_name_the_argument(tmp_path: Path) -> None:
+    kw = dict(energy="1", n=20, seed=1, chunk_size=20, progress=False, backend=ToyBackend)
+    with pytest.raises(ShowerFileError, match=r"^resume=True: .*x\.h5 does not exist \(drop resume=True"):
+        simulate("belle2-ecl-5x5", "e-", out=tmp_path / "x.h5", resume=True, **kw)
+    simulate("belle2-ecl-5x5", "e-", out=tmp_path / "x.h5", **kw)
+    with pytest.raises(ShowerFileError, match=r"exists; use resume=True to top it up or choose another out$"):
+        simulate("belle2-ecl-5x5", "e-", out=tmp_path / "x.h5", **kw)
+    with pytest.raises(ShowerFileError, match=r"^resume=True: .* was made with energy 1, not 2"):
+        simulate("belle2-ecl-5x5", "e-", out=tmp_path / "x.h5", resume=True, **{**kw, "energy": "2"})
+
+
+def test_user_errors_share_one_base() -> None:
+    from fastshower.data import DataError
+    from fastshower.energy import EnergySpecError
+    from fastshower.errors import FastshowerError
+    from fastshower.geometry import GeometryError
+    from fastshower.montecarlo.g4data import Geant4DataError
+    from fastshower.montecarlo.geant4 import Geant4Error
+
+    for cls, builtin in [(GeometryError, ValueError), (EnergySpecError, ValueError), (ShowerFileError, ValueError),
+                         (DataError, ValueError), (SimulationError, RuntimeError), (Geant4DataError, RuntimeError),
+                         (Geant4Error, RuntimeError)]:
+        assert issubclass(cls, FastshowerError) and issubclass(cls, builtin), cls
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -121,7 +163,7 @@ def test_existing_output_and_mismatched_resume_are_refused(tmp_path: Path) -> No
     simulate("belle2-ecl-5x5", "e-", out=tmp_path / "a.h5", **kw)
     base = ["--energy", "1", "--n", "40", "--out", "a.h5"]
     r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", *base, cwd=tmp_path)
-    assert r.returncode == 2 and "exists; use --resume" in r.stderr
+    assert r.returncode == 2 and "exists; use resume=True" in r.stderr
     r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "gamma", *base, "--resume", cwd=tmp_path)
     assert r.returncode == 2 and "holds e- showers, not gamma" in r.stderr
     r = _cli("simulate", "--geometry", "calogan-3layer", "--particle", "e-", *base, "--resume", cwd=tmp_path)
@@ -174,7 +216,7 @@ _SLOW_BACKEND = '''
 import time
 import numpy as np
 from fastshower.io import ShowerBatch
-from fastshower.simulate.backend import SimulationBackend
+from fastshower.montecarlo.backend import SimulationBackend
 
 
 class SlowBackend(SimulationBackend):
@@ -192,7 +234,7 @@ import sys
 # terminal gives, so Ctrl-C raises KeyboardInterrupt as for a user.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 from fastshower.cli import main
-import fastshower.simulate.run as run
+import fastshower.montecarlo.run as run
 from slowbackend import SlowBackend
 run.backend_class = lambda geometry: SlowBackend
 sys.exit(main(["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "1000",
@@ -225,6 +267,6 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, err
-    assert "interrupted;" in err and "--resume" in err
+    assert "interrupted;" in err and "resume=True" in err
     with ShowerFile(out, require_complete=False) as f:
         assert f.n >= n and not f.complete and f.n % 10 == 0

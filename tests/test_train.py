@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from fastshower.errors import ConfigError, FastshowerError
+from fastshower.generation import generate
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerFile
 from fastshower.models.flow_matching import FlowMatching
-from fastshower.sample import GenerationError, generate, load_run, sample_batch
-from fastshower.train import TrainingError, train
+from fastshower.runs import RunError, load_run
+from fastshower.sampling import GenerationError, sample_batch
+from fastshower.training import TrainingError, train
 
 SMALL = {"hparams": {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 4, "warmup": 5},
          "train": {"chunk_rows": 128, "shuffle_chunks": 2}}
@@ -74,20 +77,37 @@ def test_resume_is_bit_for_bit(tiny_file: Path, tmp_path: Path) -> None:
 
 
 def test_config_errors(tiny_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="unknown model 'nope'; available: flow-matching"):
+    with pytest.raises(FastshowerError, match="unknown model 'nope'; available: flow-matching"):
         train(tiny_file, "nope", tmp_path / "a", steps=1, progress=False)
-    with pytest.raises(TrainingError, match=r"unknown config key\(s\) \['optimiser'\]"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optimiser'\]"):
         _train(tiny_file, tmp_path / "b", config={"optimiser": {}})
-    with pytest.raises(TrainingError, match=r"unknown \[train\] key\(s\) \['stepz'\]"):
+    with pytest.raises(ConfigError, match=r"\[train\]: unknown key\(s\) \['stepz'\]; known: steps, epochs"):
         _train(tiny_file, tmp_path / "c", config={"train": {"stepz": 3}})
-    with pytest.raises(TrainingError, match=r"unknown hyper-parameter\(s\) \['hiden'\]"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hiden'\]; known: .*hidden"):
         _train(tiny_file, tmp_path / "d", config={"hparams": {"hiden": 3}})
+    with pytest.raises(ConfigError, match="batch_size must be int, got 'many'"):
+        _train(tiny_file, tmp_path / "d2", config={"train": {"batch_size": "many"}})
+    with pytest.raises(ConfigError, match="resolved by training itself"):
+        _train(tiny_file, tmp_path / "d3", config={"train": {"total_steps": 3}})
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [")
-    with pytest.raises(TrainingError, match="invalid TOML"):
+    with pytest.raises(ConfigError, match="invalid TOML"):
         _train(tiny_file, tmp_path / "e", config=bad)
     with pytest.raises(TrainingError, match="no such file"):
         _train(tmp_path / "missing.h5", tmp_path / "f")
+    assert not any((tmp_path / d).exists() for d in "bcde")  # refused before anything was written
+
+
+def test_resume_with_the_same_toml_config(tiny_file: Path, tmp_path: Path) -> None:
+    """A config with a tuple-valued setting (wgan-gp's betas, a list in TOML) resumes the run it started."""
+    cfg = tmp_path / "wgan.toml"
+    cfg.write_text('model = "wgan-gp"\n[hparams]\nhidden = 16\nbetas = [0.5, 0.9]\n[train]\nbatch_size = 16\n')
+    run = train(tiny_file, None, tmp_path / "run", config=cfg, steps=2, progress=False)
+    train(tiny_file, None, run, config=cfg, steps=3, resume=True, progress=False)
+    assert _state(run)["step"] == 3
+    cfg.write_text('model = "wgan-gp"\n[hparams]\nhidden = 32\n')
+    with pytest.raises(TrainingError, match="the config differs"):
+        train(tiny_file, None, run, config=cfg, steps=4, resume=True, progress=False)
 
 
 def test_toml_config(tiny_file: Path, tmp_path: Path) -> None:
@@ -105,7 +125,7 @@ def test_corrupt_checkpoint_and_foreign_data(tiny_file: Path, belle_file: Path, 
         train(belle_file, None, run, steps=6, resume=True, progress=False)
     ckpt = run / "checkpoints" / "last.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(TrainingError, match="corrupt or unreadable checkpoint"):
+    with pytest.raises(RunError, match="corrupt or unreadable checkpoint"):
         train(tiny_file, None, run, steps=6, resume=True, progress=False)
 
 
@@ -176,7 +196,7 @@ def test_generate_conditions_and_errors(belle_run: Path, tmp_path: Path) -> None
         generate(run, 5, "2", {"position": "0,0,0"}, tmp_path / "x.h5", progress=False)
     with pytest.raises(GenerationError, match="outside the range"):
         generate(run, 5, "10", None, tmp_path / "x.h5", progress=False)
-    run[2].options["condition_defaults"] = "none"
+    run.info.options = run.info.options.replace(condition_defaults="none")
     with pytest.raises(GenerationError, match="condition 'position' is required"):
         generate(run, 5, "2", None, tmp_path / "x.h5", progress=False)
 
@@ -207,7 +227,7 @@ def test_every_model_trains_and_generates(tiny_file: Path, tmp_path: Path) -> No
 DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from fastshower.train import train
+from fastshower.training import train
 cfg = {"hparams": {"hidden": 16, "depth": 1, "emb_dim": 8, "warmup": 2}, "train": {"chunk_rows": 64}}
 kill = sys.argv[3] == "kill"
 def cb(step, logs):

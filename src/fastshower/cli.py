@@ -1,48 +1,35 @@
 """The ``fastshower`` command: a thin layer over the Python API.
 
-Every sub-command parses its arguments, calls one API function and prints a
-short summary. Bad input (anything the API rejects with one of the project's
-error classes) prints one line ``fastshower: error: ...`` and exits with 2;
+Every sub-command parses its arguments, calls one API function and prints a short summary.
+Its options map one-to-one to the function's arguments (``--batch-size`` -> ``batch_size``).
+Bad input, anything the API rejects with a :class:`fastshower.errors.FastshowerError` or the
+operating system refuses (a missing file, a read-only or full disk), prints one line
+``fastshower: error: ...`` and exits with 2 (:func:`main` is the one place that does this);
 Ctrl-C exits with 130 after the API has kept what was finished.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fastshower import __version__
+from fastshower._version import __version__
+from fastshower.errors import FastshowerError
 
-__all__ = ["main"]
+__all__ = ["MODEL_NAMES", "build_parser", "main"]
 
+#: the trainable models, the default first, as ``fastshower.models.available_models()`` lists them (a test
+#: checks the two agree); written out so that ``fastshower --help`` does not import torch
+MODEL_NAMES = ("flow-matching", "calogan", "flow", "vae", "wgan-gp")
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Error classes that mean bad input, not a bug (imported lazily: torch is slow to import)."""
-    from fastshower.energy import EnergySpecError
-    from fastshower.geometry import GeometryError
-    from fastshower.io import ShowerFileError
-    from fastshower.simulate.backend import SimulationError
-
-    errors: list[type[BaseException]] = [EnergySpecError, GeometryError, ShowerFileError, SimulationError,
-                                         FileNotFoundError, FileExistsError]
-    for module, name in (
-        ("fastshower.simulate.g4data", "Geant4DataError"),
-        ("fastshower.data", "DataError"),
-        ("fastshower.models", "UnknownModelError"),
-        ("fastshower.train", "TrainingError"),
-        ("fastshower.sample", "GenerationError"),
-        ("fastshower.validate.evaluate", "ValidationInputError"),
-        ("fastshower.export", "ExportError"),
-        ("fastshower.distill", "DistillError"),
-    ):
-        mod = sys.modules.get(module)
-        if mod is not None and hasattr(mod, name):
-            errors.append(getattr(mod, name))
-    return tuple(errors)
+#: operating-system errors that mean bad input or a full or read-only disk, not a bug
+_USER_OS_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                   errno.EDQUOT, errno.EISDIR, errno.ENOTDIR}
 
 
 # --- sub-commands ------------------------------------------------------------------------
@@ -86,7 +73,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from fastshower.io import merge_files
 
     if args.fill_below_ground:
-        from fastshower.airshower_models import prepare_training_file
+        from fastshower.airshower import prepare_training_file
 
         out = prepare_training_file(args.inputs, args.out)
     else:
@@ -95,20 +82,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_kv(items: Sequence[str] | None, flag: str) -> dict[str, str]:
-    from fastshower.energy import EnergySpecError
+def _name_spec(item: str) -> tuple[str, str]:
+    """argparse type of ``--condition``: ``name=SPEC`` -> (name, SPEC)."""
+    if "=" not in item:
+        raise argparse.ArgumentTypeError(f"expects name=SPEC, got {item!r}")
+    k, v = item.split("=", 1)
+    return k.strip(), v.strip()
 
-    out: dict[str, str] = {}
-    for item in items or ():
-        if "=" not in item:
-            raise EnergySpecError(f"{flag} expects name=SPEC, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+
+def _int_list(text: str) -> list[int]:
+    """argparse type of ``--batch-sizes``: comma-separated positive integers."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects comma-separated integers (1,100,10000), got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expects integers >= 1, got {text!r}")
+    return values
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fastshower.simulate.run import simulate
+    from fastshower.montecarlo.run import simulate
 
     extra = {k: v for k, v in (("zenith", args.zenith), ("azimuth", args.azimuth)) if v is not None}
     res = simulate(
@@ -119,14 +113,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(f"wrote {res.n_written} showers to {res.path} ({res.n_new} new in {res.seconds:.1f} s, "
           f"{1e3 * res.seconds_per_shower:.1f} ms/shower with {args.jobs} job(s)); generator: {res.generator}")
     if not args.quiet:
-        from fastshower.summary import physics_summary
+        from fastshower.validate.summary import physics_summary
 
         print(physics_summary(res.path))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastshower.train import train
+    from fastshower.training import train
 
     run = train(
         data=args.data, model=args.model, out=args.out, steps=args.steps, epochs=args.epochs,
@@ -138,7 +132,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from fastshower.distill import distill
+    from fastshower.distillation import distill
 
     hparams = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
     run = distill(args.run, args.out, n_pairs=args.pairs, steps=args.steps, batch_size=args.batch_size,
@@ -151,10 +145,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from fastshower.sample import generate
+    from fastshower.generation import generate
 
     out = generate(
-        run=args.run, n=args.n, energy=args.energy, conditions=_parse_kv(args.condition, "--condition"),
+        run=args.run, n=args.n, energy=args.energy, conditions=dict(args.condition or []),
         out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, backend=args.backend,
         onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate,
     )
@@ -196,7 +190,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fastshower.export import export_onnx
+    from fastshower.deploy import export_onnx
 
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
                        opset=args.opset)
@@ -205,60 +199,69 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fastshower.export import bench
+    from fastshower.deploy import bench
 
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
     backends = [s.strip() for s in args.backends.split(",") if s.strip()]
-    bench(args.run, out=args.out, batch_sizes=sizes, threads=args.threads, geant4=args.geant4, backends=backends)
+    bench(args.run, out=args.out, batch_sizes=args.batch_sizes, threads=args.threads, geant4=args.geant4,
+          backends=backends)
     return 0
 
 
 # --- parser ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastshower",
-        description="Fast simulation of particle showers: simulate -> train -> generate -> evaluate -> export.",
-    )
-    p.add_argument("--version", action="version", version=f"fastshower {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help that shows an option's default where it has one worth showing (not None, not a flag's False)."""
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        return sp
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
-    g = add("geometries", _cmd_geometries, "list the built-in detectors, or describe one")
+
+def _verb(sub: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], int],
+          help_: str) -> argparse.ArgumentParser:
+    sp = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
+    sp.set_defaults(func=fn)
+    return sp
+
+
+def _add_files(sub: argparse._SubParsersAction) -> None:
+    """geometries, info, convert, merge: detectors and shower files."""
+    g = _verb(sub, "geometries", _cmd_geometries, "list the built-in detectors, or describe one")
     g.add_argument("name", nargs="?", help="geometry name (or a CaloChallenge binning XML)")
 
-    i = add("info", _cmd_info, "describe a shower file: geometry, particle, energies, N, provenance")
-    i.add_argument("file")
+    i = _verb(sub, "info", _cmd_info, "describe a shower file: geometry, particle, energies, N, provenance")
+    i.add_argument("file", help="shower file (HDF5, CaloChallenge layout)")
     i.add_argument("--check", action="store_true", help="also scan every value (NaN, negative)")
 
-    c = add("convert", _cmd_convert, "convert CaloGAN or 3DGAN files to the CaloChallenge format")
-    c.add_argument("input")
-    c.add_argument("--layout", choices=["calogan", "3dgan"], required=True)
-    c.add_argument("--out", required=True)
+    c = _verb(sub, "convert", _cmd_convert, "convert CaloGAN or 3DGAN files to the CaloChallenge format")
+    c.add_argument("input", help="file in the CaloGAN or 3DGAN layout")
+    c.add_argument("--layout", choices=["calogan", "3dgan"], required=True, help="layout of the input")
+    c.add_argument("--out", required=True, help="new CaloChallenge-format file")
     c.add_argument("--particle", default=None, help="particle of the file (default e+ for CaloGAN, e- for 3DGAN)")
     c.add_argument("--ecal-unit-mev", type=float, default=1e3, help="3DGAN: unit of ECAL cells in MeV (GeV: 1000)")
 
-    m = add("merge", _cmd_merge, "merge shower files of one geometry (e.g. shards, or several primaries)")
-    m.add_argument("inputs", nargs="+")
-    m.add_argument("--out", required=True)
+    m = _verb(sub, "merge", _cmd_merge, "merge shower files of one geometry (e.g. shards, or several primaries)")
+    m.add_argument("inputs", nargs="+", help="shower files of one geometry")
+    m.add_argument("--out", required=True, help="new merged file")
     m.add_argument("--condition", default="primary",
                    help="condition added per input: 'primary' = ln A of its particle; '' adds none")
     m.add_argument("--fill-below-ground", action="store_true",
                    help="air showers: also continue below-ground bins smoothly for training (undone on generation)")
 
-    s = add("simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
-    s.add_argument("--geometry", required=True)
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    s = _verb(sub, "simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
+    s.add_argument("--geometry", required=True, help="detector name (see `fastshower geometries`)")
     s.add_argument("--particle", required=True, help="e-, e+, gamma, pi+, pi- ; air showers: p, He, N, Fe")
     s.add_argument("--energy", required=True, help="2.0 | 0.5,1,1.5,2.5 | 1:100 | 1:100:log ; GeV unless a unit "
                    "is given (500MeV, 1e18eV)")
-    s.add_argument("--n", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=int, required=True, help="number of showers")
+    s.add_argument("--out", required=True, help="output shower file")
+    s.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same showers")
     s.add_argument("--jobs", type=int, default=1, help="worker processes")
     s.add_argument("--cut", type=float, default=0.7, help="Geant4 production cut, mm")
     s.add_argument("--physics", choices=["auto", "official", "substitute"], default="auto",
@@ -267,87 +270,119 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-size", type=int, default=None, help="showers per chunk (seeding/writing unit)")
     s.add_argument("--zenith", default=None, help="air showers: zenith range in degrees, e.g. 0:65")
     s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees, e.g. 0:360")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
-    t = add("train", _cmd_train, "train a generative model on a shower file")
-    t.add_argument("--data", required=True)
-    t.add_argument("--model", default="flow-matching")
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    t = _verb(sub, "train", _cmd_train, "train a generative model on a shower file")
+    t.add_argument("--data", required=True, help="training shower file")
+    t.add_argument("--model", default=None, metavar="MODEL",
+                   help=f"model family: {', '.join(MODEL_NAMES)} (default: the config's, else {MODEL_NAMES[0]})")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    t.add_argument("--config", default=None, help="TOML file of model hyper-parameters and training options")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--steps", type=int, default=None, help="total optimisation steps (default 2000)")
+    t.add_argument("--epochs", type=float, default=None, help="passes over the file, instead of --steps")
+    t.add_argument("--batch-size", type=int, default=None, help="showers per step (default 256)")
+    t.add_argument("--seed", type=int, default=None, help="seeds initialisation, noise and data order (default 0)")
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
+    t.add_argument("--config", default=None, help="TOML file: model = NAME, [hparams] and [train] tables")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ds = add("distill", _cmd_distill, "distil a flow-matching (or flow) run into a one-step generator (fast sampling)")
+    ds = _verb(sub, "distill", _cmd_distill, "distil a flow-matching (or flow) run into a one-step generator")
     ds.add_argument("--run", required=True, help="finished flow-matching or flow run (the teacher)")
     ds.add_argument("--out", required=True, help="new run folder for the one-step student")
     ds.add_argument("--pairs", type=int, default=100_000, help="teacher (noise, shower) pairs to learn from")
     ds.add_argument("--steps", type=int, default=4000, help="student optimisation steps")
-    ds.add_argument("--batch-size", type=int, default=512)
+    ds.add_argument("--batch-size", type=int, default=512, help="pairs per step")
     ds.add_argument("--ode-steps", type=int, default=None, help="teacher ODE steps (default: the teacher's)")
     ds.add_argument("--hidden", type=int, default=None, help="student width (default 64)")
     ds.add_argument("--depth", type=int, default=None, help="student residual blocks (default 2)")
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--quiet", action="store_true")
+    ds.add_argument("--seed", type=int, default=0, help="seeds conditions, noise, initialisation and batches")
+    ds.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    gen = add("generate", _cmd_generate, "generate showers from a trained run")
-    gen.add_argument("--run", required=True)
-    gen.add_argument("--n", type=int, required=True)
-    gen.add_argument("--energy", required=True)
-    gen.add_argument("--condition", action="append", help="name=SPEC for the run's extra conditions")
-    gen.add_argument("--out", required=True)
-    gen.add_argument("--batch-size", type=int, default=10000)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = _verb(sub, "generate", _cmd_generate, "generate showers from a trained run")
+    gen.add_argument("--run", required=True, help="run folder")
+    gen.add_argument("--n", type=int, required=True, help="number of showers")
+    gen.add_argument("--energy", required=True, help="incident energy spec, as for simulate (GeV unless a unit)")
+    gen.add_argument("--condition", action="append", type=_name_spec, metavar="NAME=SPEC",
+                     help="the run's extra conditions, e.g. position=-30:30,0 (default: its training range)")
+    gen.add_argument("--out", required=True, help="new shower file")
+    gen.add_argument("--batch-size", type=int, default=10000, help="showers generated and written per step")
+    gen.add_argument("--seed", type=int, default=0, help="seeds energies, conditions and noise")
+    gen.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="sampler")
     gen.add_argument("--onnx", default=None, help="with --backend onnx: an exported model of this run")
     gen.add_argument("--int8", action="store_true", help="with --backend onnx and no --onnx: INT8 quantisation")
     gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
-    gen.add_argument("--quiet", action="store_true")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = add("evaluate", _cmd_evaluate, "score a candidate shower file against a reference")
-    e.add_argument("--reference", required=True)
-    e.add_argument("--candidate", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--metrics", default=None, help="comma-separated subset of metrics")
-    e.add_argument("--seed", type=int, default=0)
+    e = _verb(sub, "evaluate", _cmd_evaluate, "score a candidate shower file against a reference")
+    e.add_argument("--reference", required=True, help="reference shower file (e.g. Geant4)")
+    e.add_argument("--candidate", required=True, help="shower file to score")
+    e.add_argument("--out", required=True, help="report folder (report.html, metrics.json, plots)")
+    e.add_argument("--metrics", default=None, help="comma-separated subset of metrics (default: all)")
+    e.add_argument("--seed", type=int, default=0, help="seeds the classifier split and subsamples")
     e.add_argument("--floor", action="store_true", help="also score the reference against itself (halves)")
     e.add_argument("--binning", default=None, help="CaloChallenge binning XML for files of datasets 1-3")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    d = add("demo", _cmd_demo, "end-to-end demo on Belle II 5x5: simulate, train, generate, evaluate")
-    d.add_argument("--out", default="demo-output")
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    d = _verb(sub, "demo", _cmd_demo, "end-to-end demo on Belle II 5x5: simulate, train, generate, evaluate")
+    d.add_argument("--out", default="demo-output", help="folder of the demo's files, runs and reports")
     d.add_argument("--quick", action="store_true", help="a 2-minute version")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--jobs", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0, help="seeds every step")
+    d.add_argument("--jobs", type=int, default=2, help="Geant4 worker processes")
 
-    x = add("export", _cmd_export, "export a run's sampler to ONNX (optionally INT8)")
-    x.add_argument("--run", required=True)
-    x.add_argument("--out", required=True)
+    x = _verb(sub, "export", _cmd_export, "export a run's sampler to ONNX (optionally INT8)")
+    x.add_argument("--run", required=True, help="finished run folder")
+    x.add_argument("--out", required=True, help="ONNX file")
     x.add_argument("--int8", action="store_true", help="INT8 quantisation (dynamic unless --int8-mode static)")
     x.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
                    help="with --int8: dynamic (activation ranges per call) or static (ranges calibrated on the "
                         "run's training file, QDQ)")
     x.add_argument("--calibration", type=int, default=256,
                    help="with --int8-mode static: training-file showers to calibrate on")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset")
 
-    b = add("bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
-    b.add_argument("--run", required=True)
-    b.add_argument("--geant4", action="store_true")
-    b.add_argument("--batch-sizes", default="1,100,10000")
-    b.add_argument("--threads", type=int, default=1)
+    b = _verb(sub, "bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
+    b.add_argument("--run", required=True, help="finished run folder")
+    b.add_argument("--geant4", action="store_true", help="also time Geant4 on the run's geometry and energies")
+    b.add_argument("--batch-sizes", type=_int_list, default="1,100,10000", help="comma-separated batch sizes")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads of torch and ONNX Runtime")
     b.add_argument("--backends", default="torch-fp32,onnx-fp32,onnx-int8",
                    help="comma-separated; also onnx-int8-static (calibrates on the run's training file)")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="benchmark JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastshower`` parser: one sub-command per verb."""
+    p = argparse.ArgumentParser(
+        prog="fastshower",
+        description="Fast simulation of particle showers: simulate -> train -> generate -> evaluate -> export.",
+    )
+    p.add_argument("--version", action="version", version=f"fastshower {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_files, _add_simulate, _add_train, _add_generate, _add_deploy):
+        add(sub)
     return p
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """Bad input rather than a bug: any FastshowerError, or an OS error such as a missing file or full disk."""
+    return isinstance(exc, FastshowerError) or (isinstance(exc, OSError) and exc.errno in _USER_OS_ERRNOS)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
@@ -358,11 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastshower: {exc.args[0] if exc.args else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"fastshower: error: {message}", file=sys.stderr)
-            return 2
-        raise
+        if not _is_user_error(exc):
+            raise
+        print(f"fastshower: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerBatch, ShowerFile
 
@@ -75,7 +76,7 @@ __all__ = [
 _STD_FLOOR = 1e-6
 
 
-class DataError(ValueError):
+class DataError(FastshowerError, ValueError):
     """Bad training data (NaN after preprocessing, unknown condition, ...) or transform state."""
 
 
@@ -509,50 +510,59 @@ def fit_shower_transform(
         cond_names = _resolve_conditions(f.condition_names, conditions)
         widths = [f.condition_widths()[k] for k in cond_names]
         chain = build_transform(names, v, **options)
-
-        # First pass: condition statistics and data facts (always needed, cheap).
-        n = 0
-        e_min, e_max, nz_min = math.inf, -math.inf, math.inf
-        cond = ConditionTransform(cond_names, widths)
-        s1 = torch.zeros(cond.dim, dtype=torch.float64)
-        s2 = torch.zeros(cond.dim, dtype=torch.float64)
-        c_min = {k: np.full(w, np.inf) for k, w in zip(cond_names, widths, strict=True)}
-        c_max = {k: np.full(w, -np.inf) for k, w in zip(cond_names, widths, strict=True)}
-        hit_counts = np.zeros(len(_HIT_EDGES) + 1, dtype=np.int64)
-        for batch in f.iter_chunks(chunk_rows):
-            e = batch.energies
-            n += len(batch)
-            e_min, e_max = min(e_min, float(e.min())), max(e_max, float(e.max()))
-            pos = batch.showers[batch.showers > 0]
-            if pos.size:
-                nz_min = min(nz_min, float(pos.min()))
-                hit_counts += np.bincount(np.searchsorted(_HIT_EDGES, pos), minlength=len(hit_counts))
-            raw = cond.raw(torch.from_numpy(e), {k: torch.from_numpy(batch.conditions[k]) for k in cond_names})
-            rd = raw.to(torch.float64)
-            s1 += rd.sum(0)
-            s2 += (rd * rd).sum(0)
-            for k in cond_names:
-                c_min[k] = np.minimum(c_min[k], batch.conditions[k].min(0))
-                c_max[k] = np.maximum(c_max[k], batch.conditions[k].max(0))
-        mean = s1 / n
-        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-        # a single-energy (or fixed-condition) file has std 0: keep 1 so the column is just centred
-        std = torch.where(std < _STD_FLOOR, torch.ones_like(std), std)
-        cond = ConditionTransform(cond_names, widths, mean.tolist(), std.tolist())
+        cond, stats = _condition_pass(f, cond_names, widths, chunk_rows)
 
         def chunks() -> Iterator[tuple[Tensor, Tensor]]:
             for b in f.iter_chunks(chunk_rows):
                 yield torch.from_numpy(b.showers), torch.from_numpy(b.energies)
 
         chain.fit(chunks, v)
-        stats = DataStats(
-            n=n, energy_min=e_min, energy_max=e_max,
-            min_nonzero_mev=nz_min if math.isfinite(nz_min) else 0.0,
-            cond_min={k: c_min[k].tolist() for k in cond_names},
-            cond_max={k: c_max[k].tolist() for k in cond_names},
-            low_hit_mev=_low_hit_quantile(hit_counts, nz_min),
-        )
     return ShowerTransform(chain, cond, v, stats)
+
+
+def _condition_pass(f: ShowerFile, cond_names: list[str], widths: list[int],
+                    chunk_rows: int) -> tuple[ConditionTransform, DataStats]:
+    """First pass over a file: the fitted :class:`ConditionTransform` and the :class:`DataStats`.
+
+    Streams ``f`` in chunks of ``chunk_rows`` showers (always needed, and cheap: no voxel transform):
+    mean and std of the raw conditions (log energy, then ``cond_names`` of ``widths`` columns), the
+    incident energy range (MeV), the smallest hit and the hit-energy histogram (MeV), the conditions' ranges.
+    """
+    n = 0
+    e_min, e_max, nz_min = math.inf, -math.inf, math.inf
+    cond = ConditionTransform(cond_names, widths)
+    s1 = torch.zeros(cond.dim, dtype=torch.float64)
+    s2 = torch.zeros(cond.dim, dtype=torch.float64)
+    c_min = {k: np.full(w, np.inf) for k, w in zip(cond_names, widths, strict=True)}
+    c_max = {k: np.full(w, -np.inf) for k, w in zip(cond_names, widths, strict=True)}
+    hit_counts = np.zeros(len(_HIT_EDGES) + 1, dtype=np.int64)
+    for batch in f.iter_chunks(chunk_rows):
+        e = batch.energies
+        n += len(batch)
+        e_min, e_max = min(e_min, float(e.min())), max(e_max, float(e.max()))
+        pos = batch.showers[batch.showers > 0]
+        if pos.size:
+            nz_min = min(nz_min, float(pos.min()))
+            hit_counts += np.bincount(np.searchsorted(_HIT_EDGES, pos), minlength=len(hit_counts))
+        raw = cond.raw(torch.from_numpy(e), {k: torch.from_numpy(batch.conditions[k]) for k in cond_names})
+        rd = raw.to(torch.float64)
+        s1 += rd.sum(0)
+        s2 += (rd * rd).sum(0)
+        for k in cond_names:
+            c_min[k] = np.minimum(c_min[k], batch.conditions[k].min(0))
+            c_max[k] = np.maximum(c_max[k], batch.conditions[k].max(0))
+    mean = s1 / n
+    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    # a single-energy (or fixed-condition) file has std 0: keep 1 so the column is just centred
+    std = torch.where(std < _STD_FLOOR, torch.ones_like(std), std)
+    stats = DataStats(
+        n=n, energy_min=e_min, energy_max=e_max,
+        min_nonzero_mev=nz_min if math.isfinite(nz_min) else 0.0,
+        cond_min={k: c_min[k].tolist() for k in cond_names},
+        cond_max={k: c_max[k].tolist() for k in cond_names},
+        low_hit_mev=_low_hit_quantile(hit_counts, nz_min),
+    )
+    return ConditionTransform(cond_names, widths, mean.tolist(), std.tolist()), stats
 
 
 #: Fraction of the training file's hits (positive voxels) that may fall below the default readout threshold.

@@ -58,7 +58,7 @@ def _complete(path: Path, n: int) -> bool:
 
 
 def _simulate(out: Path, energy: str, n: int, seed: int, jobs: int) -> None:
-    from fastshower.simulate.run import simulate
+    from fastshower.montecarlo.run import simulate
 
     if _complete(out, n):
         print(f"   {out} is complete: kept", file=sys.stderr)
@@ -71,7 +71,7 @@ def _simulate(out: Path, energy: str, n: int, seed: int, jobs: int) -> None:
 def _train(data: Path, run: Path, settings: DemoSettings, seed: int) -> float:
     import torch
 
-    from fastshower.train import train
+    from fastshower.training import train
 
     meta = run / "meta.json"
     if meta.exists() and json.loads(meta.read_text()).get("status") == "finished":
@@ -86,13 +86,17 @@ def _train(data: Path, run: Path, settings: DemoSettings, seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0, jobs: int = 2) -> dict[str, Any]:
-    """Run the whole chain and return the summary (also written to ``out/summary.json``)."""
-    from fastshower.sample import generate
+def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0, jobs: int = 2,
+             settings: DemoSettings | None = None) -> dict[str, Any]:
+    """Run the whole chain and return the summary (also written to ``out/summary.json``).
+
+    ``settings`` overrides the sizes that ``quick`` picks (the tests run a tiny demo this way).
+    """
+    from fastshower.generation import generate
     from fastshower.validate.evaluate import evaluate
 
     t_start = time.perf_counter()
-    settings = DemoSettings.for_mode(quick)
+    settings = settings or DemoSettings.for_mode(quick)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_file, test_file, held_file = out / "g4_train.h5", out / "g4_test.h5", out / "g4_2GeV.h5"

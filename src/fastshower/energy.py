@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from fastshower.errors import FastshowerError
+
 __all__ = ["EnergySpec", "EnergySpecError", "parse_energy", "parse_energy_value"]
 
 _UNITS_MEV = {
@@ -27,7 +29,7 @@ _UNITS_MEV = {
 _NUMBER = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
-class EnergySpecError(ValueError):
+class EnergySpecError(FastshowerError, ValueError):
     """An energy spec that does not parse or is physically impossible."""
 
 

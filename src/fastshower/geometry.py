@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fastshower.errors import FastshowerError
+
 __all__ = [
     "CartesianSegmentation",
     "Geometry",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class GeometryError(ValueError):
+class GeometryError(FastshowerError, ValueError):
     """An unknown or malformed detector description."""
 
 
@@ -173,6 +175,11 @@ class ReadoutLayer:
     @property
     def n_cells(self) -> int:
         return self.segmentation.n_cells
+
+
+#: vertical depth of the ground (sea level, flat Earth) of air-shower profiles, g/cm^2: the slant
+#: depth of the ground is this over cos(zenith), for the reference generator and the models alike
+GROUND_VERTICAL_DEPTH = 1036.0
 
 
 @dataclass(frozen=True)
@@ -384,11 +391,16 @@ def _uniform(
     n_pairs: int = 1,
     score: Literal["active", "all"] = "active",
 ) -> tuple[ReadoutLayer, ...]:
+    """``n_layers`` readout layers of ``n_pairs`` absorber + active pairs each, all with segmentation ``seg``.
+
+    ``t_abs``: absorber thickness in mm, one value for all layers or one per layer; ``t_act``: active, mm.
+    """
     t = [t_abs] * n_layers if isinstance(t_abs, (int, float)) else list(t_abs)
     return tuple(ReadoutLayer(absorber, float(t[i]), active, t_act, n_pairs, seg, score) for i in range(n_layers))
 
 
 def _par04(n_r: int, n_alpha: int, dr: float, ds: int) -> Geometry:
+    """Geant4 Par04 / CaloChallenge dataset ``ds``: 45 polar layers of ``n_r`` rings of ``dr`` mm x ``n_alpha``."""
     return Geometry(
         name=f"par04-ds{ds}",
         description=f"Geant4 Par04 / CaloChallenge dataset {ds}: Si-W, 45 layers x {n_r} r x {n_alpha} alpha",
@@ -407,78 +419,97 @@ def _par04(n_r: int, n_alpha: int, dr: float, ds: int) -> Geometry:
     )
 
 
+def _belle2_ecl() -> Geometry:
+    """Belle II-like ECL: a 5x5 array of CsI(Tl) crystals (homogeneous, one cartesian layer)."""
+    return Geometry(
+        name="belle2-ecl-5x5",
+        description="Belle II-like ECL: 5x5 CsI(Tl) crystals, 6x6x30 cm, homogeneous",
+        source=(
+            "Belle II Technical Design Report (arXiv:1011.0352), ECL: CsI(Tl) crystals 30 cm "
+            "(16.1 X0) long with ~6x6 cm faces"
+        ),
+        layers=(ReadoutLayer(None, 0.0, "G4_CESIUM_IODIDE", 300.0, 1, CartesianSegmentation(5, 5, 60.0, 60.0)),),
+        particles=("e-", "gamma", "e+", "pi+", "pi-"),
+        energy="0.5,1,1.5,2.5",
+        notes=(
+            "crystals are straight boxes without wrapping or gaps; the entry point is smeared uniformly "
+            "over the centre crystal's face and stored as conditions/position (mm)"
+        ),
+    )
+
+
+def _calogan() -> Geometry:
+    """CaloGAN's 3-layer Pb/LAr sampling calorimeter; cells score absorber + active energy."""
+    return Geometry(
+        name="calogan-3layer",
+        description="CaloGAN 3-layer Pb/LAr calorimeter, 480 mm deep, 3x96 + 12x12 + 12x6 cells",
+        source=(
+            "Paganini, de Oliveira, Nachman, arXiv:1712.10321 and 1705.02355: 2 mm Pb + 4 mm LAr, 480 mm "
+            "deep, layers 90/347/43 mm; cells 160x5, 40x40, 40x80 mm (eta x phi)"
+        ),
+        layers=(
+            ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 15, CartesianSegmentation(96, 3, 5.0, 160.0), "all"),
+            ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 58, CartesianSegmentation(12, 12, 40.0, 40.0), "all"),
+            ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 7, CartesianSegmentation(6, 12, 80.0, 40.0), "all"),
+        ),
+        particles=("e+", "gamma", "pi+"),
+        energy="1:100",
+        notes=(
+            "readout boundaries are put on whole Pb+LAr pairs: 15/58/7 pairs = 90/348/42 mm instead of "
+            "90/347/43 mm; cells score absorber + active energy as the published CaloGAN files do"
+        ),
+    )
+
+
+def _ild_siw() -> Geometry:
+    """ILD-like Si-W ECAL of BIB-AE: 30 layers of 30x30 cartesian cells."""
+    return Geometry(
+        name="ild-siw-30",
+        description="ILD-like Si-W ECAL: 30 layers, 30x30 cells of 5.1 mm",
+        source=(
+            "ILD ECAL as used by BIB-AE (Buhmann et al., arXiv:2005.05334): W 2.1 mm (layers 1-20) and "
+            "4.2 mm (21-30), Si 0.5 mm, 5.1 mm cells, 30x30 cells around the impact point"
+        ),
+        layers=_uniform(30, "G4_W", [2.1] * 20 + [4.2] * 10, "G4_Si", 0.5, CartesianSegmentation(30, 30, 5.1, 5.1)),
+        particles=("gamma", "e-"),
+        energy="10:100",
+        notes="flat slabs without PCB, cooling or gaps between wafers",
+    )
+
+
+def _clic_siw() -> Geometry:
+    """CLIC-like Si-W ECAL of the 3DGAN papers: 25 layers of 51x51 cartesian cells."""
+    return Geometry(
+        name="siw-51x51x25",
+        description="CLIC-like Si-W ECAL of the 3DGAN papers: 25 layers of 51x51 cells of 5.1 mm",
+        source=(
+            "3DGAN (Khattak et al., arXiv:2103.10142) on the CLIC ECAL (CLICdp ECal twiki): 25 layers, "
+            "17 x 2.4 mm W then 8 x 4.8 mm W, Si pads 5.1x5.1 mm"
+        ),
+        layers=_uniform(25, "G4_W", [2.4] * 17 + [4.8] * 8, "G4_Si", 0.5, CartesianSegmentation(51, 51, 5.1, 5.1)),
+        particles=("e-", "gamma", "pi+"),
+        energy="2:500",
+        notes="Si thickness 0.5 mm assumed; flat slabs, no PCB or gaps",
+    )
+
+
+def _airshower_profile() -> Geometry:
+    """Longitudinal air-shower profiles (dE/dX and charged-particle number vs slant depth)."""
+    return Geometry(
+        name="airshower-profile",
+        description="air-shower longitudinal profile: slant depth 0-3200 g/cm^2 in 10 g/cm^2 bins",
+        source="CONEX-style profiles (Bergmann et al., astro-ph/0606564); KIT profile-GAN study",
+        profile=ProfileAxis(3200.0, 10.0, ("dEdX", "Ne")),
+        particles=("p", "He", "N", "Fe"),
+        energy="1e17eV:1e19eV:log",
+        notes="dEdX in MeV/(g/cm^2), Ne = number of charged particles; bins below ground are zero",
+    )
+
+
 def _builtins() -> dict[str, Geometry]:
-    g: list[Geometry] = [
-        Geometry(
-            name="belle2-ecl-5x5",
-            description="Belle II-like ECL: 5x5 CsI(Tl) crystals, 6x6x30 cm, homogeneous",
-            source=(
-                "Belle II Technical Design Report (arXiv:1011.0352), ECL: CsI(Tl) crystals 30 cm "
-                "(16.1 X0) long with ~6x6 cm faces"
-            ),
-            layers=(ReadoutLayer(None, 0.0, "G4_CESIUM_IODIDE", 300.0, 1, CartesianSegmentation(5, 5, 60.0, 60.0)),),
-            particles=("e-", "gamma", "e+", "pi+", "pi-"),
-            energy="0.5,1,1.5,2.5",
-            notes=(
-                "crystals are straight boxes without wrapping or gaps; the entry point is smeared uniformly "
-                "over the centre crystal's face and stored as conditions/position (mm)"
-            ),
-        ),
-        Geometry(
-            name="calogan-3layer",
-            description="CaloGAN 3-layer Pb/LAr calorimeter, 480 mm deep, 3x96 + 12x12 + 12x6 cells",
-            source=(
-                "Paganini, de Oliveira, Nachman, arXiv:1712.10321 and 1705.02355: 2 mm Pb + 4 mm LAr, 480 mm "
-                "deep, layers 90/347/43 mm; cells 160x5, 40x40, 40x80 mm (eta x phi)"
-            ),
-            layers=(
-                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 15, CartesianSegmentation(96, 3, 5.0, 160.0), "all"),
-                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 58, CartesianSegmentation(12, 12, 40.0, 40.0), "all"),
-                ReadoutLayer("G4_Pb", 2.0, "G4_lAr", 4.0, 7, CartesianSegmentation(6, 12, 80.0, 40.0), "all"),
-            ),
-            particles=("e+", "gamma", "pi+"),
-            energy="1:100",
-            notes=(
-                "readout boundaries are put on whole Pb+LAr pairs: 15/58/7 pairs = 90/348/42 mm instead of "
-                "90/347/43 mm; cells score absorber + active energy as the published CaloGAN files do"
-            ),
-        ),
-        Geometry(
-            name="ild-siw-30",
-            description="ILD-like Si-W ECAL: 30 layers, 30x30 cells of 5.1 mm",
-            source=(
-                "ILD ECAL as used by BIB-AE (Buhmann et al., arXiv:2005.05334): W 2.1 mm (layers 1-20) and "
-                "4.2 mm (21-30), Si 0.5 mm, 5.1 mm cells, 30x30 cells around the impact point"
-            ),
-            layers=_uniform(30, "G4_W", [2.1] * 20 + [4.2] * 10, "G4_Si", 0.5, CartesianSegmentation(30, 30, 5.1, 5.1)),
-            particles=("gamma", "e-"),
-            energy="10:100",
-            notes="flat slabs without PCB, cooling or gaps between wafers",
-        ),
-        _par04(9, 16, 4.65, 2),
-        _par04(18, 50, 2.325, 3),
-        Geometry(
-            name="siw-51x51x25",
-            description="CLIC-like Si-W ECAL of the 3DGAN papers: 25 layers of 51x51 cells of 5.1 mm",
-            source=(
-                "3DGAN (Khattak et al., arXiv:2103.10142) on the CLIC ECAL (CLICdp ECal twiki): 25 layers, "
-                "17 x 2.4 mm W then 8 x 4.8 mm W, Si pads 5.1x5.1 mm"
-            ),
-            layers=_uniform(25, "G4_W", [2.4] * 17 + [4.8] * 8, "G4_Si", 0.5, CartesianSegmentation(51, 51, 5.1, 5.1)),
-            particles=("e-", "gamma", "pi+"),
-            energy="2:500",
-            notes="Si thickness 0.5 mm assumed; flat slabs, no PCB or gaps",
-        ),
-        Geometry(
-            name="airshower-profile",
-            description="air-shower longitudinal profile: slant depth 0-3200 g/cm^2 in 10 g/cm^2 bins",
-            source="CONEX-style profiles (Bergmann et al., astro-ph/0606564); KIT profile-GAN study",
-            profile=ProfileAxis(3200.0, 10.0, ("dEdX", "Ne")),
-            particles=("p", "He", "N", "Fe"),
-            energy="1e17eV:1e19eV:log",
-            notes="dEdX in MeV/(g/cm^2), Ne = number of charged particles; bins below ground are zero",
-        ),
-    ]
+    """The built-in detectors by name, in registry order (one builder per detector family)."""
+    g = [_belle2_ecl(), _calogan(), _ild_siw(), _par04(9, 16, 4.65, 2), _par04(18, 50, 2.325, 3), _clic_siw(),
+         _airshower_profile()]
     return {geo.name: geo for geo in g}
 
 

@@ -12,7 +12,7 @@ Layout (readable by the CaloChallenge tools, which only look at the first two ke
 Writers append in chunks under HDF5's single-writer/multiple-reader mode, which
 orders metadata writes so that a killed writer leaves a readable file holding
 every flushed chunk. ``complete`` stays False until the writer is closed after
-reaching its target, so an interrupted file never looks finished; ``--resume``
+reaching its target, so an interrupted file never looks finished; ``resume=True``
 reopens it and appends.
 """
 
@@ -30,7 +30,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from fastshower import __version__
+from fastshower._version import __version__
+from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, GeometryError, geometry_from_json, list_geometries
 
 __all__ = [
@@ -51,7 +52,7 @@ PDG = {"e-": 11, "e+": -11, "gamma": 22, "pi+": 211, "pi-": -211, "p": 2212, "He
 _TARGET_CHUNK_BYTES = 2 << 20  # HDF5 chunk of ~2 MiB: good gzip ratio, cheap partial reads
 
 
-class ShowerFileError(ValueError):
+class ShowerFileError(FastshowerError, ValueError):
     """A shower file that is missing, corrupt, truncated, foreign or inconsistent."""
 
 
@@ -150,7 +151,7 @@ class ShowerWriter:
             self._f = self._reopen(particle)
         else:
             if self.path.exists():
-                raise ShowerFileError(f"{self.path} exists; use --resume to top it up or choose another --out")
+                raise ShowerFileError(f"{self.path} exists; use resume=True to top it up or choose another path")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = self._create(particle, generator, attrs or {})
         self._f.swmr_mode = True
@@ -186,13 +187,13 @@ class ShowerWriter:
         reader = ShowerFile(self.path, require_complete=False)  # validates layout and geometry
         if reader.geometry.to_dict() != self.geometry.to_dict():
             raise ShowerFileError(
-                f"--resume: {self.path} holds geometry {reader.geometry.name!r}, not {self.geometry.name!r}"
+                f"resume=True: {self.path} holds geometry {reader.geometry.name!r}, not {self.geometry.name!r}"
             )
         if reader.particle != particle:
-            raise ShowerFileError(f"--resume: {self.path} holds {reader.particle} showers, not {particle}")
+            raise ShowerFileError(f"resume=True: {self.path} holds {reader.particle} showers, not {particle}")
         if set(reader.condition_names) != set(self.conditions):
             raise ShowerFileError(
-                f"--resume: {self.path} has conditions {sorted(reader.condition_names)}, "
+                f"resume=True: {self.path} has conditions {sorted(reader.condition_names)}, "
                 f"expected {sorted(self.conditions)}"
             )
         n = reader.n
@@ -201,9 +202,11 @@ class ShowerWriter:
             f = h5py.File(self.path, "r+", libver="latest")
         except OSError as exc:
             if _LOCKED in str(exc):
-                raise ShowerFileError(f"--resume: {self.path} is open in another writer (a run still going?)") from None
+                raise ShowerFileError(
+                    f"resume=True: {self.path} is open in another writer (a run still going?)"
+                ) from None
             if _WRITER_FLAG not in str(exc):
-                raise ShowerFileError(f"--resume: cannot open {self.path} for writing: {exc}") from None
+                raise ShowerFileError(f"resume=True: cannot open {self.path} for writing: {exc}") from None
             _recover_killed_writer(self.path)
             f = h5py.File(self.path, "r+", libver="latest")
         # Datasets may differ in length by the chunk in flight when the writer died: cut back to
@@ -331,7 +334,8 @@ def _infer_geometry(n_voxels: int, path: Path) -> Geometry:
         return matches[0]
     raise ShowerFileError(
         f"{path}: no 'geometry' attribute and {n_voxels} voxels match "
-        f"{'no' if not matches else 'several'} built-in geometries; pass the geometry (--binning XML or --geometry)"
+        f"{'no' if not matches else 'several'} built-in geometries; "
+        "pass geometry= (or binning=, a CaloChallenge binning XML)"
     )
 
 
@@ -395,7 +399,7 @@ class ShowerFile:
         if require_complete and not self.complete:
             raise ShowerFileError(
                 f"{self.path}: incomplete ({self.n} of {self.attrs.get('n_target', '?')} showers; the writer was "
-                "interrupted); finish it with `fastshower simulate ... --resume` or accept partial files explicitly"
+                "interrupted); finish it with simulate(..., resume=True) or accept partial files explicitly"
             )
         if self.n == 0 and require_complete:
             raise ShowerFileError(f"{self.path}: holds no showers")
@@ -591,17 +595,10 @@ def primary_ln_a(particle: str) -> float:
 
 
 def merge_files(
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    add_condition: str | None = "primary",
-    condition_values: Mapping[str, float] | None = None,
-    particle: str | None = None,
-    chunk_rows: int = 4096,
-    interleave: bool = True,
-    compression: str | None = "gzip",
-    map_batch: Callable[[ShowerBatch], ShowerBatch] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path], out: str | Path, *, add_condition: str | None = "primary",
+    condition_values: Mapping[str, float] | None = None, particle: str | None = None, chunk_rows: int = 4096,
+    interleave: bool = True, compression: str | None = "gzip",
+    map_batch: Callable[[ShowerBatch], ShowerBatch] | None = None, attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Merge complete shower files of one geometry into a new file, streaming (memory ~ one block).
 
@@ -645,75 +642,119 @@ def merge_files(
     try:
         for p in paths:
             files.append(ShowerFile(p))
-        first = files[0]
-        geo, widths, truth = first.geometry, first.condition_widths(), first.truth_names
-        for f in files[1:]:
-            if f.geometry.to_dict() != geo.to_dict():
-                raise ShowerFileError(f"merge_files: {f.path} holds geometry {f.geometry.name!r}, "
-                                      f"{first.path} holds {geo.name!r}")
-            if f.condition_widths() != widths or f.truth_names != truth:
-                raise ShowerFileError(
-                    f"merge_files: {f.path} has conditions {f.condition_widths()} / truth {f.truth_names}, "
-                    f"{first.path} has {widths} / {truth}"
-                )
-        if add_condition is not None and add_condition in widths:
-            raise ShowerFileError(f"merge_files: the inputs already have a condition {add_condition!r}")
-        values: list[float] = []
-        if add_condition is not None:
-            given = dict(condition_values or {})
-            for p, f in zip(paths, files, strict=True):
-                if str(p) in given:
-                    values.append(float(given[str(p)]))
-                elif f.particle in given:
-                    values.append(float(given[f.particle]))
-                elif add_condition == "primary":
-                    values.append(primary_ln_a(f.particle))
-                else:
-                    raise ShowerFileError(f"merge_files: no value of condition {add_condition!r} for {p} "
-                                          f"(particle {f.particle}); pass condition_values")
-        particles = list(dict.fromkeys(f.particle for f in files))
-        out_particle = particle or "+".join(particles)
-        truth_widths = {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in first._group("truth").items()}
-        cond_widths = dict(widths)
-        if add_condition is not None:
-            cond_widths[add_condition] = 1
-        sizes = [f.n for f in files]
-        total = int(sum(sizes))
-        keep = ("generator", "physics", "seed", "created", "finished", "fastshower_version")
-        provenance = []
-        for i, f in enumerate(files):
-            a = f.attrs
-            entry: dict[str, Any] = {"path": str(f.path.resolve()), "particle": f.particle, "n_showers": f.n,
-                                     **{k: (a[k].item() if isinstance(a[k], np.generic) else a[k])
-                                        for k in keep if k in a}}
-            entry["pdg"] = int(a.get("pdg", PDG.get(f.particle, 0)))
-            if add_condition is not None:
-                entry[add_condition] = values[i]
-            provenance.append(entry)
-        out_attrs: dict[str, Any] = {"merged_from": provenance, "merge_condition": add_condition or "",
-                                     "merge_interleaved": bool(interleave), **dict(attrs or {})}
-        if add_condition is not None:
-            out_attrs["merge_condition_values"] = {f.particle: v for f, v in zip(files, values, strict=True)}
-            if add_condition == "primary" and condition_values is None:
-                out_attrs["merge_condition_encoding"] = "ln(A) of the primary's mass number"
-        generator = f"merge of {len(files)} files ({', '.join(f'{f.particle}: {f.n}' for f in files)})"
-        with ShowerWriter(out, geo, out_particle, generator, total, cond_widths, out_attrs, truth=truth_widths,
-                          compression=compression) as w:
-            # block schedule: (input index, start, stop) in output order
-            pos = [0] * len(files)
-            while any(pos[i] < sizes[i] for i in range(len(files))):
-                for i, f in enumerate(files):
-                    if pos[i] >= sizes[i]:
-                        continue
-                    take = max(1, round(chunk_rows * sizes[i] / total)) if interleave else chunk_rows
-                    batch = f.read(pos[i], min(pos[i] + take, sizes[i]))
-                    pos[i] += len(batch)
-                    if add_condition is not None:
-                        batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
-                    w.append(map_batch(batch) if map_batch is not None else batch)
-                    if not interleave:
-                        break
+        widths = _check_mergeable(files)
+        values = _merge_values(paths, files, add_condition, condition_values, widths)
+        out_attrs = _merge_provenance(files, add_condition, values, condition_values, interleave, attrs)
+        with _merged_writer(out, files, particle, add_condition, out_attrs, compression) as w:
+            _write_merged(w, files, add_condition, values, chunk_rows, interleave, map_batch)
     finally:
         for f in files:
             f.close()
     return Path(out)
+
+
+def _check_mergeable(files: Sequence[ShowerFile]) -> dict[str, int]:
+    """Condition widths of the inputs, which must all share the first one's geometry, conditions and truth.
+
+    Raises :class:`ShowerFileError` naming the first input that differs.
+    """
+    first = files[0]
+    geo, widths, truth = first.geometry, first.condition_widths(), first.truth_names
+    for f in files[1:]:
+        if f.geometry.to_dict() != geo.to_dict():
+            raise ShowerFileError(f"merge_files: {f.path} holds geometry {f.geometry.name!r}, "
+                                  f"{first.path} holds {geo.name!r}")
+        if f.condition_widths() != widths or f.truth_names != truth:
+            raise ShowerFileError(
+                f"merge_files: {f.path} has conditions {f.condition_widths()} / truth {f.truth_names}, "
+                f"{first.path} has {widths} / {truth}"
+            )
+    return widths
+
+
+def _merge_values(paths: Sequence[Path], files: Sequence[ShowerFile], add_condition: str | None,
+                  condition_values: Mapping[str, float] | None, widths: Mapping[str, int]) -> list[float]:
+    """Value of the added condition per input, in input order (empty without ``add_condition``).
+
+    Looked up by path as given, then by particle, else ln(A) for ``"primary"`` (see :func:`merge_files`).
+    """
+    if add_condition is not None and add_condition in widths:
+        raise ShowerFileError(f"merge_files: the inputs already have a condition {add_condition!r}")
+    values: list[float] = []
+    if add_condition is None:
+        return values
+    given = dict(condition_values or {})
+    for p, f in zip(paths, files, strict=True):
+        if str(p) in given:
+            values.append(float(given[str(p)]))
+        elif f.particle in given:
+            values.append(float(given[f.particle]))
+        elif add_condition == "primary":
+            values.append(primary_ln_a(f.particle))
+        else:
+            raise ShowerFileError(f"merge_files: no value of condition {add_condition!r} for {p} "
+                                  f"(particle {f.particle}); pass condition_values")
+    return values
+
+
+def _merge_provenance(files: Sequence[ShowerFile], add_condition: str | None, values: Sequence[float],
+                      condition_values: Mapping[str, float] | None, interleave: bool,
+                      attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The merged file's attributes: ``merged_from`` (one entry per input), ``merge_condition``, ... and ``attrs``."""
+    keep = ("generator", "physics", "seed", "created", "finished", "fastshower_version")
+    provenance = []
+    for i, f in enumerate(files):
+        a = f.attrs
+        entry: dict[str, Any] = {"path": str(f.path.resolve()), "particle": f.particle, "n_showers": f.n,
+                                 **{k: (a[k].item() if isinstance(a[k], np.generic) else a[k])
+                                    for k in keep if k in a}}
+        entry["pdg"] = int(a.get("pdg", PDG.get(f.particle, 0)))
+        if add_condition is not None:
+            entry[add_condition] = values[i]
+        provenance.append(entry)
+    out_attrs: dict[str, Any] = {"merged_from": provenance, "merge_condition": add_condition or "",
+                                 "merge_interleaved": bool(interleave), **dict(attrs or {})}
+    if add_condition is not None:
+        out_attrs["merge_condition_values"] = {f.particle: v for f, v in zip(files, values, strict=True)}
+        if add_condition == "primary" and condition_values is None:
+            out_attrs["merge_condition_encoding"] = "ln(A) of the primary's mass number"
+    return out_attrs
+
+
+def _merged_writer(out: str | Path, files: Sequence[ShowerFile], particle: str | None, add_condition: str | None,
+                   out_attrs: Mapping[str, Any], compression: str | None) -> ShowerWriter:
+    """A new file for all inputs' showers: their conditions (plus the added one, width 1) and truth."""
+    first = files[0]
+    out_particle = particle or "+".join(dict.fromkeys(f.particle for f in files))
+    truth_widths = {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in first._group("truth").items()}
+    cond_widths = dict(first.condition_widths())
+    if add_condition is not None:
+        cond_widths[add_condition] = 1
+    total = int(sum(f.n for f in files))
+    generator = f"merge of {len(files)} files ({', '.join(f'{f.particle}: {f.n}' for f in files)})"
+    return ShowerWriter(out, first.geometry, out_particle, generator, total, cond_widths, out_attrs,
+                        truth=truth_widths, compression=compression)
+
+
+def _write_merged(w: ShowerWriter, files: Sequence[ShowerFile], add_condition: str | None, values: Sequence[float],
+                  chunk_rows: int, interleave: bool, map_batch: Callable[[ShowerBatch], ShowerBatch] | None) -> None:
+    """Copy the inputs into ``w`` in blocks of at most ``chunk_rows`` showers.
+
+    With ``interleave`` the inputs take turns, each block's size in proportion to its input's size; without,
+    each input is copied whole, in order. The added condition (width 1) is set before ``map_batch``.
+    """
+    sizes = [f.n for f in files]
+    total = int(sum(sizes))
+    pos = [0] * len(files)
+    while any(pos[i] < sizes[i] for i in range(len(files))):
+        for i, f in enumerate(files):
+            if pos[i] >= sizes[i]:
+                continue
+            take = max(1, round(chunk_rows * sizes[i] / total)) if interleave else chunk_rows
+            batch = f.read(pos[i], min(pos[i] + take, sizes[i]))
+            pos[i] += len(batch)
+            if add_condition is not None:
+                batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
+            w.append(map_batch(batch) if map_batch is not None else batch)
+            if not interleave:
+                break

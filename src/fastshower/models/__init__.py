@@ -10,22 +10,30 @@ Built-in modules are imported lazily on the first registry query, each on its ow
 a module that is absent is skipped, and one that fails to import (a missing optional
 dependency, a bug) does not hide the others; its error is reported when its model is
 asked for.
+
+Each model's hyper-parameters are a frozen dataclass (:class:`ModelConfig` subclass,
+``cls.config_class``, see :func:`get_config_class`); :func:`build_model` takes one, or a
+mapping of its keys.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
-from fastshower.models.base import ModelSpec, ShowerModel
+from fastshower.errors import FastshowerError
+from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ModelConfig",
     "ModelSpec",
     "ShowerModel",
     "UnknownModelError",
     "available_models",
     "build_model",
+    "get_config_class",
     "get_model_class",
     "register",
 ]
@@ -48,7 +56,7 @@ _IMPORT_ERRORS: dict[str, str] = {}
 _loaded = False
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(FastshowerError, ValueError):
     """A model name that no registered model has."""
 
 
@@ -104,6 +112,18 @@ def get_model_class(name: str) -> type[ShowerModel]:
     raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(available_models()) or 'none'}")
 
 
-def build_model(name: str, spec: ModelSpec, **hparams: Any) -> ShowerModel:
-    """Instantiate model ``name`` for ``spec`` with hyper-parameters overriding its defaults."""
-    return get_model_class(name)(spec, **hparams)
+def get_config_class(name: str) -> type[ModelConfig]:
+    """The config dataclass of model ``name`` (:class:`UnknownModelError` for an unknown name)."""
+    return get_model_class(name).config_class
+
+
+def build_model(name: str, spec: ModelSpec, config: ModelConfig | Mapping[str, Any] | None = None) -> ShowerModel:
+    """Instantiate model ``name`` for ``spec`` with ``config``: its config, or a mapping of some of its keys
+    (the others keep their defaults; names of earlier releases are accepted).
+
+    Raises:
+        UnknownModelError: no model has that name.
+        fastshower.errors.ConfigError: an unknown key (the message names the model and lists the known keys)
+            or a value of the wrong kind.
+    """
+    return get_model_class(name)(spec, config)

@@ -13,19 +13,31 @@ extra conditions, each standardised). It knows nothing about files or units.
 - ``training_step(x, c, optimizers, step)`` does one optimisation step and
   returns floats to log. The default is the one-optimizer step; adversarial
   models override it with their critic/generator schedule, so a single fit
-  loop (:mod:`fastshower.train`) serves every model.
+  loop (:mod:`fastshower.training`) serves every model.
+
+Hyper-parameters are a frozen dataclass per family (:class:`ModelConfig` and its subclasses,
+``ShowerModel.config_class``), built by :meth:`ModelConfig.from_dict`: unknown keys, values of the
+wrong kind and values outside a field's choices raise :class:`fastshower.errors.ConfigError`. Every
+family speaks one vocabulary: ``hidden`` (width), ``depth`` (hidden layers or blocks), ``latent_dim``,
+``layer_dim`` (width of a readout layer's code), ``net`` ("auto", "mlp", "layers"), ``lr``,
+``weight_decay``, ``grad_clip``, ``warmup``, ``*_weight`` for loss weights. The names of earlier
+releases are in each config's ``renamed`` map, so old run folders still load.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelSpec", "ShowerModel", "warmup_cosine"]
+from fastshower.config import Config
+from fastshower.errors import ConfigError
+
+__all__ = ["ModelConfig", "ModelSpec", "ShowerModel", "warmup_cosine"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,41 @@ def warmup_cosine(
     return [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]
 
 
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    """Hyper-parameters every model family has; each family's config derives from this one.
+
+    Attributes:
+        lr: learning rate of the model's (main) optimizer(s), per step.
+        grad_clip: clip of the gradient L2 norm over a network's parameters before each step
+            (dimensionless, in the units of the loss per parameter); None or 0: no clip.
+    """
+
+    lr: float = 1e-3
+    grad_clip: float | None = None
+
+    #: the allowed values of the fields that take one of a few strings (checked by :meth:`check`)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
+        """:meth:`fastshower.config.Config.from_dict`, then :meth:`check` of the values."""
+        config = super().from_dict(values, where)
+        config.check(where or cls.__name__)
+        return config
+
+    def check(self, where: str) -> None:
+        """Refuse values outside their field's :attr:`choices` (subclasses add their own rules).
+
+        Raises:
+            ConfigError: naming ``where`` (the model), the key and the allowed values.
+        """
+        for key, allowed in self.choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"{where}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
 class ShowerModel(nn.Module):
     """Base class: subclasses set ``name`` and ``default_transform`` and implement loss/sample."""
 
@@ -112,17 +159,32 @@ class ShowerModel(nn.Module):
     trainable: ClassVar[bool] = True
     #: preprocessing chain the model expects (names understood by fastshower.data.build_transform)
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
-    #: default hyper-parameters; a run's config may override any of them
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: the family's hyper-parameters; a run's config may override any of their defaults
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
+    def __init__(self, spec: ModelSpec, config: ModelConfig | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        """A model for ``spec`` with ``config`` (a config, or a mapping of its keys: a run's
+        ``config.json`` "hparams", names of earlier releases included) and ``overrides`` on top.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the known ones) or a bad value.
+        """
         super().__init__()
-        unknown = set(hparams) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"unknown hyper-parameter(s) for model {self.name!r}: {sorted(unknown)}; "
-                             f"known: {sorted(self.defaults)}")
+        where = f"model {self.name!r}"
+        if isinstance(config, ModelConfig):
+            if not isinstance(config, self.config_class):
+                raise ConfigError(f"{where} takes a {self.config_class.__name__}, got a {type(config).__name__}")
+            config = config.to_dict()
         self.spec = spec
-        self.hparams: dict[str, Any] = {**self.defaults, **hparams}
+        self.config = self.config_class.from_dict({**(config or {}), **overrides}, where=where)
+        #: the config as a plain dict (JSON-ready, tuples as lists), for reading; change the config, not this
+        self.hparams: dict[str, Any] = self.config.to_dict()
+
+    @classmethod
+    def default_config(cls) -> ModelConfig:
+        """The family's config with every default."""
+        return cls.config_class()
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """Training objective on a batch: x (B, V) model space, c (B, C)."""
@@ -153,8 +215,7 @@ class ShowerModel(nn.Module):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers used by :meth:`training_step` (one by default)."""
-        lr = float(self.hparams.get("lr", 1e-3))
-        return [torch.optim.Adam(self.parameters(), lr=lr)]
+        return [torch.optim.Adam(self.parameters(), lr=self.config.lr)]
 
     def configure_schedulers(
         self, optimizers: list[torch.optim.Optimizer], total_steps: int
@@ -174,8 +235,7 @@ class ShowerModel(nn.Module):
         opt.zero_grad(set_to_none=True)
         losses = self.loss(x, c)
         losses["loss"].backward()
-        clip = self.hparams.get("grad_clip")
-        if clip:
-            nn.utils.clip_grad_norm_(self.parameters(), float(clip))
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
         return {k: float(v.detach()) for k, v in losses.items()}

@@ -51,6 +51,8 @@ ReLU output, the energy-conservation term and a minibatch-discrimination critic.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -58,10 +60,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelSpec
-from .wgan import ADVERSARIAL_DEFAULTS, AdversarialShowerModel, mlp
+from .base import ModelConfig, ModelSpec
+from .wgan import AdversarialConfig, AdversarialShowerModel, mlp
 
-__all__ = ["CaloGAN", "CaloGANCritic", "CaloGANGenerator", "MinibatchDiscrimination"]
+__all__ = ["CaloGAN", "CaloGANConfig", "CaloGANCritic", "CaloGANGenerator", "MinibatchDiscrimination"]
 
 _ENERGY_EPS = 1e-6  # floor of per-layer energy fractions before the log (avoids log 0 for empty layers)
 
@@ -104,7 +106,7 @@ class CaloGANGenerator(nn.Module):
         cond_dim: int,
         layer_sizes: tuple[int, ...],
         hidden: int,
-        n_hidden: int,
+        depth: int,
         condition_on: str,
         x_scale: float,
         output_activation: str,
@@ -126,7 +128,7 @@ class CaloGANGenerator(nn.Module):
                 extra = sum(layer_sizes[:i])
             else:
                 extra = layer_sizes[i - 1] + i  # previous layer's cells + log energy of every earlier layer
-            nets.append(mlp(latent_dim + cond_dim + extra, hidden, n_hidden, size + n_out))
+            nets.append(mlp(latent_dim + cond_dim + extra, hidden, depth, size + n_out))
         self.layers = nn.ModuleList(nets)
 
     def _layer_output(self, a: Tensor, size: int) -> Tensor:
@@ -169,8 +171,8 @@ class CaloGANCritic(nn.Module):
         layer_sizes: tuple[int, ...],
         cond_dim: int,
         hidden: int,
-        n_hidden: int,
-        layer_features: int,
+        depth: int,
+        layer_dim: int,
         mbd_kernels: int,
         mbd_dim: int,
         x_scale: float,
@@ -178,11 +180,11 @@ class CaloGANCritic(nn.Module):
         super().__init__()
         self.layer_sizes, self.x_scale = layer_sizes, x_scale
         L = len(layer_sizes)
-        self.encoders = nn.ModuleList(mlp(size, hidden, 1, layer_features) for size in layer_sizes)
-        n_feat = L * layer_features
+        self.encoders = nn.ModuleList(mlp(size, hidden, 1, layer_dim) for size in layer_sizes)
+        n_feat = L * layer_dim
         self.mbd_features = MinibatchDiscrimination(n_feat, mbd_kernels, mbd_dim)
         self.mbd_energies = MinibatchDiscrimination(L + 1, mbd_kernels, mbd_dim)
-        self.head = mlp(n_feat + L + 1 + cond_dim + 2 * mbd_kernels, hidden, n_hidden, 1)
+        self.head = mlp(n_feat + L + 1 + cond_dim + 2 * mbd_kernels, hidden, depth, 1)
 
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         parts = torch.split(h, list(self.layer_sizes), dim=1)
@@ -193,6 +195,48 @@ class CaloGANCritic(nn.Module):
         return self.head(torch.cat(feats, dim=1)).squeeze(1)
 
 
+@dataclass(frozen=True)
+class CaloGANConfig(AdversarialConfig):
+    """Hyper-parameters of :class:`CaloGAN` (with those of :class:`~.wgan.AdversarialConfig`).
+
+    Attributes:
+        hidden, depth: width and number of hidden layers of each per-layer generator MLP and of the
+            critic head (``n_hidden`` before).
+        condition_on: ``"all"`` earlier layers, ``"previous"`` layer only, or ``"auto"``
+            (``"all"`` when V <= ``all_max_voxels``).
+        output_activation: ``"relu"`` (exact zeros, as CaloGAN) or ``"softplus"``.
+        output_param: ``"factorised"`` (layer energy x normalised activations) or
+            ``"direct"`` (activations / cells), see the module docstring.
+        x_scale: voxel fraction of E_inc at which ``log1p(x / x_scale)`` turns from linear to log
+            (critic input and inter-layer conditioning).
+        layer_dim: width of each per-layer critic code (``layer_features`` before).
+        mbd_kernels, mbd_dim: minibatch-discrimination kernels K and their dimension D.
+        energy_weight, energy_cap: energy-conservation penalty weight and the cap on
+            ``sum(x) = E_vis / E_inc``.
+    """
+
+    hidden: int = 256
+    depth: int = 2
+    condition_on: str = "auto"
+    all_max_voxels: int = 4096
+    output_activation: str = "relu"
+    output_param: str = "factorised"
+    x_scale: float = 1e-3
+    layer_dim: int = 32
+    mbd_kernels: int = 16
+    mbd_dim: int = 8
+    energy_weight: float = 1.0
+    energy_cap: float = 1.0
+
+    renamed: ClassVar[dict[str, str]] = {"n_hidden": "depth", "layer_features": "layer_dim"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        **AdversarialConfig.choices,
+        "condition_on": ("auto", "all", "previous"),
+        "output_activation": ("relu", "softplus"),
+        "output_param": ("factorised", "direct"),
+    }
+
+
 @register
 class CaloGAN(AdversarialShowerModel):
     """CaloGAN ("calogan"): per-layer chained generators, minibatch-discrimination critic.
@@ -200,74 +244,43 @@ class CaloGAN(AdversarialShowerModel):
     Shapes: x (B, V) = voxel energy / E_inc (>= 0); c (B, C), column 0 the
     standardised log incident energy.
 
-    Hyper-parameters (``defaults``):
-        latent_dim: width of the shared Gaussian latent z.
-        hidden, n_hidden: width and depth of each per-layer generator MLP and of the critic head.
-        condition_on: ``"all"`` earlier layers, ``"previous"`` layer only, or ``"auto"``
-            (``"all"`` when V <= ``all_max_voxels``).
-        output_activation: ``"relu"`` (exact zeros, as CaloGAN) or ``"softplus"``.
-        output_param: ``"factorised"`` (layer energy x normalised activations) or
-            ``"direct"`` (activations / cells), see the module docstring.
-        x_scale: voxel fraction at which ``log1p(x / x_scale)`` turns from linear to log
-            (critic input and inter-layer conditioning).
-        layer_features: width of each per-layer critic code.
-        mbd_kernels, mbd_dim: minibatch-discrimination kernels K and their dimension D.
-        energy_weight, energy_cap: energy-conservation penalty weight and the cap on
-            ``sum(x) = E_vis / E_inc``.
-        lr, betas, gp_weight, drift, n_critic, gan_loss, grad_clip: as in :class:`~.wgan.WGANGP`.
+    Hyper-parameters: :class:`CaloGANConfig`.
 
     Optimizers: ``[generator Adam, critic Adam]``.
     """
 
     name: ClassVar[str] = "calogan"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident",)
-    defaults: ClassVar[dict[str, Any]] = {
-        "latent_dim": 64,
-        "hidden": 256,
-        "n_hidden": 2,
-        "condition_on": "auto",
-        "all_max_voxels": 4096,
-        "output_activation": "relu",
-        "output_param": "factorised",
-        "x_scale": 1e-3,
-        "layer_features": 32,
-        "mbd_kernels": 16,
-        "mbd_dim": 8,
-        "energy_weight": 1.0,
-        "energy_cap": 1.0,
-        **ADVERSARIAL_DEFAULTS,
-        "grad_clip": None,
-    }
+    config_class: ClassVar[type[ModelConfig]] = CaloGANConfig
+    config: CaloGANConfig
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
-        super().__init__(spec, **hparams)
-        self._check_common_hparams()
-        hp = self.hparams
-        cond_on = hp["condition_on"]
+    def __init__(self, spec: ModelSpec, config: CaloGANConfig | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
+        cond_on = cfg.condition_on
         if cond_on == "auto":
-            cond_on = "all" if spec.n_voxels <= int(hp["all_max_voxels"]) else "previous"
-        if cond_on not in ("all", "previous"):
-            raise ValueError(f"condition_on must be 'auto', 'all' or 'previous', got {cond_on!r}")
-        self.x_scale = float(hp["x_scale"])
+            cond_on = "all" if spec.n_voxels <= cfg.all_max_voxels else "previous"
+        self.x_scale = cfg.x_scale
         self.generator = CaloGANGenerator(
             self.latent_dim,
             spec.cond_dim,
             spec.layer_sizes,
-            int(hp["hidden"]),
-            int(hp["n_hidden"]),
+            cfg.hidden,
+            cfg.depth,
             cond_on,
             self.x_scale,
-            str(hp["output_activation"]),
-            str(hp["output_param"]),
+            cfg.output_activation,
+            cfg.output_param,
         )
         self.critic = CaloGANCritic(
             spec.layer_sizes,
             spec.cond_dim,
-            int(hp["hidden"]),
-            int(hp["n_hidden"]),
-            int(hp["layer_features"]),
-            int(hp["mbd_kernels"]),
-            int(hp["mbd_dim"]),
+            cfg.hidden,
+            cfg.depth,
+            cfg.layer_dim,
+            cfg.mbd_kernels,
+            cfg.mbd_dim,
             self.x_scale,
         )
 
@@ -283,8 +296,8 @@ class CaloGAN(AdversarialShowerModel):
 
     def energy_excess(self, x: Tensor) -> Tensor:
         """Per-shower excess ``relu(sum_v x_v - energy_cap)`` (B,), in units of E_inc."""
-        return F.relu(x.sum(1) - float(self.hparams["energy_cap"]))
+        return F.relu(x.sum(1) - self.config.energy_cap)
 
     def generator_penalties(self, fake: Tensor, c: Tensor, step: int) -> dict[str, Tensor]:
         """The energy-conservation term ``energy_weight * mean(relu(sum(x) - energy_cap))``."""
-        return {"energy_conservation": float(self.hparams["energy_weight"]) * self.energy_excess(fake).mean()}
+        return {"energy_conservation": self.config.energy_weight * self.energy_excess(fake).mean()}

@@ -52,6 +52,8 @@ raises a clear error (use ``flow-matching`` for large detectors).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -60,9 +62,9 @@ import zuko
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelSpec, ShowerModel
+from .base import ModelConfig, ModelSpec, ShowerModel
 
-__all__ = ["CaloFlow", "FeatureScaler"]
+__all__ = ["CaloFlow", "FeatureScaler", "FlowConfig"]
 
 _TINY = 1e-12  # guards divisions by an empty layer's energy
 
@@ -108,6 +110,35 @@ class FeatureScaler(nn.Module):
         return g * self.std + self.mean
 
 
+@dataclass(frozen=True)
+class FlowConfig(ModelConfig):
+    """Hyper-parameters of :class:`CaloFlow`.
+
+    Attributes:
+        stage1_transforms, stage1_hidden, stage1_bins: flow 1 (L features, autoregressive): spline
+            transforms, width of their two hidden layers, spline bins.
+        stage2_transforms, stage2_hidden, stage2_bins, stage2_passes: the same for flow 2 (V features);
+            passes 2 = coupling, None = fully autoregressive.
+        noise: dequantisation noise amplitude and zero threshold, fraction of E_inc.
+        alpha: logit regulariser (CaloFlow's 1e-6), dimensionless.
+        max_voxels: largest V accepted.
+        lr, grad_clip: Adam learning rate and gradient-norm clip of the default step.
+    """
+
+    stage1_transforms: int = 4
+    stage1_hidden: int = 64
+    stage1_bins: int = 8
+    stage2_transforms: int = 6
+    stage2_hidden: int = 256
+    stage2_bins: int = 8
+    stage2_passes: int | None = 2
+    noise: float = 1e-6
+    alpha: float = 1e-6
+    max_voxels: int = 1000
+    lr: float = 5e-4
+    grad_clip: float | None = 5.0
+
+
 @register
 class CaloFlow(ShowerModel):
     """CaloFlow-style two-stage conditional flow ("flow").
@@ -115,14 +146,7 @@ class CaloFlow(ShowerModel):
     Shapes: x (B, V) = voxel energy / E_inc (>= 0); c (B, C), column 0 the
     standardised log incident energy.
 
-    Hyper-parameters (``defaults``):
-        stage1_transforms, stage1_hidden, stage1_bins: flow 1 (L features, autoregressive).
-        stage2_transforms, stage2_hidden, stage2_bins, stage2_passes: flow 2 (V features;
-            passes 2 = coupling, None = fully autoregressive).
-        noise: dequantisation noise amplitude and zero threshold, fraction of E_inc.
-        alpha: logit regulariser (CaloFlow's 1e-6).
-        max_voxels: largest V accepted.
-        lr, grad_clip: Adam learning rate and gradient-norm clip of the default step.
+    Hyper-parameters: :class:`FlowConfig`.
 
     Optimizers: one Adam over both flows (the base class's ``configure_optimizers``).
     """
@@ -133,36 +157,25 @@ class CaloFlow(ShowerModel):
 
     name: ClassVar[str] = "flow"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident",)
-    defaults: ClassVar[dict[str, Any]] = {
-        "stage1_transforms": 4,
-        "stage1_hidden": 64,
-        "stage1_bins": 8,
-        "stage2_transforms": 6,
-        "stage2_hidden": 256,
-        "stage2_bins": 8,
-        "stage2_passes": 2,
-        "noise": 1e-6,
-        "alpha": 1e-6,
-        "max_voxels": 1000,
-        "lr": 5e-4,
-        "grad_clip": 5.0,
-    }
+    config_class: ClassVar[type[ModelConfig]] = FlowConfig
+    config: FlowConfig
 
-    def __init__(self, spec: ModelSpec, *, with_stage2: bool = True, **hparams: Any) -> None:
+    def __init__(self, spec: ModelSpec, config: FlowConfig | Mapping[str, Any] | None = None, *,
+                 with_stage2: bool = True, **overrides: Any) -> None:
         """``with_stage2=False`` builds stage 1 and the scalers only: the part of a trained flow that a
         staged one-step student (:class:`fastshower.models.onestep.OneStep`) keeps, without flow 2's weights."""
-        super().__init__(spec, **hparams)
-        hp = self.hparams
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
         V, L, C = spec.n_voxels, len(spec.layer_sizes), spec.cond_dim
-        if V > int(hp["max_voxels"]):
+        if V > cfg.max_voxels:
             raise ValueError(
-                f"model 'flow' supports up to {int(hp['max_voxels'])} voxels (hparam max_voxels), "
+                f"model 'flow' supports up to {cfg.max_voxels} voxels (hparam max_voxels), "
                 f"this detector has {V}: flow 2 models all voxels jointly and its cost grows like V^2; "
                 "use 'flow-matching' or 'wgan-gp' for large detectors"
             )
         if min(spec.layer_sizes) < 2:
             raise ValueError("model 'flow' needs at least 2 voxels per layer (a 1-voxel layer has no shape to learn)")
-        self.noise, self.alpha = float(hp["noise"]), float(hp["alpha"])
+        self.noise, self.alpha = cfg.noise, cfg.alpha
         self.n_layers = L
         self.register_buffer("layer_index", torch.repeat_interleave(torch.arange(L), torch.tensor(spec.layer_sizes)))
         # [start, stop) voxel range of each layer: layers are contiguous blocks in the voxel order
@@ -170,20 +183,19 @@ class CaloFlow(ShowerModel):
         self._layer_bounds: tuple[tuple[int, int], ...] = tuple(zip([0, *ends[:-1]], ends, strict=True))
         self.scale1 = FeatureScaler(L)
         self.scale2 = FeatureScaler(V)
-        h1, h2 = int(hp["stage1_hidden"]), int(hp["stage2_hidden"])
-        self.flow1 = zuko.flows.NSF(
-            L, C, bins=int(hp["stage1_bins"]), transforms=int(hp["stage1_transforms"]), hidden_features=(h1, h1)
-        )
-        passes = hp["stage2_passes"]
+        h1, h2 = cfg.stage1_hidden, cfg.stage2_hidden
+        self.flow1 = zuko.flows.NSF(L, C, bins=cfg.stage1_bins, transforms=cfg.stage1_transforms,
+                                    hidden_features=(h1, h1))
+        passes = cfg.stage2_passes
         self.flow2: zuko.flows.NSF | None = None
         if not with_stage2:
             return
         self.flow2 = zuko.flows.NSF(
             V,
             C + L,
-            bins=int(hp["stage2_bins"]),
-            transforms=int(hp["stage2_transforms"]),
-            passes=None if passes is None else int(passes),
+            bins=cfg.stage2_bins,
+            transforms=cfg.stage2_transforms,
+            passes=passes,
             # with couplings a fixed alternation would only ever split the voxels into the same two halves
             randperm=passes is not None,
             hidden_features=(h2, h2),

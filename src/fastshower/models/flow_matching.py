@@ -4,7 +4,7 @@ Objective (Lipman et al. 2022, Liu et al. 2022): with noise x0 ~ N(0, I), data x
 t ~ p(t) on [0, 1], the path is x_t = (1 - t) x0 + t x1 and the network v(x_t, t, c) is
 regressed on the path's velocity x1 - x0 (mean squared error). Sampling integrates
 dx/dt = v(x, t, c) from t = 0 to 1 with a fixed-step ODE solver (Euler, midpoint or
-Heun); the number of steps is chosen at sampling time (hparam ``steps`` by default).
+Heun); the number of steps is chosen at sampling time (the config's ``steps`` by default).
 
 Training choices that matter on small CPU budgets (measured on belle2-ecl-5x5):
 an exponential moving average of the weights is used for sampling (``ema``), the
@@ -16,17 +16,21 @@ the velocity is hardest to learn.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fastshower.models import register
-from fastshower.models.base import ModelSpec, ShowerModel, warmup_cosine
+from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel, warmup_cosine
 from fastshower.models.nets import MLP, LayerTokenNet, ResidualMLP, SinusoidalEmbedding, auto_net
 
-__all__ = ["FlowMatching", "VelocityNet", "odeint"]
+__all__ = ["FlowMatching", "FlowMatchingConfig", "VelocityNet", "odeint"]
+
+#: the fixed-step ODE solvers of :func:`odeint`
+ODE_METHODS = ("euler", "midpoint", "heun")
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -63,7 +67,7 @@ class VelocityNet(nn.Module):
     """v(x (B, V), t (B, 1), c (B, C)) -> (B, V); the dense or per-layer body is picked from the spec."""
 
     def __init__(self, spec: ModelSpec, net: str, hidden: int, depth: int, emb_dim: int, time_freqs: int,
-                 token_dim: int, heads: int, dropout: float) -> None:
+                 layer_dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.time = SinusoidalEmbedding(time_freqs)
         self.embed = MLP([2 * time_freqs + spec.cond_dim, emb_dim, emb_dim])
@@ -72,70 +76,85 @@ class VelocityNet(nn.Module):
         if kind == "mlp":
             self.body = ResidualMLP(spec.n_voxels, spec.n_voxels, emb_dim, hidden, depth, dropout)
         else:
-            self.body = LayerTokenNet(spec.layer_sizes, emb_dim, token_dim, depth, heads, dropout)
+            self.body = LayerTokenNet(spec.layer_sizes, emb_dim, layer_dim, depth, heads, dropout)
 
     def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         emb = self.embed(torch.cat([self.time(t), c], dim=1))
         return self.body(x, emb)
 
 
-@register
-class FlowMatching(ShowerModel):
-    """Conditional flow matching on model-space showers (B, V) given conditions (B, C).
+@dataclass(frozen=True)
+class FlowMatchingConfig(ModelConfig):
+    """Hyper-parameters of :class:`FlowMatching`.
 
-    Hyper-parameters (``defaults``):
+    Attributes:
         net: "auto" (dense residual MLP for V <= 5000, per-layer tokens above), "mlp", "layers".
         hidden, depth: width and number of residual blocks of the dense net (depth is also
             the number of transformer layers of the per-layer net).
         emb_dim, time_freqs: embedding width; sin/cos frequencies of the time embedding.
-        token_dim, heads: per-layer net token width and attention heads.
-        dropout: in the residual blocks.
-        lr, weight_decay, grad_clip: AdamW settings and gradient-norm clip.
-        warmup, schedule: linear warm-up steps; "cosine" (to 5 % of lr) or "constant" after it.
-        ema: decay of the weight average used for sampling (0 disables).
+        layer_dim, heads: per-layer net: token width per readout layer (``token_dim`` before) and
+            attention heads.
+        dropout: drop probability in the residual blocks.
+        lr, weight_decay, grad_clip: AdamW learning rate and decoupled weight decay, gradient-norm clip.
+        warmup, schedule: steps of linear lr warm-up; "cosine" (to 5 % of lr) or "constant" after it.
+        ema: per-step decay of the weight average used for sampling (0 disables).
         t_dist: "uniform" or "logit_normal" (t = sigmoid(N(0, 1))).
-        steps, method: default ODE steps and solver for :meth:`sample`.
+        steps, method: default ODE steps and solver ("euler", "midpoint", "heun") of :meth:`FlowMatching.sample`.
+    """
+
+    net: str = "auto"
+    hidden: int = 256
+    depth: int = 4
+    emb_dim: int = 128
+    time_freqs: int = 16
+    layer_dim: int = 128
+    heads: int = 4
+    dropout: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup: int = 200
+    schedule: str = "cosine"
+    ema: float = 0.999
+    t_dist: str = "logit_normal"
+    steps: int = 32
+    method: str = "midpoint"
+
+    renamed: ClassVar[dict[str, str]] = {"token_dim": "layer_dim"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "net": ("auto", "mlp", "layers"),
+        "schedule": ("cosine", "constant"),
+        "t_dist": ("uniform", "logit_normal"),
+        "method": ODE_METHODS,
+    }
+
+
+@register
+class FlowMatching(ShowerModel):
+    """Conditional flow matching on model-space showers (B, V) given conditions (B, C).
+
+    Hyper-parameters: :class:`FlowMatchingConfig`.
     """
 
     name: ClassVar[str] = "flow-matching"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
-    defaults: ClassVar[dict[str, Any]] = {
-        "net": "auto",
-        "hidden": 256,
-        "depth": 4,
-        "emb_dim": 128,
-        "time_freqs": 16,
-        "token_dim": 128,
-        "heads": 4,
-        "dropout": 0.0,
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "grad_clip": 1.0,
-        "warmup": 200,
-        "schedule": "cosine",
-        "ema": 0.999,
-        "t_dist": "logit_normal",
-        "steps": 32,
-        "method": "midpoint",
-    }
+    config_class: ClassVar[type[ModelConfig]] = FlowMatchingConfig
+    config: FlowMatchingConfig
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
-        super().__init__(spec, **hparams)
-        hp = self.hparams
-        if hp["t_dist"] not in ("uniform", "logit_normal"):
-            raise ValueError(f"t_dist must be 'uniform' or 'logit_normal', got {hp['t_dist']!r}")
-        if hp["schedule"] not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {hp['schedule']!r}")
-        self.net = VelocityNet(spec, str(hp["net"]), int(hp["hidden"]), int(hp["depth"]), int(hp["emb_dim"]),
-                               int(hp["time_freqs"]), int(hp["token_dim"]), int(hp["heads"]), float(hp["dropout"]))
+    def __init__(self, spec: ModelSpec, config: FlowMatchingConfig | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
+        self.net = VelocityNet(spec, cfg.net, cfg.hidden, cfg.depth, cfg.emb_dim, cfg.time_freqs, cfg.layer_dim,
+                               cfg.heads, cfg.dropout)
         self.ema_net: VelocityNet | None = None
-        if float(hp["ema"]) > 0:
+        if cfg.ema > 0:
             # a frozen copy, part of state_dict so checkpoints and resume carry it
             self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
 
     # -- objective -------------------------------------------------------------------
     def _draw_t(self, n: int, like: Tensor) -> Tensor:
-        if self.hparams["t_dist"] == "logit_normal":
+        if self.config.t_dist == "logit_normal":
             return torch.sigmoid(torch.randn(n, 1, dtype=like.dtype, device=like.device))
         return torch.rand(n, 1, dtype=like.dtype, device=like.device)
 
@@ -149,15 +168,13 @@ class FlowMatching(ShowerModel):
 
     # -- training --------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
         params = [p for p in self.net.parameters() if p.requires_grad]
-        return [torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))]
+        return [torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)]
 
     def configure_schedulers(
         self, optimizers: list[torch.optim.Optimizer], total_steps: int
     ) -> list[torch.optim.lr_scheduler.LRScheduler]:
-        return warmup_cosine(optimizers, int(self.hparams["warmup"]), total_steps,
-                             cosine=self.hparams["schedule"] == "cosine")
+        return warmup_cosine(optimizers, self.config.warmup, total_steps, cosine=self.config.schedule == "cosine")
 
     def training_step(
         self, x: Tensor, c: Tensor, optimizers: list[torch.optim.Optimizer], step: int
@@ -165,7 +182,7 @@ class FlowMatching(ShowerModel):
         logs = super().training_step(x, c, optimizers, step)
         if self.ema_net is not None:
             # warm-started decay: early on the average follows the fast-moving weights closely
-            d = min(float(self.hparams["ema"]), (1 + step) / (10 + step))
+            d = min(self.config.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for pe, p in zip(self.ema_net.parameters(), self.net.parameters(), strict=True):
                     pe.lerp_(p, 1 - d)
@@ -180,8 +197,8 @@ class FlowMatching(ShowerModel):
         Args:
             c: conditions (B, C).
             generator: torch generator for the initial noise (same generator state -> same sample).
-            steps: ODE steps (default: hparam ``steps``).
-            method: "euler", "midpoint" or "heun" (default: hparam ``method``).
+            steps: ODE steps (default: the config's ``steps``).
+            method: "euler", "midpoint" or "heun" (default: the config's ``method``).
         """
         return self.sample_from_noise(self.draw_noise(c.shape[0], generator, c.dtype, c.device), c, steps=steps,
                                       method=method)
@@ -196,5 +213,5 @@ class FlowMatching(ShowerModel):
         if options:
             raise ValueError(f"model 'flow-matching' takes steps and method, got {sorted(options)}")
         net = self.ema_net if self.ema_net is not None else self.net
-        n_steps = int(steps if steps is not None else self.hparams["steps"])
-        return odeint(lambda x, t: net(x, t, c), z, n_steps, str(method or self.hparams["method"]))
+        n_steps = int(steps if steps is not None else self.config.steps)
+        return odeint(lambda x, t: net(x, t, c), z, n_steps, str(method or self.config.method))

@@ -30,25 +30,28 @@ hits the voxel as often as the teacher does; at sampling the cut is interpolated
 log incident energy. A per-voxel 1-D Wasserstein term (``marginal_weight``) pulls back the
 spread of values that regression to the mean narrows.
 
-The student is not trained on showers: :func:`fastshower.distill.distill` makes it. Its
+The student is not trained on showers: :func:`fastshower.distillation.distill` makes it. Its
 :meth:`OneStep.loss` takes "pair" rows, the teacher's model-space shower followed by the
 noise it came from, so the generic one-optimizer training step serves it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastshower.errors import ConfigError
 from fastshower.models import register
-from fastshower.models.base import ModelSpec, ShowerModel, warmup_cosine
-from fastshower.models.flow import CaloFlow
+from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel, warmup_cosine
+from fastshower.models.flow import CaloFlow, FlowConfig
 from fastshower.models.nets import MLP, ResidualMLP
 
-__all__ = ["OneStep"]
+__all__ = ["OneStep", "OneStepConfig"]
 
 #: latent subtracted from a voxel the occupancy head leaves empty (standardised logit units: share 0)
 _EMPTY = 1e4
@@ -62,57 +65,111 @@ def _drop_misses(g2: Tensor, logits: Tensor, cuts: Tensor) -> Tensor:
     return g2 - (logits < cuts).to(g2.dtype) * _EMPTY
 
 
+def _knots_over(c0: Tensor, n_knots: int) -> Tensor:
+    """``n_knots`` equally spaced knots (K,) from the lowest to the highest standardised log energy c0 (N,)
+    (one unit either side of a single energy)."""
+    lo, hi = float(c0.min()), float(c0.max())
+    if hi - lo < 1e-6:  # one energy: every knot gets the same cut
+        lo, hi = lo - 1.0, hi + 1.0
+    return torch.linspace(lo, hi, n_knots)
+
+
+def _rate_matching_cuts(eff: Tensor, hit_t: Tensor, groups: list[Tensor]) -> Tensor:
+    """Occupancy cuts (K, V): per knot and voxel, the quantile of the student's logits eff (N, V) (-inf where
+    the voxel cannot be a hit) at which the student hits the voxel as often as the teacher (hits hit_t (N, V))
+    over the pairs nearest to the knot (``groups``: K boolean masks (N,)).
+
+    A knot with fewer than 10 pairs takes the cut of the nearest calibrated knot (counting those filled
+    before it); the cuts are clamped to +-1e4, finite stand-ins for "never" / "always" that keep the ONNX
+    graph free of inf arithmetic.
+    """
+    k_n, v = len(groups), eff.shape[1]
+    cuts = torch.full((k_n, v), float("nan"))
+    for k, g in enumerate(groups):
+        n_k = int(g.sum())
+        if n_k < 10:  # too few pairs near this knot: filled from the neighbours below
+            continue
+        rate = hit_t[g].mean(0)  # (V,) teacher hit rate near this knot
+        srt = torch.cat([eff[g].sort(0).values, torch.full((1, v), float("inf"))])  # row n_k: never
+        idx = ((1.0 - rate) * n_k).round().long().clamp(0, n_k)
+        cuts[k] = srt.gather(0, idx[None]).squeeze(0)
+    for k in range(k_n):
+        if torch.isnan(cuts[k]).any():
+            good = [j for j in range(k_n) if not torch.isnan(cuts[j]).any()]
+            cuts[k] = cuts[min(good, key=lambda j: abs(j - k))]
+    return cuts.clamp(-1e4, 1e4)
+
+
+@dataclass(frozen=True)
+class OneStepConfig(ModelConfig):
+    """Hyper-parameters of :class:`OneStep`.
+
+    Attributes:
+        hidden, depth: width and residual blocks of G (small on purpose: speed is its reason to be).
+        emb_dim: width of the condition embedding added in every block.
+        noise_dim: noise numbers per shower, the teacher's (0: one per voxel, as flow matching draws).
+        lr, weight_decay, grad_clip, warmup: AdamW learning rate and decoupled weight decay, gradient-norm
+            clip, steps of linear lr warm-up before the cosine decay to 5 %.
+        teacher: the teacher run folder (provenance only).
+        teacher_steps, teacher_method: the ODE the pairs were integrated with (provenance only).
+        stage1: the flow teacher's config as a dict of :class:`~fastshower.models.flow.FlowConfig` keys
+            ({} for a flow-matching teacher); when set, the student holds that flow's stage 1 (frozen)
+            and regresses only its stage-2 latents.
+        occupancy: staged students: a second head decides which voxels are hit (see the module docs).
+        occupancy_knots: energy knots of the occupancy calibration (>= 2).
+        marginal_weight: staged students with occupancy: weight of a per-voxel 1-D Wasserstein term between
+            the student's and the teacher's latents of the batch's hit voxels (see :meth:`OneStep.loss`).
+    """
+
+    hidden: int = 64
+    depth: int = 2
+    emb_dim: int = 32
+    noise_dim: int = 0
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup: int = 200
+    teacher: str = ""
+    teacher_steps: int = 0
+    teacher_method: str = ""
+    stage1: dict[str, Any] = field(default_factory=dict)
+    occupancy: bool = True
+    occupancy_knots: int = 8
+    marginal_weight: float = 3.0
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.occupancy_knots < 2:
+            raise ConfigError(f"{where}: occupancy_knots must be >= 2, got {self.occupancy_knots}")
+        if self.stage1:
+            FlowConfig.from_dict(self.stage1, where=f"{where}: stage1")
+
+
 @register
 class OneStep(ShowerModel):
     """Single-pass generator x = z + G(z, c) (flow-matching teacher), or staged (flow teacher).
 
-    Hyper-parameters (``defaults``):
-        hidden, depth: width and residual blocks of G (small on purpose: speed is its reason to be).
-        emb_dim: width of the condition embedding added in every block.
-        lr, weight_decay, grad_clip, warmup: AdamW with linear warm-up then cosine decay to 5 %.
-        noise_dim: noise numbers per shower, the teacher's (0: one per voxel, as flow matching draws).
-        teacher: the teacher run folder (provenance only).
-        teacher_steps, teacher_method: the ODE the pairs were integrated with (provenance only).
-        stage1: the flow teacher's hyper-parameters ({} for a flow-matching teacher); when set, the
-            student holds that flow's stage 1 (frozen) and regresses only its stage-2 latents.
-        occupancy: staged students: a second head decides which voxels are hit (see the module docs).
-        occupancy_knots: energy knots of the occupancy calibration.
-        marginal_weight: staged students with occupancy: weight of a per-voxel 1-D Wasserstein term between
-            the student's and the teacher's latents of the batch's hit voxels (see :meth:`loss`).
+    Hyper-parameters: :class:`OneStepConfig`.
     """
 
     name: ClassVar[str] = "one-step"
     trainable: ClassVar[bool] = False
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
-    defaults: ClassVar[dict[str, Any]] = {
-        "hidden": 64,
-        "depth": 2,
-        "emb_dim": 32,
-        "noise_dim": 0,
-        "lr": 2e-3,
-        "weight_decay": 0.0,
-        "grad_clip": 1.0,
-        "warmup": 200,
-        "teacher": "",
-        "teacher_steps": 0,
-        "teacher_method": "",
-        "stage1": {},
-        "occupancy": True,
-        "occupancy_knots": 8,
-        "marginal_weight": 3.0,
-    }
+    config_class: ClassVar[type[ModelConfig]] = OneStepConfig
+    config: OneStepConfig
 
     occ_knots: Tensor  # (K,) standardised log-energy knots of the occupancy cuts (staged, occupancy)
     occ_cuts: Tensor  # (K, V) occupancy-logit cut per knot and voxel
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
-        super().__init__(spec, **hparams)
-        hp = self.hparams
-        emb = int(hp["emb_dim"])
+    def __init__(self, spec: ModelSpec, config: OneStepConfig | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
+        emb = cfg.emb_dim
         self.stage1: CaloFlow | None = None
         v, cond = spec.n_voxels, spec.cond_dim
-        if hp["stage1"]:
-            self.stage1 = CaloFlow(spec, with_stage2=False, **dict(hp["stage1"]))
+        if cfg.stage1:
+            self.stage1 = CaloFlow(spec, cfg.stage1, with_stage2=False)
             self.stage1.requires_grad_(False)  # the teacher's, kept as it is
             cond += self.stage1.n_layers  # flow 2 is conditioned on g1 as well
             if self.noise_dim() != self.stage1.noise_dim():
@@ -121,22 +178,20 @@ class OneStep(ShowerModel):
             d_in = v
         else:
             d_in = self.noise_dim()
-        self.occupancy = self.stage1 is not None and bool(hp["occupancy"])
+        self.occupancy = self.stage1 is not None and cfg.occupancy
         if self.occupancy:
-            k = int(hp["occupancy_knots"])
-            if k < 2:
-                raise ValueError(f"occupancy_knots must be >= 2, got {k}")
+            k = cfg.occupancy_knots
             self.register_buffer("occ_knots", torch.linspace(-1.0, 1.0, k))
             self.register_buffer("occ_cuts", torch.zeros(k, v))
         self.embed = MLP([cond, emb, emb])
-        self.body = ResidualMLP(d_in, 2 * v if self.occupancy else v, emb, int(hp["hidden"]), int(hp["depth"]))
+        self.body = ResidualMLP(d_in, 2 * v if self.occupancy else v, emb, cfg.hidden, cfg.depth)
         # the teacher's map is the identity plus the integrated velocity when noise and shower share a space;
         # for a staged student, g2 and z2 share one (flow 2 is monotone in each voxel's own coordinate)
         self.skip = d_in == v
 
     def noise_dim(self) -> int:
         """The teacher's noise width: one number per voxel for flow matching, L + V for the two-stage flow."""
-        return int(self.hparams["noise_dim"]) or int(self.spec.n_voxels)
+        return self.config.noise_dim or int(self.spec.n_voxels)
 
     def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
         """Model-space showers (B, V) from noise z (B, D) and conditions c (B, C) in one pass.
@@ -196,18 +251,13 @@ class OneStep(ShowerModel):
         assert stage1 is not None and self.occupancy
         v, n_l = self.spec.n_voxels, stage1.n_layers
         target, z = x[:, :v], x[:, v:]
-        c0 = c[:, 0]
-        lo, hi = float(c0.min()), float(c0.max())
-        if hi - lo < 1e-6:  # one energy: every knot gets the same cut
-            lo, hi = lo - 1.0, hi + 1.0
-        k_n = self.occ_knots.numel()
-        knots = torch.linspace(lo, hi, k_n)
+        knots = _knots_over(c[:, 0], self.occ_knots.numel())
         g1 = stage1.sample_stage1(z[:, :n_l], c)
         g2, logits = self.stage2_heads(z, c, g1)
         assert logits is not None
         hit_t = (stage1.assemble(g1, target) > 0).float()
-        nearest = (c0[:, None] - knots).abs().argmin(1)
-        groups = [nearest == k for k in range(k_n)]
+        nearest = (c[:, :1] - knots).abs().argmin(1)
+        groups = [nearest == k for k in range(knots.numel())]
 
         def student_hits(cuts: Tensor) -> Tensor:  # (N, V) bool: voxels hit after assembly with these cuts
             return stage1.assemble(g1, _drop_misses(g2, logits, cuts[nearest])) > 0
@@ -217,28 +267,14 @@ class OneStep(ShowerModel):
             errs = [float((hit_s[g].float().mean(0) - hit_t[g].mean(0)).abs().mean()) for g in groups if g.any()]
             return sum(errs) / max(1, len(errs))
 
-        cuts = torch.zeros(k_n, v)
+        cuts = torch.zeros(knots.numel(), v)
         err_zero = hit_error(cuts)
         for _ in range(rounds):
-            # a voxel whose value does not survive assembly with the current cuts is not a hit at any cut
-            alive = student_hits(cuts)
-            alive |= logits < cuts[nearest]  # masked voxels: their value is unknown, keep their logits
+            # a voxel whose value does not survive assembly with the current cuts is not a hit at any cut;
+            # masked voxels (below their cut): their value is unknown, keep their logits
+            alive = student_hits(cuts) | (logits < cuts[nearest])
             eff = torch.where(alive, logits, torch.full_like(logits, -float("inf")))
-            for k, g in enumerate(groups):
-                n_k = int(g.sum())
-                if n_k < 10:  # too few pairs near this knot: filled from the neighbours below
-                    cuts[k] = float("nan")
-                    continue
-                rate = hit_t[g].mean(0)  # (V,) teacher hit rate near this knot
-                srt = torch.cat([eff[g].sort(0).values, torch.full((1, v), float("inf"))])  # row n_k: never
-                idx = ((1.0 - rate) * n_k).round().long().clamp(0, n_k)
-                cuts[k] = srt.gather(0, idx[None]).squeeze(0)
-            for k in range(k_n):  # knots without pairs take the nearest calibrated knot's cut
-                if torch.isnan(cuts[k]).any():
-                    good = [j for j in range(k_n) if not torch.isnan(cuts[j]).any()]
-                    cuts[k] = cuts[min(good, key=lambda j: abs(j - k))]
-            # finite stand-ins for "never" / "always" keep the ONNX graph free of inf arithmetic
-            cuts = cuts.clamp(-1e4, 1e4)
+            cuts = _rate_matching_cuts(eff, hit_t, groups)
         self.occ_cuts.copy_(cuts)
         self.occ_knots.copy_(knots)
         return {"hit_rate_error_uncalibrated": err_zero, "hit_rate_error_calibrated": hit_error(cuts)}
@@ -276,7 +312,7 @@ class OneStep(ShowerModel):
             mse = (hit * (g2 - target) ** 2).sum() / hit.sum().clamp_min(1.0)
             bce = F.binary_cross_entropy_with_logits(logits, hit)
             out = {"loss": mse + bce, "mse_hit": mse, "bce_hit": bce}
-            if float(self.hparams["marginal_weight"]) > 0:
+            if self.config.marginal_weight > 0:
                 # regression to the conditional mean narrows each voxel's spread of values; the squared 1-D
                 # Wasserstein distance per voxel (sorted batch values, empty entries parked at the top of
                 # both sides, where they cancel) pulls the spread back
@@ -284,18 +320,17 @@ class OneStep(ShowerModel):
                 w2 = (torch.where(hit > 0, g2, parked).sort(0).values
                       - torch.where(hit > 0, target, parked).sort(0).values) ** 2
                 out["w2_hit"] = w2.sum() / hit.sum().clamp_min(1.0)
-                out["loss"] = out["loss"] + float(self.hparams["marginal_weight"]) * out["w2_hit"]
+                out["loss"] = out["loss"] + self.config.marginal_weight * out["w2_hit"]
             return out
         else:
             pred = self.sample_from_noise(z, c)
         return {"loss": ((pred - target) ** 2).mean()}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        return [torch.optim.AdamW(params, lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))]
+        return [torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)]
 
     def configure_schedulers(
         self, optimizers: list[torch.optim.Optimizer], total_steps: int
     ) -> list[torch.optim.lr_scheduler.LRScheduler]:
-        return warmup_cosine(optimizers, int(self.hparams["warmup"]), total_steps)
+        return warmup_cosine(optimizers, self.config.warmup, total_steps)

@@ -8,7 +8,7 @@ fixed width s (``decoder_sigma``, in standardised model space) or a learned per-
     loss = [ NLL(x | z, c) + beta_t KL(q || N(0, I)) + lambda_mmd MMD(q(z), N(0, I)) ] / V
 
 with beta_t warmed up linearly over ``kl_warmup`` steps (avoids posterior collapse early)
-and the optional MMD term of InfoVAE (Zhao et al. 2017): an RBF-kernel MMD between the
+and the optional MMD term (weight ``mmd_weight``) of InfoVAE (Zhao et al. 2017): an RBF-kernel MMD between the
 batch's latent codes and prior draws, which pulls the *aggregate* posterior onto the prior
 so that prior samples land where the decoder was trained. Dividing by V keeps the loss
 O(1) for any detector size, so one learning rate fits all.
@@ -20,16 +20,18 @@ Gaussian noise, which restores the shower-to-shower fluctuations a decoder mean 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fastshower.models import register
-from fastshower.models.base import ModelSpec, ShowerModel
+from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel
 from fastshower.models.nets import MLP, auto_net
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "VAEConfig"]
 
 
 class _PerLayerIn(nn.Module):
@@ -67,47 +69,56 @@ def rbf_mmd(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-@register
-class VAE(ShowerModel):
-    """Conditional VAE on model-space showers (B, V) given conditions (B, C).
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    """Hyper-parameters of :class:`VAE`.
 
-    Hyper-parameters (``defaults``):
-        latent: dimension of z.
-        hidden, depth: width and hidden layers of the encoder and decoder MLPs.
+    Attributes:
+        latent_dim: dimension of z (``latent`` before).
+        hidden, depth: width and number of hidden layers of the encoder and decoder MLPs.
         net: "auto" (dense for V <= 5000, per-layer linear compression to ``layer_dim`` per
             readout layer in front of / behind the MLPs above), "mlp", "layers".
         layer_dim: width per readout layer of the per-layer compression.
-        beta: final KL weight; kl_warmup: steps of linear warm-up from 0.
-        mmd: weight of the latent MMD term (0 disables).
+        beta: final KL weight; kl_warmup: steps of linear warm-up of it from 0.
+        mmd_weight: weight of the latent MMD term (0 disables; ``mmd`` before).
         sample_noise: add the decoder's per-voxel noise when sampling.
-        decoder_sigma: fixed decoder width in model space; 0 learns one per voxel (prone to
-            posterior collapse on standardised data, see the module notes).
+        decoder_sigma: fixed decoder width, in standardised model-space units; 0 learns one per voxel
+            (prone to posterior collapse on standardised data, see the module notes).
         lr, grad_clip: Adam learning rate, gradient-norm clip.
     """
 
+    latent_dim: int = 16
+    hidden: int = 256
+    depth: int = 3
+    net: str = "auto"
+    layer_dim: int = 32
+    beta: float = 1.0
+    kl_warmup: int = 500
+    mmd_weight: float = 1.0
+    sample_noise: bool = True
+    decoder_sigma: float = 0.2
+    lr: float = 1e-3
+    grad_clip: float | None = 5.0
+
+    renamed: ClassVar[dict[str, str]] = {"latent": "latent_dim", "mmd": "mmd_weight"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"net": ("auto", "mlp", "layers")}
+
+
+@register
+class VAE(ShowerModel):
+    """Conditional VAE on model-space showers (B, V) given conditions (B, C); hyper-parameters: :class:`VAEConfig`."""
+
     name: ClassVar[str] = "vae"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
-    defaults: ClassVar[dict[str, Any]] = {
-        "latent": 16,
-        "hidden": 256,
-        "depth": 3,
-        "net": "auto",
-        "layer_dim": 32,
-        "beta": 1.0,
-        "kl_warmup": 500,
-        "mmd": 1.0,
-        "sample_noise": True,
-        "decoder_sigma": 0.2,
-        "lr": 1e-3,
-        "grad_clip": 5.0,
-    }
+    config_class: ClassVar[type[ModelConfig]] = VAEConfig
+    config: VAEConfig
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
-        super().__init__(spec, **hparams)
-        hp = self.hparams
-        v, cdim, z, h, k = spec.n_voxels, spec.cond_dim, int(hp["latent"]), int(hp["hidden"]), int(hp["depth"])
-        if auto_net(str(hp["net"]), v) == "layers":
-            d = int(hp["layer_dim"])
+    def __init__(self, spec: ModelSpec, config: VAEConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
+        v, cdim, z, h, k = spec.n_voxels, spec.cond_dim, cfg.latent_dim, cfg.hidden, cfg.depth
+        if auto_net(cfg.net, v) == "layers":
+            d = cfg.layer_dim
             self.enc_in: nn.Module = _PerLayerIn(spec.layer_sizes, d)
             self.dec_out: nn.Module = _PerLayerOut(spec.layer_sizes, d)
             width = d * len(spec.layer_sizes)
@@ -115,11 +126,11 @@ class VAE(ShowerModel):
             self.enc_in, self.dec_out, width = nn.Identity(), nn.Identity(), v
         self.encoder = MLP([width + cdim] + [h] * k + [2 * z])
         self.decoder = nn.Sequential(MLP([z + cdim] + [h] * k + [width]))
-        fixed = float(hp["decoder_sigma"])
+        fixed = cfg.decoder_sigma
         # a parameter only when learned: a frozen unused one would be dead weight in checkpoints
         self.log_sigma: nn.Parameter | None = nn.Parameter(torch.zeros(v)) if fixed <= 0 else None
         self.register_buffer("fixed_log_sigma", torch.full((v,), math.log(fixed) if fixed > 0 else 0.0))
-        self._beta_now = float(hp["beta"])  # set from the step in training_step; full weight otherwise
+        self._beta_now = cfg.beta  # set from the step in training_step; full weight otherwise
 
     fixed_log_sigma: Tensor
 
@@ -131,7 +142,7 @@ class VAE(ShowerModel):
         return self.log_sigma.clamp(-7.0, 3.0)
 
     def encode(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, logvar) of q(z | x, c), each (B, latent)."""
+        """(mu, logvar) of q(z | x, c), each (B, latent_dim)."""
         mu, logvar = self.encoder(torch.cat([self.enc_in(x), c], dim=1)).chunk(2, dim=1)
         return mu, logvar.clamp(-12.0, 8.0)
 
@@ -150,21 +161,21 @@ class VAE(ShowerModel):
         v = x.shape[1]
         total = nll + self._beta_now * kl
         out = {"nll": nll / v, "kl": kl / v}
-        if float(self.hparams["mmd"]) > 0:
+        if self.config.mmd_weight > 0:
             mmd = rbf_mmd(z, torch.randn_like(z))
-            total = total + float(self.hparams["mmd"]) * mmd * v  # on the NLL's (summed) scale
+            total = total + self.config.mmd_weight * mmd * v  # on the NLL's (summed) scale
             out["mmd"] = mmd
         return {"loss": total / v, **out}
 
     def training_step(
         self, x: Tensor, c: Tensor, optimizers: list[torch.optim.Optimizer], step: int
     ) -> dict[str, float]:
-        warm = int(self.hparams["kl_warmup"])
-        self._beta_now = float(self.hparams["beta"]) * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+        warm = self.config.kl_warmup
+        self._beta_now = self.config.beta * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
         try:
             return super().training_step(x, c, optimizers, step)
         finally:
-            self._beta_now = float(self.hparams["beta"])
+            self._beta_now = self.config.beta
 
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -173,14 +184,14 @@ class VAE(ShowerModel):
 
     def noise_dim(self) -> int:
         """The latent prior draw, then (with ``sample_noise``) one decoder-noise number per voxel."""
-        return int(self.hparams["latent"]) + (int(self.spec.n_voxels) if self.hparams["sample_noise"] else 0)
+        return self.config.latent_dim + (int(self.spec.n_voxels) if self.config.sample_noise else 0)
 
     def sample_from_noise(self, z: Tensor, c: Tensor, **options: Any) -> Tensor:
-        """Decode z[:, :latent]; add z[:, latent:] times the learned noise width when ``sample_noise``."""
+        """Decode z[:, :latent_dim]; add z[:, latent_dim:] times the learned noise width when ``sample_noise``."""
         if options:
             raise ValueError(f"model 'vae' takes no sampling options, got {sorted(options)}")
-        latent = int(self.hparams["latent"])
+        latent = self.config.latent_dim
         x = self.decode(z[:, :latent], c)
-        if self.hparams["sample_noise"]:
+        if self.config.sample_noise:
             x = x + z[:, latent:] * torch.exp(self._log_s())
         return x

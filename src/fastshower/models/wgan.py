@@ -39,21 +39,26 @@ inside one step) keeps one batch per step, which is what the generic fit loop fe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastshower.errors import ConfigError
+
 from . import register
-from .base import ModelSpec, ShowerModel
+from .base import ModelConfig, ModelSpec, ShowerModel
 
 __all__ = [
     "WGANGP",
+    "AdversarialConfig",
     "AdversarialShowerModel",
     "LayerwiseCritic",
     "LayerwiseGenerator",
+    "WGANConfig",
     "column_names",
     "gradient_penalty",
     "mlp",
@@ -67,13 +72,13 @@ __all__ = [
 def mlp(
     in_dim: int,
     hidden: int,
-    n_hidden: int,
+    depth: int,
     out_dim: int,
     *,
     slope: float = 0.2,
     layer_norm: bool = False,
 ) -> nn.Sequential:
-    """A multilayer perceptron ``in_dim -> hidden (x n_hidden) -> out_dim`` with LeakyReLU.
+    """A multilayer perceptron ``in_dim -> hidden (x depth) -> out_dim`` with LeakyReLU.
 
     No batch normalisation anywhere: the gradient penalty is defined per sample and
     batch norm couples the samples of a batch (Gulrajani et al., section 4). Layer
@@ -81,7 +86,7 @@ def mlp(
     """
     layers: list[nn.Module] = []
     d = in_dim
-    for _ in range(max(int(n_hidden), 0)):
+    for _ in range(max(int(depth), 0)):
         layers.append(nn.Linear(d, hidden))
         if layer_norm:
             layers.append(nn.LayerNorm(hidden))
@@ -159,27 +164,43 @@ def frozen(*modules: nn.Module | None) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _betas(value: Any) -> tuple[float, float]:
-    """Adam betas from an hparam (tuple, or a list after a JSON round trip)."""
-    b = tuple(float(v) for v in value)
-    if len(b) != 2:
-        raise ValueError(f"betas must have two values, got {value!r}")
-    return (b[0], b[1])
-
-
 # --- the shared adversarial protocol --------------------------------------------------
 
 
-#: the critic/generator schedule shared by the adversarial models (Gulrajani et al. arXiv:1704.00028 settings:
-#: Adam 1e-4, betas (0.5, 0.9), gradient penalty 10, 5 critic steps per generator step; drift: Karras et al.)
-ADVERSARIAL_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-4,
-    "betas": (0.5, 0.9),
-    "gp_weight": 10.0,
-    "drift": 1e-3,
-    "n_critic": 5,
-    "gan_loss": "wgan-gp",
-}
+@dataclass(frozen=True)
+class AdversarialConfig(ModelConfig):
+    """The critic/generator schedule shared by the adversarial models (not a model's config itself).
+
+    Defaults are the settings of Gulrajani et al. (arXiv:1704.00028): Adam 1e-4, betas (0.5, 0.9),
+    gradient penalty 10, 5 critic steps per generator step; the drift term is Karras et al.'s.
+
+    Attributes:
+        latent_dim: width of the Gaussian latent z.
+        lr, betas: Adam learning rate and (beta1, beta2) of generator and critic.
+        gp_weight: gradient-penalty weight lambda (``gan_loss="wgan-gp"``).
+        drift: weight of the drift term ``E[D(real)^2]`` in the critic loss (Karras et al.).
+        n_critic: critic updates per generator update (>= 1).
+        gan_loss: "wgan-gp", or "bce": the non-saturating GAN loss of Goodfellow et al., arXiv:1406.2661.
+        grad_clip: gradient-norm clip of each network (None: off).
+    """
+
+    latent_dim: int = 64
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    gp_weight: float = 10.0
+    drift: float = 1e-3
+    n_critic: int = 5
+    gan_loss: str = "wgan-gp"
+
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"gan_loss": ("wgan-gp", "bce")}
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                           for b in self.betas):
+            raise ConfigError(f"{where}: betas must be two numbers, got {self.betas!r}")
+        if self.n_critic < 1:
+            raise ConfigError(f"{where}: n_critic must be >= 1, got {self.n_critic}")
 
 
 class AdversarialShowerModel(ShowerModel):
@@ -190,10 +211,7 @@ class AdversarialShowerModel(ShowerModel):
     (:meth:`generator_penalties`) and an auxiliary update with its own optimizers
     (:meth:`auxiliary_optimizers`, :meth:`auxiliary_step`).
 
-    Hyper-parameters used here: ``latent_dim``, ``lr``, ``betas``, ``gp_weight``,
-    ``n_critic``, ``drift`` (weight of the WGAN drift term ``E[D(x)^2]``), ``gan_loss``
-    (``"wgan-gp"`` or ``"bce"``: the original non-saturating GAN loss of Goodfellow et al.,
-    arXiv:1406.2661) and ``grad_clip``.
+    Hyper-parameters used here: the fields of :class:`AdversarialConfig`.
 
     Optimizers (:meth:`configure_optimizers`), in this order:
     ``[generator Adam, critic Adam, *auxiliary_optimizers()]``.
@@ -201,6 +219,8 @@ class AdversarialShowerModel(ShowerModel):
 
     #: an adversarial game: its losses need not decrease (read by generic tests and tooling)
     adversarial: ClassVar[bool] = True
+    config_class: ClassVar[type[ModelConfig]] = AdversarialConfig
+    config: AdversarialConfig
 
     generator: nn.Module
     critic: nn.Module
@@ -233,25 +253,19 @@ class AdversarialShowerModel(ShowerModel):
     # -- shared machinery --
     @property
     def latent_dim(self) -> int:
-        return int(self.hparams["latent_dim"])
+        return self.config.latent_dim
 
     def _latent(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn(n, self.latent_dim, generator=generator, dtype=like.dtype, device=like.device)
 
     def _adversarial_losses(self, d_real: Tensor | None, d_fake: Tensor) -> tuple[Tensor | None, Tensor]:
         """(critic loss without GP, generator adversarial loss) for the configured GAN loss."""
-        if self.hparams["gan_loss"] == "bce":
+        if self.config.gan_loss == "bce":
             # non-saturating generator loss, as recommended by Goodfellow et al. and used by CaloGAN
             d_loss = None if d_real is None else F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
             return d_loss, F.softplus(-d_fake).mean()
         d_loss = None if d_real is None else d_fake.mean() - d_real.mean()
         return d_loss, -d_fake.mean()
-
-    def _check_common_hparams(self) -> None:
-        if self.hparams["gan_loss"] not in ("wgan-gp", "bce"):
-            raise ValueError(f"gan_loss must be 'wgan-gp' or 'bce', got {self.hparams['gan_loss']!r}")
-        if int(self.hparams["n_critic"]) < 1:
-            raise ValueError("n_critic must be >= 1")
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """Evaluation losses on a batch (x (B, V) model space, c (B, C)).
@@ -291,8 +305,9 @@ class AdversarialShowerModel(ShowerModel):
         return self.generate(z, c)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """``[generator Adam, critic Adam, *auxiliary_optimizers()]`` (lr, betas from hparams)."""
-        lr, betas = float(self.hparams["lr"]), _betas(self.hparams["betas"])
+        """``[generator Adam, critic Adam, *auxiliary_optimizers()]`` (lr, betas from the config)."""
+        lr, (b1, b2) = self.config.lr, self.config.betas
+        betas = (float(b1), float(b2))
         return [
             torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
             torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas),
@@ -301,12 +316,11 @@ class AdversarialShowerModel(ShowerModel):
 
     def is_generator_step(self, step: int) -> bool:
         """True when the call with this global step counter also updates the generator."""
-        return (step + 1) % int(self.hparams["n_critic"]) == 0
+        return (step + 1) % self.config.n_critic == 0
 
     def _clip(self, module: nn.Module) -> None:
-        clip = self.hparams.get("grad_clip")
-        if clip:
-            nn.utils.clip_grad_norm_(module.parameters(), float(clip))
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
 
     def critic_update(self, x: Tensor, c: Tensor, opt: torch.optim.Optimizer) -> dict[str, float]:
         """One critic update on a real batch; returns the logged values."""
@@ -317,12 +331,12 @@ class AdversarialShowerModel(ShowerModel):
         d_loss, _ = self._adversarial_losses(d_real, d_fake)
         assert d_loss is not None
         logs = {"wasserstein": float((d_real.mean() - d_fake.mean()).detach())}
-        if self.hparams["gan_loss"] == "wgan-gp":
+        if self.config.gan_loss == "wgan-gp":
             gp = gradient_penalty(self.critic_score, h_real, h_fake, c)
             # drift term (Karras et al., arXiv:1710.10196): the WGAN loss is blind to a constant
             # offset of the critic; a small penalty on D(real)^2 keeps the scores anchored near 0
             drift = (d_real**2).mean()
-            d_loss = d_loss + float(self.hparams["gp_weight"]) * gp + float(self.hparams["drift"]) * drift
+            d_loss = d_loss + self.config.gp_weight * gp + self.config.drift * drift
             logs["gp"] = float(gp.detach())
         opt.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -377,9 +391,9 @@ class AdversarialShowerModel(ShowerModel):
 class DenseGenerator(nn.Module):
     """``[z, c] -> MLP -> (B, V)`` with a linear output (model space is unbounded)."""
 
-    def __init__(self, latent_dim: int, cond_dim: int, n_voxels: int, hidden: int, n_hidden: int) -> None:
+    def __init__(self, latent_dim: int, cond_dim: int, n_voxels: int, hidden: int, depth: int) -> None:
         super().__init__()
-        self.net = mlp(latent_dim + cond_dim, hidden, n_hidden, n_voxels)
+        self.net = mlp(latent_dim + cond_dim, hidden, depth, n_voxels)
 
     def forward(self, z: Tensor, c: Tensor) -> Tensor:
         return self.net(torch.cat([z, c], dim=1))
@@ -388,9 +402,9 @@ class DenseGenerator(nn.Module):
 class DenseCritic(nn.Module):
     """``[x, c] -> MLP -> (B,)`` scores."""
 
-    def __init__(self, n_voxels: int, cond_dim: int, hidden: int, n_hidden: int) -> None:
+    def __init__(self, n_voxels: int, cond_dim: int, hidden: int, depth: int) -> None:
         super().__init__()
-        self.net = mlp(n_voxels + cond_dim, hidden, n_hidden, 1)
+        self.net = mlp(n_voxels + cond_dim, hidden, depth, 1)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         return self.net(torch.cat([x, c], dim=1)).squeeze(1)
@@ -406,11 +420,11 @@ class LayerwiseGenerator(nn.Module):
     """
 
     def __init__(
-        self, latent_dim: int, cond_dim: int, n_layers: int, cells: int, hidden: int, n_hidden: int, d: int
+        self, latent_dim: int, cond_dim: int, n_layers: int, cells: int, hidden: int, depth: int, d: int
     ) -> None:
         super().__init__()
         self.n_layers, self.cells, self.d = n_layers, cells, d
-        self.trunk = mlp(latent_dim + cond_dim, hidden, n_hidden, n_layers * d)
+        self.trunk = mlp(latent_dim + cond_dim, hidden, depth, n_layers * d)
         self.layer_embedding = nn.Parameter(torch.randn(n_layers, d) * 0.1)
         self.decoder = mlp(d, hidden, 1, cells)
 
@@ -422,12 +436,12 @@ class LayerwiseGenerator(nn.Module):
 class LayerwiseCritic(nn.Module):
     """Critic for many equal-sized layers: a shared per-layer encoder, then an MLP over all codes."""
 
-    def __init__(self, n_layers: int, cells: int, cond_dim: int, hidden: int, n_hidden: int, d: int) -> None:
+    def __init__(self, n_layers: int, cells: int, cond_dim: int, hidden: int, depth: int, d: int) -> None:
         super().__init__()
         self.n_layers, self.cells = n_layers, cells
         self.encoder = mlp(cells, hidden, 1, d)
         self.layer_embedding = nn.Parameter(torch.randn(n_layers, d) * 0.1)
-        self.head = mlp(n_layers * d + cond_dim, hidden, n_hidden, 1)
+        self.head = mlp(n_layers * d + cond_dim, hidden, depth, 1)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         codes = self.encoder(x.view(-1, self.n_layers, self.cells)) + self.layer_embedding
@@ -437,25 +451,21 @@ class LayerwiseCritic(nn.Module):
 # --- the model ------------------------------------------------------------------------
 
 
-@register
-class WGANGP(AdversarialShowerModel):
-    """Conditional WGAN-GP with optional energy/position constrainers ("wgan-gp").
+#: the spellings of ``net`` before it was shared with the other families -> the present ones
+_OLD_NETS = {"dense": "mlp", "layerwise": "layers"}
 
-    Shapes: showers x (B, V) in model space (standardised log of voxel / E_inc);
-    conditions c (B, C), column 0 the standardised log incident energy.
 
-    Hyper-parameters (``defaults``):
-        latent_dim: width of the Gaussian latent z.
-        hidden, n_hidden: width and depth of generator and critic MLPs.
-        arch: ``"dense"`` (MLPs over all V voxels), ``"layerwise"`` (shared per-layer
-            decoder/encoder; needs equal-sized layers) or ``"auto"`` (layerwise when
-            V > ``dense_max_voxels`` and all layers have the same size).
-        layer_code: per-layer code width of the layerwise variant.
-        lr, betas: Adam settings of generator and critic (Gulrajani et al.).
-        gp_weight: gradient-penalty weight lambda.
-        drift: weight of the drift term ``E[D(real)^2]`` in the critic loss (Karras et al.).
-        n_critic: critic updates per generator update.
-        gan_loss: ``"wgan-gp"`` or ``"bce"``.
+@dataclass(frozen=True)
+class WGANConfig(AdversarialConfig):
+    """Hyper-parameters of :class:`WGANGP` (with those of :class:`AdversarialConfig`).
+
+    Attributes:
+        hidden, depth: width and number of hidden layers of generator and critic MLPs (``n_hidden`` before).
+        net: "mlp" (MLPs over all V voxels), "layers" (shared per-layer decoder/encoder; needs
+            equal-sized layers) or "auto" (layers when V > ``mlp_max_voxels`` and all layers have the
+            same size). Before: ``arch`` = "dense", "layerwise", "auto" (still accepted).
+        mlp_max_voxels: the largest V for which ``net="auto"`` picks "mlp" (``dense_max_voxels`` before).
+        layer_dim: per-layer code width of the "layers" variant (``layer_code`` before).
         energy_constrainer: train an incident-energy regressor and use it.
         position_constrainer: same for the entry position (only when the conditions
             have position columns, see :func:`position_columns`).
@@ -464,7 +474,37 @@ class WGANGP(AdversarialShowerModel):
         constrainer_hidden, constrainer_lr: constrainer MLP width and Adam learning rate.
         constrainer_warmup: steps during which the constrainers train but are not yet
             used by the generator (an untrained regressor would push it at random).
-        grad_clip: optional gradient-norm clip of each network (None: off).
+    """
+
+    hidden: int = 256
+    depth: int = 3
+    net: str = "auto"
+    mlp_max_voxels: int = 2000
+    layer_dim: int = 32
+    energy_constrainer: bool = True
+    position_constrainer: bool = True
+    energy_weight: float = 1.0
+    position_weight: float = 1.0
+    constrainer_hidden: int = 128
+    constrainer_lr: float = 1e-3
+    constrainer_warmup: int = 1000
+
+    renamed: ClassVar[dict[str, str]] = {"n_hidden": "depth", "arch": "net", "dense_max_voxels": "mlp_max_voxels",
+                                         "layer_code": "layer_dim"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {**AdversarialConfig.choices, "net": ("auto", "mlp", "layers")}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "net", _OLD_NETS.get(self.net, self.net))
+
+
+@register
+class WGANGP(AdversarialShowerModel):
+    """Conditional WGAN-GP with optional energy/position constrainers ("wgan-gp").
+
+    Shapes: showers x (B, V) in model space (standardised log of voxel / E_inc);
+    conditions c (B, C), column 0 the standardised log incident energy.
+
+    Hyper-parameters: :class:`WGANConfig`.
 
     Optimizers: ``[generator, critic]`` plus ``[constrainers]`` (one Adam over both
     constrainer networks) when at least one constrainer exists.
@@ -472,51 +512,34 @@ class WGANGP(AdversarialShowerModel):
 
     name: ClassVar[str] = "wgan-gp"
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
-    defaults: ClassVar[dict[str, Any]] = {
-        "latent_dim": 64,
-        "hidden": 256,
-        "n_hidden": 3,
-        "arch": "auto",
-        "dense_max_voxels": 2000,
-        "layer_code": 32,
-        **ADVERSARIAL_DEFAULTS,
-        "energy_constrainer": True,
-        "position_constrainer": True,
-        "energy_weight": 1.0,
-        "position_weight": 1.0,
-        "constrainer_hidden": 128,
-        "constrainer_lr": 1e-3,
-        "constrainer_warmup": 1000,
-        "grad_clip": None,
-    }
+    config_class: ClassVar[type[ModelConfig]] = WGANConfig
+    config: WGANConfig
 
-    def __init__(self, spec: ModelSpec, **hparams: Any) -> None:
-        super().__init__(spec, **hparams)
-        self._check_common_hparams()
-        hp = self.hparams
+    def __init__(self, spec: ModelSpec, config: WGANConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        super().__init__(spec, config, **overrides)
+        cfg = self.config
         V, C = spec.n_voxels, spec.cond_dim
-        hidden, n_hidden = int(hp["hidden"]), int(hp["n_hidden"])
+        hidden, depth = cfg.hidden, cfg.depth
         sizes = set(spec.layer_sizes)
-        arch = hp["arch"]
-        if arch == "auto":
-            arch = "layerwise" if V > int(hp["dense_max_voxels"]) and len(sizes) == 1 else "dense"
-        if arch == "layerwise":
+        net = cfg.net
+        if net == "auto":
+            net = "layers" if V > cfg.mlp_max_voxels and len(sizes) == 1 else "mlp"
+        if net == "layers":
             if len(sizes) != 1:
-                raise ValueError(f"arch='layerwise' needs equal-sized layers, got sizes {spec.layer_sizes}")
-            L, cells, d = len(spec.layer_sizes), spec.layer_sizes[0], int(hp["layer_code"])
-            self.generator = LayerwiseGenerator(self.latent_dim, C, L, cells, hidden, n_hidden, d)
-            self.critic = LayerwiseCritic(L, cells, C, hidden, n_hidden, d)
-        elif arch == "dense":
-            self.generator = DenseGenerator(self.latent_dim, C, V, hidden, n_hidden)
-            self.critic = DenseCritic(V, C, hidden, n_hidden)
+                raise ValueError(f"net='layers' needs equal-sized layers, got sizes {spec.layer_sizes}")
+            L, cells, d = len(spec.layer_sizes), spec.layer_sizes[0], cfg.layer_dim
+            self.generator = LayerwiseGenerator(self.latent_dim, C, L, cells, hidden, depth, d)
+            self.critic = LayerwiseCritic(L, cells, C, hidden, depth, d)
         else:
-            raise ValueError(f"arch must be 'auto', 'dense' or 'layerwise', got {arch!r}")
-        self.arch: str = arch
+            self.generator = DenseGenerator(self.latent_dim, C, V, hidden, depth)
+            self.critic = DenseCritic(V, C, hidden, depth)
+        #: the network kind in use: "mlp" or "layers" (``net`` with "auto" resolved)
+        self.net_kind: str = net
 
-        ch = int(hp["constrainer_hidden"])
-        self.pos_cols: list[int] = position_columns(spec) if hp["position_constrainer"] else []
+        ch = cfg.constrainer_hidden
+        self.pos_cols: list[int] = position_columns(spec) if cfg.position_constrainer else []
         # Two separate regressors, as in the Belle II design: each is a small MLP on the shower.
-        self.energy_constrainer: nn.Module | None = mlp(V, ch, 2, 1) if hp["energy_constrainer"] else None
+        self.energy_constrainer: nn.Module | None = mlp(V, ch, 2, 1) if cfg.energy_constrainer else None
         self.position_constrainer: nn.Module | None = mlp(V, ch, 2, len(self.pos_cols)) if self.pos_cols else None
 
     # -- networks --
@@ -545,12 +568,9 @@ class WGANGP(AdversarialShowerModel):
 
         ``step=-1`` (evaluation) reports the weighted errors regardless of the warm-up.
         """
-        if 0 <= step < int(self.hparams["constrainer_warmup"]):
+        if 0 <= step < self.config.constrainer_warmup:
             return {}
-        weights = {
-            "energy_constraint": float(self.hparams["energy_weight"]),
-            "position_constraint": float(self.hparams["position_weight"]),
-        }
+        weights = {"energy_constraint": self.config.energy_weight, "position_constraint": self.config.position_weight}
         return {f"gen_{k}": weights[k] * v for k, v in self.constrainer_errors(fake, c).items()}
 
     def _constrainer_params(self) -> list[nn.Parameter]:
@@ -561,7 +581,7 @@ class WGANGP(AdversarialShowerModel):
         params = self._constrainer_params()
         if not params:
             return []
-        return [torch.optim.Adam(params, lr=float(self.hparams["constrainer_lr"]))]
+        return [torch.optim.Adam(params, lr=self.config.constrainer_lr)]
 
     def auxiliary_step(
         self, x: Tensor, c: Tensor, optimizers: Sequence[torch.optim.Optimizer], step: int

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fastshower import __version__
+from fastshower._version import __version__
+from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, GeometryError, read_calochallenge_binning
 from fastshower.io import ShowerFile, ShowerFileError
 from fastshower.validate import metrics as M
@@ -45,7 +46,7 @@ _INTEGER_OBS = {"n_hits", "n_peaks"}
 _VOXEL = "voxel_energy"
 
 
-class ValidationInputError(ValueError):
+class ValidationInputError(FastshowerError, ValueError):
     """Two shower files that cannot be compared (one line naming both files)."""
 
 
@@ -99,13 +100,46 @@ class EvaluationConfig:
 
 
 def _open(path: Path, geometry: Geometry | None, ref: Path, cand: Path) -> ShowerFile:
+    """Open one of the two files; a file that cannot be read becomes a ValidationInputError naming both."""
     try:
         return ShowerFile(path, geometry)
     except ShowerFileError as exc:
         raise ValidationInputError(f"cannot compare {cand} with reference {ref}: {exc}") from None
 
 
+def _requested_metrics(metrics: Sequence[str] | None) -> set[str]:
+    """The metric names to compute: all of :data:`METRICS` for None, else ``metrics`` checked against it."""
+    which = set(METRICS if metrics is None else metrics)
+    unknown = which - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    return which
+
+
+def _imposed_geometry(binning: str | Path | None, ref: Path, cand: Path) -> Geometry | None:
+    """The geometry of a CaloChallenge binning XML to impose on both files (None: each file's own)."""
+    if binning is None:
+        return None
+    try:
+        return read_calochallenge_binning(binning)
+    except GeometryError as exc:
+        raise ValidationInputError(f"cannot compare {cand} with reference {ref}: {exc}") from None
+
+
+def _open_pair(ref: Path, cand: Path, geometry: Geometry | None) -> tuple[ShowerFile, ShowerFile]:
+    """Open reference and candidate (the reference is closed again if the candidate cannot be opened)."""
+    rf = _open(ref, geometry, ref, cand)
+    try:
+        cf = _open(cand, geometry, ref, cand)
+    except ValidationInputError:
+        rf.close()
+        raise
+    return rf, cf
+
+
 def _check_inputs(rf: ShowerFile, cf: ShowerFile, e_ref: np.ndarray, e_cand: np.ndarray) -> None:
+    """Refuse files that cannot be compared: other geometry or particle, no showers, bad or disjoint
+    incident energies ``e_ref`` / ``e_cand`` (n,) MeV."""
     both = f"reference {rf.path} vs candidate {cf.path}"
     if rf.geometry.to_dict() != cf.geometry.to_dict():
         raise ValidationInputError(
@@ -143,6 +177,7 @@ def _energy_edges(e_ref: np.ndarray, cfg: EvaluationConfig, energy_bins: Sequenc
 
 
 def _energy_label(lo: float, hi: float, discrete: np.ndarray) -> str:
+    """Label of the energy bin [lo, hi) MeV: its one energy of ``discrete`` (MeV), else its range, in GeV."""
     inside = discrete[(discrete >= lo) & (discrete < hi)]
     if inside.size == 1:
         return f"{inside[0] / 1e3:.4g} GeV"
@@ -168,6 +203,7 @@ class _Summary:
 
     @classmethod
     def empty(cls, binnings: dict[str, M.Binning], n_ebins: int, n_voxels: int) -> _Summary:
+        """Zeroed summaries for ``n_ebins`` energy bins and ``n_voxels`` voxels."""
         return cls(
             hists={k: M.HistogramAccumulator(b) for k, b in binnings.items()},
             hists_e=[{k: M.HistogramAccumulator(b) for k, b in binnings.items() if k != _VOXEL}
@@ -179,6 +215,8 @@ class _Summary:
 
     def update(self, obs: dict[str, np.ndarray], showers: np.ndarray, energies: np.ndarray, ebin: np.ndarray,
                threshold: float) -> None:
+        """Add one chunk: observables ``obs`` (n,) each, ``showers`` (n, V) MeV, ``energies`` (n,) MeV and
+        their energy-bin index ``ebin`` (n,); voxel energies count above ``threshold`` MeV."""
         for k, h in self.hists.items():
             h.update(showers[showers > threshold] if k == _VOXEL else obs[k])
         for j, hs in enumerate(self.hists_e):
@@ -204,9 +242,24 @@ class _Subsample:
     half: np.ndarray  # (m,) bool: reference half B (floor)
 
 
+def _energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Energy-bin index (n,) of ``energies`` (n,) MeV for bins ``edges`` (k + 1,) MeV: the last edge
+    belongs to the last bin, energies outside the edges get -1."""
+    ne = len(edges) - 1
+    eb = np.searchsorted(edges, energies, side="right") - 1
+    eb = np.where(energies == edges[-1], ne - 1, eb)
+    return np.where((eb < 0) | (eb >= ne), -1, eb)
+
+
 def _stream(f: ShowerFile, n_used: int, geometry: Geometry, binnings: dict[str, M.Binning], edges: np.ndarray,
             keep: np.ndarray, half_rng: np.random.Generator | None, cfg: EvaluationConfig,
             progress: bool, desc: str) -> tuple[dict[str, _Summary], _Subsample]:
+    """Stream the first ``n_used`` showers of ``f`` through the observables in chunks.
+
+    Returns the summaries ("all"; with ``half_rng`` also the random halves "A" and "B") and the
+    in-memory subsample of the rows ``keep`` (m,), shuffled so that any prefix is a random subsample.
+    Energies are binned by ``edges`` (k + 1,) MeV; showers outside them get energy bin -1.
+    """
     names = observable_names(geometry)
     ne = len(edges) - 1
     summaries = {"all": _Summary.empty(binnings, ne, geometry.n_voxels)}
@@ -220,9 +273,7 @@ def _stream(f: ShowerFile, n_used: int, geometry: Geometry, binnings: dict[str, 
         s = batch.showers.astype(np.float64)
         e = batch.energies
         obs = compute_observables(s, e, geometry, cfg.threshold, cfg.peak_fraction)
-        eb = np.searchsorted(edges, e, side="right") - 1
-        eb = np.where(e == edges[-1], ne - 1, eb)
-        eb = np.where((eb < 0) | (eb >= ne), -1, eb)
+        eb = _energy_bin_index(e, edges)
         summaries["all"].update(obs, s, e, eb, cfg.threshold)
         half = half_rng.random(len(e)) < 0.5 if half_rng is not None else np.zeros(len(e), bool)
         if half_rng is not None:
@@ -248,6 +299,8 @@ def _stream(f: ShowerFile, n_used: int, geometry: Geometry, binnings: dict[str, 
 
 
 class _NoBar:
+    """The progress bar when progress is off: does nothing."""
+
     def update(self, n: int) -> None:
         pass
 
@@ -256,6 +309,7 @@ class _NoBar:
 
 
 def _bar(total: int, desc: str, progress: bool) -> Any:
+    """A tqdm progress bar over ``total`` items, or a silent stand-in when not ``progress``."""
     if not progress:
         return _NoBar()
     from tqdm.auto import tqdm
@@ -287,22 +341,85 @@ def _make_binnings(f: ShowerFile, n_used: int, geometry: Geometry, cfg: Evaluati
 
 
 # ======================================================================================
+# planning: what is read, how it is binned, which rows are kept in memory
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything fixed before the files are streamed.
+
+    Attributes:
+        geometry: the geometry both files share.
+        which: the metrics to compute (SSIM and multi-peak are dropped for air-shower profiles).
+        n_ref, n_cand: showers read from the start of each file (``max_showers`` applied).
+        edges: energy-bin edges, shape (k + 1,), MeV; labels: one text label per energy bin (k,).
+        binnings: observable -> fixed binning, made from reference showers.
+        keep_ref, keep_cand: sorted row indices (m,) of the showers kept in memory per file.
+    """
+
+    geometry: Geometry
+    which: set[str]
+    n_ref: int
+    n_cand: int
+    edges: np.ndarray
+    labels: list[str]
+    binnings: dict[str, M.Binning]
+    keep_ref: np.ndarray
+    keep_cand: np.ndarray
+
+    @property
+    def n_energy_bins(self) -> int:
+        """Number of energy bins k."""
+        return len(self.edges) - 1
+
+
+def _subsample_cap(geometry: Geometry, cfg: EvaluationConfig) -> int:
+    """Showers per file kept in memory: ``cfg.max_subsample``, fewer when the float32 low-level
+    features (1 + V per shower) would exceed ``cfg.feature_budget_bytes``, never fewer than 100."""
+    return int(min(cfg.max_subsample, max(100, cfg.feature_budget_bytes // (4 * (geometry.n_voxels + 1)))))
+
+
+def _plan(rf: ShowerFile, cf: ShowerFile, which: set[str], seed: int, max_showers: int | None,
+          energy_bins: Sequence[float] | None, cfg: EvaluationConfig) -> _Plan:
+    """Check that the files can be compared and fix energy bins, binnings and subsamples.
+
+    The generator seeded with ``seed`` draws the binning blocks first, then the reference's and
+    the candidate's subsample rows, in that order.
+    """
+    n_ref = rf.n if max_showers is None else min(rf.n, max_showers)
+    n_cand = cf.n if max_showers is None else min(cf.n, max_showers)
+    e_ref, e_cand = rf.energies()[:n_ref], cf.energies()[:n_cand]
+    _check_inputs(rf, cf, e_ref, e_cand)
+    geometry = rf.geometry
+    if geometry.profile is not None:
+        which = which - {"ssim", "multi_peak"}
+    edges = _energy_edges(e_ref, cfg, energy_bins)
+    discrete = np.unique(e_ref)
+    labels = [_energy_label(edges[j], edges[j + 1], discrete) for j in range(len(edges) - 1)]
+    rng = np.random.default_rng(seed)
+    binnings = _make_binnings(rf, n_ref, geometry, cfg, rng)
+    cap = _subsample_cap(geometry, cfg)
+    keep_ref = np.sort(rng.choice(n_ref, min(n_ref, cap), replace=False))
+    keep_cand = np.sort(rng.choice(n_cand, min(n_cand, cap), replace=False))
+    return _Plan(geometry, which, n_ref, n_cand, edges, labels, binnings, keep_ref, keep_cand)
+
+
+# ======================================================================================
 # scores
 # ======================================================================================
 
 
 def _hist_scores(a: _Summary, b: _Summary, seed: int, n_boot: int) -> dict[str, M.HistogramScore]:
+    """Separation power, W1 and chi2 per observable of ``b``'s histograms against ``a``'s (bootstrapped)."""
     return {k: M.histogram_score(a.hists[k].compute(), b.hists[k].compute(), a.hists[k].binning, n_boot, seed)
             for k in a.hists}
 
 
-def _balanced(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = min(len(x), len(y))
-    return x[:n], y[:n]
-
-
 def _classifier(ref: np.ndarray, ref_bins: np.ndarray, cand: np.ndarray, cand_bins: np.ndarray, seed: int,
                 n_ebins: int) -> dict[str, Any]:
+    """Classifier AUC/JSD separating ``cand`` (m, d) from ``ref`` (m, d) on equal numbers of each, and
+    its AUC per energy bin (from the bins ``ref_bins`` / ``cand_bins`` of the validation rows)."""
     n = min(len(ref), len(cand))
     if n < 10:
         return {"auc": math.nan, "error": "fewer than 10 showers per class"}
@@ -325,6 +442,7 @@ def _classifier(ref: np.ndarray, ref_bins: np.ndarray, cand: np.ndarray, cand_bi
 
 def _fpd_kpd(ref: np.ndarray, cand: np.ndarray, cfg: EvaluationConfig, seed: int,
              which: set[str]) -> dict[str, dict[str, float]]:
+    """FPD and KPD (x1e3) of the high-level features ``cand`` (m, n_obs) against ``ref``, as requested."""
     out: dict[str, dict[str, float]] = {}
     if "fpd" in which:
         out["fpd"] = M.fpd(ref, cand, cfg.fpd_min_samples, cfg.fpd_max_samples, cfg.fpd_batches, cfg.fpd_points,
@@ -335,11 +453,13 @@ def _fpd_kpd(ref: np.ndarray, cand: np.ndarray, cfg: EvaluationConfig, seed: int
 
 
 def _layer_images(low: np.ndarray, geometry: Geometry) -> list[np.ndarray]:
+    """Per layer, the images (m, rows, columns) of low-level features ``low`` (m, 1 + V)."""
     v = low[:, 1:]
     return [v[:, geometry.layer_slice(i)].reshape(len(v), *geometry.layer_shape(i)) for i in range(geometry.n_layers)]
 
 
 def _nan_to_none(x: Any) -> Any:
+    """``x`` with NaN and infinities as None and numpy scalars as Python numbers (for JSON)."""
     if isinstance(x, dict):
         return {k: _nan_to_none(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -349,6 +469,184 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def _histogram_metrics(hs: dict[str, M.HistogramScore], which: set[str], with_errors: bool) -> dict[str, Any]:
+    """The requested histogram scores as {key: {observable: value}}: separation power, W1 and
+    chi2/ndf, each with its bootstrap error (or ndf) when ``with_errors``."""
+    out: dict[str, Any] = {}
+    if "separation_power" in which:
+        out["separation_power"] = {k: v.separation_power for k, v in hs.items()}
+        if with_errors:
+            out["separation_power_error"] = {k: v.separation_power_error for k, v in hs.items()}
+    if "w1" in which:
+        out["w1"] = {k: v.w1 for k, v in hs.items()}
+        if with_errors:
+            out["w1_error"] = {k: v.w1_error for k, v in hs.items()}
+    if "chi2" in which:
+        out["chi2_ndf"] = {k: v.chi2_ndf for k, v in hs.items()}
+        if with_errors:
+            out["ndf"] = {k: v.ndf for k, v in hs.items()}
+    return out
+
+
+def _score_pair(a: _Summary, b: _Summary, sub_a: _Subsample, sub_b: _Subsample, which: set[str],
+                cfg: EvaluationConfig, seed: int, n_ebins: int, steps: Any, with_errors: bool) -> dict[str, Any]:
+    """Histogram, classifier and FPD/KPD scores of sample ``b`` against sample ``a``.
+
+    Used for candidate vs reference (``with_errors``: also the histogram scores' errors) and for
+    the floor's two reference halves. Advances ``steps`` by 4.
+    """
+    out = _histogram_metrics(_hist_scores(a, b, seed, cfg.n_boot), which, with_errors)
+    steps.update(1)
+    clf: dict[str, Any] = {}
+    if "classifier_low" in which:
+        clf["low"] = _classifier(sub_a.low, sub_a.ebin, sub_b.low, sub_b.ebin, seed, n_ebins)
+    steps.update(1)
+    if "classifier_high" in which:
+        clf["high"] = _classifier(sub_a.high, sub_a.ebin, sub_b.high, sub_b.ebin, seed, n_ebins)
+    steps.update(1)
+    if clf:
+        out["classifier"] = clf
+    out.update(_fpd_kpd(sub_a.high, sub_b.high, cfg, seed, which))
+    steps.update(1)
+    return out
+
+
+def _split_halves(sub: _Subsample) -> tuple[_Subsample, _Subsample]:
+    """The reference subsample's rows of half A and of half B (the floor's two samples)."""
+    a, b = ~sub.half, sub.half
+    return (_Subsample(sub.low[a], sub.high[a], sub.ebin[a], sub.half[a]),
+            _Subsample(sub.low[b], sub.high[b], sub.ebin[b], sub.half[b]))
+
+
+def _floor_scores(half_a: _Summary, half_b: _Summary, sub_ref: _Subsample, which: set[str], cfg: EvaluationConfig,
+                  seed: int, n_ebins: int) -> dict[str, Any]:
+    """The statistical floor: the same scores for the reference's random half B against half A."""
+    sub_a, sub_b = _split_halves(sub_ref)
+    out: dict[str, Any] = {"n_reference": half_a.n, "n_candidate": half_b.n}
+    out.update(_score_pair(half_a, half_b, sub_a, sub_b, which, cfg, seed, n_ebins, _NoBar(), with_errors=False))
+    return out
+
+
+def _energy_bin_separation_powers(ref: dict[str, M.HistogramAccumulator],
+                                  cand: dict[str, M.HistogramAccumulator]) -> dict[str, Any]:
+    """Separation powers of one energy bin: for E_tot/E_inc, the mean over observables and the worst one."""
+    sp = {k: M.separation_power(ref[k].compute(), cand[k].compute()) for k in ref}
+    worst = max(sp, key=lambda k: sp[k])
+    return {"separation_power_E_tot/E_inc": sp["E_tot/E_inc"],
+            "separation_power_mean": float(np.mean(list(sp.values()))),
+            "separation_power_max": sp[worst], "separation_power_max_observable": worst}
+
+
+def _per_energy_rows(ref: _Summary, cand: _Summary, plan: _Plan, n_ref: np.ndarray, n_cand: np.ndarray,
+                     clf: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per energy bin: label, edges (MeV), shower counts ``n_ref``/``n_cand`` (k,), separation
+    powers (where both files have showers in the bin) and the per-energy classifier AUCs of ``clf``."""
+    rows: list[dict[str, Any]] = []
+    for j, label in enumerate(plan.labels):
+        row: dict[str, Any] = {"label": label, "energy_lo_mev": float(plan.edges[j]),
+                               "energy_hi_mev": float(plan.edges[j + 1]), "n_reference": int(n_ref[j]),
+                               "n_candidate": int(n_cand[j])}
+        if n_ref[j] > 0 and n_cand[j] > 0:
+            row.update(_energy_bin_separation_powers(ref.hists_e[j], cand.hists_e[j]))
+        for side in ("low", "high"):
+            if side in clf and "per_energy_auc" in clf[side]:
+                row[f"auc_{side}"] = clf[side]["per_energy_auc"][j]
+        rows.append(row)
+    return rows
+
+
+def _multi_peak(ref: _Summary, cand: _Summary, peak_fraction: float) -> dict[str, float]:
+    """Fraction of showers with at least two peaks in each file, with binomial errors."""
+    fr, fr_e = M.binomial_fraction(ref.n_multi_peak, ref.n)
+    fc, fc_e = M.binomial_fraction(cand.n_multi_peak, cand.n)
+    return {"reference": fr, "reference_error": fr_e, "candidate": fc, "candidate_error": fc_e,
+            "peak_fraction": peak_fraction}
+
+
+def _scores(plan: _Plan, sums_ref: dict[str, _Summary], sub_ref: _Subsample, cand: _Summary, sub_cand: _Subsample,
+            cfg: EvaluationConfig, seed: int, floor: bool, progress: bool) -> dict[str, Any]:
+    """Every requested score of the candidate against the reference, keyed as in metrics.json
+    (in its order), with the per-energy rows and, when ``floor``, the reference halves' scores."""
+    which, ne = plan.which, plan.n_energy_bins
+    ref = sums_ref["all"]
+    rr, rc = ref.ratio.compute(), cand.ratio.compute()
+    steps = _bar(8, "scores", progress)
+    result = _score_pair(ref, cand, sub_ref, sub_cand, which, cfg, seed, ne, steps, with_errors=True)
+    rows = _per_energy_rows(ref, cand, plan, rr["n"], rc["n"], result.get("classifier", {}))
+    steps.update(1)
+    if "response" in which:
+        result["response"] = _response(rr, rc, ref.energy.compute(), cand.energy.compute(), plan.labels)
+    if "multi_peak" in which:
+        result["multi_peak"] = _multi_peak(ref, cand, cfg.peak_fraction)
+    if "ssim" in which:
+        result["ssim"] = _ssim(sub_ref, sub_cand, plan.geometry, plan.labels, cfg, seed)
+        for row, s in zip(rows, result["ssim"], strict=True):
+            row["ssim_reference"], row["ssim_candidate"] = s["reference"], s["candidate"]
+    steps.update(1)
+    if "support_size" in which:
+        result["support_size"] = _support(sub_ref.low[:, 1:], sub_cand.low[:, 1:], plan.geometry, cfg, seed)
+    steps.update(1)
+    result["per_energy"] = rows
+    if floor:
+        result["floor"] = _floor_scores(sums_ref["A"], sums_ref["B"], sub_ref, which, cfg, seed, ne)
+    steps.update(1)
+    steps.close()
+    return result
+
+
+# ======================================================================================
+# results
+# ======================================================================================
+
+
+def _inputs_header(rf: ShowerFile, cf: ShowerFile, plan: _Plan, seed: int, n_ref: int, n_cand: int) -> dict[str, Any]:
+    """The first keys of metrics.json: inputs, showers streamed, version and the metrics computed."""
+    return {
+        "reference": str(rf.path), "candidate": str(cf.path), "geometry": plan.geometry.name,
+        "particle": rf.particle, "seed": seed, "n_reference": n_ref, "n_candidate": n_cand,
+        "fastshower_version": __version__, "metrics": sorted(plan.which),
+    }
+
+
+def _settings(plan: _Plan, cfg: EvaluationConfig, t0: float) -> dict[str, Any]:
+    """The last keys of metrics.json: binnings, energy-bin edges (MeV), config and wall time since ``t0`` (s)."""
+    return {
+        "binning": {k: b.to_dict() for k, b in plan.binnings.items()},
+        "energy_bin_edges_mev": [float(x) for x in plan.edges],
+        "config": asdict(cfg),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+
+
+def _write_metrics(out_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write ``out_dir/metrics.json`` (created; NaN and infinities as null); returns what was written."""
+    result = _nan_to_none(result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _write_html_report(out_dir: Path, result: dict[str, Any], plan: _Plan, ref: _Summary, cand: _Summary) -> None:
+    """Write ``out_dir/report.html`` and its plots from the streamed histograms and mean images."""
+    from fastshower.validate.report import PlotData, write_report
+
+    geometry = plan.geometry
+    radial = radial_edges(geometry) if geometry.profile is None else None
+    ref_image, cand_image = ref.image_sum / max(ref.n, 1), cand.image_sum / max(cand.n, 1)
+    plot = PlotData(
+        geometry=geometry,
+        binnings=plan.binnings,
+        ref_counts={k: h.compute() for k, h in ref.hists.items()},
+        cand_counts={k: h.compute() for k, h in cand.hists.items()},
+        ref_image=ref_image,
+        cand_image=cand_image,
+        radial_edges=radial,
+        ref_radial=None if radial is None else radial_profile(ref_image[None], geometry)[0],
+        cand_radial=None if radial is None else radial_profile(cand_image[None], geometry)[0],
+    )
+    write_report(out_dir, result, plot)
 
 
 # ======================================================================================
@@ -400,168 +698,32 @@ def evaluate(
     """
     t0 = time.perf_counter()
     cfg = config or EvaluationConfig()
-    ref_path, cand_path, out_dir = Path(reference), Path(candidate), Path(out)
-    which = set(METRICS if metrics is None else metrics)
-    unknown = which - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    geo_in: Geometry | None = None
-    if binning is not None:
-        try:
-            geo_in = read_calochallenge_binning(binning)
-        except GeometryError as exc:
-            raise ValidationInputError(f"cannot compare {cand_path} with reference {ref_path}: {exc}") from None
-    rf = _open(ref_path, geo_in, ref_path, cand_path)
+    which = _requested_metrics(metrics)
+    ref_path, cand_path = Path(reference), Path(candidate)
+    rf, cf = _open_pair(ref_path, cand_path, _imposed_geometry(binning, ref_path, cand_path))
     try:
-        cf = _open(cand_path, geo_in, ref_path, cand_path)
-    except ValidationInputError:
-        rf.close()
-        raise
-    try:
-        return _evaluate(rf, cf, out_dir, which, seed, floor, max_showers, progress, energy_bins, cfg, t0, report)
+        plan = _plan(rf, cf, which, seed, max_showers, energy_bins, cfg)
+        return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report)
     finally:
         rf.close()
         cf.close()
 
 
-def _evaluate(rf: ShowerFile, cf: ShowerFile, out_dir: Path, which: set[str], seed: int, floor: bool,
-              max_showers: int | None, progress: bool, energy_bins: Sequence[float] | None,
-              cfg: EvaluationConfig, t0: float, report: bool) -> dict[str, Any]:
-    n_ref = rf.n if max_showers is None else min(rf.n, max_showers)
-    n_cand = cf.n if max_showers is None else min(cf.n, max_showers)
-    e_ref, e_cand = rf.energies()[:n_ref], cf.energies()[:n_cand]
-    _check_inputs(rf, cf, e_ref, e_cand)
-    geometry = rf.geometry
-    if geometry.profile is not None:
-        which -= {"ssim", "multi_peak"}
-    edges = _energy_edges(e_ref, cfg, energy_bins)
-    ne = len(edges) - 1
-    rng = np.random.default_rng(seed)
-    binnings = _make_binnings(rf, n_ref, geometry, cfg, rng)
-    cap = int(min(cfg.max_subsample, max(100, cfg.feature_budget_bytes // (4 * (geometry.n_voxels + 1)))))
-    keep_ref = np.sort(rng.choice(n_ref, min(n_ref, cap), replace=False))
-    keep_cand = np.sort(rng.choice(n_cand, min(n_cand, cap), replace=False))
+def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: Path, seed: int, floor: bool,
+                         progress: bool, cfg: EvaluationConfig, t0: float, report: bool) -> dict[str, Any]:
+    """Stream both files, score them, write metrics.json (and the report); returns metrics.json's dict."""
     half_rng = np.random.default_rng([seed, 1]) if floor else None
-    sums_r, sub_r = _stream(rf, n_ref, geometry, binnings, edges, keep_ref, half_rng, cfg, progress, "reference")
-    sums_c, sub_c = _stream(cf, n_cand, geometry, binnings, edges, keep_cand, None, cfg, progress, "candidate")
-    ref, cand = sums_r["all"], sums_c["all"]
-
-    result: dict[str, Any] = {
-        "reference": str(rf.path), "candidate": str(cf.path), "geometry": geometry.name,
-        "particle": rf.particle, "seed": seed, "n_reference": ref.n, "n_candidate": cand.n,
-        "fastshower_version": __version__, "metrics": sorted(which),
-    }
-    steps = _bar(8, "scores", progress)
-    hs = _hist_scores(ref, cand, seed, cfg.n_boot)
-    steps.update(1)
-    if "separation_power" in which:
-        result["separation_power"] = {k: v.separation_power for k, v in hs.items()}
-        result["separation_power_error"] = {k: v.separation_power_error for k, v in hs.items()}
-    if "w1" in which:
-        result["w1"] = {k: v.w1 for k, v in hs.items()}
-        result["w1_error"] = {k: v.w1_error for k, v in hs.items()}
-    if "chi2" in which:
-        result["chi2_ndf"] = {k: v.chi2_ndf for k, v in hs.items()}
-        result["ndf"] = {k: v.ndf for k, v in hs.items()}
-    clf: dict[str, Any] = {}
-    if "classifier_low" in which:
-        clf["low"] = _classifier(sub_r.low, sub_r.ebin, sub_c.low, sub_c.ebin, seed, ne)
-    steps.update(1)
-    if "classifier_high" in which:
-        clf["high"] = _classifier(sub_r.high, sub_r.ebin, sub_c.high, sub_c.ebin, seed, ne)
-    steps.update(1)
-    if clf:
-        result["classifier"] = clf
-    result.update(_fpd_kpd(sub_r.high, sub_c.high, cfg, seed, which))
-    steps.update(1)
-
-    discrete = np.unique(e_ref)
-    labels = [_energy_label(edges[j], edges[j + 1], discrete) for j in range(ne)]
-    rr, rc = ref.ratio.compute(), cand.ratio.compute()
-    er, ec = ref.energy.compute(), cand.energy.compute()
-    rows: list[dict[str, Any]] = []
-    for j in range(ne):
-        row: dict[str, Any] = {"label": labels[j], "energy_lo_mev": float(edges[j]),
-                               "energy_hi_mev": float(edges[j + 1]), "n_reference": int(rr["n"][j]),
-                               "n_candidate": int(rc["n"][j])}
-        if rr["n"][j] > 0 and rc["n"][j] > 0:
-            sp = {k: M.separation_power(ref.hists_e[j][k].compute(), cand.hists_e[j][k].compute())
-                  for k in ref.hists_e[j]}
-            row["separation_power_E_tot/E_inc"] = sp["E_tot/E_inc"]
-            row["separation_power_mean"] = float(np.mean(list(sp.values())))
-            worst = max(sp, key=lambda k: sp[k])
-            row["separation_power_max"], row["separation_power_max_observable"] = sp[worst], worst
-        for side in ("low", "high"):
-            if side in clf and "per_energy_auc" in clf[side]:
-                row[f"auc_{side}"] = clf[side]["per_energy_auc"][j]
-        rows.append(row)
-    steps.update(1)
-
-    if "response" in which:
-        result["response"] = _response(rr, rc, er, ec, labels)
-    if "multi_peak" in which:
-        fr, fr_e = M.binomial_fraction(ref.n_multi_peak, ref.n)
-        fc, fc_e = M.binomial_fraction(cand.n_multi_peak, cand.n)
-        result["multi_peak"] = {"reference": fr, "reference_error": fr_e, "candidate": fc, "candidate_error": fc_e,
-                                "peak_fraction": cfg.peak_fraction}
-    if "ssim" in which:
-        result["ssim"] = _ssim(sub_r, sub_c, geometry, labels, cfg, seed)
-        for row, s in zip(rows, result["ssim"], strict=True):
-            row["ssim_reference"], row["ssim_candidate"] = s["reference"], s["candidate"]
-    steps.update(1)
-    if "support_size" in which:
-        result["support_size"] = _support(sub_r.low[:, 1:], sub_c.low[:, 1:], geometry, cfg, seed)
-    steps.update(1)
-    result["per_energy"] = rows
-
-    if floor:
-        a, b = sums_r["A"], sums_r["B"]
-        fl: dict[str, Any] = {"n_reference": a.n, "n_candidate": b.n}
-        hf = _hist_scores(a, b, seed, cfg.n_boot)
-        if "separation_power" in which:
-            fl["separation_power"] = {k: v.separation_power for k, v in hf.items()}
-        if "w1" in which:
-            fl["w1"] = {k: v.w1 for k, v in hf.items()}
-        if "chi2" in which:
-            fl["chi2_ndf"] = {k: v.chi2_ndf for k, v in hf.items()}
-        fclf: dict[str, Any] = {}
-        ha, hb = ~sub_r.half, sub_r.half
-        if "classifier_low" in which:
-            fclf["low"] = _classifier(sub_r.low[ha], sub_r.ebin[ha], sub_r.low[hb], sub_r.ebin[hb], seed, ne)
-        if "classifier_high" in which:
-            fclf["high"] = _classifier(sub_r.high[ha], sub_r.ebin[ha], sub_r.high[hb], sub_r.ebin[hb], seed, ne)
-        if fclf:
-            fl["classifier"] = fclf
-        fl.update(_fpd_kpd(sub_r.high[ha], sub_r.high[hb], cfg, seed, which))
-        result["floor"] = fl
-    steps.update(1)
-    steps.close()
-
-    result["binning"] = {k: b.to_dict() for k, b in binnings.items()}
-    result["energy_bin_edges_mev"] = [float(x) for x in edges]
-    result["config"] = asdict(cfg)
-    result["wall_time_s"] = time.perf_counter() - t0
-    result = _nan_to_none(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    if not report:
-        return result
-
-    from fastshower.validate.report import PlotData, write_report
-
-    radial = radial_edges(geometry) if geometry.profile is None else None
-    plot = PlotData(
-        geometry=geometry,
-        binnings=binnings,
-        ref_counts={k: h.compute() for k, h in ref.hists.items()},
-        cand_counts={k: h.compute() for k, h in cand.hists.items()},
-        ref_image=ref.image_sum / max(ref.n, 1),
-        cand_image=cand.image_sum / max(cand.n, 1),
-        radial_edges=radial,
-        ref_radial=None if radial is None else radial_profile(ref.image_sum[None] / max(ref.n, 1), geometry)[0],
-        cand_radial=None if radial is None else radial_profile(cand.image_sum[None] / max(cand.n, 1), geometry)[0],
-    )
-    write_report(out_dir, result, plot)
+    sums_ref, sub_ref = _stream(rf, plan.n_ref, plan.geometry, plan.binnings, plan.edges, plan.keep_ref, half_rng,
+                                cfg, progress, "reference")
+    sums_cand, sub_cand = _stream(cf, plan.n_cand, plan.geometry, plan.binnings, plan.edges, plan.keep_cand, None,
+                                  cfg, progress, "candidate")
+    ref, cand = sums_ref["all"], sums_cand["all"]
+    result = _inputs_header(rf, cf, plan, seed, ref.n, cand.n)
+    result.update(_scores(plan, sums_ref, sub_ref, cand, sub_cand, cfg, seed, floor, progress))
+    result.update(_settings(plan, cfg, t0))
+    result = _write_metrics(out_dir, result)
+    if report:
+        _write_html_report(out_dir, result, plan, ref, cand)
     return result
 
 
@@ -606,6 +768,8 @@ def _ssim(sub_r: _Subsample, sub_c: _Subsample, geometry: Geometry, labels: list
 
 
 def _support(ref: np.ndarray, cand: np.ndarray, geometry: Geometry, cfg: EvaluationConfig, seed: int) -> dict[str, Any]:
+    """Birthday-test support size of each sample (n, V) of voxels / E_inc; near-duplicates are closer
+    than ``cfg.birthday_fraction`` x the reference's median pairwise distance."""
     n = int(min(cfg.birthday_max, math.sqrt(2e10 / max(geometry.n_voxels, 1)), len(ref), len(cand)))
     if n < 10:
         return {"error": "fewer than 10 showers"}

@@ -49,12 +49,21 @@ class PlotData:
     ref_radial: np.ndarray | None
     cand_radial: np.ndarray | None
 
+
 _DPI = 100
 _RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 12, "xtick.labelsize": 10, "ytick.labelsize": 10,
        "legend.fontsize": 9, "figure.titlesize": 11}
+#: the page's CSS
+_STYLE = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #aaa;padding:2px 8px;text-align:right} img{max-width:48%}")
+#: columns of the Per energy table, in order (those no row has are left out)
+_PER_ENERGY_COLUMNS = ("label", "n_reference", "n_candidate", "separation_power_E_tot/E_inc", "separation_power_mean",
+                       "separation_power_max", "separation_power_max_observable", "auc_low", "auc_high",
+                       "ssim_reference", "ssim_candidate")
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
+    """A table cell: ``digits`` significant digits for floats, "-" for None and non-finite, else escaped text."""
     if x is None:
         return "-"
     if isinstance(x, float):
@@ -73,6 +82,8 @@ def _select(names: list[str]) -> list[str]:
 
 
 def _hist_plot(path: Path, name: str, binning: Binning, ref: np.ndarray, cand: np.ndarray, sp: float | None) -> None:
+    """Normalised histograms of observable ``name`` (counts (k + 2,) with under/overflow) and their ratio,
+    titled with its separation power ``sp``."""
     edges = np.asarray(binning.edges)
     r, c = ref[1:-1].astype(float), cand[1:-1].astype(float)
     rn, cn = r / max(ref.sum(), 1) / np.diff(edges), c / max(cand.sum(), 1) / np.diff(edges)
@@ -99,6 +110,7 @@ def _hist_plot(path: Path, name: str, binning: Binning, ref: np.ndarray, cand: n
 
 
 def _images_plot(path: Path, pd: PlotData) -> None:
+    """Mean voxel energy / E_inc of at most 6 layers, reference above candidate."""
     g = pd.geometry
     n = g.n_layers
     cols = min(n, 6)
@@ -121,6 +133,8 @@ def _images_plot(path: Path, pd: PlotData) -> None:
 
 
 def _profiles_plot(path: Path, pd: PlotData) -> None:
+    """Longitudinal (per layer, mm) and radial (mm) mean energy fractions; for air showers, the mean
+    profile of the first two channels against slant depth (g/cm^2)."""
     g = pd.geometry
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if g.profile is None:
@@ -153,6 +167,7 @@ def _profiles_plot(path: Path, pd: PlotData) -> None:
 
 
 def _response_plot(path: Path, resp: dict[str, Any]) -> None:
+    """Response (mean E_vis/E_inc) and resolution against E_inc (GeV) with the resolution fits."""
     rows = resp["per_energy"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for side, style in (("reference", "ko"), ("candidate", "rs")):
@@ -178,71 +193,94 @@ def _response_plot(path: Path, resp: dict[str, Any]) -> None:
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table with the ``header`` cells and one row per list of ``rows``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
-    """Write ``out/report.html`` and its PNGs under ``out/plots``; returns the HTML path."""
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    sp = result.get("separation_power", {})
-    parts = [
+def _header_html(result: dict[str, Any]) -> list[str]:
+    """The page head and the inputs paragraph (files, shower counts, geometry, particle, seed)."""
+    return [
         "<html><head><meta charset='utf-8'><title>fastshower evaluation</title><style>"
-        "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #aaa;padding:2px 8px;text-align:right} img{max-width:48%}</style></head><body>",
+        + _STYLE + "</style></head><body>",
         "<h1>fastshower evaluation</h1>",
         f"<p>reference: <code>{html.escape(result['reference'])}</code> ({result['n_reference']} showers)<br>"
         f"candidate: <code>{html.escape(result['candidate'])}</code> ({result['n_candidate']} showers)<br>"
         f"geometry {html.escape(result['geometry'])}, particle {html.escape(str(result['particle']))}, "
         f"seed {result['seed']}</p>",
     ]
+
+
+def _distance_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """Summary rows [score, value, error, floor] of the scores that have a floor: classifier AUC and
+    JSD, FPD and KPD (x1e3), and the separation power averaged over observables."""
     fl = result.get("floor", {})
-    summary: list[list[Any]] = []
+    rows: list[list[Any]] = []
     for side in ("low", "high"):
         c = result.get("classifier", {}).get(side)
         if c:
             f = fl.get("classifier", {}).get(side, {})
-            summary.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc")])
-            summary.append([f"classifier JSD ({side}-level)", c.get("jsd"), c.get("jsd_error"), f.get("jsd")])
+            rows.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc")])
+            rows.append([f"classifier JSD ({side}-level)", c.get("jsd"), c.get("jsd_error"), f.get("jsd")])
     for key in ("fpd", "kpd"):
         if key in result:
-            summary.append([f"{key.upper()} x1e3", result[key]["value"], result[key]["error"],
-                            fl.get(key, {}).get("value")])
+            rows.append([f"{key.upper()} x1e3", result[key]["value"], result[key]["error"],
+                         fl.get(key, {}).get("value")])
+    sp = result.get("separation_power", {})
     if sp:
         vals = [v for v in sp.values() if v is not None]
         fsp = [v for v in fl.get("separation_power", {}).values() if v is not None]
-        summary.append(["separation power, mean over observables", float(np.mean(vals)), None,
-                        float(np.mean(fsp)) if fsp else None])
+        rows.append(["separation power, mean over observables", float(np.mean(vals)), None,
+                     float(np.mean(fsp)) if fsp else None])
+    return rows
+
+
+def _physics_rows(result: dict[str, Any]) -> list[list[Any]]:
+    """Summary rows [score, value, error, None] of each file's own properties: multi-peak fraction,
+    support size and the resolution fit's stochastic (a) and constant (b) terms."""
+    rows: list[list[Any]] = []
     if "multi_peak" in result:
         m = result["multi_peak"]
-        summary.append(["multi-peak fraction reference", m["reference"], m["reference_error"], None])
-        summary.append(["multi-peak fraction candidate", m["candidate"], m["candidate_error"], None])
+        rows.append(["multi-peak fraction reference", m["reference"], m["reference_error"], None])
+        rows.append(["multi-peak fraction candidate", m["candidate"], m["candidate_error"], None])
     if "support_size" in result and "reference" in result["support_size"]:
         for side in ("reference", "candidate"):
             s = result["support_size"][side]
-            summary.append([f"support size {side} (birthday)", s["support"], s["error"], None])
+            rows.append([f"support size {side} (birthday)", s["support"], s["error"], None])
     if "response" in result:
         for side in ("reference", "candidate"):
             f = result["response"]["fit"][side]
-            summary.append([f"resolution a (stochastic) {side}", f["a"], f["a_error"], None])
-            summary.append([f"resolution b (constant) {side}", f["b"], f["b_error"], None])
-    parts += ["<h2>Summary</h2>", _table(["score", "value", "error", "floor (reference halves)"], summary)]
+            rows.append([f"resolution a (stochastic) {side}", f["a"], f["a_error"], None])
+            rows.append([f"resolution b (constant) {side}", f["b"], f["b_error"], None])
+    return rows
+
+
+def _tables_html(result: dict[str, Any]) -> list[str]:
+    """The Summary table, the Per energy table and the Observables table (the last two when present)."""
+    summary = _distance_rows(result) + _physics_rows(result)
+    parts = ["<h2>Summary</h2>", _table(["score", "value", "error", "floor (reference halves)"], summary)]
     rows = result.get("per_energy", [])
     if rows:
-        cols = [k for k in ("label", "n_reference", "n_candidate", "separation_power_E_tot/E_inc",
-                            "separation_power_mean", "separation_power_max", "separation_power_max_observable",
-                            "auc_low", "auc_high", "ssim_reference", "ssim_candidate") if any(k in r for r in rows)]
+        cols = [k for k in _PER_ENERGY_COLUMNS if any(k in r for r in rows)]
         parts += ["<h2>Per energy</h2>", _table(cols, [[r.get(k) for k in cols] for r in rows])]
+    sp = result.get("separation_power", {})
     if sp:
         w1 = result.get("w1", {})
         chi = result.get("chi2_ndf", {})
         err = result.get("separation_power_error", {})
+        fsp = result.get("floor", {}).get("separation_power", {})
         parts += ["<h2>Observables</h2>", _table(
             ["observable", "separation power", "error", "floor", "W1", "chi2/ndf"],
-            [[k, v, err.get(k), fl.get("separation_power", {}).get(k), w1.get(k), chi.get(k)] for k, v in sp.items()],
+            [[k, v, err.get(k), fsp.get(k), w1.get(k), chi.get(k)] for k, v in sp.items()],
         )]
+    return parts
+
+
+def _write_plots(plots: Path, result: dict[str, Any], pd: PlotData) -> list[str]:
+    """Write the PNGs into the folder ``plots``: mean images, profiles, response (when scored) and
+    one histogram per selected observable; returns their file names in page order."""
+    sp = result.get("separation_power", {})
     figs: list[str] = []
     # mplhep's ROOT look with fonts scaled to these small multi-panel figures
     with plt.style.context([hep.style.ROOT, _RC]):
@@ -256,6 +294,15 @@ def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
             fn = f"hist_{i:03d}.png"
             _hist_plot(plots / fn, name, pd.binnings[name], pd.ref_counts[name], pd.cand_counts[name], sp.get(name))
             figs.append(fn)
+    return figs
+
+
+def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
+    """Write ``out/report.html`` and its PNGs under ``out/plots``; returns the HTML path."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    parts = _header_html(result) + _tables_html(result)
+    figs = _write_plots(plots, result, pd)
     parts += ["<h2>Plots</h2>"] + [f"<img src='plots/{f}' alt='{f}'>" for f in figs]
     parts.append("</body></html>")
     path = out / "report.html"

@@ -76,9 +76,9 @@ from typing import Any
 
 import numpy as np
 
-from fastshower.geometry import Geometry
+from fastshower.geometry import GROUND_VERTICAL_DEPTH, Geometry
 from fastshower.io import ShowerBatch
-from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 
 __all__ = [
     "PUBLISHED_XMAX",
@@ -100,7 +100,6 @@ EC_AIR = 0.08792  # critical energy of air (Greisen), GeV
 LAMBDA_MB = 24145.0  # <m_air> / 1 mb = 14.54 u / 1e-27 cm^2, g/cm^2
 M_NUCLEON = 0.93827  # GeV
 F_NITROGEN = 0.788  # nitrogen share of air targets (argon folded into oxygen)
-X_GROUND_VERTICAL = 1036.0  # vertical depth of sea level, g/cm^2
 E_SIBYLL_MIN = 60.0  # GeV, lab: below, SIBYLL (sqrt(s) >= 10 GeV) is replaced by the toy model
 E_STOP = 1.0  # GeV: hadrons below decay (mesons) or stop (nucleons)
 E_MIN_PRIMARY_EV, E_MAX_PRIMARY_EV = 1e15, 1e21
@@ -878,7 +877,7 @@ class AirShowerBackend(SimulationBackend):
         e_thr = self._threshold_gev(e0)
         casc = self._ensure_tables(e_thr)
         cos_z = math.cos(math.radians(zenith_deg))
-        x_ground = X_GROUND_VERTICAL / cos_z
+        x_ground = GROUND_VERTICAL_DEPTH / cos_z
         prof = casc.run(rng, self.a, NUCLEON, e0, e_thr, cos_z, 0.0, x_ground)
         assert prof is not None
         n_valid = int(min(self.nb, math.ceil(x_ground / self.dx)))

@@ -32,20 +32,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastshower import __version__
+from fastshower._version import __version__
+from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFileError
 from fastshower.models.base import ShowerModel
 from fastshower.models.onestep import OneStep
-from fastshower.sample import GenerationError, Run, draw_training_conditions, load_run
-from fastshower.train import CHECKPOINT_FORMAT, atomic_save, write_json
+from fastshower.runs import (
+    CHECKPOINT_FORMAT,
+    Run,
+    RunFolder,
+    atomic_save,
+    draw_training_conditions,
+    load_run,
+    write_config,
+    write_json,
+)
 
 __all__ = ["DistillError", "distill", "teacher_conditions"]
 
-#: copied unchanged from the teacher: the student works in the teacher's model space
-_SHARED_FILES = ("geometry.json", "transforms.json", "spec.json")
-
-
-class DistillError(ValueError):
+class DistillError(FastshowerError, ValueError):
     """A teacher run that cannot be distilled, or bad distillation settings."""
 
 
@@ -59,7 +64,7 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
     try:
         e, conds = draw_training_conditions(info, n, rng, replace=True)
     except (ShowerFileError, OSError) as exc:
-        path = info.meta.get("data", {}).get("path", "")
+        path = info.training_file or ""
         raise DistillError(f"the teacher's training file {str(path)!r} is needed for the conditions to "
                            f"distil on and cannot be read ({exc})") from None
     with torch.no_grad():
@@ -93,7 +98,7 @@ def _check_teacher(run: Run, ode_steps: int | None) -> None:
                            f"multi-pass noise-to-shower map); this run is {info.model_name!r}")
     if ode_steps is not None and info.model_name != "flow-matching":
         raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
-    if info.meta.get("status") != "finished":
+    if not info.finished:
         raise DistillError(f"{info.run_dir}: the teacher's training has not finished (status "
                            f"{info.meta.get('status')!r}); resume it first")
 
@@ -124,12 +129,9 @@ def distill(
     if n_pairs < 100 or steps < 1 or batch_size < 1:
         raise DistillError(f"need n_pairs >= 100, steps >= 1 and batch_size >= 1 (got {n_pairs}, {steps}, "
                            f"{batch_size})")
-    if (out / "config.json").exists():
+    if RunFolder(out).holds_run():
         raise DistillError(f"{out}: already holds a run; choose a new folder")
-    try:
-        run = load_run(teacher)
-    except GenerationError as exc:
-        raise DistillError(str(exc)) from None
+    run = load_run(teacher)
     _check_teacher(run, ode_steps)
     model, _, info = run
     t0 = time.perf_counter()
@@ -215,17 +217,19 @@ def _fit_student(student: ShowerModel, x: Tensor, c: Tensor, x_val: Tensor, c_va
 
 def _write_run(out: Path, run: Run, student: ShowerModel, steps: int, distilled: dict[str, Any],
                log: list[dict[str, float]]) -> None:
-    _, _, info = run
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    for name in _SHARED_FILES:
-        shutil.copyfile(info.run_dir / name, out / name)
+    """The student's run folder: the teacher's model-space files, the student's config, checkpoint and log."""
+    info = run.info
+    folder, teacher = RunFolder(out), RunFolder(info.run_dir)
+    folder.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    for name in RunFolder.SHARED:  # the student works in the teacher's model space
+        shutil.copyfile(teacher.path / name, folder.path / name)
     atomic_save({"format": CHECKPOINT_FORMAT, "model_name": student.name, "step": steps,
-                  "world_size": 1, "model": student.state_dict()}, out / "checkpoints" / "last.pt")
-    with (out / "distill_log.jsonl").open("w") as f:
+                 "world_size": 1, "model": student.state_dict()}, folder.checkpoint)
+    with folder.distill_log.open("w") as f:
         for line in log:
             f.write(json.dumps(line) + "\n")
-    write_json(out / "config.json", {"model": student.name, "hparams": student.hparams, "train": info.options})
+    write_config(folder, student.name, student.hparams, info.options)
     # the teacher's data provenance carries over (generation checks conditions and energies against it)
     meta = {**info.meta, "status": "finished", "step": steps, "fastshower_version": __version__,
             "torch_version": torch.__version__, "distilled": distilled}
-    write_json(out / "meta.json", meta)
+    write_json(folder.meta, meta)

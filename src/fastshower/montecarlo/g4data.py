@@ -44,6 +44,8 @@ from typing import Literal
 
 import numpy as np
 
+from fastshower.errors import FastshowerError
+
 __all__ = [
     "OFFICIAL_DATASETS",
     "SUBSTITUTE_PROVENANCE",
@@ -90,7 +92,7 @@ OFFICIAL_PROVENANCE = "geant4 11.4 official data"
 _FORMAT_REVISION = 1  # bump when the files written here change
 
 
-class Geant4DataError(RuntimeError):
+class Geant4DataError(FastshowerError, RuntimeError):
     """Geant4 data sets needed for a simulation are missing or unusable."""
 
 
@@ -179,7 +181,7 @@ def elements_of(materials: Iterable[str]) -> set[int]:
             known = ", ".join(sorted(_MATERIAL_ELEMENTS))
             raise Geant4DataError(
                 f"material {m!r} is not in fastshower's element table; known: {known}. "
-                "Add it to fastshower.simulate.g4data._MATERIAL_ELEMENTS or use official Geant4 data."
+                "Add it to fastshower.montecarlo.g4data._MATERIAL_ELEMENTS or use official Geant4 data."
             )
         zs.update(_MATERIAL_ELEMENTS[m])
     return zs
@@ -642,21 +644,36 @@ def read_physics_vector(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_photo(emlow: Path, z: int) -> list[Path]:
+    """Photo-effect tables of element ``z`` from xraylib; returns the files written.
+
+    In ``epics2017/phot``, in the layout G4LivermorePhotoElectricModel reads: totals, per-shell cross
+    sections and the parameterisation above ``_PHOTO_TOP_MEV``.
+    """
     d = emlow / "epics2017" / "phot"
     shells = _shells(z)
+    top = _PHOTO_TOP_MEV
+    written = _write_photo_totals(d, z, shells, top)
+    grids, all_e, part_on_all = _photo_shell_partials(z, shells, top)
+    if len(shells) > 1:
+        written.append(_write_photo_shells(d, z, grids, all_e, part_on_all))
+    written += _write_photo_high(d, z, shells, all_e, part_on_all, top)
+    return written
+
+
+def _write_photo_totals(d: Path, z: int, shells: list[tuple[int, float]], top: float) -> list[Path]:
+    """Total cross section times E^3 (barn MeV^3) vs E (MeV): ``pe-cs-Z`` and ``pe-le-cs-Z``; returns the files.
+
+    ``pe-cs-Z`` runs from the K edge to ``top``; ``pe-le-cs-Z`` (atoms with more than one shell) from the
+    lowest edge up to the K edge, with points on both sides of every edge in between.
+    """
     n = len(shells)
     e_k = shells[0][1]
     e_min = max(min(b for _, b in shells), _XRL_MIN_KEV * 1e-3)
-    top = _PHOTO_TOP_MEV
     written: list[Path] = []
-
-    # total above the K edge: sigma * E^3 (barn MeV^3)
     e_hi = _log_grid(e_k, top, 60)
     p = d / f"pe-cs-{z}.dat"
     p.write_text(_vector_text(e_hi, _photo_total_barn(z, e_hi) * e_hi**3))
     written.append(p)
-
-    # total below the K edge, with points on both sides of every edge
     if n > 1 and e_min < e_k:
         grid = list(_log_grid(e_min, e_k, 60)[:-1])
         for _, b in shells[1:]:
@@ -667,10 +684,19 @@ def _write_photo(emlow: Path, z: int) -> list[Path]:
         p = d / f"pe-le-cs-{z}.dat"
         p.write_text(_vector_text(e_lo, _photo_total_barn(z, e_lo) * e_lo**3))
         written.append(p)
+    return written
 
-    # per-shell cross sections; whatever xraylib's partials leave of the total goes to the last shell
+
+def _photo_shell_partials(z: int, shells: list[tuple[int, float]],
+                          top: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per-shell photo-effect cross sections that add up to the total, barn/atom.
+
+    Returns (per shell: its energy grid from its edge to ``top``, MeV; the union of those grids (m,) MeV;
+    the shells' cross sections on the union, (n_shells, m)). Whatever xraylib's partials leave of the
+    total goes to the last shell.
+    """
+    n = len(shells)
     grids = []
-    parts = []
     for _s, b in shells:
         g = _log_grid(b * (1 + 1e-6), top, 40)
         inner = [bb for _, bb in shells if b < bb < top]
@@ -689,20 +715,32 @@ def _write_photo(emlow: Path, z: int) -> list[Path]:
         ok = psum > 0
         part_on_all[:, ok] *= total[ok] / psum[ok]
         part_on_all[-1, ~ok] = np.where(all_e[~ok] >= shells[-1][1], total[~ok], 0.0)
-    for i in range(n):
-        g = grids[i]
-        parts.append(np.interp(g, all_e, part_on_all[i]))
-    if n > 1:
-        lines = []
-        for i in range(n):
-            g, v = grids[i], parts[i]
-            lines.append(f"{g[0]:.10g} {g[-1]:.10g} {len(g)} {i}")
-            lines += [f"{a:.10g} {c:.10g}" for a, c in zip(g, v, strict=True)]
-        p = d / f"pe-ss-cs-{z}.dat"
-        p.write_text("\n".join(lines) + "\n")
-        written.append(p)
+    return grids, all_e, part_on_all
 
-    # parameterisations above `top`: cumulative per shell, sigma = a1/E, continuous at `top`
+
+def _write_photo_shells(d: Path, z: int, grids: list[np.ndarray], all_e: np.ndarray, part_on_all: np.ndarray) -> Path:
+    """Write ``pe-ss-cs-Z``: each shell's cross section (barn) on its own grid (MeV); returns the file.
+
+    ``grids``, ``all_e``, ``part_on_all``: as :func:`_photo_shell_partials` returns them.
+    """
+    lines = []
+    for i, g in enumerate(grids):
+        v = np.interp(g, all_e, part_on_all[i])
+        lines.append(f"{g[0]:.10g} {g[-1]:.10g} {len(g)} {i}")
+        lines += [f"{a:.10g} {c:.10g}" for a, c in zip(g, v, strict=True)]
+    p = d / f"pe-ss-cs-{z}.dat"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _write_photo_high(d: Path, z: int, shells: list[tuple[int, float]], all_e: np.ndarray,
+                      part_on_all: np.ndarray, top: float) -> list[Path]:
+    """Write ``pe-high-Z`` and ``pe-low-Z``, the parameterisation above ``top`` MeV; returns the files.
+
+    Per shell: binding energy (MeV) and a1 with sigma = a1/E (barn MeV), cumulative over the shells and
+    continuous at ``top`` (the last shell's cumulative value is the total there).
+    """
+    n = len(shells)
     sig_top = [float(np.interp(top, all_e, part_on_all[i])) for i in range(n)]
     cum = np.cumsum(sig_top)
     cum[-1] = float(_photo_total_barn(z, np.array([top]))[0])
@@ -710,6 +748,7 @@ def _write_photo(emlow: Path, z: int) -> list[Path]:
     for i, (_s, b) in enumerate(shells):
         rows.append(f"{b:.10g} {cum[i] * top:.10g} 0 0 0 0 0")
     text = "\n".join(rows) + "\n"
+    written = []
     for name in (f"pe-high-{z}.dat", f"pe-low-{z}.dat"):
         p = d / name
         p.write_text(text)

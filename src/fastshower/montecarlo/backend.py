@@ -1,6 +1,6 @@
 """What a reference Monte Carlo must provide to the production driver.
 
-The driver (:mod:`fastshower.simulate.run`) cuts a request into chunks, draws
+The driver (:mod:`fastshower.montecarlo.run`) cuts a request into chunks, draws
 each chunk's energies and conditions from its own seed (so the same seed gives
 the same showers whatever the number of worker processes, and a resumed run
 continues the same sequence), and hands chunks to backends living in worker
@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerBatch
 
 __all__ = ["BackendOptions", "SimulationBackend", "SimulationError"]
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FastshowerError, RuntimeError):
     """A request the Monte Carlo cannot run (missing data, unsupported particle...)."""
 
 
@@ -56,7 +57,11 @@ class SimulationBackend(ABC):
     @classmethod
     def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,
                       energy_range_mev: tuple[float, float]) -> None:
-        """Raise :class:`SimulationError` (clear one-line message) before any work is started."""
+        """Raise :class:`SimulationError` (clear one-line message) before any work is started.
+
+        Other :class:`~fastshower.errors.FastshowerError` subclasses may pass through unchanged (the
+        Geant4 backend lets :class:`~fastshower.montecarlo.g4data.Geant4DataError` through).
+        """
         return  # a backend with nothing to check accepts every request
 
     @classmethod

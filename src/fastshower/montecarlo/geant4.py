@@ -24,8 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from fastshower.geometry import CartesianSegmentation, Geometry, GeometryError, PolarSegmentation
-from fastshower.simulate.g4data import G4DataInfo, Geant4DataError, apply_environment, elements_of, resolve_data
+from fastshower.errors import FastshowerError
+from fastshower.geometry import (
+    CartesianSegmentation,
+    Geometry,
+    GeometryError,
+    PolarSegmentation,
+    ReadoutLayer,
+    Segmentation,
+)
+from fastshower.montecarlo.g4data import G4DataInfo, Geant4DataError, apply_environment, elements_of, resolve_data
 
 __all__ = ["PARTICLES", "Geant4Error", "Geant4Session"]
 
@@ -35,7 +43,7 @@ HADRONS = {"pi+", "pi-"}
 _SESSION_OPEN = False
 
 
-class Geant4Error(RuntimeError):
+class Geant4Error(FastshowerError, RuntimeError):
     """The Geant4 backend cannot run what was asked."""
 
 
@@ -72,6 +80,99 @@ def _import_g4(info: G4DataInfo):
     return g4
 
 
+def _polar_radius(seg: PolarSegmentation) -> float:
+    """Radius of the cylinders of a polar layer, mm: max(3 r_max, 300 mm), so the cells can follow the beam."""
+    return max(3.0 * seg.r_edges[-1], 300.0)
+
+
+def _transverse_half_width(seg: Segmentation) -> float:
+    """Half of the transverse size a layer needs in the world, mm."""
+    if isinstance(seg, CartesianSegmentation):
+        hx, hy = seg.half_width
+        return max(hx, hy)
+    return _polar_radius(seg)
+
+
+def _slabs(layer: ReadoutLayer) -> list[tuple[str, str, float, bool]]:
+    """The slabs of one absorber + active pair, in beam order: (kind "abs"/"act", material, thickness mm, scores)."""
+    slabs = []
+    if layer.absorber and layer.absorber_thickness > 0:
+        slabs.append(("abs", layer.absorber, layer.absorber_thickness, layer.score == "all"))
+    slabs.append(("act", layer.active, layer.active_thickness, True))
+    return slabs
+
+
+def _physics_list(g4: Any, session: Geant4Session) -> Any:
+    """The session's physics list, with one production cut (``session.cut_mm``) for all particles.
+
+    Standard EM and decays (``session.physics == "em"``), plus the hadronic constructors of Geant4's
+    reference list FTFP_BERT (``"ftfp_bert"``).
+    """
+
+    class PhysicsList(g4.G4VModularPhysicsList):
+        def __init__(self) -> None:
+            super().__init__()
+            self.SetVerboseLevel(0)
+            self.SetDefaultCutValue(session.cut_mm * g4.mm)
+            self.RegisterPhysics(g4.G4EmStandardPhysics())
+            self.RegisterPhysics(g4.G4DecayPhysics())
+            if session.physics == "ftfp_bert":
+                # The constructors of Geant4's reference list FTFP_BERT (FTFP_BERT.cc), registered in a
+                # subclass: a bare G4VModularPhysicsList segfaults at exit with these bindings.
+                for ctor in ("G4EmExtraPhysics", "G4HadronElasticPhysics", "G4HadronPhysicsFTFP_BERT",
+                             "G4StoppingPhysics", "G4IonPhysics", "G4NeutronTrackingCut"):
+                    self.RegisterPhysics(getattr(g4, ctor)())
+
+    return PhysicsList()
+
+
+def _detector_construction(g4: Any, session: Geant4Session) -> Any:
+    """The detector construction: volumes from :meth:`Geant4Session._construct`, scoring from ``_construct_sd``."""
+
+    class Detector(g4.G4VUserDetectorConstruction):
+        def Construct(self) -> Any:
+            return session._construct(g4)
+
+        def ConstructSDandField(self) -> None:
+            session._construct_sd(g4)
+
+    return Detector()
+
+
+def _action_initialization(g4: Any, session: Geant4Session) -> Any:
+    """The user actions: a particle gun and the end-of-event scoring (:meth:`Geant4Session._end_of_event`).
+
+    Event i shoots ``session.particle`` with ``session._energy[i]`` MeV along +z from ``session._pos[i]``
+    (x, y in mm), 1 mm before the front face.
+    """
+
+    class Gun(g4.G4VUserPrimaryGeneratorAction):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gun = g4.G4ParticleGun(1)
+            table = g4.G4ParticleTable.GetParticleTable()
+            self.gun.SetParticleDefinition(table.FindParticle(session.particle))
+            self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, 0, 1))
+
+        def GeneratePrimaries(self, event: Any) -> None:
+            i = event.GetEventID()
+            x, y = session._pos[i]
+            self.gun.SetParticleEnergy(float(session._energy[i]) * g4.MeV)
+            self.gun.SetParticlePosition(g4.G4ThreeVector(float(x), float(y), session._z0 - 1.0 * g4.mm))
+            self.gun.GeneratePrimaryVertex(event)
+
+    class EventAction(g4.G4UserEventAction):
+        def EndOfEventAction(self, event: Any) -> None:
+            session._end_of_event(event)
+
+    class Actions(g4.G4VUserActionInitialization):
+        def Build(self) -> None:
+            self.SetUserAction(Gun())
+            self.SetUserAction(EventAction())
+
+    return Actions()
+
+
 class Geant4Session:
     """One Geant4 detector + physics list in this process; :meth:`run` simulates showers.
 
@@ -79,7 +180,7 @@ class Geant4Session:
         geometry: a calorimeter geometry (layers with real NIST materials).
         particle: one of :data:`PARTICLES`.
         cut_mm: production cut (all particles), mm.
-        data: Geant4 data to use; by default :func:`~fastshower.simulate.g4data.resolve_data`
+        data: Geant4 data to use; by default :func:`~fastshower.montecarlo.g4data.resolve_data`
             with mode "auto" (substitute EM tables when the official sets are absent).
         physics: ``"auto"`` (EM list for e/gamma, FTFP_BERT for pions), ``"em"`` or ``"ftfp_bert"``.
     """
@@ -136,54 +237,11 @@ class Geant4Session:
 
     # --- construction -------------------------------------------------------------------------
     def _build(self, g4: Any) -> None:
-        session = self
-        geo = self.geometry
+        """Create the serial run manager with this session's detector, physics list and actions.
 
-        class PhysicsList(g4.G4VModularPhysicsList):
-            def __init__(self) -> None:
-                super().__init__()
-                self.SetVerboseLevel(0)
-                self.SetDefaultCutValue(session.cut_mm * g4.mm)
-                self.RegisterPhysics(g4.G4EmStandardPhysics())
-                self.RegisterPhysics(g4.G4DecayPhysics())
-                if session.physics == "ftfp_bert":
-                    # The constructors of Geant4's reference list FTFP_BERT (FTFP_BERT.cc), registered in a
-                    # subclass: a bare G4VModularPhysicsList segfaults at exit with these bindings.
-                    for ctor in ("G4EmExtraPhysics", "G4HadronElasticPhysics", "G4HadronPhysicsFTFP_BERT",
-                                 "G4StoppingPhysics", "G4IonPhysics", "G4NeutronTrackingCut"):
-                        self.RegisterPhysics(getattr(g4, ctor)())
-
-        class Detector(g4.G4VUserDetectorConstruction):
-            def Construct(self) -> Any:
-                return session._construct(g4)
-
-            def ConstructSDandField(self) -> None:
-                session._construct_sd(g4)
-
-        class Gun(g4.G4VUserPrimaryGeneratorAction):
-            def __init__(self) -> None:
-                super().__init__()
-                self.gun = g4.G4ParticleGun(1)
-                table = g4.G4ParticleTable.GetParticleTable()
-                self.gun.SetParticleDefinition(table.FindParticle(session.particle))
-                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, 0, 1))
-
-            def GeneratePrimaries(self, event: Any) -> None:
-                i = event.GetEventID()
-                x, y = session._pos[i]
-                self.gun.SetParticleEnergy(float(session._energy[i]) * g4.MeV)
-                self.gun.SetParticlePosition(g4.G4ThreeVector(float(x), float(y), session._z0 - 1.0 * g4.mm))
-                self.gun.GeneratePrimaryVertex(event)
-
-        class EventAction(g4.G4UserEventAction):
-            def EndOfEventAction(self, event: Any) -> None:
-                session._end_of_event(event)
-
-        class Actions(g4.G4VUserActionInitialization):
-            def Build(self) -> None:
-                self.SetUserAction(Gun())
-                self.SetUserAction(EventAction())
-
+        Geant4's verbosity is turned down before and after initialisation, and the physics tables are built
+        at once (``BeamOn(0)``) so that the first :meth:`run` starts like any other.
+        """
         ui = g4.G4UImanager.GetUIpointer()
         for cmd in ("/control/verbose 0", "/run/verbose 0", "/event/verbose 0", "/tracking/verbose 0",
                     "/process/verbose 0", "/process/em/verbose 0", "/process/had/verbose 0",
@@ -192,9 +250,9 @@ class Geant4Session:
         self._rm = rm = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
         # keep Python wrappers alive for the life of the run manager
         self._keep: list[Any] = []
-        self._det = Detector()
-        self._phys = PhysicsList()
-        self._actions = Actions()
+        self._det = _detector_construction(g4, self)
+        self._phys = _physics_list(g4, self)
+        self._actions = _action_initialization(g4, self)
         rm.SetUserInitialization(self._det)
         rm.SetUserInitialization(self._phys)
         rm.SetUserInitialization(self._actions)
@@ -206,82 +264,89 @@ class Geant4Session:
             ui.ApplyCommand(cmd)
         self._energy = np.zeros(1)
         self._pos = np.zeros((1, 2))
-        self._out = np.zeros((0, geo.n_voxels), dtype=np.float32)
+        self._out = np.zeros((0, self.geometry.n_voxels), dtype=np.float32)
         rm.BeamOn(0)  # build physics tables now, so the first run() starts like any other
 
+    def _material(self, g4: Any, name: str) -> Any:
+        """The NIST material ``name`` (built once per session); GeometryError if Geant4 does not know it."""
+        if name not in self._mats:
+            m = self._nist.FindOrBuildMaterial(name)
+            if m is None:
+                raise GeometryError(f"Geant4 does not know the material {name!r}")
+            self._mats[name] = m
+        return self._mats[name]
+
     def _construct(self, g4: Any) -> Any:
+        """The detector (see the module docstring); returns the world's physical volume.
+
+        The world is centred on the calorimeter, so z = 0 of the stack lies at -depth/2 (``_z0``);
+        ``_scoring_lvs`` gets, per readout layer, the logical volumes whose energy is scored.
+        """
         geo = self.geometry
-        nist = g4.G4NistManager.Instance()
-        mats: dict[str, Any] = {}
-
-        def mat(name: str) -> Any:
-            if name not in mats:
-                m = nist.FindOrBuildMaterial(name)
-                if m is None:
-                    raise GeometryError(f"Geant4 does not know the material {name!r}")
-                mats[name] = m
-            return mats[name]
-
-        keep = self._keep
-        half = 0.0
-        for layer in geo.layers:
-            seg = layer.segmentation
-            if isinstance(seg, CartesianSegmentation):
-                hx, hy = seg.half_width
-                half = max(half, hx, hy)
-            else:
-                half = max(half, max(3.0 * seg.r_edges[-1], 300.0))
+        self._nist = g4.G4NistManager.Instance()
+        self._mats: dict[str, Any] = {}
+        half = max([0.0, *(_transverse_half_width(layer.segmentation) for layer in geo.layers)])
         depth = geo.depth
         world_s = g4.G4Box("World", half + 10.0, half + 10.0, 0.5 * depth + 20.0)
-        world_l = g4.G4LogicalVolume(world_s, mat("G4_Galactic"), "World")
+        world_l = g4.G4LogicalVolume(world_s, self._material(g4, "G4_Galactic"), "World")
         world_p = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_l, "World", None, False, 0, False)
-        keep += [world_s, world_l, world_p]
-        zc = -0.5 * depth  # world is centred on the calorimeter; z=0 of the stack is at -depth/2
-        self._z0 = zc
+        self._keep += [world_s, world_l, world_p]
+        self._z0 = z = -0.5 * depth
         self._scoring_lvs: list[list[Any]] = []  # per readout layer: logical volumes that score
-        z = zc
         for li, layer in enumerate(geo.layers):
-            seg = layer.segmentation
-            slabs = []
-            if layer.absorber and layer.absorber_thickness > 0:
-                slabs.append(("abs", layer.absorber, layer.absorber_thickness, layer.score == "all"))
-            slabs.append(("act", layer.active, layer.active_thickness, True))
-            lvs: dict[str, Any] = {}
+            slabs: list[tuple[Any, float]] = []  # (logical volume, thickness mm) in beam order
             scoring: list[Any] = []
-            for kind, mname, t, scores in slabs:
-                m = mat(mname)
-                name = f"L{li}_{kind}"
-                if isinstance(seg, CartesianSegmentation):
-                    hx, hy = seg.half_width
-                    s = g4.G4Box(name, hx, hy, 0.5 * t)
-                    lv = g4.G4LogicalVolume(s, m, name)
-                    keep += [s, lv]
-                    if scores:
-                        rs = g4.G4Box(name + "_row", hx, 0.5 * seg.pitch_y, 0.5 * t)
-                        rl = g4.G4LogicalVolume(rs, m, name + "_row")
-                        cs = g4.G4Box(name + "_cell", 0.5 * seg.pitch_x, 0.5 * seg.pitch_y, 0.5 * t)
-                        cl = g4.G4LogicalVolume(cs, m, name + "_cell")
-                        rp = g4.G4PVReplica(name + "_row", rl, lv, g4.EAxis.kYAxis, seg.ny, seg.pitch_y)
-                        cp = g4.G4PVReplica(name + "_cell", cl, rl, g4.EAxis.kXAxis, seg.nx, seg.pitch_x)
-                        keep += [rs, rl, cs, cl, rp, cp]
-                        scoring.append(cl)
-                else:
-                    r = max(3.0 * seg.r_edges[-1], 300.0)
-                    s = g4.G4Tubs(name, 0.0, r, 0.5 * t, 0.0, 2 * math.pi)
-                    lv = g4.G4LogicalVolume(s, m, name)
-                    keep += [s, lv]
-                    if scores:
-                        scoring.append(lv)
-                lvs[kind] = (lv, t)
-            for _ in range(layer.n_pairs):
-                for kind, _m, t, _s in slabs:
-                    lv, t = lvs[kind]
-                    pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, z + 0.5 * t), lv, lv.GetName(),
-                                          world_l, False, 0, False)
-                    keep.append(pv)
-                    z += t
+            for kind, mname, t, scores in _slabs(layer):
+                lv, scoring_lv = self._slab_volume(g4, f"L{li}_{kind}", layer.segmentation,
+                                                   self._material(g4, mname), t, scores)
+                if scoring_lv is not None:
+                    scoring.append(scoring_lv)
+                slabs.append((lv, t))
+            z = self._place_pairs(g4, world_l, layer.n_pairs, slabs, z)
             self._scoring_lvs.append(scoring)
         return world_p
+
+    def _slab_volume(self, g4: Any, name: str, seg: Segmentation, material: Any, t: float,
+                     scores: bool) -> tuple[Any, Any]:
+        """One slab of a readout layer, ``t`` mm thick: (its logical volume, the volume that scores or None).
+
+        A cartesian slab is as wide as the read-out; when it scores, it is filled with replicated rows
+        (along y) of cells (along x), and the cell is the scoring volume. A polar slab is a cylinder of
+        radius max(3 r_max, 300 mm) and scores itself.
+        """
+        keep = self._keep
+        if isinstance(seg, PolarSegmentation):
+            s = g4.G4Tubs(name, 0.0, _polar_radius(seg), 0.5 * t, 0.0, 2 * math.pi)
+            lv = g4.G4LogicalVolume(s, material, name)
+            keep += [s, lv]
+            return lv, (lv if scores else None)
+        hx, hy = seg.half_width
+        s = g4.G4Box(name, hx, hy, 0.5 * t)
+        lv = g4.G4LogicalVolume(s, material, name)
+        keep += [s, lv]
+        if not scores:
+            return lv, None
+        rs = g4.G4Box(name + "_row", hx, 0.5 * seg.pitch_y, 0.5 * t)
+        rl = g4.G4LogicalVolume(rs, material, name + "_row")
+        cs = g4.G4Box(name + "_cell", 0.5 * seg.pitch_x, 0.5 * seg.pitch_y, 0.5 * t)
+        cl = g4.G4LogicalVolume(cs, material, name + "_cell")
+        rp = g4.G4PVReplica(name + "_row", rl, lv, g4.EAxis.kYAxis, seg.ny, seg.pitch_y)
+        cp = g4.G4PVReplica(name + "_cell", cl, rl, g4.EAxis.kXAxis, seg.nx, seg.pitch_x)
+        keep += [rs, rl, cs, cl, rp, cp]
+        return lv, cl
+
+    def _place_pairs(self, g4: Any, world_l: Any, n_pairs: int, slabs: list[tuple[Any, float]], z: float) -> float:
+        """Place ``n_pairs`` copies of a layer's slabs in the world, from ``z`` (mm, world frame) on.
+
+        ``slabs``: (logical volume, thickness mm) in beam order. Returns the z where the layer ends, mm.
+        """
+        for _ in range(n_pairs):
+            for lv, t in slabs:
+                pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, z + 0.5 * t), lv, lv.GetName(),
+                                      world_l, False, 0, False)
+                self._keep.append(pv)
+                z += t
+        return z
 
     def _construct_sd(self, g4: Any) -> None:
         geo = self.geometry

@@ -14,7 +14,7 @@ import numpy as np
 
 from fastshower.geometry import CartesianSegmentation, Geometry
 from fastshower.io import ShowerBatch
-from fastshower.simulate.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 
 __all__ = ["Geant4Backend", "smears_entry_point"]
 
@@ -38,8 +38,8 @@ class Geant4Backend(SimulationBackend):
     @classmethod
     def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,
                       energy_range_mev: tuple[float, float]) -> None:
-        from fastshower.simulate.g4data import Geant4DataError, elements_of, resolve_data
-        from fastshower.simulate.geant4 import PARTICLES
+        from fastshower.montecarlo.g4data import elements_of, resolve_data
+        from fastshower.montecarlo.geant4 import PARTICLES
 
         if geometry.kind != "calorimeter":
             raise SimulationError(f"geometry {geometry.name!r} is not a calorimeter")
@@ -52,13 +52,10 @@ class Geant4Backend(SimulationBackend):
         if lo < ENERGY_RANGE_MEV[0] or hi > ENERGY_RANGE_MEV[1]:
             raise SimulationError(
                 f"energy {lo:g}-{hi:g} MeV is outside the range simulated here (1 MeV to 10 TeV)")
-        try:
-            # Resolving here (in the parent) fails fast on missing official data and builds substitute
-            # tables once, before the workers start.
-            resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), options.physics,  # type: ignore[arg-type]
-                         hadronic=particle in HADRONS)
-        except Geant4DataError as exc:
-            raise SimulationError(str(exc)) from None
+        # Resolving here (in the parent) fails fast on missing official data (Geant4DataError, a
+        # FastshowerError like SimulationError) and builds substitute tables once, before the workers start.
+        resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), options.physics,  # type: ignore[arg-type]
+                     hadronic=particle in HADRONS)
 
     @classmethod
     def condition_widths(cls, geometry: Geometry, options: BackendOptions) -> dict[str, int]:
@@ -77,12 +74,12 @@ class Geant4Backend(SimulationBackend):
 
     def __init__(self, geometry: Geometry, particle: str, options: BackendOptions) -> None:
         super().__init__(geometry, particle, options)
-        from fastshower.simulate.g4data import apply_environment, elements_of, resolve_data
+        from fastshower.montecarlo.g4data import apply_environment, elements_of, resolve_data
 
         data = resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), options.physics,  # type: ignore[arg-type]
                             hadronic=particle in HADRONS)
         apply_environment(data)  # before geant4_pybind is imported
-        from fastshower.simulate.geant4 import Geant4Session
+        from fastshower.montecarlo.geant4 import Geant4Session
 
         self.session = Geant4Session(geometry, particle, cut_mm=options.cut_mm, data=data)
         self.generator = data.provenance

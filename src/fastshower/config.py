@@ -1,0 +1,138 @@
+"""Typed configuration: the fit loop's :class:`TrainConfig` and the base every model config derives from.
+
+A config is a frozen dataclass. :meth:`Config.from_dict` is the one door from untyped input
+(a TOML table, a run folder's ``config.json``, keyword arguments) into it:
+
+- an unknown key raises :class:`fastshower.errors.ConfigError` naming the known ones;
+- a key renamed since an earlier release (``renamed``) is read under its new name, so old run
+  folders still load;
+- JSON and TOML have no tuples, so a list given for a tuple field becomes a tuple (a config read
+  back from its run folder equals the one that was saved);
+- a value of the wrong kind (a string for an int, a float for a bool) is refused with the key's name.
+
+``to_dict()`` is what is written to the run folder (JSON-ready: tuples become lists there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+from fastshower.errors import ConfigError
+
+__all__ = ["Config", "TrainConfig"]
+
+
+def _allowed(hint: Any) -> tuple[Any, ...]:
+    """The alternatives of a field's type hint (``int | None`` -> (int, NoneType))."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against ``hint`` (and a list made a tuple where a tuple is expected)."""
+    for alt in _allowed(hint):
+        origin = typing.get_origin(alt) or alt
+        if alt is Any or (alt is type(None) and value is None):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in _allowed(hint))
+    raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of typed configs (see the module docstring)."""
+
+    #: keys of earlier releases -> their present names
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The known keys, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
+        """A checked config from a mapping; keys not given keep their defaults.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the known ones) or a value of the wrong kind.
+        """
+        where = where or cls.__name__
+        given = dict(values or {})
+        for old, new in cls.renamed.items():
+            if old in given and new not in given:
+                given[new] = given.pop(old)
+        known = cls.keys()
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(known)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k], where) for k, v in given.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied and checked like :meth:`from_dict`."""
+        return type(self).from_dict({**dataclasses.asdict(self), **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """Options of the fit loop (:func:`fastshower.training.train`), a config's ``[train]`` table.
+
+    Attributes:
+        steps: total optimisation steps; when neither steps nor epochs is set, 2000.
+        epochs: alternative to steps: passes over the file (converted to steps at start).
+        batch_size: showers per step and rank.
+        seed: seeds initialisation, noise and data order.
+        checkpoint_every, log_every: steps between checkpoints and between log lines.
+        num_workers: DataLoader worker processes reading chunks (0: read in the training process).
+        transform: voxel preprocessing steps; None: the model's ``default_transform``.
+        eps: log-transform offset (fraction of E_inc after ``per_incident``).
+        alpha: logit-transform squeeze.
+        conditions: extra file conditions to condition on: "all", or a tuple of names (empty: none).
+        condition_defaults: "range": generation may omit conditions (uniform over the training
+            range); "none": it must give them.
+        threshold_mev: readout threshold for generation, MeV; "auto": the training file's
+            :attr:`fastshower.data.DataStats.low_hit_mev`.
+        chunk_rows: showers per read; None: about 4 MiB of float32.
+        shuffle_chunks: chunks whose rows are shuffled together.
+        total_steps: resolved at the start of training from steps/epochs (not for the user to set).
+        threshold_resolved_mev: threshold_mev resolved at the start of training, MeV (likewise).
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 256
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    num_workers: int = 0
+    transform: tuple[str, ...] | None = None
+    eps: float = 1e-6
+    alpha: float = 1e-6
+    conditions: str | tuple[str, ...] = "all"
+    condition_defaults: str = "range"
+    threshold_mev: float | str = "auto"
+    chunk_rows: int | None = None
+    shuffle_chunks: int = 8
+    total_steps: int | None = None
+    threshold_resolved_mev: float | None = None
+
+    #: what training resolves itself; a user's config may not set these
+    RESOLVED: ClassVar[tuple[str, ...]] = ("total_steps", "threshold_resolved_mev")

@@ -1,0 +1,431 @@
+"""Speed benchmarks of a run's sampler on this machine (:func:`bench`), per ONNX op profiles
+(:func:`profile_onnx`) and the report's text table (:func:`format_table`).
+
+Benchmarks (:func:`bench`)
+--------------------------
+ms per shower (median of repeats after a warm-up) for torch FP32, ONNX FP32 and ONNX INT8 per
+batch size and thread count; with ``geant4=True`` the Geant4 time per shower of the same
+geometry, particle and energy spectrum measured in the same process (start-up measured apart
+and excluded), and the speed-ups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastshower._version import __version__
+from fastshower.deploy.export import ExportError, OnnxSampler, export_onnx, load_onnx, ort_session
+from fastshower.runs import Run, RunInfo, as_run
+from fastshower.sampling import condition_samplers, noise_dim, sample_batch, sample_options
+
+__all__ = ["BACKENDS", "OPTIONAL_BACKENDS", "bench", "cpu_model", "format_table", "profile_onnx"]
+
+#: backends :func:`bench` measures by default
+BACKENDS: tuple[str, ...] = ("torch-fp32", "onnx-fp32", "onnx-int8")
+#: further backends :func:`bench` measures on request (static INT8 reads the run's training file)
+OPTIONAL_BACKENDS: tuple[str, ...] = ("onnx-int8-static",)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How each (backend, batch size) is timed: see :func:`_time_calls`."""
+
+    repeats: int
+    warmup: int
+    budget_s: float
+
+
+def bench(
+    run: str | Path | Run,
+    out: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 100, 10000),
+    threads: int = 1,
+    geant4: bool | Mapping[str, Any] = False,
+    *,
+    backends: Sequence[str] = BACKENDS,
+    repeats: int = 5,
+    warmup: int = 1,
+    budget_s: float = 20.0,
+    steps: int | None = None,
+    n_geant4: int = 200,
+    n_geant4_startup: int = 10,
+    profile_batch: int | None = None,
+    seed: int = 0,
+    print_table: bool = True,
+) -> dict[str, Any]:
+    """Measure generation speed on this machine; returns (and writes to ``out`` as JSON) the results.
+
+    Args:
+        run: finished run folder (or a loaded run).
+        out: JSON file to write (optional).
+        batch_sizes: showers per call.
+        threads: intra-op threads for torch and ONNX Runtime.
+        geant4: also time Geant4 (jobs=1) on the run's geometry, particle and energy spectrum; or the
+            ``"geant4"`` entry of an earlier report of this machine to reuse (marked ``"reused": true``).
+        backends: from :data:`BACKENDS` and :data:`OPTIONAL_BACKENDS` (``onnx-int8-static`` calibrates on
+            the run's training file, see :func:`fastshower.deploy.export_onnx`).
+        repeats, warmup, budget_s: timed calls (median reported), untimed warm-up calls, and the time after
+            which the repeats of one (backend, batch size) stop early (at least one timed call).
+        steps: flow-matching ODE steps (default: the run's), the same for torch and ONNX.
+        n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production.
+        profile_batch: if given, also profile the ONNX FP32 (and INT8) graph per op type at this batch size.
+        seed: seeds inputs and noise.
+        print_table: print a short table.
+
+    Returns:
+        {"machine": {...}, "run": {...}, "results": [{"backend", "batch_size", "ms_per_shower", "ms_per_call",
+        "repeats"}...], "geant4": {...} | None, "speedup_vs_geant4": {backend: {batch: x}}, "int8_vs_fp32":
+        {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}}.
+    """
+    sizes = _check_request(batch_sizes, threads, backends)
+    loaded = as_run(run, require_finished=True)
+    opts = sample_options(loaded.model, {"steps": steps})
+    timing = _Timing(repeats, warmup, budget_s)
+    results, profiles = _time_backends(loaded, backends, sizes, threads, timing, opts, seed, profile_batch)
+    g4 = _geant4_entry(geant4, loaded.info, n_geant4, n_geant4_startup, seed)
+    report = _report(loaded, opts, threads, timing, results, g4, sizes, profiles)
+    if print_table:
+        print(format_table(report))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# --- validating the request and timing each backend ---------------------------------------------------
+
+
+def _check_request(batch_sizes: Sequence[int], threads: int, backends: Sequence[str]) -> list[int]:
+    """The batch sizes as ints; ExportError for a bad batch size, thread count or backend name."""
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ExportError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    if threads < 1:
+        raise ExportError(f"threads must be >= 1, got {threads}")
+    unknown = set(backends) - set(BACKENDS) - set(OPTIONAL_BACKENDS)
+    if unknown:
+        raise ExportError(f"unknown backend(s) {sorted(unknown)}; choose from {[*BACKENDS, *OPTIONAL_BACKENDS]}")
+    return sizes
+
+
+def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], threads: int, timing: _Timing,
+                   opts: Mapping[str, Any], seed: int, profile_batch: int | None
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(one result per backend and batch size, per-op profiles of the ONNX backends when ``profile_batch``):
+    every backend runs on the same seeded inputs, with ``threads`` threads."""
+    rng = np.random.default_rng(seed)
+    inputs = {b: _bench_inputs(run.info, b, rng) for b in sizes}
+    results: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp, _torch_threads(threads):
+        files = _export_backends(run, backends, Path(tmp), opts)
+        for be in backends:
+            sampler = load_onnx(files[be], run.info, threads) if be in files else None
+            gen = torch.Generator().manual_seed(seed)
+            for b in sizes:
+                call = (_torch_call(run, inputs[b], gen, opts) if sampler is None
+                        else _onnx_call(sampler, inputs[b], seed))
+                sec, n = _time_calls(call, timing.repeats, timing.warmup, timing.budget_s)
+                results.append({"backend": be, "batch_size": b, "ms_per_call": 1e3 * sec,
+                                "ms_per_shower": 1e3 * sec / b, "repeats": n})
+            if profile_batch and be in files:
+                profiles[be] = profile_onnx(files[be], run.info, int(profile_batch), threads)
+    return results, profiles
+
+
+def _export_backends(run: Run, backends: Sequence[str], folder: Path, opts: Mapping[str, Any]) -> dict[str, Path]:
+    """The ONNX file of each ONNX backend (FP32, dynamic or static INT8), exported into ``folder``."""
+    files: dict[str, Path] = {}
+    for be in backends:
+        if be.startswith("onnx"):
+            int8 = be.startswith("onnx-int8")
+            files[be] = export_onnx(run, folder / f"{be}.onnx", int8=int8,
+                                    int8_mode=("static" if be.endswith("static") else "dynamic") if int8 else None,
+                                    **opts)
+    return files
+
+
+def _torch_call(run: Run, inputs: tuple[np.ndarray, dict[str, np.ndarray]], gen: torch.Generator,
+                opts: Mapping[str, Any]) -> Callable[[], None]:
+    """One torch FP32 batch on ``inputs`` (noise from ``gen``), as :func:`fastshower.generation.generate` makes it."""
+    model, transform, info = run
+    e, conds = inputs
+
+    def call() -> None:
+        sample_batch(model, transform, e, conds, gen, info.threshold_mev, info.geometry, **opts)
+
+    return call
+
+
+def _onnx_call(sampler: OnnxSampler, inputs: tuple[np.ndarray, dict[str, np.ndarray]], seed: int
+               ) -> Callable[[], None]:
+    """One ONNX Runtime batch on ``inputs``, with fresh standard-normal noise per call (seeded)."""
+    e, conds = inputs
+    rng = np.random.default_rng(seed)
+
+    def call() -> None:
+        sampler(rng.standard_normal((len(e), sampler.noise_dim), dtype=np.float32), e, conds)
+
+    return call
+
+
+# --- timing helpers and inputs ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _time_calls(fn: Any, repeats: int, warmup: int, budget_s: float) -> tuple[float, int]:
+    """(median seconds per call, calls timed): ``warmup`` untimed calls, then up to ``repeats`` timed ones,
+    stopping early (after at least one) once ``budget_s`` is spent."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def _bench_inputs(info: RunInfo, batch: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    e = _energy_sampler(info)(rng, batch)
+    samplers, _ = condition_samplers(info, None)
+    return e, {k: s(rng, batch) for k, s in samplers.items()}
+
+
+def _energy_spec_text(info: RunInfo) -> str:
+    """The training file's energy spec (GeV), or the run's energy range as a log-uniform spec."""
+    from fastshower.io import ShowerFile
+
+    path = info.meta.get("data", {}).get("path")
+    if path and Path(path).is_file():
+        with contextlib.suppress(Exception), ShowerFile(path) as f:
+            spec = f.attrs.get("energy_spec")
+            if spec:
+                return str(spec)
+    lo, hi = info.energy_range_mev
+    return f"{lo / 1e3!r}" if lo == hi else f"{lo / 1e3!r}:{hi / 1e3!r}:log"
+
+
+def _energy_sampler(info: RunInfo) -> Any:
+    from fastshower.energy import parse_energy
+
+    spec = parse_energy(_energy_spec_text(info))
+    return spec.sample
+
+
+# --- Geant4 -----------------------------------------------------------------------------------------------
+
+
+def _geant4_time(info: RunInfo, n: int, n_startup: int, seed: int) -> dict[str, Any]:
+    """Geant4 seconds per shower for the run's geometry, particle and energy spectrum (jobs=1).
+
+    Two productions into temp files: ``n_startup`` showers (start-up dominated) and ``n``; the time per
+    shower is the difference of their wall times over the difference of counts, which removes the
+    process start-up, geometry construction and physics-table building.
+    """
+    from fastshower.montecarlo.run import simulate
+
+    spec = _energy_spec_text(info)
+    with tempfile.TemporaryDirectory(prefix="fastshower-bench-g4-") as tmp:
+        small = simulate(info.geometry, info.particle, spec, n_startup, Path(tmp) / "small.h5", seed=seed, jobs=1,
+                         progress=False)
+        big = simulate(info.geometry, info.particle, spec, n, Path(tmp) / "big.h5", seed=seed + 1, jobs=1,
+                       progress=False)
+    per = (big.seconds - small.seconds) / (big.n_new - small.n_new)
+    if not per > 0:  # start-up noise larger than the extra showers' time: fall back to the plain average
+        per = big.seconds / big.n_new
+    return {
+        "ms_per_shower": 1e3 * per,
+        "startup_s": max(0.0, small.seconds - per * small.n_new),
+        "n_showers": big.n_new,
+        "n_startup_showers": small.n_new,
+        "wall_s": [small.seconds, big.seconds],
+        "energy_spec_gev": spec,
+        "particle": info.particle,
+        "jobs": 1,
+        "generator": big.generator,
+    }
+
+
+def _geant4_entry(geant4: bool | Mapping[str, Any], info: RunInfo, n: int, n_startup: int, seed: int
+                  ) -> dict[str, Any] | None:
+    """The report's ``geant4`` entry: an earlier one reused (marked), a new measurement, or None."""
+    if isinstance(geant4, Mapping):
+        return {**geant4, "reused": True}
+    return _geant4_time(info, n, n_startup, seed) if geant4 else None
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def _report(run: Run, opts: Mapping[str, Any], threads: int, timing: _Timing, results: list[dict[str, Any]],
+            g4: dict[str, Any] | None, sizes: Sequence[int], profiles: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`bench` report (see its Returns)."""
+    speedup, int8_vs_fp32, int8_static_vs_fp32 = _ratios(results, sizes, g4)
+    return {
+        "fastshower_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": _machine(threads),
+        "run": _run_summary(run, opts),
+        "timing": {"repeats": timing.repeats, "warmup": timing.warmup, "budget_s": timing.budget_s,
+                   "statistic": "median"},
+        "results": results,
+        "geant4": g4,
+        "speedup_vs_geant4": speedup,
+        "int8_vs_fp32": int8_vs_fp32,
+        "int8_static_vs_fp32": int8_static_vs_fp32,
+        "profile": profiles,
+    }
+
+
+def _ratios(results: list[dict[str, Any]], sizes: Sequence[int], g4: dict[str, Any] | None
+            ) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float]]:
+    """(speed-up over Geant4 per backend and batch size, ONNX FP32 time / dynamic INT8 time per batch size,
+    the same for static INT8); batch sizes as strings."""
+    table = {(r["backend"], r["batch_size"]): r["ms_per_shower"] for r in results}
+    speedup: dict[str, dict[str, float]] = {}
+    if g4:
+        for (be, b), ms in table.items():
+            speedup.setdefault(be, {})[str(b)] = g4["ms_per_shower"] / ms
+    int8_vs_fp32, int8_static_vs_fp32 = ({str(b): table[("onnx-fp32", b)] / table[(be, b)]
+                                          for b in sizes if ("onnx-fp32", b) in table and (be, b) in table}
+                                         for be in ("onnx-int8", "onnx-int8-static"))
+    return speedup, int8_vs_fp32, int8_static_vs_fp32
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    """The report's ``machine`` entry."""
+    return {
+        "device": "cpu",
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "onnxruntime_version": _ort_version(),
+        "platform": platform.platform(),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (py-cpuinfo when installed, else /proc/cpuinfo, else platform)."""
+    try:
+        import cpuinfo
+
+        name = cpuinfo.get_cpu_info().get("brand_raw")
+        if name:
+            return str(name)
+    except Exception:  # optional dependency; any failure falls through to /proc/cpuinfo
+        pass
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def _run_summary(run: Run, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's ``run`` entry."""
+    model, _, info = run
+    return {
+        "run_id": info.run_id,
+        "path": str(info.run_dir.resolve()),
+        "model": info.model_name,
+        "step": info.step,
+        "geometry": info.geometry.name,
+        "n_voxels": info.spec.n_voxels,
+        "particle": info.particle,
+        "sample_options": opts,
+        "noise_dim": noise_dim(model),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# --- per-op profiles and the text table ---------------------------------------------------------------
+
+
+def profile_onnx(path: str | Path, info: RunInfo, batch: int, threads: int = 1, runs: int = 3) -> dict[str, Any]:
+    """Time per ONNX op type (ONNX Runtime's profiler) for ``runs`` calls at ``batch``.
+
+    Returns {"batch", "ms_per_call", "by_op_type": {op: {"ms_per_call", "share", "count"}}} with ops sorted by time.
+    """
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="fastshower-prof-") as tmp:
+        sess = ort_session(path, threads, profile_prefix=str(Path(tmp) / "prof"))
+        meta = dict(sess.get_modelmeta().custom_metadata_map)
+        sampler = OnnxSampler(Path(path), meta, sess, tuple(json.loads(meta["condition_names"])),
+                              int(meta["noise_dim"]))
+        e, conds = _bench_inputs(info, batch, rng)
+        z = rng.standard_normal((batch, sampler.noise_dim), dtype=np.float32)
+        sampler(z, e, conds)  # warm-up (also profiled; dropped below by keeping the last `runs` model_run events)
+        for _ in range(runs):
+            sampler(z, e, conds)
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    by_op: dict[str, list[float]] = {}
+    runs_us = [ev["dur"] for ev in trace if ev.get("name") == "model_run"]
+    for ev in trace:
+        if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            by_op.setdefault(op, []).append(float(ev["dur"]))
+    calls = runs + 1
+    total = sum(sum(v) for v in by_op.values()) or 1.0
+    table = {
+        op: {"ms_per_call": sum(v) / calls / 1e3, "share": sum(v) / total, "count": len(v) // calls}
+        for op, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))
+    }
+    return {"batch": batch, "threads": threads,
+            "ms_per_call": statistics.median(runs_us[-runs:]) / 1e3 if runs_us else None, "by_op_type": table}
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """A short text table of a :func:`bench` report: ms/shower per backend and batch size, speed-ups."""
+    m, r = report["machine"], report["run"]
+    sizes = sorted({x["batch_size"] for x in report["results"]})
+    backends = list(dict.fromkeys(x["backend"] for x in report["results"]))
+    ms = {(x["backend"], x["batch_size"]): x["ms_per_shower"] for x in report["results"]}
+    lines = [f"{r['model']} run {r['run_id']} on {r['geometry']} {r['sample_options'] or ''} | "
+             f"{m['cpu_model']}, {m['threads']} thread(s)",
+             "ms/shower".ljust(17) + "".join(f"B={b:<12d}" for b in sizes)]
+    for be in backends:
+        lines.append(be.ljust(17) + "".join(f"{ms.get((be, b), float('nan')):<14.4g}" for b in sizes))
+    g4 = report.get("geant4")
+    if g4:
+        lines.append(f"geant4           {g4['ms_per_shower']:.4g} ms/shower (start-up {g4['startup_s']:.2f} s "
+                     f"excluded, {g4['n_showers']} showers, 1 job)")
+        for be, row in report["speedup_vs_geant4"].items():
+            lines.append(f"x G4 {be:<11} " + "".join(f"{row.get(str(b), float('nan')):<14.4g}" for b in sizes))
+    for key, label in (("int8_vs_fp32", "onnx int8/fp32 x "), ("int8_static_vs_fp32", "int8 static/fp32 ")):
+        if report.get(key):
+            lines.append(label + "".join(f"{report[key].get(str(b), float('nan')):<14.4g}" for b in sizes))
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""``fastshower generate``: new showers from a trained run, streamed to a shower file.
+
+:func:`generate` draws incident energies and conditions from specs, generates batch by batch
+(torch, or ONNX Runtime through :mod:`fastshower.deploy`) and writes every batch to the file as
+it comes (any N: memory holds one batch). The file carries its provenance: model, run, step,
+seed, the specs and the sampler options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastshower._version import __version__
+from fastshower.deploy.export import ExportError, OnnxSampler, export_onnx, load_onnx
+from fastshower.energy import EnergySpec, EnergySpecError, parse_energy
+from fastshower.io import ShowerBatch, ShowerWriter
+from fastshower.runs import Run, RunInfo, as_run
+from fastshower.sampling import ConditionSampler, GenerationError, condition_samplers, draw_noise, sample_batch
+
+__all__ = ["generate"]
+
+#: the samplers :func:`generate` can run
+GENERATION_BACKENDS = ("torch", "onnx")
+
+
+def generate(
+    run: str | Path | Run,
+    n: int,
+    energy: str | EnergySpec,
+    conditions: Mapping[str, str | float | Sequence[float]] | None = None,
+    out: str | Path = "generated.h5",
+    *,
+    batch_size: int = 10000,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+    threshold_mev: float | None = None,
+    extrapolate: bool = False,
+    sample_options: Mapping[str, Any] | None = None,
+    backend: str = "torch",
+    onnx_path: str | Path | None = None,
+    int8: bool = False,
+) -> Path:
+    """Generate ``n`` showers from a trained run into a new shower file ``out``; returns its path.
+
+    Args:
+        run: run folder (or a loaded :class:`fastshower.runs.Run`).
+        n: number of showers; batch_size: showers generated and written per step.
+        energy: incident energy spec (see :mod:`fastshower.energy`, e.g. "2.0" GeV, "0.5:2.5").
+        conditions: the run's extra conditions as specs (:func:`fastshower.sampling.parse_condition`); a
+            missing one is drawn uniformly over its training range unless the run says ``condition_defaults="none"``.
+        seed: seeds energies, conditions and the model's noise: same seed and batch_size -> same file.
+        progress, device, threshold_mev: tqdm bar; where the model runs; readout threshold, MeV (default: the run's).
+        extrapolate: allow energies outside the training range (otherwise an error).
+        sample_options: sampler settings (e.g. {"steps": 16} for flow-matching; fixed in an ONNX graph).
+        backend: "torch" or "onnx" (ONNX Runtime, the same noise: the same showers within float tolerance);
+            onnx_path: an exported file of this run (default: a fresh export, INT8 when ``int8``).
+
+    Raises:
+        GenerationError: bad n, batch_size, backend, energies outside the training range, conditions;
+            RunError, ExportError, ShowerFileError: an unusable run, ONNX file or output path.
+    """
+    loaded = as_run(run, device)
+    info = loaded.info
+    if n < 1 or batch_size < 1:
+        raise GenerationError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+    if backend not in GENERATION_BACKENDS:
+        raise GenerationError(f"unknown backend {backend!r}; choose {' or '.join(GENERATION_BACKENDS)}")
+    espec = _energy_spec(energy, info, extrapolate)
+    samplers, used = condition_samplers(info, conditions)
+    thr = info.threshold_mev if threshold_mev is None else float(threshold_mev)
+    opts = dict(sample_options or {})
+    attrs = {"seed": seed, "model": info.model_name, "run": str(info.run_dir.resolve()), "run_step": info.step,
+             "energy_spec": espec.text, "condition_specs": used, "threshold_mev": thr, "sample_options": opts,
+             "training_data": info.training_file or "unknown"}
+    with contextlib.ExitStack() as stack:
+        onnx_sampler = None
+        if backend == "onnx":
+            onnx_sampler = _onnx_sampler(stack, loaded, onnx_path, thr, opts, int8)
+        attrs["backend"] = onnx_sampler.backend if onnx_sampler else "torch"
+        widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
+        writer = stack.enter_context(ShowerWriter(out, info.geometry, info.particle,
+                                                  _generator_name(info, onnx_sampler), n, widths, attrs))
+        _fill(writer, loaded, espec, samplers, onnx_sampler, n, batch_size, seed, thr, opts, device, progress)
+    return Path(out)
+
+
+def _energy_spec(energy: str | EnergySpec, info: RunInfo, extrapolate: bool) -> EnergySpec:
+    """The parsed energy spec, checked against the run's training range unless ``extrapolate``."""
+    espec = parse_energy(energy) if isinstance(energy, str) else energy
+    if not extrapolate:
+        lo, hi = info.energy_range_mev
+        try:
+            espec.check_range(lo, hi, f"run {info.run_id!r}")
+        except EnergySpecError as exc:
+            raise GenerationError(f"{exc}; pass extrapolate=True to generate anyway") from None
+    return espec
+
+
+def _generator_name(info: RunInfo, onnx_sampler: OnnxSampler | None) -> str:
+    """The file's ``generator`` attribute: model, run, step, fastshower version and the ONNX backend if any."""
+    name = f"{info.model_name} run {info.run_id} step {info.step} (fastshower {__version__})"
+    if onnx_sampler is not None:  # onnx-fp32, onnx-int8 (dynamic) or onnx-int8-static
+        name += f" [{onnx_sampler.backend.upper().replace('-', ' ', 1)}]"
+    return name
+
+
+def _fill(writer: ShowerWriter, run: Run, espec: EnergySpec, samplers: Mapping[str, ConditionSampler],
+          onnx_sampler: OnnxSampler | None, n: int, batch_size: int, seed: int, threshold_mev: float,
+          options: Mapping[str, Any], device: str, progress: bool) -> None:
+    """Generate and append batches until ``writer`` holds ``n`` showers.
+
+    Energies and conditions are drawn from one numpy generator and the model's noise from one torch
+    generator, both seeded by ``seed``, batch after batch: the same call writes the same file.
+    """
+    from tqdm.auto import tqdm
+
+    model, transform, info = run
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with tqdm(total=n, disable=not progress, desc="generate", unit="shower") as bar:
+        while writer.n_written < n:
+            m = min(batch_size, n - writer.n_written)
+            e = espec.sample(rng, m)
+            conds = {k: s(rng, m) for k, s in samplers.items()}
+            if onnx_sampler is None:
+                showers = sample_batch(model, transform, e, conds, gen, threshold_mev, geometry=info.geometry,
+                                       **options)
+            else:  # the same noise, in the same order, as model.sample draws from gen
+                showers = onnx_sampler(draw_noise(model, m, gen), e, conds)
+            writer.append(ShowerBatch(e, showers, conds))
+            bar.update(m)
+
+
+def _onnx_sampler(stack: contextlib.ExitStack, run: Run, onnx_path: str | Path | None, threshold_mev: float,
+                  options: Mapping[str, Any], int8: bool) -> OnnxSampler:
+    """An ONNX Runtime sampler of ``run``: the given file (checked against the request) or a fresh export."""
+    if onnx_path is None:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastshower-onnx-")))
+        path = export_onnx(run, tmp / "sampler.onnx", int8=int8, threshold_mev=threshold_mev, **options)
+        return load_onnx(path, run.info)
+    sampler = load_onnx(onnx_path, run.info)
+    meta = sampler.meta
+    if float(meta.get("threshold_mev", "nan")) != threshold_mev:
+        raise ExportError(f"{onnx_path}: exported with threshold {meta.get('threshold_mev')} MeV, "
+                          f"generation asks for {threshold_mev!r} MeV; export again with that threshold")
+    for key in ("steps", "method"):
+        if key in options and str(options[key]) != meta.get(key):
+            raise ExportError(f"{onnx_path}: exported with {key} {meta.get(key)}, generation asks for {options[key]}")
+    return sampler

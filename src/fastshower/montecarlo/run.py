@@ -1,0 +1,478 @@
+"""Reference production: chunks, seeds, worker processes, crash-safe writing, resume.
+
+A request of N showers is cut into chunks of ``chunk_size``. Chunk ``k`` draws
+its energies and conditions from ``numpy.random.default_rng([seed, k])`` and
+gives the Monte Carlo the seed derived from the same pair, so the showers
+depend on (seed, chunk_size) only: not on the number of worker processes, nor
+on whether the run was interrupted and resumed.
+
+Each worker is a separate process (a Geant4 abort kills only its process, and
+Geant4 can be initialised once per process). The parent writes finished chunks
+in order and flushes each one, so a crash, a dead worker or Ctrl-C loses at most
+the chunks in flight; ``resume=True`` tops the file up to N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+from tqdm import tqdm
+
+from fastshower.energy import EnergySpec, parse_energy
+from fastshower.geometry import Geometry, geometry_from_json, get_geometry
+from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter
+from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
+
+__all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
+
+_DEFAULT_CHUNK = 100
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What a production run did.
+
+    Attributes:
+        path: the shower file.
+        n_written: showers now in the file.
+        n_new: showers simulated by this call.
+        seconds: wall time of this call, s.
+        complete: the file reached its target.
+        generator: the Monte Carlo's provenance string.
+    """
+
+    path: Path
+    n_written: int
+    n_new: int
+    seconds: float
+    complete: bool
+    generator: str
+
+    @property
+    def seconds_per_shower(self) -> float:
+        return self.seconds / max(self.n_new, 1)
+
+
+def backend_class(geometry: Geometry) -> type[SimulationBackend]:
+    """The reference Monte Carlo for a geometry: Geant4 for calorimeters, the hybrid for air showers."""
+    if geometry.kind == "airshower":
+        from fastshower.montecarlo.airshower import AirShowerBackend
+
+        return AirShowerBackend
+    from fastshower.montecarlo.calorimeter import Geant4Backend
+
+    return Geant4Backend
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """Monte Carlo seed of chunk ``index``: a positive 31-bit integer (Geant4's engines take a long)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0] % (2**31 - 1)) + 1
+
+
+def chunk_plan(
+    spec: EnergySpec,
+    cls: type[SimulationBackend],
+    geometry: Geometry,
+    options: BackendOptions,
+    seed: int,
+    index: int,
+    chunk_size: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Energies (chunk_size,) MeV, conditions and MC seed of chunk ``index``."""
+    rng = np.random.default_rng([seed, index])
+    energies = spec.sample(rng, chunk_size)
+    conditions = cls.draw_conditions(geometry, options, rng, chunk_size)
+    return energies, conditions, chunk_seed(seed, index)
+
+
+# --- worker process ------------------------------------------------------------------
+
+
+def _worker(
+    cls_path: tuple[str, str],
+    geometry_json: str,
+    particle: str,
+    options: BackendOptions,
+    tasks: Any,
+    results: Any,
+) -> None:
+    """Worker loop: build the backend once, then simulate chunks until a None task.
+
+    ``results`` is this worker's end of a pipe: ``send`` returns only once the data is in the pipe, so a
+    chunk reported before an abort is never lost (a Queue's feeder thread would die with the process).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    try:
+        import importlib
+
+        cls = getattr(importlib.import_module(cls_path[0]), cls_path[1])
+        backend = cls(geometry_from_json(geometry_json), particle, options)
+    except BaseException as exc:  # report set-up failures (missing data, ...) to the parent
+        results.send(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    results.send(("ready", -1, backend.generator, backend.physics))
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        index, skip, energies, conditions, mc_seed = task
+        try:
+            batch = backend.run(energies, conditions, mc_seed)
+        except BaseException as exc:
+            results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            return
+        if skip:  # a resumed partial chunk: its first showers are already in the file
+            batch = ShowerBatch(
+                batch.energies[skip:], batch.showers[skip:],
+                {k: v[skip:] for k, v in batch.conditions.items()}, {k: v[skip:] for k, v in batch.truth.items()},
+            )
+        results.send(("done", index, batch, None))
+
+
+def _messages(readers: dict[Any, Any]) -> Iterator[tuple[str, int, Any, Any]]:
+    """Messages from the workers' pipes as they come; ("dead", ...) when a worker vanished mid-work."""
+    live = dict(readers)
+    while True:
+        if not live:
+            yield ("dead", -1, "all workers stopped but chunks are missing", None)
+            return
+        for recv in mp_connection.wait(list(live), timeout=1.0):
+            try:
+                yield recv.recv()  # type: ignore[union-attr,call-arg,misc]
+            except EOFError:  # the worker's end closed: it exited (normally after its last task) or died
+                proc = live.pop(recv)
+                proc.join(timeout=5)
+                if proc.exitcode not in (0, None):
+                    yield ("dead", -1, f"a worker process died (exit code {proc.exitcode}; a Geant4 abort or "
+                           "out of memory) while simulating", None)
+                    return
+
+
+# --- request -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated production request: what to simulate, into which file, and from which shower on.
+
+    Attributes:
+        geometry, particle, spec, options: what to simulate (spec: energies in MeV).
+        backend: the Monte Carlo class.
+        out: the HDF5 file.
+        n: showers the file must hold.
+        seed, chunk_size: the seeding (a resumed file's own values).
+        start: showers already in the file (0 for a new file).
+        jobs: worker processes asked for.
+        resume: the file exists and is topped up.
+        attrs: provenance for a new file (seed, chunk size, energy spec, backend options...).
+    """
+
+    geometry: Geometry
+    particle: str
+    spec: EnergySpec
+    options: BackendOptions
+    backend: type[SimulationBackend]
+    out: Path
+    n: int
+    seed: int
+    chunk_size: int
+    start: int
+    jobs: int
+    resume: bool
+    attrs: dict[str, Any]
+
+    @property
+    def n_chunks(self) -> int:
+        """Chunks of the whole file, the last one possibly short."""
+        return -(-self.n // self.chunk_size)
+
+    @property
+    def first_chunk(self) -> int:
+        """The chunk holding shower ``start``: the first one to simulate."""
+        return self.start // self.chunk_size
+
+    def open_writer(self, generator: str, physics: str, resume: bool) -> ShowerWriter:
+        """The file's writer: a new file (or the resumed one) with this plan's conditions and provenance."""
+        cls, geo, options = self.backend, self.geometry, self.options
+        return ShowerWriter(self.out, geo, self.particle, generator, self.n, cls.condition_widths(geo, options),
+                            {**self.attrs, "physics": physics}, resume=resume, truth=cls.truth_widths(geo, options))
+
+
+def _check_numbers(n: int, jobs: int, cut_mm: float, physics: str) -> None:
+    """Raise :class:`SimulationError` for a bad number of showers or workers, cut (mm) or data choice."""
+    if int(n) != n or n <= 0:
+        raise SimulationError(f"n must be a positive number of showers, got {n}")
+    if jobs <= 0:
+        raise SimulationError(f"jobs must be >= 1, got {jobs}")
+    if cut_mm <= 0:
+        raise SimulationError(f"cut_mm must be a positive length in mm, got {cut_mm}")
+    if physics not in ("auto", "official", "substitute"):
+        raise SimulationError(f"physics must be auto, official or substitute, got {physics!r}")
+
+
+def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, seed: int, chunk_size: int | None,
+                  resume: bool) -> tuple[int, int, int | None]:
+    """(showers already in ``out``, seed, chunk size): a resumed file continues with its own seed and chunks.
+
+    Raises :class:`ShowerFileError` when ``out`` exists without ``resume``, or does not match the request.
+    """
+    if not resume:
+        if out.exists():
+            raise ShowerFileError(f"{out} exists; use resume=True to top it up or choose another out")
+        return 0, seed, chunk_size
+    if not out.exists():
+        raise ShowerFileError(f"resume=True: {out} does not exist (drop resume=True to start a new file)")
+    with ShowerFile(out, require_complete=False) as f:
+        if f.geometry.to_dict() != geo.to_dict():
+            raise ShowerFileError(f"resume=True: {out} holds geometry {f.geometry.name!r}, not {geo.name!r}")
+        if f.particle != particle:
+            raise ShowerFileError(f"resume=True: {out} holds {f.particle} showers, not {particle}")
+        a = f.attrs
+        start = f.n
+        stored = {k: a.get(k) for k in ("seed", "chunk_size", "energy_spec")}
+    if stored["energy_spec"] is not None and stored["energy_spec"] != spec.text:
+        raise ShowerFileError(f"resume=True: {out} was made with energy {stored['energy_spec']}, not {spec.text}")
+    seed = int(stored["seed"]) if stored["seed"] is not None else seed
+    chunk_size = int(stored["chunk_size"]) if stored["chunk_size"] is not None else chunk_size
+    return start, seed, chunk_size
+
+
+def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: int, out: str | Path, *, seed: int,
+          jobs: int, cut_mm: float, physics: str, resume: bool, chunk_size: int | None,
+          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None) -> _Plan:
+    """Parse and check a request (arguments as :func:`simulate`'s), in the order its errors are reported."""
+    geo = get_geometry(geometry) if isinstance(geometry, str) else geometry
+    spec = parse_energy(energy) if isinstance(energy, str) else energy
+    _check_numbers(n, jobs, cut_mm, physics)
+    out = Path(out)
+    options = BackendOptions(cut_mm=cut_mm, physics=physics, extra=dict(extra or {}))
+    cls = backend or backend_class(geo)
+    cls.check_request(geo, particle, options, (spec.low, spec.high))
+    start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume)
+    chunk_size = int(chunk_size or _DEFAULT_CHUNK)
+    attrs: dict[str, Any] = {"seed": seed, "chunk_size": chunk_size, "energy_spec": spec.text,
+                             **{f"option_{k}": str(v) for k, v in options.extra.items()}}
+    if geo.kind == "calorimeter":
+        attrs.update(cut_mm=cut_mm, physics_choice=physics)
+    return _Plan(geo, particle, spec, options, cls, out, n, seed, chunk_size, start, jobs, resume, attrs)
+
+
+# --- workers --------------------------------------------------------------------------
+
+
+@dataclass
+class _Workers:
+    """The worker processes of a run, their task queue and the parent's reading ends of their pipes."""
+
+    procs: list[Any]
+    tasks: Any
+    readers: dict[Any, Any]
+
+    def stop(self) -> None:
+        """Terminate the workers still alive and wait for them (5 s each)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=5)
+
+    def release(self) -> None:
+        """Drop the task queue and close the pipes (after :meth:`stop`)."""
+        with contextlib.suppress(Exception):
+            self.tasks.cancel_join_thread()
+        for recv in self.readers:
+            recv.close()
+
+
+def _start_workers(plan: _Plan) -> _Workers:
+    """Queue the chunks still to simulate (one None per worker after them) and start the workers.
+
+    A task is (chunk index, showers to drop from its front, energies (size,) MeV, conditions, MC seed);
+    the first chunk of a resumed file drops the showers it already holds.
+    """
+    ctx = mp.get_context("spawn")  # fork would copy an initialised Geant4 or torch state
+    tasks: Any = ctx.Queue()
+    first_skip = plan.start - plan.first_chunk * plan.chunk_size
+    for k in range(plan.first_chunk, plan.n_chunks):
+        size = min(plan.chunk_size, plan.n - k * plan.chunk_size)
+        energies, conditions, mc_seed = chunk_plan(plan.spec, plan.backend, plan.geometry, plan.options, plan.seed,
+                                                   k, plan.chunk_size)
+        tasks.put((k, first_skip if k == plan.first_chunk else 0, energies[:size],
+                   {c: v[:size] for c, v in conditions.items()}, mc_seed))
+    n_workers = min(plan.jobs, plan.n_chunks - plan.first_chunk)
+    for _ in range(n_workers):
+        tasks.put(None)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(n_workers)]
+    cls = plan.backend
+    procs = [
+        ctx.Process(target=_worker, args=((cls.__module__, cls.__name__), plan.geometry.to_json(), plan.particle,
+                                          plan.options, tasks, send), daemon=True)
+        for _, send in pipes
+    ]
+    for p in procs:
+        p.start()
+    for _, send in pipes:
+        send.close()  # the parent keeps only the reading ends: EOF then means the worker is gone
+    return _Workers(procs, tasks, {recv: proc for (recv, _), proc in zip(pipes, procs, strict=True)})
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+class _ChunkWriter:
+    """The parent's side of a run: takes the workers' messages and writes finished chunks in chunk order.
+
+    The file is opened when the first worker is ready (its generator and physics are provenance), so a
+    run whose workers cannot start writes nothing.
+    """
+
+    def __init__(self, plan: _Plan, bar: Any) -> None:
+        self.plan = plan
+        self.bar = bar
+        self.writer: ShowerWriter | None = None
+        self.pending: dict[int, ShowerBatch] = {}
+        self.next_chunk = plan.first_chunk
+        self.generator = ""
+
+    @property
+    def done(self) -> bool:
+        """Every chunk is written."""
+        return self.next_chunk >= self.plan.n_chunks
+
+    @property
+    def n_written(self) -> int:
+        """Showers in the file now."""
+        return self.writer.n_written if self.writer is not None else self.plan.start
+
+    def take(self, kind: str, index: int, payload: Any, detail: Any) -> str | None:
+        """Handle one worker message (see :func:`_worker`); returns the failure it reports, if any."""
+        if kind == "dead":
+            return str(payload)
+        if kind == "error":
+            failure = payload if index < 0 else f"chunk {index} failed: {payload}"
+            if os.environ.get("FASTSHOWER_DEBUG"):
+                failure += "\n" + str(detail)
+            return str(failure)
+        if kind == "ready":
+            self.generator = payload
+            if self.writer is None:
+                self.writer = self.plan.open_writer(payload, detail, self.plan.resume)
+            return None
+        self.pending[index] = payload
+        while self.next_chunk in self.pending and self.writer is not None:
+            batch = self.pending.pop(self.next_chunk)
+            self.writer.append(batch)
+            self.bar.update(len(batch))
+            self.next_chunk += 1
+        return None
+
+    def close(self) -> None:
+        """Close the file (complete when it reached its target)."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _produce(plan: _Plan, progress: bool) -> tuple[_ChunkWriter, str | None]:
+    """Run the workers and write their chunks until the file is full, a worker fails or Ctrl-C.
+
+    Returns the writer's state and the failure ("interrupted" for Ctrl-C), None on success. Workers
+    are stopped and the file closed in every case, also when writing raises.
+    """
+    workers = _start_workers(plan)
+    bar = tqdm(total=plan.n, initial=plan.start, unit="shower", desc=f"simulate {plan.geometry.name}",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    sink = _ChunkWriter(plan, bar)
+    failure: str | None = None
+    try:
+        messages = _messages(workers.readers)
+        while failure is None and not sink.done:
+            failure = sink.take(*next(messages))
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    finally:
+        bar.close()
+        workers.stop()
+        sink.close()
+        workers.release()
+    return sink, failure
+
+
+def _raise_failure(plan: _Plan, sink: _ChunkWriter, failure: str) -> NoReturn:
+    """Raise the failure of a run with what the file keeps and, when it is short, how to continue."""
+    n_written = sink.n_written
+    wrote = sink.writer is not None
+    kept = f"{n_written} of {plan.n} showers are kept in {plan.out}" if wrote else "nothing was written"
+    resume_hint = "; continue with resume=True" if wrote and n_written < plan.n else ""
+    if failure == "interrupted":
+        raise KeyboardInterrupt(f"interrupted; {kept}{resume_hint}")
+    raise SimulationError(f"{failure}; {kept}{resume_hint}")
+
+
+# --- driver ---------------------------------------------------------------------------
+
+
+def simulate(
+    geometry: str | Geometry,
+    particle: str,
+    energy: str | EnergySpec,
+    n: int,
+    out: str | Path,
+    seed: int = 0,
+    jobs: int = 1,
+    cut_mm: float = 0.7,
+    physics: str = "auto",
+    resume: bool = False,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    backend: type[SimulationBackend] | None = None,
+) -> SimulationResult:
+    """Produce ``n`` reference showers into ``out`` (see the module docstring).
+
+    Args:
+        geometry: built-in name or Geometry.
+        particle: e-, e+, gamma, pi+, pi- (calorimeters) or p, He, N, Fe (air showers).
+        energy: energy spec (``2.0``, ``0.5,1,1.5,2.5``, ``1:100``, ``1:100:log``, ``500MeV``; GeV by default).
+        n: showers the file must hold.
+        out: the HDF5 file.
+        seed: master seed.
+        jobs: worker processes.
+        cut_mm: Geant4 production cut, mm.
+        physics: Geant4 data: "auto", "official" or "substitute".
+        resume: top up an existing, interrupted or smaller file to ``n``.
+        chunk_size: showers per chunk (the unit of seeding, writing and loss on a crash).
+        progress: show a progress bar on stderr.
+        extra: backend options (air showers: {"zenith": "0:65", "azimuth": "0:360"}).
+        backend: the Monte Carlo class (default: :func:`backend_class` of the geometry); it must be importable
+            by module path, since workers are fresh processes.
+
+    Raises:
+        SimulationError, ShowerFileError, EnergySpecError, GeometryError, Geant4DataError: bad requests, with a
+            one-line message (all :class:`~fastshower.errors.FastshowerError`).
+    """
+    t0 = time.perf_counter()
+    plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
+                 resume=resume, chunk_size=chunk_size, extra=extra, backend=backend)
+    if plan.start >= plan.n:
+        with plan.open_writer("", "", resume=True):
+            pass  # the file already holds n showers: opening and closing marks it complete
+        return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
+    sink, failure = _produce(plan, progress)
+    seconds = time.perf_counter() - t0
+    if failure is not None:
+        _raise_failure(plan, sink, failure)
+    n_written = sink.n_written
+    return SimulationResult(plan.out, n_written, n_written - plan.start, seconds, n_written >= plan.n,
+                            sink.generator)
