@@ -111,7 +111,7 @@ def _model_class(name: str) -> type[ShowerModel]:
     cls = get_model_class(name)
     if not cls.trainable:
         raise TrainingError(f"model {name!r} is not trained on showers: make it from a trained run with "
-                            f"fastshower.distill (fastshower distill --run RUN --out NEW_RUN)")
+                            "fastshower.distill(teacher, out)")
     return cls
 
 

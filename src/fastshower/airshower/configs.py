@@ -12,7 +12,7 @@ __all__ = ["PROFILE_CONFIGS"]
 PROFILE_CONFIGS: dict[str, dict[str, Any]] = {
     "wgan-gp": {
         "model": "wgan-gp",
-        "hparams": {"latent_dim": 64, "hidden": 256, "depth": 3, "arch": "dense", "lr": 2e-4,
+        "hparams": {"latent_dim": 64, "hidden": 256, "depth": 3, "net": "mlp", "lr": 2e-4,
                     "n_critic": 5, "constrainer_warmup": 500},
         "train": {"batch_size": 128, "log_every": 100, "checkpoint_every": 100000},
     },
