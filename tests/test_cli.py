@@ -91,6 +91,8 @@ def test_chain_on_a_tiny_file(belle_file: Path, tmp_path: Path, capsys: pytest.C
     ["distill", "--run", "{tmp}/no-run", "--out", "{tmp}/s", "--quiet"],
     ["generate", "--run", "{tmp}/no-run", "--n", "5", "--energy", "1", "--out", "{tmp}/g.h5"],
     ["evaluate", "--reference", "{tmp}/missing.h5", "--candidate", "{tmp}/missing.h5", "--out", "{tmp}/r"],
+    ["evaluate", "--reference", "{tmp}/missing.h5", "--candidate", "{tmp}/missing.h5", "--out", "{tmp}/r",
+     "--metrics", "bogus"],
     ["export", "--run", "{tmp}/no-run", "--out", "{tmp}/m.onnx"],
     ["bench", "--run", "{tmp}/no-run", "--out", "{tmp}/b.json"],
 ])

@@ -112,7 +112,7 @@ def _requested_metrics(metrics: Sequence[str] | None) -> set[str]:
     which = set(METRICS if metrics is None else metrics)
     unknown = which - set(METRICS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+        raise ValidationInputError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
     return which
 
 
