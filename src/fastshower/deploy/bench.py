@@ -222,7 +222,7 @@ def _energy_spec_text(info: RunInfo) -> str:
     """The training file's energy spec (GeV), or the run's energy range as a log-uniform spec."""
     from fastshower.io import ShowerFile
 
-    path = info.meta.get("data", {}).get("path")
+    path = info.training_file
     if path and Path(path).is_file():
         with contextlib.suppress(Exception), ShowerFile(path) as f:
             spec = f.attrs.get("energy_spec")

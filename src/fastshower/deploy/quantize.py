@@ -98,11 +98,11 @@ def check_int8_options(int8: bool, int8_mode: str | None, calibration: int, cali
 
 def _training_file(info: RunInfo) -> str:
     """The training file a run records (meta.json ``data.path``); ExportError if it records none."""
-    path = info.meta.get("data", {}).get("path")
-    if not path:
+    path = info.training_file
+    if path is None:
         raise ExportError(f"run {info.run_id} records no training file (meta.json data.path); static INT8 "
                           "calibration draws its energies and conditions from it")
-    return str(path)
+    return path
 
 
 def calibration_inputs(info: RunInfo, n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
