@@ -147,3 +147,28 @@ def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path, capsys: pytest.Cap
                      "--steps", "20", "--hidden", "16", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "held-out relative error" in out and "hit-rate error" in out
+
+
+def test_layer_fm_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
+    """layer-fm shares flow's stage 1 and stage-2 variables, so it distils staged as a flow does: the student
+    holds the teacher's stage-1 flow bit for bit and, for the same noise, the same layer energies."""
+    hp = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
+          "steps": 2, "warmup": 5}
+    teacher = train(tiny_file, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
+                    config={"hparams": hp, "train": TRAIN})
+    run = distill(teacher, tmp_path / "one", n_pairs=1000, steps=50, batch_size=256,
+                  hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 5, "occupancy": False},
+                  progress=False)
+    model, _, _ = load_run(run)
+    t_model, _, _ = load_run(teacher)
+    assert isinstance(model, OneStep) and model.stage1 is not None and model.stage1.flow2 is None
+    for k, v in model.stage1.state_dict().items():
+        assert torch.equal(v, t_model.state_dict()[k]), k
+    c = torch.rand(500, t_model.spec.cond_dim) * 2 - 1
+    z = t_model.draw_noise(500, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        e_s = t_model.layer_energies(model.sample_from_noise(z, c))
+        e_t = t_model.layer_energies(t_model.sample_from_noise(z, c))
+    kept = (e_s > 0) & (e_t > 0)
+    assert float(kept.float().mean()) > 0.9
+    assert torch.allclose(e_s[kept], e_t[kept], rtol=1e-4, atol=1e-6)

@@ -33,6 +33,8 @@ TINY_HP: dict[str, dict[str, Any]] = {
     "calogan": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8,
                 "mbd_kernels": 4, "mbd_dim": 3, "n_critic": 2},
     "flow": {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2},
+    "layer-fm": {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
+                 "steps": 2, "warmup": 5},
 }
 TRAIN = {"chunk_rows": 128, "shuffle_chunks": 2}
 

@@ -25,7 +25,7 @@ __all__ = ["MODEL_NAMES", "build_parser", "main"]
 
 #: the trainable models, the default first, as ``fastshower.models.available_models()`` lists them (a test
 #: checks the two agree); written out so that ``fastshower --help`` does not import torch
-MODEL_NAMES = ("flow-matching", "calogan", "flow", "vae", "wgan-gp")
+MODEL_NAMES = ("flow-matching", "calogan", "flow", "layer-fm", "vae", "wgan-gp")
 
 #: operating-system errors that mean bad input or a full or read-only disk, not a bug
 _USER_OS_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
@@ -128,6 +128,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"run written to {run}")
+    meta = json.loads((Path(run) / "meta.json").read_text())
+    cost = meta.get("cost", {})
+    if cost:
+        sampled = cost.get("flops_per_shower_sample")
+        print(f"{meta.get('model')}: {cost['parameters'] / 1e6:.3g} M parameters; per shower "
+              f"{cost.get('flops_per_shower_loss', 0) / 1e6:.3g} MFLOP per loss evaluation"
+              + (f", {sampled / 1e6:.3g} MFLOP to sample" if sampled else "")
+              + f"; {meta.get('train_cpu_seconds', 0):.0f} CPU-s, peak memory {meta.get('peak_rss_mb', 0):.0f} MiB")
     return 0
 
 

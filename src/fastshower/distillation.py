@@ -36,6 +36,7 @@ from fastshower._version import __version__
 from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFileError
 from fastshower.models.base import ShowerModel
+from fastshower.models.layer_fm import LayerFMConfig
 from fastshower.models.onestep import OneStep
 from fastshower.runs import (
     CHECKPOINT_FORMAT,
@@ -88,7 +89,7 @@ def teacher_pairs(model: ShowerModel, student: OneStep, c: Tensor, generator: to
 
 
 #: models whose sampler is a deterministic, multi-pass noise-to-shower map worth compressing into one pass
-TEACHERS = ("flow-matching", "flow")
+TEACHERS = ("flow-matching", "flow", "layer-fm")
 
 
 def _check_teacher(run: Run, ode_steps: int | None) -> None:
@@ -165,13 +166,16 @@ def _make_student(run: Run, teacher: str | Path, ode_steps: int | None, hparams:
           "teacher_method": str(info.hparams.get("method", "")), "noise_dim": model.noise_dim()}
     if info.model_name == "flow":
         hp["stage1"] = dict(info.hparams)
+    elif info.model_name == "layer-fm":  # the same stage 1 and stage-2 variables as a flow: staged as well
+        hp["stage1"] = LayerFMConfig.from_dict(info.hparams).stage1_config()
     torch.manual_seed(seed)
     try:
         student = OneStep(info.spec, **hp)
     except ValueError as exc:
         raise DistillError(str(exc)) from None
     if student.stage1 is not None:
-        kept = {k: v for k, v in model.state_dict().items() if not k.startswith("flow2.")}
+        own = student.stage1.state_dict()
+        kept = {k: v for k, v in model.state_dict().items() if k in own}
         student.stage1.load_state_dict(kept)
     return student
 

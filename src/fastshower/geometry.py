@@ -96,11 +96,16 @@ class PolarSegmentation:
     Attributes:
         r_edges: radial bin edges, mm, strictly increasing, starting at 0.
         n_alpha: number of angular bins covering 2 pi (1 means rings only).
+        alpha_min_deg: lower edge of the first angular bin, degrees. The CaloChallenge
+            binning (``binning_dataset_2.xml`` read by its ``XMLHandler``) starts at -180,
+            so bin k covers [-180 + k w, -180 + (k+1) w) with w = 360 / n_alpha and
+            alpha = atan2(y, x); files written before fastshower 0.2 started at 0.
     """
 
     r_edges: tuple[float, ...]
     n_alpha: int
     kind: Literal["polar"] = "polar"
+    alpha_min_deg: float = -180.0
 
     @property
     def n_r(self) -> int:
@@ -125,8 +130,14 @@ class PolarSegmentation:
         return 0.5 * (e[1:] + e[:-1])
 
     def alpha_centres(self) -> np.ndarray:
-        """Angular bin centres, shape (n_alpha,), radians in [0, 2 pi)."""
-        return (np.arange(self.n_alpha) + 0.5) * (2 * math.pi / self.n_alpha)
+        """Angular bin centres, shape (n_alpha,), radians from ``alpha_min_deg``."""
+        return math.radians(self.alpha_min_deg) + (np.arange(self.n_alpha) + 0.5) * (2 * math.pi / self.n_alpha)
+
+    def alpha_bin(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Angular bin index of points (x, y) (any shape, mm), int64 in [0, n_alpha)."""
+        turns = (np.arctan2(y, x) - math.radians(self.alpha_min_deg)) / (2 * math.pi)
+        ia = (np.mod(turns, 1.0) * self.n_alpha).astype(np.int64)
+        return np.minimum(ia, self.n_alpha - 1)  # mod can round up to exactly 1.0
 
     def cell_centres(self) -> np.ndarray:
         """Cell centres, shape (n_cells, 2) as (x, y) in mm, in voxel order
@@ -218,6 +229,11 @@ class Geometry:
         particles: particles the detector is meant for (default first).
         energy: default energy spec (see :mod:`fastshower.energy`).
         notes: deviations from the source and other facts a user should know.
+        energy_scale: stored voxel value per MeV deposited in the scoring volumes. CaloChallenge
+            datasets 2 and 3 divide the silicon energy by the sampling fraction 0.033 (so
+            E_tot/E_inc is about 1); 1.0 stores the deposited energy itself.
+        voxel_threshold_mev: voxels below this value (on the stored scale) are set to 0;
+            15.15 keV in CaloChallenge datasets 2 and 3.
     """
 
     name: str
@@ -228,6 +244,8 @@ class Geometry:
     particles: tuple[str, ...] = ("e-",)
     energy: str = "1"
     notes: str = ""
+    energy_scale: float = 1.0
+    voxel_threshold_mev: float = 0.0
     _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     # --- sizes ---------------------------------------------------------------
@@ -291,6 +309,13 @@ class Geometry:
         """True when every layer has the same segmentation (image stacks as 3D)."""
         return len({layer.segmentation for layer in self.layers}) <= 1
 
+    def to_readout_scale(self, deposited_mev: np.ndarray) -> np.ndarray:
+        """Deposited energies (n, n_voxels), MeV -> stored voxel values: scaled, then thresholded."""
+        out = np.asarray(deposited_mev, dtype=np.float32) * np.float32(self.energy_scale)
+        if self.voxel_threshold_mev > 0:
+            out[out < self.voxel_threshold_mev] = 0.0
+        return out
+
     # --- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -318,7 +343,7 @@ class Geometry:
                 else:
                     cells = (
                         f"{seg.n_r} r bins (edges {seg.r_edges[0]:g}..{seg.r_edges[-1]:g} mm)"
-                        f" x {seg.n_alpha} alpha bins"
+                        f" x {seg.n_alpha} alpha bins from {seg.alpha_min_deg:g} deg"
                     )
                 absorber = (
                     f"{layer.absorber_thickness:g} mm {layer.absorber} + " if layer.absorber else ""
@@ -328,6 +353,9 @@ class Geometry:
                     f"{layer.active}) = {layer.thickness:.1f} mm; {cells}; scores {layer.score}"
                 )
         lines.append(f"  voxels: {self.n_voxels}")
+        if self.energy_scale != 1.0 or self.voxel_threshold_mev > 0:
+            lines.append(f"  voxel values: deposited MeV x {self.energy_scale:.4g}, "
+                         f"zero below {self.voxel_threshold_mev * 1e3:g} keV")
         lines.append(f"  particles: {', '.join(self.particles)}; default energy: {self.energy}")
         if self.notes:
             lines.append(f"  notes: {self.notes}")
@@ -336,7 +364,9 @@ class Geometry:
 
 def _segmentation_from_dict(d: dict[str, Any]) -> Segmentation:
     if d.get("kind") == "polar":
-        return PolarSegmentation(r_edges=tuple(float(r) for r in d["r_edges"]), n_alpha=int(d["n_alpha"]))
+        # files written before alpha_min_deg existed binned alpha from 0 (see PolarSegmentation)
+        return PolarSegmentation(r_edges=tuple(float(r) for r in d["r_edges"]), n_alpha=int(d["n_alpha"]),
+                                 alpha_min_deg=float(d.get("alpha_min_deg", 0.0)))
     if d.get("kind") == "cartesian":
         return CartesianSegmentation(
             nx=int(d["nx"]), ny=int(d["ny"]), pitch_x=float(d["pitch_x"]), pitch_y=float(d["pitch_y"])
@@ -373,6 +403,8 @@ def geometry_from_json(text: str | dict[str, Any]) -> Geometry:
             particles=tuple(d.get("particles", ("e-",))),
             energy=str(d.get("energy", "1")),
             notes=d.get("notes", ""),
+            energy_scale=float(d.get("energy_scale", 1.0)),
+            voxel_threshold_mev=float(d.get("voxel_threshold_mev", 0.0)),
         )
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise GeometryError(f"malformed geometry description: {exc}") from exc
@@ -399,6 +431,12 @@ def _uniform(
     return tuple(ReadoutLayer(absorber, float(t[i]), active, t_act, n_pairs, seg, score) for i in range(n_layers))
 
 
+#: CaloChallenge datasets 2 and 3: silicon energy is divided by the sampling fraction 0.033 and voxels
+#: below 15.15 keV on that scale are zero (CaloChallenge 2022, arXiv:2410.21611, dataset description)
+CALOCHALLENGE_ENERGY_SCALE = 1.0 / 0.033
+CALOCHALLENGE_THRESHOLD_MEV = 0.01515
+
+
 def _par04(n_r: int, n_alpha: int, dr: float, ds: int) -> Geometry:
     """Geant4 Par04 / CaloChallenge dataset ``ds``: 45 polar layers of ``n_r`` rings of ``dr`` mm x ``n_alpha``."""
     return Geometry(
@@ -415,7 +453,10 @@ def _par04(n_r: int, n_alpha: int, dr: float, ds: int) -> Geometry:
         ),
         particles=("e-", "gamma", "e+"),
         energy="1:1000:log",
-        notes="energy outside the outermost radial edge is not scored, as in the CaloChallenge files",
+        notes=("energy outside the outermost radial edge is not scored, as in the CaloChallenge files; "
+               "voxels hold silicon energy / 0.033 (the challenge's sampling fraction) above 15.15 keV"),
+        energy_scale=CALOCHALLENGE_ENERGY_SCALE,
+        voxel_threshold_mev=CALOCHALLENGE_THRESHOLD_MEV,
     )
 
 

@@ -48,7 +48,7 @@ from fastshower.errors import ConfigError, FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile, ShowerFileError
 from fastshower.models import DEFAULT_MODEL, get_model_class
-from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel
+from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel, model_cost
 from fastshower.runs import (
     CHECKPOINT_FORMAT,
     RunFolder,
@@ -413,6 +413,7 @@ class _Loop:
     meta: dict[str, Any]
     last_ckpt: int = -1
     t0: float = field(default_factory=time.perf_counter)
+    cpu0: float = field(default_factory=time.process_time)
     log_file: TextIO | None = None
 
     def checkpoint(self) -> None:
@@ -456,10 +457,18 @@ class _Loop:
     def log(self, logs: Mapping[str, float]) -> None:
         line = {"step": self.state.step, "epoch": self.state.stream.epoch,
                 "elapsed_s": round(time.perf_counter() - self.t0, 3),
+                "cpu_s": round(time.process_time() - self.cpu0, 3), "peak_rss_mb": _peak_rss_mb(),
                 "lr": self.state.optimizers[0].param_groups[0]["lr"] if self.state.optimizers else None, **logs}
         if self.log_file is not None:
             self.log_file.write(json.dumps(line) + "\n")
             self.log_file.flush()
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _batches(stream: BatchStream, dev: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -586,11 +595,13 @@ def _train(plan: _Plan, data: _Data, config: Any, rank: int, world: int, dev: to
             "python": sys.version.split()[0], "model": plan.model_name, "data": data.provenance,
             "world_size": world, "device": str(dev), "status": "running", "step": state.step}
     if rank == 0:
+        meta["cost"] = model_cost(state.net)
         meta = _start_run_folder(plan, data, config, meta)
     loop = _Loop(plan, state, rank, world, dev, meta, last_ckpt=state.step if plan.resuming else -1)
     with (plan.folder.train_log.open("a") if rank == 0 else open(os.devnull, "w")) as log_file:
         loop.log_file = log_file
         _run_loop(loop, progress, callback)
     if rank == 0:
-        meta.update(status="finished", step=state.step, train_seconds=round(time.perf_counter() - loop.t0, 3))
+        meta.update(status="finished", step=state.step, train_seconds=round(time.perf_counter() - loop.t0, 3),
+                    train_cpu_seconds=round(time.process_time() - loop.cpu0, 3), peak_rss_mb=_peak_rss_mb())
         write_json(plan.folder.meta, meta)

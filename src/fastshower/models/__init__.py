@@ -49,6 +49,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "calogan": "calogan",
     "flow": "flow",
     "onestep": "one-step",
+    "layer_fm": "layer-fm",
 }
 
 _REGISTRY: dict[str, type[ShowerModel]] = {}

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from fastshower.config import Config
 from fastshower.errors import ConfigError
 
-__all__ = ["ModelConfig", "ModelSpec", "ShowerModel", "warmup_cosine"]
+__all__ = ["ModelConfig", "ModelSpec", "ShowerModel", "model_cost", "warmup_cosine"]
 
 
 @dataclass(frozen=True)
@@ -239,3 +239,34 @@ class ShowerModel(nn.Module):
             nn.utils.clip_grad_norm_(self.parameters(), self.config.grad_clip)
         opt.step()
         return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def model_cost(model: ShowerModel) -> dict[str, float]:
+    """Size and arithmetic of ``model``: trainable parameters, and FLOPs per shower (matrix products,
+    convolutions and attention as torch's FlopCounterMode counts them; elementwise work is not counted)
+    of one loss evaluation (the forward half of a training step) and of sampling one shower.
+
+    Measured on two showers of model-space zeros-and-ones with conditions 0, in eval mode and
+    without gradients; the model's training state is restored afterwards.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec, was_training = model.spec, model.training
+    x = (torch.arange(2 * spec.n_voxels, dtype=torch.float32).reshape(2, -1) % 3 == 0).float()
+    c = torch.zeros(2, spec.cond_dim)
+    out = {"parameters": float(sum(p.numel() for p in model.parameters() if p.requires_grad))}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for key, fn in (("flops_per_shower_loss", lambda: model.loss(x, c)),
+                            ("flops_per_shower_sample", lambda: model.sample(c))):
+                counter = FlopCounterMode(display=False)
+                try:
+                    with counter:
+                        fn()
+                except (NotImplementedError, ValueError):  # a model that is made, not trained (one-step)
+                    continue
+                out[key] = counter.get_total_flops() / 2
+    finally:
+        model.train(was_training)
+    return out

@@ -160,18 +160,18 @@ class CaloFlow(ShowerModel):
     config_class: ClassVar[type[ModelConfig]] = FlowConfig
     config: FlowConfig
 
-    def __init__(self, spec: ModelSpec, config: FlowConfig | Mapping[str, Any] | None = None, *,
+    def __init__(self, spec: ModelSpec, config: ModelConfig | Mapping[str, Any] | None = None, *,
                  with_stage2: bool = True, **overrides: Any) -> None:
         """``with_stage2=False`` builds stage 1 and the scalers only: the part of a trained flow that a
         staged one-step student (:class:`fastshower.models.onestep.OneStep`) keeps, without flow 2's weights."""
         super().__init__(spec, config, **overrides)
         cfg = self.config
         V, L, C = spec.n_voxels, len(spec.layer_sizes), spec.cond_dim
-        if V > cfg.max_voxels:
+        if with_stage2 and V > cfg.max_voxels:  # flow 2 is what grows with V; stage 1 alone is L numbers
             raise ValueError(
                 f"model 'flow' supports up to {cfg.max_voxels} voxels (hparam max_voxels), "
                 f"this detector has {V}: flow 2 models all voxels jointly and its cost grows like V^2; "
-                "use 'flow-matching' or 'wgan-gp' for large detectors"
+                "use 'layer-fm' (the same stage 1, shapes by flow matching over layer tokens) for large detectors"
             )
         if min(spec.layer_sizes) < 2:
             raise ValueError("model 'flow' needs at least 2 voxels per layer (a 1-voxel layer has no shape to learn)")
@@ -183,13 +183,13 @@ class CaloFlow(ShowerModel):
         self._layer_bounds: tuple[tuple[int, int], ...] = tuple(zip([0, *ends[:-1]], ends, strict=True))
         self.scale1 = FeatureScaler(L)
         self.scale2 = FeatureScaler(V)
-        h1, h2 = cfg.stage1_hidden, cfg.stage2_hidden
+        h1 = cfg.stage1_hidden
         self.flow1 = zuko.flows.NSF(L, C, bins=cfg.stage1_bins, transforms=cfg.stage1_transforms,
                                     hidden_features=(h1, h1))
-        passes = cfg.stage2_passes
         self.flow2: zuko.flows.NSF | None = None
         if not with_stage2:
             return
+        passes, h2 = cfg.stage2_passes, cfg.stage2_hidden
         self.flow2 = zuko.flows.NSF(
             V,
             C + L,

@@ -89,4 +89,5 @@ class Geant4Backend(SimulationBackend):
         n = len(energies_mev)
         positions = conditions.get("position", np.zeros((n, 2)))
         showers = self.session.run(np.asarray(energies_mev, dtype=np.float64), np.asarray(positions), seed)
+        showers = self.geometry.to_readout_scale(showers)
         return ShowerBatch(np.asarray(energies_mev, dtype=np.float64), showers, dict(conditions))

@@ -435,8 +435,7 @@ class Geant4Session:
                     b.clear()
                 r = np.hypot(x, y)
                 ir = np.searchsorted(np.asarray(seg.r_edges), r, side="right") - 1
-                alpha = np.mod(np.arctan2(y, x), 2 * math.pi)
-                ia = np.minimum((alpha * (seg.n_alpha / (2 * math.pi))).astype(np.int64), seg.n_alpha - 1)
+                ia = seg.alpha_bin(x, y)
                 ok = (ir >= 0) & (ir < seg.n_r)
                 cells = ia[ok] * seg.n_r + ir[ok]
                 row[geo.layer_slice(li)] += np.bincount(cells, weights=e[ok], minlength=seg.n_cells).astype(
