@@ -59,10 +59,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from fastshower.io import convert_3dgan, convert_calogan
+    from fastshower.errors import ConfigError
+    from fastshower.io import LEGACY_LAYOUT, convert_3dgan, convert_calogan, convert_conventions
 
     if args.layout == "calogan":
         out = convert_calogan(args.input, args.out, particle=args.particle or "e+")
+    elif args.layout == LEGACY_LAYOUT:
+        if args.particle is not None:
+            raise ConfigError(f"--particle does not apply to --layout {LEGACY_LAYOUT}: the file names its particle")
+        out = convert_conventions(args.input, args.out)
     else:
         out = convert_3dgan(args.input, args.out, particle=args.particle or "e-", unit_mev=args.ecal_unit_mev)
     print(f"wrote {out}")
@@ -245,11 +250,14 @@ def _add_files(sub: argparse._SubParsersAction) -> None:
     i.add_argument("file", help="shower file (HDF5, CaloChallenge layout)")
     i.add_argument("--check", action="store_true", help="also scan every value (NaN, negative)")
 
-    c = _verb(sub, "convert", _cmd_convert, "convert CaloGAN or 3DGAN files to the CaloChallenge format")
-    c.add_argument("input", help="file in the CaloGAN or 3DGAN layout")
-    c.add_argument("--layout", choices=["calogan", "3dgan"], required=True, help="layout of the input")
+    c = _verb(sub, "convert", _cmd_convert, "convert CaloGAN or 3DGAN files to the CaloChallenge format, or rewrite "
+              "a fastshower 0.1 file on current conventions (par04: alpha bins from -180 deg, Si MeV / 0.033)")
+    c.add_argument("input", help="file in the CaloGAN, 3DGAN or fastshower 0.1 layout")
+    c.add_argument("--layout", choices=["calogan", "3dgan", "fastshower-0.1"], required=True,
+                   help="layout of the input (fastshower-0.1: a shower file written before the par04 conventions)")
     c.add_argument("--out", required=True, help="new CaloChallenge-format file")
-    c.add_argument("--particle", default=None, help="particle of the file (default e+ for CaloGAN, e- for 3DGAN)")
+    c.add_argument("--particle", default=None,
+                   help="particle of the file (default e+ for CaloGAN, e- for 3DGAN; fastshower files name their own)")
     c.add_argument("--ecal-unit-mev", type=float, default=1e3, help="3DGAN: unit of ECAL cells in MeV (GeV: 1000)")
 
     m = _verb(sub, "merge", _cmd_merge, "merge shower files of one geometry (e.g. shards, or several primaries)")

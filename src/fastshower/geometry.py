@@ -35,6 +35,8 @@ __all__ = [
     "PolarSegmentation",
     "ProfileAxis",
     "ReadoutLayer",
+    "alpha_permutation",
+    "convention_difference",
     "geometry_from_json",
     "get_geometry",
     "list_geometries",
@@ -326,7 +328,7 @@ class Geometry:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def summary(self) -> str:
-        """Multi-line human description (for ``fastshower geometries NAME``)."""
+        """Multi-line human description (for ``fastshower geometries NAME``); runs of identical layers share a line."""
         lines = [f"{self.name}: {self.description}", f"  source: {self.source}"]
         if self.profile is not None:
             p = self.profile
@@ -336,30 +338,36 @@ class Geometry:
             )
         else:
             lines.append(f"  depth {self.depth:.1f} mm, {self.n_layers} readout layers")
-            for i, layer in enumerate(self.layers):
-                seg = layer.segmentation
-                if isinstance(seg, CartesianSegmentation):
-                    cells = f"{seg.ny}x{seg.nx} cells of {seg.pitch_x:g}x{seg.pitch_y:g} mm (x*y)"
-                else:
-                    cells = (
-                        f"{seg.n_r} r bins (edges {seg.r_edges[0]:g}..{seg.r_edges[-1]:g} mm)"
-                        f" x {seg.n_alpha} alpha bins from {seg.alpha_min_deg:g} deg"
-                    )
-                absorber = (
-                    f"{layer.absorber_thickness:g} mm {layer.absorber} + " if layer.absorber else ""
-                )
-                lines.append(
-                    f"  layer {i:2d}: {layer.n_pairs} x ({absorber}{layer.active_thickness:g} mm "
-                    f"{layer.active}) = {layer.thickness:.1f} mm; {cells}; scores {layer.score}"
-                )
+            first = 0
+            for i in range(1, self.n_layers + 1):
+                if i < self.n_layers and self.layers[i] == self.layers[first]:
+                    continue
+                span = f"layer {first}" if i - 1 == first else f"layers {first}-{i - 1}"
+                lines.append(f"  {span}: {_layer_text(self.layers[first])}")
+                first = i
         lines.append(f"  voxels: {self.n_voxels}")
         if self.energy_scale != 1.0 or self.voxel_threshold_mev > 0:
-            lines.append(f"  voxel values: deposited MeV x {self.energy_scale:.4g}, "
-                         f"zero below {self.voxel_threshold_mev * 1e3:g} keV")
+            lines.append(f"  voxel values: MeV deposited in the scoring volumes x {self.energy_scale:.4g}, "
+                         f"zero below {self.voxel_threshold_mev * 1e3:g} keV on that scale")
         lines.append(f"  particles: {', '.join(self.particles)}; default energy: {self.energy}")
         if self.notes:
             lines.append(f"  notes: {self.notes}")
         return "\n".join(lines)
+
+
+def _layer_text(layer: ReadoutLayer) -> str:
+    """One readout layer in words: its slabs, its cells and what it scores."""
+    seg = layer.segmentation
+    if isinstance(seg, CartesianSegmentation):
+        cells = f"{seg.ny}x{seg.nx} cells of {seg.pitch_x:g}x{seg.pitch_y:g} mm (x*y)"
+    else:
+        cells = (
+            f"{seg.n_r} r bins (edges {seg.r_edges[0]:g}..{seg.r_edges[-1]:g} mm) x {seg.n_alpha} alpha bins "
+            f"of {360 / seg.n_alpha:g} deg from {seg.alpha_min_deg:g} deg (alpha = atan2(y, x))"
+        )
+    absorber = f"{layer.absorber_thickness:g} mm {layer.absorber} + " if layer.absorber else ""
+    return (f"{layer.n_pairs} x ({absorber}{layer.active_thickness:g} mm {layer.active}) = "
+            f"{layer.thickness:.1f} mm; {cells}; scores {layer.score}")
 
 
 def _segmentation_from_dict(d: dict[str, Any]) -> Segmentation:
@@ -408,6 +416,82 @@ def geometry_from_json(text: str | dict[str, Any]) -> Geometry:
         )
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise GeometryError(f"malformed geometry description: {exc}") from exc
+
+
+# --- file conventions -------------------------------------------------------------
+# Besides the detector, a geometry fixes how a file stores showers: where the angular bins start
+# (PolarSegmentation.alpha_min_deg), the stored value per deposited MeV (Geometry.energy_scale) and the
+# voxel threshold. Files of fastshower 0.1 carry none of these keys and read as alpha bins from 0 deg,
+# deposited MeV and no threshold; the helpers below tell such a file from one of another detector and
+# map its voxels onto the current conventions.
+
+
+def _detector_dict(g: Geometry) -> dict[str, Any]:
+    """``g.to_dict()`` without the file conventions and the free-text notes: the detector and its binning."""
+    d = g.to_dict()
+    for key in ("energy_scale", "voxel_threshold_mev", "notes"):
+        d.pop(key, None)
+    for layer in d["layers"]:
+        layer["segmentation"].pop("alpha_min_deg", None)
+    return d
+
+
+def _alpha_starts(g: Geometry) -> tuple[float, ...]:
+    """``alpha_min_deg`` of every polar layer, front to back."""
+    return tuple(la.segmentation.alpha_min_deg for la in g.layers if isinstance(la.segmentation, PolarSegmentation))
+
+
+def _joined(values: tuple[float, ...]) -> str:
+    """Distinct values in order of first appearance, e.g. ``"0"`` or ``"0/-180"``."""
+    return "/".join(f"{x:g}" for x in dict.fromkeys(values))
+
+
+def convention_difference(a: Geometry, b: Geometry) -> str | None:
+    """The file conventions in which ``a`` and ``b`` differ, ``a``'s value first, as one phrase, e.g.
+    ``"alpha bins from 0 vs -180 deg; voxel value per deposited MeV 1 vs 30.3; zero below 0 vs 15.15 keV"``.
+
+    ``""`` when both are the same detector and binning (notes aside) on the same conventions; None
+    when they are not the same detector and binning.
+    """
+    if _detector_dict(a) != _detector_dict(b):
+        return None
+    parts = []
+    if (sa := _alpha_starts(a)) != (sb := _alpha_starts(b)):
+        parts.append(f"alpha bins from {_joined(sa)} vs {_joined(sb)} deg")
+    if a.energy_scale != b.energy_scale:
+        parts.append(f"voxel value per deposited MeV {a.energy_scale:.4g} vs {b.energy_scale:.4g}")
+    if a.voxel_threshold_mev != b.voxel_threshold_mev:
+        parts.append(f"zero below {a.voxel_threshold_mev * 1e3:g} vs {b.voxel_threshold_mev * 1e3:g} keV")
+    return "; ".join(parts)
+
+
+def alpha_permutation(src: Geometry, dst: Geometry) -> np.ndarray:
+    """Voxel map from ``src``'s angular bins to ``dst``'s: ``showers_dst = showers_src[:, perm]``.
+
+    Returns int64 indices, shape (n_voxels,). Both geometries must have the same cells layer by layer
+    (``alpha_min_deg`` aside). In a polar layer bin k of ``src`` covers the same angles as bin
+    (k + s) mod n_alpha of ``dst``, s = (src start - dst start) / bin width, which must be a whole number
+    of bins (otherwise a cell of one straddles two of the other: :class:`GeometryError`); other layers
+    map onto themselves.
+    """
+    if src.layer_sizes != dst.layer_sizes:
+        raise GeometryError(f"{src.name!r} and {dst.name!r} have different cells per layer")
+    perm = np.arange(src.n_voxels, dtype=np.int64)
+    for i, (ls, ld) in enumerate(zip(src.layers, dst.layers, strict=True)):
+        s, d = ls.segmentation, ld.segmentation
+        if not (isinstance(s, PolarSegmentation) and isinstance(d, PolarSegmentation)):
+            continue
+        if (s.n_alpha, s.r_edges) != (d.n_alpha, d.r_edges):
+            raise GeometryError(f"layer {i}: {src.name!r} and {dst.name!r} have different polar bins")
+        shift = (s.alpha_min_deg - d.alpha_min_deg) * s.n_alpha / 360.0
+        if abs(shift - round(shift)) > 1e-6:
+            raise GeometryError(
+                f"layer {i}: alpha bins from {s.alpha_min_deg:g} deg cannot be moved onto bins from "
+                f"{d.alpha_min_deg:g} deg: the shift is {shift:.4g} bins of {360 / s.n_alpha:g} deg, not a whole number"
+            )
+        block = perm[src.layer_slice(i)].reshape(s.n_alpha, s.n_r)
+        perm[src.layer_slice(i)] = np.roll(block, round(shift), axis=0).ravel()  # new[j] = old[j - shift]
+    return perm
 
 
 # --- built-in detectors ---------------------------------------------------------
@@ -571,30 +655,39 @@ def get_geometry(name: str) -> Geometry:
     raise GeometryError(f"unknown geometry {name!r}; choose one of: {', '.join(_REGISTRY)}")
 
 
-def read_calochallenge_binning(path: str | Path, name: str | None = None) -> Geometry:
-    """Read a CaloChallenge binning XML (``<Bin><Layer id r_edges n_bin_alpha/>...``).
+#: particle names of the CaloChallenge binning files -> fastshower's (see io.PDG)
+_CALOCHALLENGE_PARTICLES = {"electron": "e-", "photon": "gamma", "pion": "pi+"}
 
-    Only the read-out binning is known from such a file, so layers are described
-    with no materials (``active="unknown"``); the result serves evaluation and
-    training, not simulation. Layers with no radial bins (empty ``r_edges``, as in
-    dataset 1) are kept with zero cells so that layer indices match the file.
+
+def read_calochallenge_binning(path: str | Path, name: str | None = None) -> Geometry:
+    """Read a CaloChallenge binning XML: ``<Bins><Bin pid name><Layer id r_edges n_bin_alpha/>...``.
+
+    As the challenge's ``XMLHandler``, the first element that holds ``<Layer>`` children is the
+    particle's binning, angular bins start at -180 deg (``alpha = atan2(y, x)``) and voxels run
+    radial bins fastest, then angular bins, layer after layer. Layers without radial bins
+    (``r_edges="0"``, as in dataset 1) hold no voxels in the challenge's files and are skipped, so
+    layer i of the result is the i-th layer with cells. Only the binning is known from such a file,
+    so layers have no materials (``active="unknown"``) and values are taken as stored
+    (``energy_scale`` 1): the result serves evaluation and training, not simulation.
     """
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as exc:
         raise GeometryError(f"{path}: not a readable binning XML ({exc})") from exc
-    bins = [root] if root.tag == "Bin" else list(root.iter("Bin"))
+    bins = [el for el in root.iter() if el.find("Layer") is not None]
     if not bins:
-        raise GeometryError(f"{path}: no <Bin> element")
+        raise GeometryError(f"{path}: no element with <Layer> children (expected <Bins><Bin ...><Layer .../>)")
     layers: list[ReadoutLayer] = []
-    for el in bins[0].iter("Layer"):
-        edges_txt = (el.get("r_edges") or "").strip()
-        edges = tuple(float(v) for v in edges_txt.split(",") if v.strip()) if edges_txt else ()
-        n_alpha = int(el.get("n_bin_alpha", "1"))
-        if len(edges) < 2:
-            continue  # a layer without cells contributes no voxels in the CaloChallenge files
-        layers.append(ReadoutLayer(None, 0.0, "unknown", 1.0, 1, PolarSegmentation(edges, n_alpha)))
+    try:
+        for el in bins[0].iter("Layer"):
+            edges = tuple(float(v) for v in (el.get("r_edges") or "").split(",") if v.strip())
+            if len(edges) < 2:
+                continue  # a layer without cells contributes no voxels in the CaloChallenge files
+            seg = PolarSegmentation(edges, int(el.get("n_bin_alpha", "1")), alpha_min_deg=-180.0)
+            layers.append(ReadoutLayer(None, 0.0, "unknown", 1.0, 1, seg))
+    except ValueError as exc:
+        raise GeometryError(f"{path}: malformed <Layer> ({exc})") from exc
     if not layers:
         raise GeometryError(f"{path}: no <Layer> with r_edges")
     particle = bins[0].get("name", "")
@@ -603,6 +696,6 @@ def read_calochallenge_binning(path: str | Path, name: str | None = None) -> Geo
         description=f"CaloChallenge binning read from {path.name}",
         source=str(path),
         layers=tuple(layers),
-        particles=(particle,) if particle else ("e-",),
+        particles=(_CALOCHALLENGE_PARTICLES.get(particle, particle),) if particle else ("e-",),
         energy="1:1000:log",
     )

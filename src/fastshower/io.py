@@ -32,16 +32,26 @@ import numpy as np
 
 from fastshower._version import __version__
 from fastshower.errors import FastshowerError
-from fastshower.geometry import Geometry, GeometryError, geometry_from_json, list_geometries
+from fastshower.geometry import (
+    Geometry,
+    GeometryError,
+    alpha_permutation,
+    convention_difference,
+    geometry_from_json,
+    list_geometries,
+)
 
 __all__ = [
+    "LEGACY_LAYOUT",
     "ShowerBatch",
     "ShowerFile",
     "ShowerFileError",
     "ShowerWriter",
     "check_values",
+    "convention_clash",
     "convert_3dgan",
     "convert_calogan",
+    "convert_conventions",
     "merge_files",
     "primary_ln_a",
     "write_showers",
@@ -184,20 +194,9 @@ class ShowerWriter:
         return f
 
     def _reopen(self, particle: str) -> h5py.File:
-        reader = ShowerFile(self.path, require_complete=False)  # validates layout and geometry
-        if reader.geometry.to_dict() != self.geometry.to_dict():
-            raise ShowerFileError(
-                f"resume=True: {self.path} holds geometry {reader.geometry.name!r}, not {self.geometry.name!r}"
-            )
-        if reader.particle != particle:
-            raise ShowerFileError(f"resume=True: {self.path} holds {reader.particle} showers, not {particle}")
-        if set(reader.condition_names) != set(self.conditions):
-            raise ShowerFileError(
-                f"resume=True: {self.path} has conditions {sorted(reader.condition_names)}, "
-                f"expected {sorted(self.conditions)}"
-            )
-        n = reader.n
-        reader.close()
+        with ShowerFile(self.path, require_complete=False) as reader:  # validates layout and geometry
+            self._check_resumable(reader, particle)
+            n = reader.n
         try:
             f = h5py.File(self.path, "r+", libver="latest")
         except OSError as exc:
@@ -217,6 +216,25 @@ class ShowerWriter:
         f.attrs["n_target"] = self.n_target
         f.attrs["resumed"] = _now()
         return f
+
+    def _check_resumable(self, reader: ShowerFile, particle: str) -> None:
+        """Raise unless ``reader`` (the file to top up) holds this writer's geometry, particle and conditions."""
+        if reader.geometry.to_dict() != self.geometry.to_dict():
+            if diff := convention_difference(reader.geometry, self.geometry):
+                raise ShowerFileError(
+                    f"resume=True: {self.path} holds geometry {reader.geometry.name!r} on other file conventions "
+                    f"(file first: {diff}); rewrite it with {_convert_hint(self.path)} and resume the new file"
+                )
+            raise ShowerFileError(
+                f"resume=True: {self.path} holds geometry {reader.geometry.name!r}, not {self.geometry.name!r}"
+            )
+        if reader.particle != particle:
+            raise ShowerFileError(f"resume=True: {self.path} holds {reader.particle} showers, not {particle}")
+        if set(reader.condition_names) != set(self.conditions):
+            raise ShowerFileError(
+                f"resume=True: {self.path} has conditions {sorted(reader.condition_names)}, "
+                f"expected {sorted(self.conditions)}"
+            )
 
     def _datasets(self, f: h5py.File) -> list[h5py.Dataset]:
         extra = [f[g][k] for g in ("conditions", "truth") if g in f for k in f[g]]
@@ -381,6 +399,9 @@ class ShowerFile:
             except GeometryError as exc:
                 raise ShowerFileError(f"{self.path}: {exc}") from exc
             if geometry is not None and file_geo.to_dict() != geometry.to_dict():
+                if diff := convention_difference(file_geo, geometry):
+                    raise ShowerFileError(f"{self.path}: holds geometry {file_geo.name!r} on other file conventions "
+                                          f"than expected ({diff}); rewrite it with {_convert_hint(self.path)}")
                 raise ShowerFileError(
                     f"{self.path}: holds geometry {file_geo.name!r}, expected {geometry.name!r}"
                 )
@@ -434,6 +455,9 @@ class ShowerFile:
 
     def condition_widths(self) -> dict[str, int]:
         return {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in self._conditions().items()}
+
+    def truth_widths(self) -> dict[str, int]:
+        return {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in self._group("truth").items()}
 
     def energies(self) -> np.ndarray:
         """All incident energies, shape (N,), MeV (small: always read whole)."""
@@ -573,6 +597,97 @@ def convert_3dgan(src: str | Path, dst: str | Path, particle: str = "e-", unit_m
     return Path(dst)
 
 
+# --- file conventions ----------------------------------------------------------------
+
+#: ``fastshower convert --layout`` of files written by fastshower 0.1, whose par04 geometries bin alpha from
+#: 0 deg and store deposited MeV without threshold (see :func:`convert_conventions`)
+LEGACY_LAYOUT = "fastshower-0.1"
+
+#: attributes a :class:`ShowerWriter` sets itself; a converted file gets its own
+_WRITER_ATTRS = frozenset({"geometry", "particle", "pdg", "generator", "fastshower_version", "created",
+                           "n_target", "complete", "finished", "resumed"})
+
+
+def _convert_hint(path: str | Path) -> str:
+    return f"`fastshower convert --layout {LEGACY_LAYOUT} {path} --out NEW.h5`"
+
+
+def _builtin_twin(geometry: Geometry) -> Geometry | None:
+    """The built-in geometry of the same name, or None."""
+    return next((g for g in list_geometries() if g.name == geometry.name), None)
+
+
+def convention_clash(a: ShowerFile, b: ShowerFile) -> str | None:
+    """One line when ``a`` and ``b`` hold one detector on different file conventions, else None.
+
+    It names what differs (``a``'s value first, see :func:`fastshower.geometry.convention_difference`)
+    and the command that rewrites the file that is not on the built-in geometry's conventions.
+    """
+    diff = convention_difference(a.geometry, b.geometry)
+    if not diff:
+        return None
+    twin = _builtin_twin(a.geometry)
+    old = b if twin is not None and twin.to_dict() == a.geometry.to_dict() else a
+    return (f"{a.path} and {b.path} hold geometry {a.geometry.name!r} on different file conventions ({diff}); "
+            f"rewrite {old.path} with {_convert_hint(old.path)}")
+
+
+def _convention_target(f: ShowerFile) -> tuple[Geometry, str]:
+    """The built-in geometry ``f``'s showers are to be moved onto, and what differs (file's value first)."""
+    twin = _builtin_twin(f.geometry)
+    if twin is None:
+        raise ShowerFileError(f"{f.path}: geometry {f.geometry.name!r} is not a built-in one; "
+                              "only files of built-in detectors can be moved onto their current conventions")
+    diff = convention_difference(f.geometry, twin)
+    if diff is None:
+        raise ShowerFileError(f"{f.path}: geometry {f.geometry.name!r} differs from the built-in one in its "
+                              "detector or binning, not only in file conventions; it cannot be converted")
+    if not diff:
+        raise ShowerFileError(f"{f.path}: already on the current file conventions of {twin.name!r}; "
+                              "nothing to convert")
+    return twin, diff
+
+
+def convert_conventions(src: str | Path, dst: str | Path, chunk: int | None = None) -> Path:
+    """Rewrite a file of a built-in detector on that detector's current file conventions (``--layout fastshower-0.1``).
+
+    Files of fastshower 0.1 on par04-ds2/ds3 bin alpha from 0 deg and hold deposited MeV without a
+    threshold. In every polar layer the angular bins are rolled by (old start - new start) / bin width
+    (8 of 16 bins for par04-ds2: bin k becomes bin (k + 8) mod 16, the same angles), so each cell keeps
+    its position (x, y) in mm; values are multiplied by new ``energy_scale`` / old (1/0.033 = 30.30 for
+    par04), then voxels below the new threshold (15.15 keV) become 0. Incident energies, conditions,
+    truth and attributes are kept; ``converted_from`` records the source (path, geometry JSON, version,
+    times) and ``conversion`` what was done. Written ``chunk`` showers at a time (default: ~64 MiB)
+    through :class:`ShowerWriter`, so a killed conversion leaves a file marked incomplete.
+
+    Raises :class:`ShowerFileError` when ``src`` is not a complete file of a built-in detector on other
+    conventions, or the angular bins cannot be moved by whole bins.
+    """
+    src = Path(src)
+    with ShowerFile(src) as f:
+        new, diff = _convention_target(f)
+        old = f.geometry
+        try:
+            perm = alpha_permutation(old, new)
+        except GeometryError as exc:
+            raise ShowerFileError(f"{src}: {exc}") from None
+        rows = chunk or max(1, (64 << 20) // (4 * old.n_voxels))
+        factor = new.energy_scale / old.energy_scale
+        a = f.attrs
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v.tolist() if isinstance(v, np.ndarray) else v)
+                 for k, v in a.items() if k not in _WRITER_ATTRS}
+        attrs["converted_from"] = {"path": str(src.resolve()), "layout": LEGACY_LAYOUT, "geometry": a["geometry"],
+                                   **{k: str(a[k]) for k in ("fastshower_version", "created", "finished") if k in a}}
+        attrs["conversion"] = (f"file conventions of {new.name!r} ({diff}): angular bins rolled onto the new start, "
+                               f"values x {factor:.6g}, then zero below {new.voxel_threshold_mev * 1e3:g} keV")
+        with ShowerWriter(dst, new, f.particle, f.generator, f.n, f.condition_widths(), attrs,
+                          truth=f.truth_widths()) as w:
+            for batch in f.iter_chunks(rows):
+                deposited = batch.showers[:, perm] / np.float32(old.energy_scale)
+                w.append(ShowerBatch(batch.energies, new.to_readout_scale(deposited), batch.conditions, batch.truth))
+    return Path(dst)
+
+
 # --- merging -----------------------------------------------------------------------
 
 _MASS_NUMBER = {"p": 1, "n": 1, "He": 4, "C": 12, "N": 14, "O": 16, "Si": 28, "Fe": 56}
@@ -661,6 +776,8 @@ def _check_mergeable(files: Sequence[ShowerFile]) -> dict[str, int]:
     first = files[0]
     geo, widths, truth = first.geometry, first.condition_widths(), first.truth_names
     for f in files[1:]:
+        if clash := convention_clash(first, f):
+            raise ShowerFileError(f"merge_files: {clash}")
         if f.geometry.to_dict() != geo.to_dict():
             raise ShowerFileError(f"merge_files: {f.path} holds geometry {f.geometry.name!r}, "
                                   f"{first.path} holds {geo.name!r}")

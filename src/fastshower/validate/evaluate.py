@@ -22,7 +22,7 @@ import numpy as np
 from fastshower._version import __version__
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, GeometryError, read_calochallenge_binning
-from fastshower.io import ShowerFile, ShowerFileError
+from fastshower.io import ShowerFile, ShowerFileError, convention_clash
 from fastshower.validate import metrics as M
 from fastshower.validate.observables import compute_observables, observable_names, radial_edges, radial_profile
 
@@ -141,6 +141,8 @@ def _check_inputs(rf: ShowerFile, cf: ShowerFile, e_ref: np.ndarray, e_cand: np.
     """Refuse files that cannot be compared: other geometry or particle, no showers, bad or disjoint
     incident energies ``e_ref`` / ``e_cand`` (n,) MeV."""
     both = f"reference {rf.path} vs candidate {cf.path}"
+    if clash := convention_clash(rf, cf):  # one detector on two file conventions: name the convert command
+        raise ValidationInputError(clash)
     if rf.geometry.to_dict() != cf.geometry.to_dict():
         raise ValidationInputError(
             f"{both}: different geometries ({rf.geometry.name!r}, {rf.geometry.n_voxels} voxels vs "
