@@ -54,9 +54,9 @@ from fastshower.runs import load_run  # noqa: E402
 from fastshower.training import train  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
 
-ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow")
+ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow", "layer-fm")
 #: ``--distill``: teacher -> table key of its one-step student (``fastshower distill``)
-DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow"}
+DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow", "layer-fm": "one-step-layer-fm"}
 METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
 
 #: detector presets: geometry, particle, Geant4 files {name: (energy spec, n, seed)}, test sets
@@ -89,6 +89,35 @@ DETECTORS: dict[str, dict[str, Any]] = {
         },
         "tests": {"uniform_1-100GeV": ("test", "floor", "1:100")},
         "headline": "uniform_1-100GeV",
+        "target_auc": 0.80,
+    },
+    # CaloChallenge dataset-2 geometry (Geant4 Par04 binning, CaloChallenge energy scale), 1-100 GeV where the
+    # challenge goes to 1 TeV
+    "par04-ds2": {
+        "geometry": "par04-ds2",
+        "particle": "e-",
+        "train": ("1:100:log", 10_000, 301),
+        "files": {"test": ("1:100:log", 2_500, 302), "floor": ("1:100:log", 2_500, 303)},
+        "tests": {"log-uniform_1-100GeV": ("test", "floor", "1:100:log")},
+        "headline": "log-uniform_1-100GeV",
+        "target_auc": 0.70,
+    },
+    "par04-ds3": {
+        "geometry": "par04-ds3",
+        "particle": "e-",
+        "train": ("1:100:log", 1_000, 311),
+        "files": {"test": ("1:100:log", 300, 312), "floor": ("1:100:log", 300, 313)},
+        "tests": {"log-uniform_1-100GeV": ("test", "floor", "1:100:log")},
+        "headline": "log-uniform_1-100GeV",
+        "target_auc": 0.80,
+    },
+    "ild-siw-30": {
+        "geometry": "ild-siw-30",
+        "particle": "gamma",
+        "train": ("10:100", 1_000, 321),
+        "files": {"test": ("10:100", 300, 322), "floor": ("10:100", 300, 323)},
+        "tests": {"uniform_10-100GeV": ("test", "floor", "10:100")},
+        "headline": "uniform_10-100GeV",
         "target_auc": 0.80,
     },
 }

@@ -71,7 +71,7 @@ def test_student_generates_and_exports(student: Path, tmp_path: Path) -> None:
 
 def test_distill_bad_input(tiny_file: Path, teacher: Path, student: Path, tmp_path: Path) -> None:
     vae = train(tiny_file, "vae", tmp_path / "vae", steps=3, batch_size=32, progress=False)
-    with pytest.raises(DistillError, match="flow-matching or flow teacher"):
+    with pytest.raises(DistillError, match="flow-matching, flow or layer-fm teacher"):
         distill(vae, tmp_path / "x", n_pairs=200, steps=2, progress=False)
     with pytest.raises(DistillError, match="already holds a run"):
         distill(teacher, student, n_pairs=200, steps=2, progress=False)

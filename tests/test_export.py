@@ -82,7 +82,7 @@ def test_onnx_fp32_equals_torch(runs: dict[str, Path], name: str, tmp_path: Path
     assert meta["fastshower_version"] == __version__ and meta["run_id"] == info.run_id
     assert meta["model"] == name and meta["geometry"] == "tiny-2x4x4" and meta["precision"] == "fp32"
     assert json.loads(meta["condition_names"]) == ["position"]
-    assert meta["steps"] == ("3" if name == "flow-matching" else "1")
+    assert meta["steps"] == {"flow-matching": "3", "layer-fm": "2"}.get(name, "1")
     assert [i.name for i in proto.graph.input] == ["noise", "incident_energy_mev", "position"]
     assert [o.name for o in proto.graph.output] == ["showers_mev"]
     assert all(i.doc_string for i in proto.graph.input)

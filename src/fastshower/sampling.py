@@ -244,10 +244,11 @@ def condition_samplers(info: RunInfo, given: Mapping[str, Any] | None) -> tuple[
 
 
 def sample_options(model: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolved sampling options: ``steps``/``method`` for flow-matching, none for the others."""
+    """Resolved sampling options: ``steps``/``method`` for the ODE models (flow-matching, layer-fm), none for
+    the others."""
     name = getattr(model, "name", type(model).__name__)
     opts = {k: v for k, v in options.items() if v is not None}
-    if name == "flow-matching":
+    if name in ("flow-matching", "layer-fm"):
         steps = int(opts.pop("steps", model.hparams["steps"]))
         method = str(opts.pop("method", model.hparams["method"]))
         if steps < 1:

@@ -100,7 +100,7 @@ def export_onnx(
         calibration_method: static INT8: ``"minmax"`` (default) or ``"percentile"`` (99.999 %).
         opset: ONNX opset (>= 14).
         threshold_mev: readout threshold baked into the graph, MeV (default: the run's).
-        steps, method: flow-matching ODE steps and solver, fixed in the graph (default: the run's).
+        steps, method: ODE steps and solver (flow-matching, layer-fm), fixed in the graph (default: the run's).
         check: run the FP32 graph once with ONNX Runtime and compare with torch (ExportError if they differ).
 
     Raises:

@@ -256,6 +256,9 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
     c = torch.zeros(2, spec.cond_dim)
     out = {"parameters": float(sum(p.numel() for p in model.parameters() if p.requires_grad))}
     model.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # the fused inference kernels of nn.TransformerEncoder are invisible to the FLOP counter
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad():
             for key, fn in (("flops_per_shower_loss", lambda: model.loss(x, c)),
@@ -269,4 +272,5 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
                 out[key] = counter.get_total_flops() / 2
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return out

@@ -140,6 +140,9 @@ class LayerFlowMatching(CaloFlow):
                  **overrides: Any) -> None:
         super().__init__(spec, config, with_stage2=False, **overrides)
         cfg = self.config
+        # logit shares span about +-14; a voxel rarely hit in the first batch would get a tiny std and its
+        # few hits standardised values of 1e3, which dominate a squared-error loss: floor the std at 1
+        self.scale2 = FeatureScaler(spec.n_voxels, min_std=1.0)
         self.scale_e = FeatureScaler(self.n_layers)  # log layer fractions -> the tokens' energy feature
         self.velocity = ShapeVelocity(spec, cfg)
         self.ema_velocity: ShapeVelocity | None = None
@@ -194,11 +197,28 @@ class LayerFlowMatching(CaloFlow):
         return logs
 
     # -- sampling ----------------------------------------------------------------------
-    def sample_latents(self, z: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    @torch.no_grad()
+    def sample(self, c: Tensor, generator: torch.Generator | None = None, steps: int | None = None,
+               method: str | None = None) -> Tensor:
+        """Showers (B, V) = voxel / E_inc for conditions c (B, C); ``steps``/``method``: the shape ODE's
+        solver (default: the config's)."""
+        z = self.draw_noise(c.shape[0], generator, c.dtype, c.device)
+        return self.sample_from_noise(z, c, steps=steps, method=method)
+
+    def sample_from_noise(self, z: Tensor, c: Tensor, steps: int | None = None, method: str | None = None,
+                          **options: Any) -> Tensor:
+        """Showers (B, V) from noise z (B, L + V): flow 1 inverts z[:, :L], the shape ODE carries z[:, L:]."""
+        if options:
+            raise ValueError(f"model 'layer-fm' takes steps and method, got {sorted(options)}")
+        return self.assemble(*self.sample_latents(z, c, steps, method))
+
+    def sample_latents(self, z: Tensor, c: Tensor, steps: int | None = None,
+                       method: str | None = None) -> tuple[Tensor, Tensor]:
         """Noise z (B, L + V) -> standardised g1 (B, L) by flow 1 and g2 (B, V) by the shape ODE."""
         z1, z2 = z[:, : self.n_layers], z[:, self.n_layers :]
         g1 = self.sample_stage1(z1, c)
         feats = self._layer_features(self.stage1_inverse(self.scale1.inverse(g1)))
         net = self.ema_velocity if self.ema_velocity is not None else self.velocity
-        g2 = odeint(lambda g, t: net(g, t, c, g1, feats), z2, self.config.steps, self.config.method)
+        n_steps = int(steps if steps is not None else self.config.steps)
+        g2 = odeint(lambda g, t: net(g, t, c, g1, feats), z2, n_steps, str(method or self.config.method))
         return g1, g2
