@@ -121,5 +121,5 @@ def test_full_report_with_floor_and_energy_bins(tmp_path: Path) -> None:
     for key in ("fpd", "kpd"):
         assert {"value", "error"} <= set(r[key]) and {"value", "error"} <= set(r["floor"][key])
     assert r["floor"]["classifier"]["low"]["auc"] < 0.56
-    assert (tmp_path / "out" / "plots" / "images.png").exists()
+    assert (tmp_path / "out" / "plots" / "images_00.png").exists()
     assert (tmp_path / "out" / "report.html").exists()

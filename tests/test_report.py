@@ -3,7 +3,7 @@
 Two tiny toy files (2 layers of 4x4 cells, 1/2/5 GeV) are scored once per module with the floor, so the
 report has every section; a second run without response or classifier checks that absent scores leave
 no plot and no row behind. Matplotlib takes ~0.3 s a histogram, so these runs plot only the first few
-observables of ``report._select`` (tested on its own) to keep each run to a few seconds.
+figures of ``report._plot_groups`` (tested on its own) to keep each run to a few seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fastshower.validate import report
@@ -89,10 +90,10 @@ def _shown(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _first(n: int) -> Callable[[list[str]], list[str]]:
-    """``report._select`` cut to its first ``n`` observables (fewer histogram plots, same code path)."""
-    select = report._select
-    return lambda names: select(names)[:n]
+def _first(n: int) -> Callable[[list[str]], list[list[str]]]:
+    """``report._plot_groups`` cut to its first ``n`` figures (fewer histogram plots, same code path)."""
+    groups = report._plot_groups
+    return lambda names: groups(names)[:n]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def toy_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def full(toy_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report, "_select", _first(4))
+        mp.setattr(report, "_plot_groups", _first(4))
         result = evaluate(*toy_pair, out, metrics=METRICS, floor=True, progress=False, config=FAST)
     return out, result
 
@@ -119,8 +120,8 @@ def test_html_and_plot_folder_agree(full: tuple[Path, dict[str, Any]]) -> None:
     assert pngs <= set(links), f"plots the page does not show: {sorted(pngs - set(links))}"
     missing = [link for link in links if not (out / link).is_file()]
     assert not missing, f"the page references missing files: {missing}"
-    assert {"plots/images.png", "plots/profiles.png", "plots/response.png"} <= set(links)
-    assert len([link for link in links if link.startswith("plots/hist_")]) == 4
+    assert {"plots/images_00.png", "plots/profiles.png", "plots/response.png"} <= set(links)
+    assert len([link for link in links if link.startswith(("plots/hist_", "plots/layers_"))]) == 4
     assert len(links) == len(set(links)), "a plot shown twice"
 
 
@@ -163,7 +164,7 @@ def test_per_energy_and_observable_tables(full: tuple[Path, dict[str, Any]]) -> 
 
 def test_absent_scores_leave_no_plot_or_row(toy_pair: tuple[Path, Path], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "_select", _first(1))
+    monkeypatch.setattr(report, "_plot_groups", _first(1))
     result = evaluate(*toy_pair, tmp_path, metrics=["w1"], progress=False, config=FAST)
     parsed = _parse(tmp_path)
     assert not (tmp_path / "plots" / "response.png").exists()
@@ -174,9 +175,36 @@ def test_absent_scores_leave_no_plot_or_row(toy_pair: tuple[Path, Path], tmp_pat
     assert "Observables" not in parsed.tables  # it is keyed by separation power, not requested
 
 
-def test_select_keeps_global_observables_and_spreads_per_layer_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "_MAX_HIST_PLOTS", 6)
-    names = ["E_tot/E_inc", "n_hits"] + [f"E_layer_{i}" for i in range(10)]
-    chosen = report._select(names)
-    assert chosen == ["E_tot/E_inc", "n_hits", "E_layer_0", "E_layer_3", "E_layer_6", "E_layer_9"]
-    assert report._select(names[:5]) == names[:5]
+def test_every_layer_of_a_45_layer_detector_is_plotted() -> None:
+    families = ("E_layer", "x_centre", "x_width", "sparsity")
+    names = ["E_tot/E_inc", "n_hits"] + [f"{f}_{i}" for i in range(45) for f in families]
+    groups = report._plot_groups(names)
+    assert sorted(k for g in groups for k in g) == sorted(names)  # every observable once, no cap
+    assert groups[:2] == [["E_tot/E_inc"], ["n_hits"]]
+    grids = groups[2:]
+    assert len(grids) == len(families) * 4  # 45 layers in figures of 12: 12 + 12 + 12 + 9
+    assert all(len({k.rpartition("_")[0] for k in g}) == 1 for g in grids)  # one family a figure
+    assert [len(g) for g in grids[:4]] == [12, 12, 12, 9]
+    assert grids[3] == [f"E_layer_{i}" for i in range(36, 45)]
+
+
+def test_grid_and_images_of_many_layers(tmp_path: Path) -> None:
+    """A 13-layer toy detector: two image figures and two grid figures per family show all 13 layers."""
+    from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer
+    from fastshower.validate.metrics import Binning, calochallenge_binning
+    from fastshower.validate.observables import radial_edges, radial_profile
+
+    seg = CartesianSegmentation(2, 2, 5.0, 5.0)
+    geo = Geometry(name="g13", description="", source="",
+                   layers=tuple(ReadoutLayer(None, 0.0, "G4_Si", 1.0, 1, seg) for _ in range(13)))
+    names = [f"x_centre_{i}" for i in range(13)]
+    b = calochallenge_binning("x_centre_0")
+    assert isinstance(b, Binning)
+    counts = {k: np.arange(b.n_bins + 2) for k in names}
+    image = np.linspace(0, 1, geo.n_voxels)
+    edges = radial_edges(geo)
+    radial = radial_profile(image[None], geo)[0]
+    pd = report.PlotData(geo, dict.fromkeys(names, b), counts, counts, image, image, edges, radial, radial)
+    figs = report._write_plots(tmp_path, {"separation_power": dict.fromkeys(names, 0.0)}, pd)
+    assert figs == ["images_00.png", "images_01.png", "profiles.png", "layers_000.png", "layers_001.png"]
+    assert all((tmp_path / f).stat().st_size > 1000 for f in figs)

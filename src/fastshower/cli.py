@@ -175,7 +175,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     result = evaluate(
         args.reference, args.candidate, args.out, metrics=metrics, seed=args.seed, floor=args.floor,
-        binning=args.binning, progress=not args.quiet,
+        binning=args.binning, binning_xml=args.binning_xml, progress=not args.quiet,
     )
     out = Path(args.out)
     print(json.dumps(_headline(result), indent=2))
@@ -333,6 +333,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e = _verb(sub, "evaluate", _cmd_evaluate, "score a candidate shower file against a reference")
     e.add_argument("--reference", required=True, help="reference shower file (e.g. Geant4)")
     e.add_argument("--candidate", required=True, help="shower file to score")
@@ -340,7 +342,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--metrics", default=None, help="comma-separated subset of metrics (default: all)")
     e.add_argument("--seed", type=int, default=0, help="seeds the classifier split and subsamples")
     e.add_argument("--floor", action="store_true", help="also score the reference against itself (halves)")
-    e.add_argument("--binning", default=None, help="CaloChallenge binning XML for files of datasets 1-3")
+    # checked by evaluate, so that a wrong value is one line and status 2 like any other bad input
+    e.add_argument("--binning", default="quantile", metavar="{quantile,calochallenge}",
+                   help="histogram binning: quantile bins of the reference with under/overflow, or the fixed "
+                   "ranges of the CaloChallenge evaluation (datasets 2-3; out-of-range values dropped)")
+    e.add_argument("--binning-xml", default=None, help="CaloChallenge binning XML for files of datasets 1-3")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -380,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"fastshower {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_files, _add_simulate, _add_train, _add_generate, _add_deploy):
+    for add in (_add_files, _add_simulate, _add_train, _add_generate, _add_evaluate, _add_deploy):
         add(sub)
     return p
 

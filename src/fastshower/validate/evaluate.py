@@ -1,10 +1,23 @@
 """``evaluate``: score a candidate shower file against a reference file and write a report.
 
-Memory stays bounded whatever the file sizes: every file is streamed chunk by chunk through
-the observables into fixed-binning histograms and per-energy moment sums; the sample-based
-scores (classifier, FPD/KPD, SSIM, support size) use a seeded random subsample of at most
-``EvaluationConfig.max_subsample`` showers per file (fewer for large geometries, so the
-low-level features fit ``feature_budget_bytes``), drawn uniformly over the whole file.
+Memory stays bounded whatever the file and detector sizes: every file is streamed chunk by
+chunk (at most ``EvaluationConfig.chunk_bytes`` of float64 showers at a time, so a 65 025-cell
+detector reads a few hundred showers per chunk) through the observables into fixed-binning
+histograms and per-energy moment sums; the sample-based scores (classifier, FPD/KPD, SSIM,
+support size) use a seeded random subsample of at most ``EvaluationConfig.max_subsample``
+showers per file, drawn uniformly over the whole file.
+
+The low-level classifier sees log10(E_inc) and the voxels / E_inc. Above
+``EvaluationConfig.classifier_max_voxels`` voxels (high-granularity calorimeters: ILD 27 000,
+CaloChallenge dataset 3 40 500, CLIC-like 65 025 cells) it sees instead the energy summed over
+k x k blocks of neighbouring cells within each layer, with the smallest k that brings the
+feature count under the cap (:func:`fastshower.validate.observables.pooled_voxels`). Sum
+pooling was chosen over a small CNN because it is deterministic without training, keeps every
+layer's energy and the layer structure, costs one pass over the voxels, and leaves the MLP
+classifier of the CaloChallenge unchanged; an MLP on 40 000-65 000 inputs would need several
+GB for 20 000 showers per file and minutes per epoch on a CPU. What it gives up, structure
+inside one block, the histograms of per-layer widths and the high-level classifier still see.
+metrics.json records what the classifier saw (``classifier.low.input``).
 """
 
 from __future__ import annotations
@@ -24,9 +37,17 @@ from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, GeometryError, read_calochallenge_binning
 from fastshower.io import ShowerFile, ShowerFileError, convention_clash
 from fastshower.validate import metrics as M
-from fastshower.validate.observables import compute_observables, observable_names, radial_edges, radial_profile
+from fastshower.validate.observables import (
+    compute_observables,
+    layer_energies,
+    observable_names,
+    pooled_size,
+    pooled_voxels,
+    radial_edges,
+    radial_profile,
+)
 
-__all__ = ["METRICS", "EvaluationConfig", "EvaluationResultSchema", "ValidationInputError", "evaluate"]
+__all__ = ["BINNINGS", "METRICS", "EvaluationConfig", "EvaluationResultSchema", "ValidationInputError", "evaluate"]
 
 #: metric names accepted by ``evaluate(metrics=...)`` (None = all)
 METRICS: tuple[str, ...] = (
@@ -42,6 +63,9 @@ METRICS: tuple[str, ...] = (
     "multi_peak",
     "response",
 )
+#: histogram binnings accepted by ``evaluate(binning=...)``: fastshower's quantile rule with
+#: under/overflow bins, or the fixed ranges of the CaloChallenge evaluation (out-of-range dropped)
+BINNINGS: tuple[str, ...] = ("quantile", "calochallenge")
 _INTEGER_OBS = {"n_hits", "n_peaks"}
 _VOXEL = "voxel_energy"
 
@@ -55,13 +79,19 @@ class EvaluationConfig:
     """Knobs of :func:`evaluate` (defaults are the documented choices).
 
     Attributes:
-        chunk_size: showers read per chunk.
+        chunk_size: showers read per chunk (fewer when ``chunk_bytes`` is the tighter cap).
+        chunk_bytes: cap on one chunk of float64 showers (rows x voxels x 8 bytes); the
+            observables' temporaries take a few times this.
         n_bins: histogram bins per observable (see :func:`metrics.make_binning`).
         binning_sample: reference showers (random blocks of 1024) that fix the binnings.
         threshold: cell threshold for sparsity and hits, MeV.
         peak_fraction: a peak must exceed this fraction of the shower's visible energy.
         max_subsample: showers per file kept in memory for the sample-based scores.
-        feature_budget_bytes: cap on the float32 low-level features of one subsample.
+        feature_budget_bytes: cap on the float32 low-level classifier features of one subsample.
+        classifier_max_voxels: above this many voxels the low-level classifier sees k x k
+            pooled cells per layer (see the module docstring), at most this many.
+        raw_budget_bytes: cap on the float32 voxels kept per file for SSIM and the support size
+            when the classifier sees pooled cells (otherwise they share the classifier's copy).
         n_boot: multinomial bootstrap replicas for histogram-score errors.
         fpd_*, kpd_*: FPD/KPD settings (JetNet's defaults, scaled down to the subsample).
         ssim_per_bin: showers per sample and energy bin used for SSIM; ssim_pairs: pairs drawn.
@@ -73,12 +103,15 @@ class EvaluationConfig:
     """
 
     chunk_size: int = 4096
+    chunk_bytes: int = 1 << 27
     n_bins: int = 50
     binning_sample: int = 20_000
     threshold: float = 0.0
     peak_fraction: float = 0.02
     max_subsample: int = 20_000
     feature_budget_bytes: int = 1 << 30
+    classifier_max_voxels: int = 8192
+    raw_budget_bytes: int = 1 << 29
     n_boot: int = 30
     fpd_min_samples: int = 20_000
     fpd_max_samples: int = 50_000
@@ -116,12 +149,21 @@ def _requested_metrics(metrics: Sequence[str] | None) -> set[str]:
     return which
 
 
-def _imposed_geometry(binning: str | Path | None, ref: Path, cand: Path) -> Geometry | None:
+def _binning_scheme(binning: str) -> str:
+    """``binning`` checked against :data:`BINNINGS` (a path to an XML gets a pointer to ``binning_xml``)."""
+    if binning in BINNINGS:
+        return binning
+    hint = ("; a CaloChallenge binning XML goes to binning_xml (--binning-xml)"
+            if str(binning).lower().endswith(".xml") else "")
+    raise ValidationInputError(f"unknown binning {str(binning)!r}; choose from {', '.join(BINNINGS)}{hint}")
+
+
+def _imposed_geometry(binning_xml: str | Path | None, ref: Path, cand: Path) -> Geometry | None:
     """The geometry of a CaloChallenge binning XML to impose on both files (None: each file's own)."""
-    if binning is None:
+    if binning_xml is None:
         return None
     try:
-        return read_calochallenge_binning(binning)
+        return read_calochallenge_binning(binning_xml)
     except GeometryError as exc:
         raise ValidationInputError(f"cannot compare {cand} with reference {ref}: {exc}") from None
 
@@ -238,10 +280,12 @@ class _Summary:
 class _Subsample:
     """Seeded random subsample of one file held in memory for the sample-based scores."""
 
-    low: np.ndarray  # (m, 1 + V) float32: log10(E_inc / MeV), voxels / E_inc
+    low: np.ndarray  # (m, 1 + P) float32: log10(E_inc / MeV), classifier voxel features / E_inc
     high: np.ndarray  # (m, n_obs) float64 observables
     ebin: np.ndarray  # (m,) energy-bin index
     half: np.ndarray  # (m,) bool: reference half B (floor)
+    raw: np.ndarray  # (r, V) float32 voxels / E_inc (SSIM, support size); a view into low when not pooled
+    raw_ebin: np.ndarray  # (r,) energy-bin index of the raw rows
 
 
 def _energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -253,51 +297,89 @@ def _energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.where((eb < 0) | (eb >= ne), -1, eb)
 
 
-def _stream(f: ShowerFile, n_used: int, geometry: Geometry, binnings: dict[str, M.Binning], edges: np.ndarray,
-            keep: np.ndarray, half_rng: np.random.Generator | None, cfg: EvaluationConfig,
-            progress: bool, desc: str) -> tuple[dict[str, _Summary], _Subsample]:
+def _chunk_rows(geometry: Geometry, cfg: EvaluationConfig) -> int:
+    """Showers per chunk: ``cfg.chunk_size``, fewer when rows x V float64 would exceed ``cfg.chunk_bytes``."""
+    return int(max(1, min(cfg.chunk_size, cfg.chunk_bytes // (8 * max(geometry.n_voxels, 1)))))
+
+
+def _shuffled_positions(m: int) -> np.ndarray:
+    """Where the j-th of ``m`` rows read in file order goes in the shuffled subsample, shape (m,): the
+    subsample is ``rows[perm]`` with ``perm`` from a generator seeded with ``m``, so any prefix is random."""
+    perm = np.random.default_rng(m).permutation(m)
+    dest = np.empty(m, dtype=np.int64)
+    dest[perm] = np.arange(m)
+    return dest
+
+
+class _Rows:
+    """The subsample (:class:`_Subsample`) filled chunk by chunk, each kept row written straight into
+    its shuffled place: one copy in memory, where concatenating the chunks' rows and then permuting
+    them held three at once (1.7 GB at 20 000 showers x 7226 pooled features)."""
+
+    def __init__(self, plan: _Plan, keep: np.ndarray, keep_raw: np.ndarray | None) -> None:
+        g, m = plan.geometry, len(keep)
+        self.keep, self.dest = keep, _shuffled_positions(m)
+        low = np.empty((m, 1 + pooled_size(g, plan.pool)), np.float32)
+        ebin = np.empty(m, dtype=np.int64)
+        self.sub = _Subsample(low, np.empty((m, len(observable_names(g)))), ebin, np.empty(m, bool), low[:, 1:], ebin)
+        self.keep_raw = keep_raw
+        if keep_raw is not None:
+            self.dest_raw = _shuffled_positions(len(keep_raw))
+            self.sub.raw = np.empty((len(keep_raw), g.n_voxels), np.float32)
+            self.sub.raw_ebin = np.empty(len(keep_raw), dtype=np.int64)
+
+    def add(self, start: int, s: np.ndarray, e: np.ndarray, obs: dict[str, np.ndarray], eb: np.ndarray,
+            half: np.ndarray, plan: _Plan) -> None:
+        """Write the kept rows of the chunk that starts at file row ``start``: showers ``s`` (n, V) MeV,
+        energies ``e`` (n,) MeV, observables ``obs`` (n,) each, energy bins ``eb`` (n,), halves (n,)."""
+        lo, hi = np.searchsorted(self.keep, [start, start + len(e)])
+        if hi > lo:
+            sel, d = self.keep[lo:hi] - start, self.dest[lo:hi]
+            self.sub.low[d, 0] = np.log10(e[sel])
+            self.sub.low[d, 1:] = pooled_voxels(s[sel], plan.geometry, plan.pool) / e[sel, None]
+            self.sub.high[d] = np.stack([obs[k][sel] for k in observable_names(plan.geometry)], axis=1)
+            self.sub.ebin[d], self.sub.half[d] = eb[sel], half[sel]
+        if self.keep_raw is not None:
+            lo, hi = np.searchsorted(self.keep_raw, [start, start + len(e)])
+            if hi > lo:
+                sel, d = self.keep_raw[lo:hi] - start, self.dest_raw[lo:hi]
+                self.sub.raw[d] = s[sel] / e[sel, None]
+                self.sub.raw_ebin[d] = eb[sel]
+
+
+def _stream(f: ShowerFile, plan: _Plan, n_used: int, keep: np.ndarray, keep_raw: np.ndarray | None,
+            half_rng: np.random.Generator | None, cfg: EvaluationConfig, progress: bool,
+            desc: str) -> tuple[dict[str, _Summary], _Subsample]:
     """Stream the first ``n_used`` showers of ``f`` through the observables in chunks.
 
     Returns the summaries ("all"; with ``half_rng`` also the random halves "A" and "B") and the
-    in-memory subsample of the rows ``keep`` (m,), shuffled so that any prefix is a random subsample.
-    Energies are binned by ``edges`` (k + 1,) MeV; showers outside them get energy bin -1.
+    in-memory subsample of the rows ``keep`` (m,) (raw voxels of the rows ``keep_raw`` when the
+    classifier sees pooled cells). Energies are binned by ``plan.edges``; showers outside them get
+    energy bin -1.
     """
-    names = observable_names(geometry)
-    ne = len(edges) - 1
-    summaries = {"all": _Summary.empty(binnings, ne, geometry.n_voxels)}
+    geometry, ne = plan.geometry, plan.n_energy_bins
+    summaries = {"all": _Summary.empty(plan.binnings, ne, geometry.n_voxels)}
     if half_rng is not None:
-        summaries["A"] = _Summary.empty(binnings, ne, geometry.n_voxels)
-        summaries["B"] = _Summary.empty(binnings, ne, geometry.n_voxels)
-    lows, highs, ebins, halves = [], [], [], []
+        summaries["A"] = _Summary.empty(plan.binnings, ne, geometry.n_voxels)
+        summaries["B"] = _Summary.empty(plan.binnings, ne, geometry.n_voxels)
+    rows = _Rows(plan, keep, keep_raw)
     bar = _bar(n_used, desc, progress)
-    for start in range(0, n_used, cfg.chunk_size):
-        batch = f.read(start, min(start + cfg.chunk_size, n_used))
+    step = _chunk_rows(geometry, cfg)
+    for start in range(0, n_used, step):
+        batch = f.read(start, min(start + step, n_used))
         s = batch.showers.astype(np.float64)
         e = batch.energies
         obs = compute_observables(s, e, geometry, cfg.threshold, cfg.peak_fraction)
-        eb = _energy_bin_index(e, edges)
+        eb = _energy_bin_index(e, plan.edges)
         summaries["all"].update(obs, s, e, eb, cfg.threshold)
         half = half_rng.random(len(e)) < 0.5 if half_rng is not None else np.zeros(len(e), bool)
         if half_rng is not None:
             for key, m in (("A", ~half), ("B", half)):
                 summaries[key].update({k: v[m] for k, v in obs.items()}, s[m], e[m], eb[m], cfg.threshold)
-        sel = keep[(keep >= start) & (keep < start + len(e))] - start
-        if sel.size:
-            lows.append(np.concatenate([np.log10(e[sel])[:, None], s[sel] / e[sel, None]], axis=1).astype(np.float32))
-            highs.append(np.stack([obs[k][sel] for k in names], axis=1))
-            ebins.append(eb[sel])
-            halves.append(half[sel])
+        rows.add(start, s, e, obs, eb, half, plan)
         bar.update(len(e))
     bar.close()
-    sub = _Subsample(
-        low=np.concatenate(lows) if lows else np.zeros((0, 1 + geometry.n_voxels), np.float32),
-        high=np.concatenate(highs) if highs else np.zeros((0, len(names))),
-        ebin=np.concatenate(ebins) if ebins else np.zeros(0, int),
-        half=np.concatenate(halves) if halves else np.zeros(0, bool),
-    )
-    # the rows were read in file order: shuffle them so that any prefix is a random subsample
-    perm = np.random.default_rng(len(sub.ebin)).permutation(len(sub.ebin))
-    return summaries, _Subsample(sub.low[perm], sub.high[perm], sub.ebin[perm], sub.half[perm])
+    return summaries, rows.sub
 
 
 class _NoBar:
@@ -319,26 +401,104 @@ def _bar(total: int, desc: str, progress: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="shower", leave=False)
 
 
-def _make_binnings(f: ShowerFile, n_used: int, geometry: Geometry, cfg: EvaluationConfig,
-                   rng: np.random.Generator) -> dict[str, M.Binning]:
-    """Fixed binnings from random 1024-shower blocks of the reference (``cfg.binning_sample`` showers)."""
+# ======================================================================================
+# binnings
+# ======================================================================================
+
+
+@dataclass
+class _BinningSample:
+    """Observables of the reference's binning sample and the largest values the CaloChallenge binning needs.
+
+    Attributes:
+        obs: observable -> values (m,) over the sampled showers.
+        voxels: a random sample of voxel energies above threshold, MeV.
+        maxima: "E_layer_i" and "voxel_energy" -> the largest value in the sample, MeV.
+        whole: the sample is the whole reference (its maxima are the reference's).
+    """
+
+    obs: dict[str, np.ndarray]
+    voxels: np.ndarray
+    maxima: dict[str, float]
+    whole: bool
+
+
+def _sample_block(s: np.ndarray, e: np.ndarray, geometry: Geometry, cfg: EvaluationConfig,
+                  rng: np.random.Generator, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """Observables, up to 100 000 random voxel energies above threshold and the largest voxel (MeV) of
+    one block of showers ``s`` (n, V) MeV float32, ``e`` (n,) MeV, computed ``rows`` showers at a time."""
+    parts: list[dict[str, np.ndarray]] = []
+    vox: list[np.ndarray] = []
+    vmax = 0.0
+    for a in range(0, len(e), rows):
+        x = s[a:a + rows].astype(np.float64)
+        parts.append(compute_observables(x, e[a:a + rows], geometry, cfg.threshold, cfg.peak_fraction))
+        v = x[x > cfg.threshold]
+        take = max(1, 100_000 * len(x) // len(e))
+        vox.append(v[rng.permutation(v.size)[:take]])
+        vmax = max(vmax, float(x.max(initial=0.0)))
+    obs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return obs, np.concatenate(vox), vmax
+
+
+def _binning_sample(f: ShowerFile, n_used: int, geometry: Geometry, cfg: EvaluationConfig,
+                    rng: np.random.Generator) -> _BinningSample:
+    """Observables of random 1024-shower blocks of the reference (``cfg.binning_sample`` showers)."""
     block = 1024
     n_blocks = max(1, math.ceil(n_used / block))
     take = min(n_blocks, max(1, cfg.binning_sample // block))
     starts = np.sort(rng.choice(n_blocks, take, replace=False)) * block
+    rows = _chunk_rows(geometry, cfg)
     obs_parts: list[dict[str, np.ndarray]] = []
     vox: list[np.ndarray] = []
+    vmax = 0.0
     for a in starts:
         b = f.read(int(a), int(min(a + block, n_used)))
-        s = b.showers.astype(np.float64)
-        obs_parts.append(compute_observables(s, b.energies, geometry, cfg.threshold, cfg.peak_fraction))
-        v = s[s > cfg.threshold]
-        vox.append(v[rng.permutation(v.size)[:100_000]])
+        obs, v, m = _sample_block(b.showers, b.energies, geometry, cfg, rng, rows)
+        obs_parts.append(obs)
+        vox.append(v)
+        vmax = max(vmax, m)
+    obs = {k: np.concatenate([o[k] for o in obs_parts]) for k in obs_parts[0]}
+    maxima = {k: float(v.max()) for k, v in obs.items() if k.startswith("E_layer_")} | {_VOXEL: vmax}
+    return _BinningSample(obs, np.concatenate(vox), maxima, whole=take == n_blocks)
+
+
+def _reference_maxima(f: ShowerFile, n_used: int, geometry: Geometry, cfg: EvaluationConfig) -> dict[str, float]:
+    """The largest energy of each layer ("E_layer_i") and of any voxel ("voxel_energy") over the first
+    ``n_used`` showers of the reference, MeV: one extra pass, read in chunks."""
+    layer_max = np.zeros(geometry.n_layers)
+    vmax = 0.0
+    step = _chunk_rows(geometry, cfg)
+    for a in range(0, n_used, step):
+        s = f.read(a, min(a + step, n_used)).showers.astype(np.float64)
+        layer_max = np.maximum(layer_max, layer_energies(s, geometry).max(axis=0))
+        vmax = max(vmax, float(s.max(initial=0.0)))
+    return {f"E_layer_{i}": float(m) for i, m in enumerate(layer_max)} | {_VOXEL: vmax}
+
+
+def _make_binnings(f: ShowerFile, n_used: int, geometry: Geometry, cfg: EvaluationConfig,
+                   rng: np.random.Generator, scheme: str) -> dict[str, M.Binning]:
+    """Fixed binnings of every observable, from a sample of the reference (see :class:`EvaluationConfig`).
+
+    ``scheme`` "quantile": :func:`metrics.make_binning` for all. "calochallenge": the challenge's
+    fixed ranges (:func:`metrics.calochallenge_binning`) where it has one, the quantile rule for
+    the others; its log ranges end at the reference's largest layer and voxel energies, found by
+    an extra pass over the reference unless the sample was the whole file.
+    """
+    sample = _binning_sample(f, n_used, geometry, cfg, rng)
     binnings = {
-        k: M.make_binning(np.concatenate([o[k] for o in obs_parts]), cfg.n_bins, integer=k in _INTEGER_OBS)
-        for k in observable_names(geometry)
+        k: M.make_binning(sample.obs[k], cfg.n_bins, integer=k in _INTEGER_OBS) for k in observable_names(geometry)
     }
-    binnings[_VOXEL] = M.make_binning(np.concatenate(vox), cfg.n_bins, log=True)
+    binnings[_VOXEL] = M.make_binning(sample.voxels, cfg.n_bins, log=True)
+    if scheme == "calochallenge":
+        maxima = sample.maxima if sample.whole else _reference_maxima(f, n_used, geometry, cfg)
+        for k in binnings:
+            # a hair above the maximum, so that the largest reference value stays inside whatever
+            # the summation order of the pass that found it
+            top = maxima.get(k)
+            b = M.calochallenge_binning(k, None if top is None else top * (1 + 1e-12))
+            if b is not None:
+                binnings[k] = b
     return binnings
 
 
@@ -356,8 +516,11 @@ class _Plan:
         which: the metrics to compute (SSIM and multi-peak are dropped for air-shower profiles).
         n_ref, n_cand: showers read from the start of each file (``max_showers`` applied).
         edges: energy-bin edges, shape (k + 1,), MeV; labels: one text label per energy bin (k,).
-        binnings: observable -> fixed binning, made from reference showers.
+        binnings: observable -> fixed binning, made from reference showers; binning: its scheme.
         keep_ref, keep_cand: sorted row indices (m,) of the showers kept in memory per file.
+        pool: side of the cell blocks the low-level classifier sees (1: every voxel).
+        keep_raw_ref, keep_raw_cand: sorted rows (r,) whose raw voxels are kept (None: pool is 1
+            and the classifier's copy serves).
     """
 
     geometry: Geometry
@@ -369,25 +532,51 @@ class _Plan:
     binnings: dict[str, M.Binning]
     keep_ref: np.ndarray
     keep_cand: np.ndarray
+    binning: str = "quantile"
+    pool: int = 1
+    keep_raw_ref: np.ndarray | None = None
+    keep_raw_cand: np.ndarray | None = None
 
     @property
     def n_energy_bins(self) -> int:
         """Number of energy bins k."""
         return len(self.edges) - 1
 
+    @property
+    def low_input(self) -> str:
+        """What the low-level classifier sees, in words (written to metrics.json)."""
+        if self.pool == 1:
+            return f"log10(E_inc) and voxels / E_inc ({self.geometry.n_voxels} voxels)"
+        n = pooled_size(self.geometry, self.pool)
+        return (f"log10(E_inc) and pooled {self.pool}x{self.pool} cells per layer / E_inc ({n} sums of "
+                f"{self.geometry.n_voxels} voxels)")
 
-def _subsample_cap(geometry: Geometry, cfg: EvaluationConfig) -> int:
+
+def _classifier_pool(geometry: Geometry, cfg: EvaluationConfig) -> int:
+    """Side k of the k x k cell blocks the low-level classifier sees: 1 (every voxel) up to
+    ``cfg.classifier_max_voxels`` voxels, else the smallest k whose pooled count fits."""
+    if geometry.profile is not None or geometry.n_voxels <= cfg.classifier_max_voxels:
+        return 1
+    largest = max(max(geometry.layer_shape(i)) for i in range(geometry.n_layers))
+    k = 2
+    while k < largest and pooled_size(geometry, k) > cfg.classifier_max_voxels:
+        k += 1
+    return k
+
+
+def _subsample_cap(geometry: Geometry, cfg: EvaluationConfig, pool: int) -> int:
     """Showers per file kept in memory: ``cfg.max_subsample``, fewer when the float32 low-level
-    features (1 + V per shower) would exceed ``cfg.feature_budget_bytes``, never fewer than 100."""
-    return int(min(cfg.max_subsample, max(100, cfg.feature_budget_bytes // (4 * (geometry.n_voxels + 1)))))
+    features (1 + pooled cells per shower) would exceed ``cfg.feature_budget_bytes``, never fewer than 100."""
+    n = pooled_size(geometry, pool) if geometry.profile is None else geometry.n_voxels
+    return int(min(cfg.max_subsample, max(100, cfg.feature_budget_bytes // (4 * (n + 1)))))
 
 
 def _plan(rf: ShowerFile, cf: ShowerFile, which: set[str], seed: int, max_showers: int | None,
-          energy_bins: Sequence[float] | None, cfg: EvaluationConfig) -> _Plan:
+          energy_bins: Sequence[float] | None, cfg: EvaluationConfig, binning: str) -> _Plan:
     """Check that the files can be compared and fix energy bins, binnings and subsamples.
 
     The generator seeded with ``seed`` draws the binning blocks first, then the reference's and
-    the candidate's subsample rows, in that order.
+    the candidate's subsample rows, then (pooled classifier only) their raw-voxel rows.
     """
     n_ref = rf.n if max_showers is None else min(rf.n, max_showers)
     n_cand = cf.n if max_showers is None else min(cf.n, max_showers)
@@ -400,11 +589,18 @@ def _plan(rf: ShowerFile, cf: ShowerFile, which: set[str], seed: int, max_shower
     discrete = np.unique(e_ref)
     labels = [_energy_label(edges[j], edges[j + 1], discrete) for j in range(len(edges) - 1)]
     rng = np.random.default_rng(seed)
-    binnings = _make_binnings(rf, n_ref, geometry, cfg, rng)
-    cap = _subsample_cap(geometry, cfg)
+    binnings = _make_binnings(rf, n_ref, geometry, cfg, rng, binning)
+    pool = _classifier_pool(geometry, cfg)
+    cap = _subsample_cap(geometry, cfg, pool)
     keep_ref = np.sort(rng.choice(n_ref, min(n_ref, cap), replace=False))
     keep_cand = np.sort(rng.choice(n_cand, min(n_cand, cap), replace=False))
-    return _Plan(geometry, which, n_ref, n_cand, edges, labels, binnings, keep_ref, keep_cand)
+    raw_ref = raw_cand = None
+    if pool > 1:
+        n_raw = max(1, cfg.raw_budget_bytes // (4 * geometry.n_voxels))
+        raw_ref = np.sort(rng.choice(keep_ref, min(len(keep_ref), n_raw), replace=False))
+        raw_cand = np.sort(rng.choice(keep_cand, min(len(keep_cand), n_raw), replace=False))
+    return _Plan(geometry, which, n_ref, n_cand, edges, labels, binnings, keep_ref, keep_cand, binning, pool,
+                 raw_ref, raw_cand)
 
 
 # ======================================================================================
@@ -454,10 +650,10 @@ def _fpd_kpd(ref: np.ndarray, cand: np.ndarray, cfg: EvaluationConfig, seed: int
     return out
 
 
-def _layer_images(low: np.ndarray, geometry: Geometry) -> list[np.ndarray]:
-    """Per layer, the images (m, rows, columns) of low-level features ``low`` (m, 1 + V)."""
-    v = low[:, 1:]
-    return [v[:, geometry.layer_slice(i)].reshape(len(v), *geometry.layer_shape(i)) for i in range(geometry.n_layers)]
+def _layer_images(raw: np.ndarray, geometry: Geometry) -> list[np.ndarray]:
+    """Per layer, the images (m, rows, columns) of showers ``raw`` (m, V)."""
+    return [raw[:, geometry.layer_slice(i)].reshape(len(raw), *geometry.layer_shape(i))
+            for i in range(geometry.n_layers)]
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -518,8 +714,9 @@ def _score_pair(a: _Summary, b: _Summary, sub_a: _Subsample, sub_b: _Subsample, 
 def _split_halves(sub: _Subsample) -> tuple[_Subsample, _Subsample]:
     """The reference subsample's rows of half A and of half B (the floor's two samples)."""
     a, b = ~sub.half, sub.half
-    return (_Subsample(sub.low[a], sub.high[a], sub.ebin[a], sub.half[a]),
-            _Subsample(sub.low[b], sub.high[b], sub.ebin[b], sub.half[b]))
+    no_raw, no_bins = sub.raw[:0], sub.raw_ebin[:0]  # the floor has no SSIM or support size
+    return (_Subsample(sub.low[a], sub.high[a], sub.ebin[a], sub.half[a], no_raw, no_bins),
+            _Subsample(sub.low[b], sub.high[b], sub.ebin[b], sub.half[b], no_raw, no_bins))
 
 
 def _floor_scores(half_a: _Summary, half_b: _Summary, sub_ref: _Subsample, which: set[str], cfg: EvaluationConfig,
@@ -533,8 +730,10 @@ def _floor_scores(half_a: _Summary, half_b: _Summary, sub_ref: _Subsample, which
 
 def _energy_bin_separation_powers(ref: dict[str, M.HistogramAccumulator],
                                   cand: dict[str, M.HistogramAccumulator]) -> dict[str, Any]:
-    """Separation powers of one energy bin: for E_tot/E_inc, the mean over observables and the worst one."""
-    sp = {k: M.separation_power(ref[k].compute(), cand[k].compute()) for k in ref}
+    """Separation powers of one energy bin: for E_tot/E_inc, the mean over observables and the worst one
+    (on the counts each binning scores: in range only for the CaloChallenge binning)."""
+    sp = {k: M.separation_power(h.binning.scored(h.compute()), h.binning.scored(cand[k].compute()))
+          for k, h in ref.items()}
     worst = max(sp, key=lambda k: sp[k])
     return {"separation_power_E_tot/E_inc": sp["E_tot/E_inc"],
             "separation_power_mean": float(np.mean(list(sp.values()))),
@@ -588,14 +787,24 @@ def _scores(plan: _Plan, sums_ref: dict[str, _Summary], sub_ref: _Subsample, can
             row["ssim_reference"], row["ssim_candidate"] = s["reference"], s["candidate"]
     steps.update(1)
     if "support_size" in which:
-        result["support_size"] = _support(sub_ref.low[:, 1:], sub_cand.low[:, 1:], plan.geometry, cfg, seed)
+        result["support_size"] = _support(sub_ref.raw, sub_cand.raw, plan.geometry, cfg, seed)
     steps.update(1)
     result["per_energy"] = rows
     if floor:
         result["floor"] = _floor_scores(sums_ref["A"], sums_ref["B"], sub_ref, which, cfg, seed, ne)
+    _label_classifier_inputs(result, plan)
     steps.update(1)
     steps.close()
     return result
+
+
+def _label_classifier_inputs(result: dict[str, Any], plan: _Plan) -> None:
+    """Write into each classifier result (and the floor's) what it saw: ``input``, in words."""
+    high = f"log10(E_inc) and {len(observable_names(plan.geometry))} observables"
+    for part in (result, result.get("floor", {})):
+        for side, text in (("low", plan.low_input), ("high", high)):
+            if side in part.get("classifier", {}):
+                part["classifier"][side]["input"] = text
 
 
 # ======================================================================================
@@ -608,7 +817,8 @@ def _inputs_header(rf: ShowerFile, cf: ShowerFile, plan: _Plan, seed: int, n_ref
     return {
         "reference": str(rf.path), "candidate": str(cf.path), "geometry": plan.geometry.name,
         "particle": rf.particle, "seed": seed, "n_reference": n_ref, "n_candidate": n_cand,
-        "fastshower_version": __version__, "metrics": sorted(plan.which),
+        "fastshower_version": __version__, "metrics": sorted(plan.which), "histogram_binning": plan.binning,
+        "classifier_low_input": plan.low_input,
     }
 
 
@@ -663,12 +873,13 @@ def evaluate(
     metrics: Sequence[str] | None = None,
     seed: int = 0,
     floor: bool = False,
-    binning: str | Path | None = None,
+    binning: str = "quantile",
     max_showers: int | None = None,
     progress: bool = True,
     energy_bins: Sequence[float] | None = None,
     config: EvaluationConfig | None = None,
     report: bool = True,
+    binning_xml: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``candidate`` against ``reference``; write ``out/metrics.json`` and ``out/report.html``.
 
@@ -680,7 +891,10 @@ def evaluate(
         seed: seeds binning blocks, subsamples, splits, bootstraps and the floor's halves.
         floor: also score the reference's two random halves against each other (``floor.*``):
             the statistical floor every score is read against (CaloChallenge's Geant4 vs Geant4).
-        binning: a CaloChallenge binning XML; its geometry is imposed on both files.
+        binning: histogram binning (:data:`BINNINGS`): "quantile" (default), reference quantiles
+            with under/overflow bins (:func:`metrics.make_binning`); "calochallenge", the fixed
+            ranges of the CaloChallenge datasets 2-3 evaluation where it has one
+            (:func:`metrics.calochallenge_binning`), out-of-range values dropped. In metrics.json.
         max_showers: read at most the first ``max_showers`` showers of each file (a quick look;
             a file sorted by energy is then biased).
         progress: tqdm progress bars.
@@ -689,6 +903,7 @@ def evaluate(
             2, 2.5 GeV, else 8 log-spaced bins).
         config: the remaining knobs (:class:`EvaluationConfig`).
         report: write report.html and its plots (False: metrics.json only, for quick checks).
+        binning_xml: a CaloChallenge binning XML; its geometry is imposed on both files.
 
     Returns:
         The metrics dict also written to metrics.json (NaN written as null); its keys are
@@ -696,15 +911,17 @@ def evaluate(
 
     Raises:
         ValidationInputError: files that cannot be compared (different geometries or particles,
-            empty, no overlapping energies, NaN energies, unreadable), naming both files.
+            empty, no overlapping energies, NaN energies, unreadable), naming both files; an
+            unknown metric or binning.
     """
     t0 = time.perf_counter()
     cfg = config or EvaluationConfig()
     which = _requested_metrics(metrics)
+    scheme = _binning_scheme(binning)
     ref_path, cand_path = Path(reference), Path(candidate)
-    rf, cf = _open_pair(ref_path, cand_path, _imposed_geometry(binning, ref_path, cand_path))
+    rf, cf = _open_pair(ref_path, cand_path, _imposed_geometry(binning_xml, ref_path, cand_path))
     try:
-        plan = _plan(rf, cf, which, seed, max_showers, energy_bins, cfg)
+        plan = _plan(rf, cf, which, seed, max_showers, energy_bins, cfg, scheme)
         return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report)
     finally:
         rf.close()
@@ -715,10 +932,10 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
                          progress: bool, cfg: EvaluationConfig, t0: float, report: bool) -> dict[str, Any]:
     """Stream both files, score them, write metrics.json (and the report); returns metrics.json's dict."""
     half_rng = np.random.default_rng([seed, 1]) if floor else None
-    sums_ref, sub_ref = _stream(rf, plan.n_ref, plan.geometry, plan.binnings, plan.edges, plan.keep_ref, half_rng,
-                                cfg, progress, "reference")
-    sums_cand, sub_cand = _stream(cf, plan.n_cand, plan.geometry, plan.binnings, plan.edges, plan.keep_cand, None,
-                                  cfg, progress, "candidate")
+    sums_ref, sub_ref = _stream(rf, plan, plan.n_ref, plan.keep_ref, plan.keep_raw_ref, half_rng, cfg, progress,
+                                "reference")
+    sums_cand, sub_cand = _stream(cf, plan, plan.n_cand, plan.keep_cand, plan.keep_raw_cand, None, cfg, progress,
+                                  "candidate")
     ref, cand = sums_ref["all"], sums_cand["all"]
     result = _inputs_header(rf, cf, plan, seed, ref.n, cand.n)
     result.update(_scores(plan, sums_ref, sub_ref, cand, sub_cand, cfg, seed, floor, progress))
@@ -757,8 +974,8 @@ def _ssim(sub_r: _Subsample, sub_c: _Subsample, geometry: Geometry, labels: list
     """Per energy bin: mean SSIM within reference, within candidate, and across (see metrics.ssim_diversity)."""
     rows = []
     for j, lab in enumerate(labels):
-        a = sub_r.low[sub_r.ebin == j][: cfg.ssim_per_bin]
-        b = sub_c.low[sub_c.ebin == j][: cfg.ssim_per_bin]
+        a = sub_r.raw[sub_r.raw_ebin == j][: cfg.ssim_per_bin]
+        b = sub_c.raw[sub_c.raw_ebin == j][: cfg.ssim_per_bin]
         row: dict[str, Any] = {"label": lab, "n_reference": len(a), "n_candidate": len(b)}
         ia, ib = _layer_images(a, geometry), _layer_images(b, geometry)
         for key, x, y, same in (("reference", ia, ia, True), ("candidate", ib, ib, True), ("cross", ia, ib, False)):
@@ -792,8 +1009,10 @@ EvaluationResultSchema: dict[str, str] = {
     "separation_power / separation_power_error": "{observable: S in [0, 1]} and bootstrap error",
     "w1 / w1_error": "{observable: binned W1 in the observable's unit}",
     "chi2_ndf / ndf": "{observable: two-sample chi2 / ndf}",
+    "histogram_binning": "quantile or calochallenge (see evaluate's binning)",
+    "classifier_low_input": "what the low-level classifier saw: every voxel, or k x k pooled cells per layer",
     "classifier.low / classifier.high": "auc, auc_error, jsd, jsd_error, best_epoch, n_train, n_test, n_validation, "
-    "per_energy_auc",
+    "per_energy_auc, input",
     "fpd / kpd": "value, error, scale (=1000: values are x1e3)",
     "ssim": "[per energy bin: reference, candidate, cross mean SSIM and errors]",
     "support_size": "threshold, reference/candidate: support, error, median_draws, n, censored",
@@ -801,6 +1020,6 @@ EvaluationResultSchema: dict[str, str] = {
     "response": "per_energy linearity/resolution, fit {reference, candidate}: a, b (sigma/E = a/sqrt(E) (+) b)",
     "per_energy": "[rows per energy bin: label, counts, separation powers, per-energy AUCs, SSIM]",
     "floor": "same scores for the reference's random halves (floor=True)",
-    "binning": "{observable: edges, log} the fixed binnings used",
+    "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

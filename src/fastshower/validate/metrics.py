@@ -31,8 +31,10 @@ import torch
 from scipy import linalg, optimize, stats
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits  # a requirement of scikit-learn
 
 __all__ = [
+    "CALOCHALLENGE_MIN_ENERGY_MEV",
     "Binning",
     "ClassifierResult",
     "DistanceResult",
@@ -44,6 +46,7 @@ __all__ = [
     "binned_w1",
     "binomial_fraction",
     "birthday_support_size",
+    "calochallenge_binning",
     "chi2_ndf",
     "classifier_score",
     "fit_resolution",
@@ -69,12 +72,18 @@ class Binning:
     """A fixed binning of one observable: ``edges`` (k + 1,) in the observable's unit.
 
     Values below the first edge and above the last go to an underflow and an overflow bin, so
-    a histogram has k + 2 counts and no value is ever lost. ``log`` only records how the edges
-    were spaced (for plotting).
+    a histogram has k + 2 counts and no value is ever lost. With ``drop_outside`` the scores
+    ignore those two bins and compare the in-range shapes, each renormalised to 1 (the
+    CaloChallenge convention: ``plt.hist(density=True)`` over a fixed range); without it they
+    count as bins like any other. ``log`` only records how the edges were spaced (for
+    plotting); ``scheme`` names the rule that made the edges ("quantile": :func:`make_binning`,
+    "calochallenge": :func:`calochallenge_binning`).
     """
 
     edges: tuple[float, ...]
     log: bool = False
+    drop_outside: bool = False
+    scheme: str = "quantile"
 
     @property
     def n_bins(self) -> int:
@@ -96,8 +105,14 @@ class Binning:
         w0, w1 = (e[1] - e[0]), (e[-1] - e[-2])
         return np.concatenate([[e[0] - 0.5 * w0], c, [e[-1] + 0.5 * w1]])
 
+    def scored(self, counts: np.ndarray) -> np.ndarray:
+        """The part of a histogram (counts (k + 2,)) the scores compare: the k regular bins when
+        ``drop_outside``, else all k + 2."""
+        c = np.asarray(counts)
+        return c[1:-1] if self.drop_outside else c
+
     def to_dict(self) -> dict[str, Any]:
-        return {"edges": list(self.edges), "log": self.log}
+        return {"edges": list(self.edges), "log": self.log, "drop_outside": self.drop_outside, "scheme": self.scheme}
 
 
 def make_binning(reference_values: np.ndarray, n_bins: int = 50, integer: bool = False,
@@ -138,6 +153,66 @@ def make_binning(reference_values: np.ndarray, n_bins: int = 50, integer: bool =
         pad = 1e-6 * max(1.0, abs(lo))
         return Binning((lo - pad, lo + pad))
     return Binning(tuple(float(x) for x in np.linspace(lo, hi, n_bins + 1)))
+
+
+#: lowest layer and voxel energy of the CaloChallenge datasets 2 and 3 histograms, MeV: the 0.5 keV
+#: silicon read-out threshold divided by the sampling fraction 0.033 (``args.min_energy`` of the
+#: challenge's ``evaluate.py``)
+CALOCHALLENGE_MIN_ENERGY_MEV = 0.5e-3 / 0.033
+
+#: observable-name prefix -> (low, high, number of edges) of the fixed linear CaloChallenge ranges
+_CALOCHALLENGE_LINEAR = {
+    "x_centre_": (-30.0, 30.0, 101),
+    "y_centre_": (-30.0, 30.0, 101),
+    "x_width_": (0.0, 30.0, 101),
+    "y_width_": (0.0, 30.0, 101),
+    "sparsity_": (0.0, 1.0, 20),
+}
+
+
+def calochallenge_binning(name: str, reference_max: float | None = None) -> Binning | None:
+    """The fixed binning the CaloChallenge 2022 evaluation gives observable ``name`` (datasets 2
+    and 3), or None where it has none (the caller then keeps :func:`make_binning`).
+
+    Source: ``code/evaluate.py`` (commit ff49275) and ``code/evaluate_plotting_helper.py``
+    (commit 5e12c02) of github.com/CaloChallenge/homepage, with ``x_scale = 'log'`` and
+    ``min_energy = 0.5e-3 / 0.033`` MeV as that script sets them for datasets 2 and 3:
+
+    - ``E_tot/E_inc``: 100 uniform bins in [0.5, 1.5] (``plot_Etot_Einc``);
+    - ``E_layer_i``: 39 log bins (40 edges) from ``min_energy`` to the reference's largest energy
+      in that layer, MeV (``plot_E_layers``);
+    - ``x_centre_i`` / ``y_centre_i`` (the challenge's centres of energy in eta / phi, x = r cos
+      alpha, y = r sin alpha): 100 uniform bins in [-30, 30] mm (``plot_ECEtas``, ``plot_ECPhis``);
+    - ``x_width_i`` / ``y_width_i``: 100 uniform bins in [0, 30] mm (``plot_ECWidthEtas/Phis``);
+    - ``voxel_energy``: 49 log bins (50 edges) from ``min_energy`` to the reference's largest
+      voxel, MeV (``plot_cell_dist``);
+    - ``sparsity_i``: 19 uniform bins in [0, 1]. The homepage script has no sparsity histogram;
+      this is the binning of ``plot_sparsity`` in the evaluation helper the challenge paper's
+      plots were made with (e.g. heidelberg-hepml/CaloINN ``src/evaluate_plotting_helper.py``),
+      which bins 1 - sparsity: the edges k/19 are symmetric, so it is the same binning.
+
+    Everything outside the range is dropped and the rest renormalised (``drop_outside``), as
+    ``plt.hist(density=True)`` does there. Args: ``reference_max``: the reference's largest value
+    of the observable (needed for ``E_layer_i`` and ``voxel_energy``), MeV.
+    """
+    if name == "E_tot/E_inc":
+        edges = np.linspace(0.5, 1.5, 101)
+    elif name.startswith("E_layer_") or name == "voxel_energy":
+        if reference_max is None:
+            raise ValueError(f"the CaloChallenge binning of {name} needs the reference's largest value")
+        lo = CALOCHALLENGE_MIN_ENERGY_MEV
+        # a reference that never exceeds the read-out threshold leaves one empty bin above it
+        hi = max(float(reference_max), lo * 1.001)
+        n = 40 if name.startswith("E_layer_") else 50
+        return Binning(tuple(float(x) for x in np.geomspace(lo, hi, n)), log=True, drop_outside=True,
+                       scheme="calochallenge")
+    else:
+        prefix = next((p for p in _CALOCHALLENGE_LINEAR if name.startswith(p) and name[len(p):].isdigit()), None)
+        if prefix is None:
+            return None
+        lo, hi, n = _CALOCHALLENGE_LINEAR[prefix]
+        edges = np.linspace(lo, hi, n)
+    return Binning(tuple(float(x) for x in edges), drop_outside=True, scheme="calochallenge")
 
 
 class HistogramAccumulator:
@@ -275,15 +350,17 @@ def histogram_score(p_counts: np.ndarray, q_counts: np.ndarray, binning: Binning
                     seed: int = 0) -> HistogramScore:
     """S, W1 and chi2 of two histograms (counts (k + 2,) with under/overflow) on ``binning``.
 
-    Uncertainties are the standard deviation over ``n_boot`` bootstrap replicas, each drawing
-    both histograms anew from multinomials with the observed bin probabilities (equivalent to
-    resampling the binned showers with replacement).
+    A binning that drops what falls outside (``binning.drop_outside``) scores the k regular bins
+    only, each histogram renormalised to its in-range total. Uncertainties are the standard
+    deviation over ``n_boot`` bootstrap replicas, each drawing both histograms anew from
+    multinomials with the observed bin probabilities (equivalent to resampling the binned
+    showers with replacement).
     """
-    centres = binning.centres()
-    s = separation_power(p_counts, q_counts)
-    w = binned_w1(p_counts, q_counts, centres)
-    chi2, ndf = chi2_ndf(p_counts, q_counts)
-    p, q = np.asarray(p_counts, np.int64), np.asarray(q_counts, np.int64)
+    centres = binning.scored(binning.centres())
+    p, q = np.asarray(binning.scored(p_counts), np.int64), np.asarray(binning.scored(q_counts), np.int64)
+    s = separation_power(p, q)
+    w = binned_w1(p, q, centres)
+    chi2, ndf = chi2_ndf(p, q)
     s_err = w_err = math.nan
     if n_boot > 1 and p.sum() > 0 and q.sum() > 0:
         rng = np.random.default_rng(seed)
@@ -389,18 +466,38 @@ def classifier_score(
         torch.set_num_threads(old_threads)
 
 
+def _standardise(x: np.ndarray, rows: np.ndarray, block: int = 2048) -> np.ndarray:
+    """``x`` (n, d) float32 shifted and scaled in place to zero mean and unit variance over ``rows``
+    (constant features keep scale 1).
+
+    In place, with the two passes (mean, then squared deviations, float64 sums) taken ``block``
+    rows at a time: at 20 000 showers per file and 7 000 features, ``x[rows].std()`` alone held
+    three more copies of the training rows (2 GB).
+    """
+    mu = np.zeros(x.shape[1])
+    for a in range(0, len(rows), block):
+        mu += x[rows[a:a + block]].sum(axis=0, dtype=np.float64)
+    mu /= max(len(rows), 1)
+    var = np.zeros(x.shape[1])
+    for a in range(0, len(rows), block):
+        var += np.square(x[rows[a:a + block]] - mu).sum(axis=0)
+    sd = np.sqrt(var / max(len(rows), 1))
+    sd[sd <= 0] = 1.0
+    for a in range(0, len(x), block):
+        x[a:a + block] -= mu
+        x[a:a + block] /= sd
+    return x
+
+
 def _classifier_score(reference: np.ndarray, candidate: np.ndarray, seed: int, hidden: int, max_epochs: int,
                       patience: int, batch_size: int, lr: float) -> ClassifierResult:
-    x = np.concatenate([reference, candidate]).astype(np.float32)
+    x = np.concatenate([reference, candidate]).astype(np.float32, copy=False)
     y = np.concatenate([np.zeros(len(reference)), np.ones(len(candidate))]).astype(np.float32)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     n_tr, n_te = int(0.6 * len(x)), int(0.2 * len(x))
     i_tr, i_te, i_va = perm[:n_tr], perm[n_tr:n_tr + n_te], perm[n_tr + n_te:]
-    mu = x[i_tr].mean(axis=0)
-    sd = x[i_tr].std(axis=0)
-    sd[sd <= 0] = 1.0
-    xs = torch.from_numpy((x - mu) / sd)
+    xs = torch.from_numpy(_standardise(x, i_tr))
     yt = torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -490,7 +587,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def fpd(reference: np.ndarray, candidate: np.ndarray, min_samples: int = 20_000, max_samples: int = 50_000,
         num_batches: int = 20, num_points: int = 10, normalise: bool = True, seed: int = 42,
-        scale: float = 1e3) -> DistanceResult:
+        scale: float = 1e3, num_threads: int | None = 1) -> DistanceResult:
     """Fréchet physics distance (JetNet ``fpd``, arXiv:2211.10295).
 
     Features (n, d) are divided by the reference's max |x|; for ``num_points`` sample sizes N
@@ -498,7 +595,18 @@ def fpd(reference: np.ndarray, candidate: np.ndarray, min_samples: int = 20_000,
     distance of ``num_batches`` pairs of random subsamples (drawn with replacement) is averaged;
     a straight line in 1/N is fitted (non-negative intercept and slope) and the intercept, the
     N -> infinity value, is returned with the fit's standard error, both x ``scale``.
+
+    ``num_threads``: BLAS threads meanwhile (restored afterwards; None keeps the setting). The
+    covariances of a few hundred observables gain nothing from threads, and on a busy machine
+    (a simulation on the other cores) OpenBLAS's spinning threads made each distance 12x slower.
     """
+    with threadpool_limits(limits=num_threads, user_api="blas"):
+        return _fpd(reference, candidate, min_samples, max_samples, num_batches, num_points, normalise, seed,
+                    scale)
+
+
+def _fpd(reference: np.ndarray, candidate: np.ndarray, min_samples: int, max_samples: int, num_batches: int,
+         num_points: int, normalise: bool, seed: int, scale: float) -> DistanceResult:
     x, y = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
     if normalise:
         x, y = _normalise(x, y)

@@ -44,6 +44,8 @@ __all__ = [
     "n_hits",
     "n_peaks",
     "observable_names",
+    "pooled_size",
+    "pooled_voxels",
     "profile_shape",
     "radial_edges",
     "radial_profile",
@@ -78,7 +80,8 @@ def _voxel_tables(geometry: Geometry) -> dict[str, np.ndarray]:
 
     Returns:
         layer: layer index, shape (V,); x, y, r: cell centre, shape (V,), mm;
-        z: layer depth centre, shape (V,), mm; onehot: shape (V, L), 1 where voxel in layer.
+        z: layer depth centre, shape (V,), mm; moments: shape (V, 7), the columns
+        :data:`_MOMENTS` (1, x, y, x^2, y^2, r, r^2) in mm powers.
     """
     if geometry.profile is not None:
         raise ValueError(f"geometry {geometry.name!r} is an air-shower profile: use profile_shape()")
@@ -89,14 +92,45 @@ def _voxel_tables(geometry: Geometry) -> dict[str, np.ndarray]:
         ys.append(c[:, 1])
         layer.append(np.full(la.n_cells, i))
     x, y, lay = np.concatenate(xs), np.concatenate(ys), np.concatenate(layer)
-    onehot = np.zeros((geometry.n_voxels, geometry.n_layers))
-    onehot[np.arange(geometry.n_voxels), lay] = 1.0
     z = geometry.layer_z_centres()[lay]
-    return {"layer": lay, "x": x, "y": y, "r": np.hypot(x, y), "z": z, "onehot": onehot}
+    r = np.hypot(x, y)
+    moments = np.stack([np.ones_like(x), x, y, x * x, y * y, r, r * r], axis=1)
+    return {"layer": lay, "x": x, "y": y, "r": r, "z": z, "moments": moments}
 
 
 def _table(geometry: Geometry, key: str, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(_voxel_tables(geometry)[key], dtype=like.dtype, device=like.device)
+
+
+def _layer_sum(x: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Sum of per-voxel values ``x`` (n, V) over each layer's voxels, shape (n, L).
+
+    Same result as ``x @ onehot`` but O(n V) instead of O(n V L): at 45 layers x 40 500 voxels
+    (CaloChallenge dataset 3) the one-hot product costs 45 times the work of reading the showers.
+    """
+    if geometry.is_uniform:
+        return x.reshape(x.shape[0], geometry.n_layers, -1).sum(dim=2)
+    return torch.stack([x[:, geometry.layer_slice(i)].sum(dim=1) for i in range(geometry.n_layers)], dim=1)
+
+
+#: columns of the per-voxel moment table of :func:`_layer_moments`
+_MOMENTS = ("1", "x", "y", "x2", "y2", "r", "r2")
+
+
+def _layer_moments(s: torch.Tensor, geometry: Geometry, cols: tuple[str, ...]) -> torch.Tensor:
+    """Energy-weighted sums over each layer's cells, sum_cells s f, of the cell functions ``cols``
+    (names of :data:`_MOMENTS`), shape (n, L, len(cols)), for showers ``s`` (n, V) MeV.
+
+    One matrix product per layer (one for the whole detector when the layers share a
+    segmentation) reads the showers once; the elementwise form s x, s x^2, ... made two
+    full-size temporaries per moment, half of the observables' time at 65 025 cells.
+    """
+    t = _table(geometry, "moments", s)[:, [_MOMENTS.index(c) for c in cols]]
+    if geometry.is_uniform:
+        cells = geometry.layer_sizes[0]
+        return s.reshape(s.shape[0], geometry.n_layers, cells) @ t[:cells]
+    slices = [geometry.layer_slice(i) for i in range(geometry.n_layers)]
+    return torch.stack([s[:, sl] @ t[sl] for sl in slices], dim=1)
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,7 +158,7 @@ def energy_ratio(showers: Array, energies: Array) -> Array:
 def layer_energies(showers: Array, geometry: Geometry) -> Array:
     """Energy per readout layer (the longitudinal profile), shape (n, L), MeV."""
     s, np_in = _t(showers)
-    return _out(s @ _table(geometry, "onehot", s), np_in)
+    return _out(_layer_sum(s, geometry), np_in)
 
 
 def max_cell(showers: Array) -> Array:
@@ -151,16 +185,11 @@ def centre_of_energy(showers: Array, geometry: Geometry) -> tuple[Array, Array]:
         ``sqrt(<x^2> - <x>^2)``. Empty layers give 0.
     """
     s, np_in = _t(showers)
-    oh = _table(geometry, "onehot", s)
-    e_l = s @ oh
-    cs, ws = [], []
-    for key in ("x", "y"):
-        c = _table(geometry, key, s)
-        m1 = _safe_div((s * c) @ oh, e_l)
-        m2 = _safe_div((s * c * c) @ oh, e_l)
-        cs.append(m1)
-        ws.append(torch.sqrt(torch.clamp(m2 - m1 * m1, min=0.0)))
-    return _out(torch.stack(cs, dim=-1), np_in), _out(torch.stack(ws, dim=-1), np_in)
+    sums = _layer_moments(s, geometry, ("1", "x", "y", "x2", "y2"))
+    e_l = sums[..., :1]
+    m1 = _safe_div(sums[..., 1:3], e_l.expand(-1, -1, 2))
+    m2 = _safe_div(sums[..., 3:5], e_l.expand(-1, -1, 2))
+    return _out(m1, np_in), _out(torch.sqrt(torch.clamp(m2 - m1 * m1, min=0.0)), np_in)
 
 
 def layer_r_moments(showers: Array, geometry: Geometry) -> tuple[Array, Array]:
@@ -174,11 +203,9 @@ def layer_r_moments(showers: Array, geometry: Geometry) -> tuple[Array, Array]:
         Empty layers give 0.
     """
     s, np_in = _t(showers)
-    oh = _table(geometry, "onehot", s)
-    r = _table(geometry, "r", s)
-    e_l = s @ oh
-    m1 = _safe_div((s * r) @ oh, e_l)
-    m2 = _safe_div((s * r * r) @ oh, e_l)
+    sums = _layer_moments(s, geometry, ("1", "r", "r2"))
+    m1 = _safe_div(sums[..., 1], sums[..., 0])
+    m2 = _safe_div(sums[..., 2], sums[..., 0])
     return _out(m1, np_in), _out(torch.sqrt(torch.clamp(m2 - m1 * m1, min=0.0)), np_in)
 
 
@@ -193,21 +220,22 @@ def _threshold(threshold: float | Array, like: torch.Tensor) -> torch.Tensor:
 def sparsity(showers: Array, threshold: float | Array = 0.0) -> Array:
     """Fraction of voxels at or below ``threshold`` (MeV, scalar or shape (n,)), shape (n,), in [0, 1]."""
     s, np_in = _t(showers)
-    return _out((s <= _threshold(threshold, s)).to(s.dtype).mean(dim=1), np_in)
+    # counted on booleans: a float copy of the mask costs as much memory as the showers
+    return _out((s <= _threshold(threshold, s)).sum(dim=1).to(s.dtype) / s.shape[1], np_in)
 
 
 def layer_sparsity(showers: Array, geometry: Geometry, threshold: float | Array = 0.0) -> Array:
     """Fraction of each layer's voxels at or below ``threshold`` (MeV), shape (n, L)."""
     s, np_in = _t(showers)
-    oh = _table(geometry, "onehot", s)
-    below = (s <= _threshold(threshold, s)).to(s.dtype)
-    return _out((below @ oh) / oh.sum(dim=0), np_in)
+    below = _layer_sum(s <= _threshold(threshold, s), geometry).to(s.dtype)
+    sizes = torch.as_tensor(geometry.layer_sizes, dtype=s.dtype, device=s.device)
+    return _out(below / sizes, np_in)
 
 
 def n_hits(showers: Array, threshold: float | Array = 0.0) -> Array:
     """Number of voxels above ``threshold`` (MeV), shape (n,), float (integer-valued)."""
     s, np_in = _t(showers)
-    return _out((s > _threshold(threshold, s)).to(s.dtype).sum(dim=1), np_in)
+    return _out((s > _threshold(threshold, s)).sum(dim=1).to(s.dtype), np_in)
 
 
 def voxel_spectrum(showers: Array, threshold: float = 0.0) -> Array:
@@ -217,6 +245,42 @@ def voxel_spectrum(showers: Array, threshold: float = 0.0) -> Array:
     """
     s, np_in = _t(showers)
     return _out(s[s > threshold], np_in)
+
+
+# --- pooled voxels ---------------------------------------------------------------------------------
+
+
+def pooled_size(geometry: Geometry, k: int) -> int:
+    """Number of pooled cells :func:`pooled_voxels` gives with blocks of ``k`` x ``k`` cells."""
+    return sum(math.ceil(h / k) * math.ceil(w / k) for h, w in (geometry.layer_shape(i)
+                                                                for i in range(geometry.n_layers)))
+
+
+def pooled_voxels(showers: Array, geometry: Geometry, k: int) -> Array:
+    """Energy summed over blocks of ``k`` x ``k`` neighbouring cells within each layer.
+
+    A layer image (rows, columns) is (y, x) for cartesian layers and (angular, radial) bins for
+    polar ones; blocks start at the first row and column, and the last block of a row or column
+    holds the remainder (``rows % k`` cells). Summing keeps each layer's energy, so the pooled
+    shower has the same total and layer profile as the original.
+
+    Args:
+        showers: (n, V) MeV. k: block side in cells (1 returns ``showers`` unchanged).
+
+    Returns:
+        shape (n, P), MeV, P = :func:`pooled_size`; layer by layer, block rows slow, block columns fast.
+    """
+    s, np_in = _t(showers)
+    if k == 1:
+        return _out(s, np_in)
+    parts = []
+    for i in range(geometry.n_layers):
+        h, w = geometry.layer_shape(i)
+        img = s[:, geometry.layer_slice(i)].reshape(-1, h, w)
+        img = F.pad(img, (0, (-w) % k, 0, (-h) % k))
+        hb, wb = img.shape[1] // k, img.shape[2] // k
+        parts.append(img.reshape(-1, hb, k, wb, k).sum(dim=(2, 4)).reshape(s.shape[0], hb * wb))
+    return _out(torch.cat(parts, dim=1), np_in)
 
 
 # --- crystal arrays ----------------------------------------------------------------------------------
@@ -257,7 +321,7 @@ def longitudinal_moments(showers: Array, geometry: Geometry) -> tuple[Array, Arr
         z_width: shape (n,), mm. Empty showers give 0.
     """
     s, np_in = _t(showers)
-    e_l = s @ _table(geometry, "onehot", s)
+    e_l = _layer_sum(s, geometry)
     z = torch.as_tensor(geometry.layer_z_centres(), dtype=s.dtype, device=s.device)
     tot = e_l.sum(dim=1)
     m1 = _safe_div(e_l @ z, tot)
