@@ -304,8 +304,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    ds = _verb(sub, "distill", _cmd_distill, "distil a flow-matching (or flow) run into a one-step generator")
-    ds.add_argument("--run", required=True, help="finished flow-matching or flow run (the teacher)")
+    ds = _verb(sub, "distill", _cmd_distill, "distil a flow-matching, flow or layer-fm run into a one-step generator")
+    ds.add_argument("--run", required=True, help="finished flow-matching, flow or layer-fm run (the teacher)")
     ds.add_argument("--out", required=True, help="new run folder for the one-step student")
     ds.add_argument("--pairs", type=int, default=100_000, help="teacher (noise, shower) pairs to learn from")
     ds.add_argument("--steps", type=int, default=4000, help="student optimisation steps")

@@ -95,8 +95,8 @@ TEACHERS = ("flow-matching", "flow", "layer-fm")
 def _check_teacher(run: Run, ode_steps: int | None) -> None:
     _, _, info = run
     if info.model_name not in TEACHERS:
-        raise DistillError(f"{info.run_dir}: distillation needs a flow-matching, flow or layer-fm teacher (a deterministic "
-                           f"multi-pass noise-to-shower map); this run is {info.model_name!r}")
+        raise DistillError(f"{info.run_dir}: distillation needs a flow-matching, flow or layer-fm teacher (a "
+                           f"deterministic multi-pass noise-to-shower map); this run is {info.model_name!r}")
     if ode_steps is not None and info.model_name != "flow-matching":
         raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
     if not info.finished:

@@ -353,7 +353,7 @@ def _infer_geometry(n_voxels: int, path: Path) -> Geometry:
     raise ShowerFileError(
         f"{path}: no 'geometry' attribute and {n_voxels} voxels match "
         f"{'no' if not matches else 'several'} built-in geometries; "
-        "pass geometry= (or binning=, a CaloChallenge binning XML)"
+        "pass geometry= (or binning_xml=, a CaloChallenge binning XML)"
     )
 
 
