@@ -247,7 +247,7 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
     of one loss evaluation (the forward half of a training step) and of sampling one shower.
 
     Measured on two showers of model-space zeros-and-ones with conditions 0, in eval mode and
-    without gradients; the model's training state is restored afterwards.
+    without gradients; the model's training state and torch's CPU RNG are restored afterwards.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -260,7 +260,8 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
     # the fused inference kernels of nn.TransformerEncoder are invisible to the FLOP counter
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        # fork_rng: the losses and samplers draw noise, and a resumed run must continue its RNG stream untouched
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for key, fn in (("flops_per_shower_loss", lambda: model.loss(x, c)),
                             ("flops_per_shower_sample", lambda: model.sample(c))):
                 counter = FlopCounterMode(display=False)
