@@ -120,6 +120,7 @@ class FlowConfig(ModelConfig):
         stage2_transforms, stage2_hidden, stage2_bins, stage2_passes: the same for flow 2 (V features);
             passes 2 = coupling, None = fully autoregressive.
         noise: dequantisation noise amplitude and zero threshold, fraction of E_inc.
+        zero_share: on sampling, a voxel whose share of its layer is below this is empty (0: off).
         alpha: logit regulariser (CaloFlow's 1e-6), dimensionless.
         max_voxels: largest V accepted.
         lr, grad_clip: Adam learning rate and gradient-norm clip of the default step.
@@ -135,6 +136,7 @@ class FlowConfig(ModelConfig):
     noise: float = 1e-6
     alpha: float = 1e-6
     max_voxels: int = 1000
+    zero_share: float = 0.0
     lr: float = 5e-4
     grad_clip: float | None = 5.0
 
@@ -246,6 +248,10 @@ class CaloFlow(ShowerModel):
     def stage2_inverse(self, y: Tensor, e: Tensor) -> Tensor:
         """Logit shares y (B, V) and layer fractions e (B, L) -> showers x (B, V), layers renormalised."""
         share = self._expit(y)
+        if self.config.zero_share > 0:
+            # an empty voxel's latent sits at the logit floor (share ~ alpha): a generated one lands near it,
+            # a little above; below the cut it is empty before the layer is renormalised
+            share = share * (share >= self.config.zero_share).to(share.dtype)
         factor = e / self.layer_energies(share).clamp_min(_TINY)  # (B, L): layer energy over share sum
         return share * self.per_voxel(factor)
 

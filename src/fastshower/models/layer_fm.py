@@ -67,6 +67,9 @@ class LayerFMConfig(ModelConfig):
         t_dist: "uniform" or "logit_normal" time sampling of the flow-matching loss.
         steps, method: ODE steps and solver ("euler", "midpoint", "heun") of sampling.
         max_voxels: largest V accepted (only stage 1 reads it; kept so a staged student can share it).
+        zero_share: on sampling, voxels whose share of their layer is below this are empty. Empty voxels
+            train at share ~0 (the logit floor, alpha); the ODE puts them near it, a little above, and
+            without the cut ild-siw-30 came out 39 % occupied against Geant4's 2.3 %.
     """
 
     stage1_transforms: int = 4
@@ -90,12 +93,13 @@ class LayerFMConfig(ModelConfig):
     steps: int = 16
     method: str = "midpoint"
     max_voxels: int = 10_000_000
+    zero_share: float = 1e-5
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
-        keys = ("stage1_transforms", "stage1_hidden", "stage1_bins", "noise", "alpha", "max_voxels")
+        keys = ("stage1_transforms", "stage1_hidden", "stage1_bins", "noise", "alpha", "max_voxels", "zero_share")
         return {k: getattr(self, k) for k in keys}
 
 
