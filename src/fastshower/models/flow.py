@@ -264,15 +264,20 @@ class CaloFlow(ShowerModel):
         return torch.cat([e[:, i : i + 1].expand(-1, b - a) for i, (a, b) in enumerate(self._layer_bounds)], dim=1)
 
     # -- protocol ------------------------------------------------------------------------
-    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
-        """``nll_stage1 + nll_stage2`` (mean per shower) on x (B, V) = voxel / E_inc, c (B, C)."""
+    def stage_variables(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Showers x (B, V) = voxel / E_inc -> dequantised layer fractions e (B, L) and standardised stage
+        variables g1 (B, L), g2 (B, V); in training the scalers are fitted on the first call."""
         x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
         e = self.layer_energies(x)
         f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
         if self.training:
             self.scale1.fit_once(f1)
             self.scale2.fit_once(f2)
-        g1, g2 = self.scale1(f1), self.scale2(f2)
+        return e, self.scale1(f1), self.scale2(f2)
+
+    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """``nll_stage1 + nll_stage2`` (mean per shower) on x (B, V) = voxel / E_inc, c (B, C)."""
+        _, g1, g2 = self.stage_variables(x)
         nll1 = -self.flow1(c).log_prob(g1).mean()
         nll2 = -self._flow2()(torch.cat([c, g1], dim=1)).log_prob(g2).mean()
         return {"loss": nll1 + nll2, "nll_stage1": nll1, "nll_stage2": nll2}

@@ -27,7 +27,7 @@ from fastshower.models import register
 from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel, warmup_cosine
 from fastshower.models.nets import MLP, LayerTokenNet, ResidualMLP, SinusoidalEmbedding, auto_net
 
-__all__ = ["FlowMatching", "FlowMatchingConfig", "VelocityNet", "odeint"]
+__all__ = ["FlowMatching", "FlowMatchingConfig", "VelocityNet", "draw_t", "ema_update", "odeint"]
 
 #: the fixed-step ODE solvers of :func:`odeint`
 ODE_METHODS = ("euler", "midpoint", "heun")
@@ -61,6 +61,22 @@ def odeint(f: Velocity, x: Tensor, steps: int, method: str = "midpoint") -> Tens
         else:
             raise ValueError(f"unknown ODE method {method!r}; choose euler, midpoint or heun")
     return x
+
+
+def draw_t(n: int, like: Tensor, dist: str) -> Tensor:
+    """Path times (n, 1) in [0, 1]: "uniform", or "logit_normal" (sigmoid of N(0, 1): the middle weighted)."""
+    if dist == "logit_normal":
+        return torch.sigmoid(torch.randn(n, 1, dtype=like.dtype, device=like.device))
+    return torch.rand(n, 1, dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int) -> None:
+    """Move ``ema``'s weights towards ``net``'s; the decay is warm-started (min(decay, (1 + step) / (10 + step)))
+    so that early on the average follows the fast-moving weights closely."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+        pe.lerp_(p, 1 - d)
 
 
 class VelocityNet(nn.Module):
@@ -153,15 +169,10 @@ class FlowMatching(ShowerModel):
             self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
 
     # -- objective -------------------------------------------------------------------
-    def _draw_t(self, n: int, like: Tensor) -> Tensor:
-        if self.config.t_dist == "logit_normal":
-            return torch.sigmoid(torch.randn(n, 1, dtype=like.dtype, device=like.device))
-        return torch.rand(n, 1, dtype=like.dtype, device=like.device)
-
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """MSE between v(x_t, t, c) and x1 - x0; x (B, V) model space, c (B, C)."""
         x0 = torch.randn_like(x)
-        t = self._draw_t(x.shape[0], x)
+        t = draw_t(x.shape[0], x, self.config.t_dist)
         xt = (1 - t) * x0 + t * x
         v = self.net(xt, t, c)
         return {"loss": ((v - (x - x0)) ** 2).mean()}
@@ -181,11 +192,7 @@ class FlowMatching(ShowerModel):
     ) -> dict[str, float]:
         logs = super().training_step(x, c, optimizers, step)
         if self.ema_net is not None:
-            # warm-started decay: early on the average follows the fast-moving weights closely
-            d = min(self.config.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, p in zip(self.ema_net.parameters(), self.net.parameters(), strict=True):
-                    pe.lerp_(p, 1 - d)
+            ema_update(self.ema_net, self.net, self.config.ema, step)
         return logs
 
     # -- sampling --------------------------------------------------------------------

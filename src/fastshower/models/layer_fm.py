@@ -43,7 +43,7 @@ from torch import Tensor
 from fastshower.models import register
 from fastshower.models.base import ModelConfig, ModelSpec, warmup_cosine
 from fastshower.models.flow import CaloFlow, FeatureScaler
-from fastshower.models.flow_matching import ODE_METHODS, odeint
+from fastshower.models.flow_matching import ODE_METHODS, draw_t, ema_update, odeint
 from fastshower.models.nets import MLP, LayerTransformer, SinusoidalEmbedding
 
 __all__ = ["LayerFMConfig", "LayerFlowMatching", "ShapeVelocity"]
@@ -159,26 +159,15 @@ class LayerFlowMatching(CaloFlow):
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """``nll_stage1 + fm_stage2`` on x (B, V) = voxel / E_inc, c (B, C)."""
-        x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
-        e = self.layer_energies(x)
-        f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
+        e, g1, g2 = self.stage_variables(x)
         if self.training:
-            self.scale1.fit_once(f1)
-            self.scale2.fit_once(f2)
             self.scale_e.fit_once(torch.log(e.clamp_min(1e-12)))
-        g1, g2 = self.scale1(f1), self.scale2(f2)
         nll1 = -self.flow1(c).log_prob(g1).mean()
         z = torch.randn_like(g2)
-        t = self._draw_t(g2)
+        t = draw_t(g2.shape[0], g2, self.config.t_dist)
         v = self.velocity((1 - t) * z + t * g2, t, c, g1, self._layer_features(e))
         fm = ((v - (g2 - z)) ** 2).mean()
         return {"loss": nll1 + fm, "nll_stage1": nll1, "fm_stage2": fm}
-
-    def _draw_t(self, like: Tensor) -> Tensor:
-        n = like.shape[0]
-        if self.config.t_dist == "logit_normal":
-            return torch.sigmoid(torch.randn(n, 1, dtype=like.dtype, device=like.device))
-        return torch.rand(n, 1, dtype=like.dtype, device=like.device)
 
     # -- training ----------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -194,10 +183,7 @@ class LayerFlowMatching(CaloFlow):
                       step: int) -> dict[str, float]:
         logs = super().training_step(x, c, optimizers, step)
         if self.ema_velocity is not None:
-            d = min(self.config.ema, (1 + step) / (10 + step))  # warm-started decay, as flow-matching's
-            with torch.no_grad():
-                for pe, p in zip(self.ema_velocity.parameters(), self.velocity.parameters(), strict=True):
-                    pe.lerp_(p, 1 - d)
+            ema_update(self.ema_velocity, self.velocity, self.config.ema, step)
         return logs
 
     # -- sampling ----------------------------------------------------------------------
