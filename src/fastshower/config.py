@@ -57,6 +57,9 @@ class Config:
 
     #: keys of earlier releases -> their present names
     renamed: ClassVar[dict[str, str]] = {}
+    #: keys added since an earlier release -> the value that release behaved as; a *saved* config (which
+    #: holds every key of its release) lacking one gets this, not today's default (:meth:`from_saved`)
+    introduced: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -81,6 +84,11 @@ class Config:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(known)}")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(k, v, hints[k], where) for k, v in given.items()})
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
+        """:meth:`from_dict` of a config written by :meth:`to_dict` in this or an earlier release."""
+        return cls.from_dict({**cls.introduced, **(values or {})}, where)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-ready values (tuples as lists)."""

@@ -36,7 +36,7 @@ from fastshower.data import ShowerTransform
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, geometry_from_json
 from fastshower.io import ShowerFile
-from fastshower.models import build_model
+from fastshower.models import build_model, get_config_class
 from fastshower.models.base import ModelSpec, ShowerModel
 
 __all__ = [
@@ -271,7 +271,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", require_finished: bool = 
     transform = ShowerTransform.load(folder.transforms)
     ckpt = load_checkpoint(folder.checkpoint)
     try:
-        model = build_model(str(cfg["model"]), spec, cfg.get("hparams", {}))
+        name = str(cfg["model"])
+        model = build_model(name, spec, get_config_class(name).from_saved(cfg.get("hparams", {})))
     except (KeyError, ValueError) as exc:
         raise RunError(f"{folder.path}: cannot rebuild the model ({str(exc).splitlines()[0]})") from None
     load_weights(model, ckpt["model"], folder.path, str(cfg["model"]))

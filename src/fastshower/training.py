@@ -137,7 +137,7 @@ def _plan_resumed(folder: RunFolder, model: str | None, cfg: Mapping[str, Any]) 
     if model is not None and model != name:
         raise TrainingError(f"resume=True: run {folder.path} trains {name!r}, not {model!r}")
     cls = _model_class(name)
-    config = cls.config_class.from_dict(stored["hparams"], where=f"{folder.config} [hparams]")
+    config = cls.config_class.from_saved(stored["hparams"], where=f"{folder.config} [hparams]")
     if cfg:
         given = _model_class(cfg.get("model", name)).config_class.from_dict(cfg.get("hparams", {}),
                                                                            where="[hparams]")

@@ -60,6 +60,8 @@ class LayerFMConfig(ModelConfig):
         hidden, depth, heads, dropout: token width, adaLN transformer blocks, attention heads, dropout.
         group: adjacent readout layers per token (0: 3 when more than 20 equal layers divide by 3, else 1);
             the attention cost falls with the square of the token count.
+        head_dim: width of the per-voxel output unit that sees the voxel's own current value (0: a linear
+            out map per token, which cannot; see :class:`~fastshower.models.nets.LayerTransformer`).
         emb_dim, time_freqs: width of the (t, conditions, stage-1) embedding; sin/cos frequencies of t.
         lr, weight_decay, grad_clip, warmup: AdamW learning rate, decoupled weight decay, gradient-norm
             clip, steps of linear warm-up before the cosine decay to 5 %.
@@ -81,6 +83,7 @@ class LayerFMConfig(ModelConfig):
     depth: int = 4
     heads: int = 4
     group: int = 0
+    head_dim: int = 8
     dropout: float = 0.0
     emb_dim: int = 128
     time_freqs: int = 16
@@ -95,6 +98,7 @@ class LayerFMConfig(ModelConfig):
     max_voxels: int = 10_000_000
     zero_share: float = 1e-5
 
+    introduced: ClassVar[dict[str, Any]] = {"head_dim": 0}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS}
 
     def stage1_config(self) -> dict[str, Any]:
@@ -121,7 +125,7 @@ class ShapeVelocity(torch.nn.Module):
         self.time = SinusoidalEmbedding(cfg.time_freqs)
         self.embed = MLP([2 * cfg.time_freqs + spec.cond_dim + n_layers, cfg.emb_dim, cfg.emb_dim])
         self.net = LayerTransformer(spec.layer_sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
-                                    _group(cfg.group, spec.layer_sizes))
+                                    _group(cfg.group, spec.layer_sizes), cfg.head_dim)
 
     def forward(self, g: Tensor, t: Tensor, c: Tensor, g1: Tensor, feats: Tensor) -> Tensor:
         emb = self.embed(torch.cat([self.time(t), c, g1], dim=1))
