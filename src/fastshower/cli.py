@@ -277,13 +277,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    "is given (500MeV, 1e18eV)")
     s.add_argument("--n", type=int, required=True, help="number of showers")
     s.add_argument("--out", required=True, help="output shower file")
-    s.add_argument("--seed", type=int, default=0, help="seed: the same seed gives the same showers")
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed: the same seed gives the same showers (default 0; with --resume the file's own)")
     s.add_argument("--jobs", type=int, default=1, help="worker processes")
     s.add_argument("--cut", type=float, default=0.7, help="Geant4 production cut, mm")
     s.add_argument("--physics", choices=["auto", "official", "substitute"], default="auto",
                    help="Geant4 data: official sets (GEANT4_DATA_DIR), substitute EM tables, or auto")
     s.add_argument("--resume", action="store_true", help="top an interrupted or smaller file up to --n")
-    s.add_argument("--chunk-size", type=int, default=None, help="showers per chunk (seeding/writing unit)")
+    s.add_argument("--chunk-size", type=int, default=None,
+                   help="showers per chunk, the seeding and writing unit (default 100; with --resume the file's own)")
     s.add_argument("--zenith", default=None, help="air showers: zenith range in degrees, e.g. 0:65")
     s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees, e.g. 0:360")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")

@@ -9,18 +9,23 @@ Layout (readable by the CaloChallenge tools, which only look at the first two ke
 - file attributes: ``geometry`` (JSON), ``particle``, ``pdg``, ``physics``, ``generator``,
   ``seed``, ``fastshower_version``, ``created``, ``n_target`` and ``complete``.
 
-Writers append in chunks under HDF5's single-writer/multiple-reader mode, which
-orders metadata writes so that a killed writer leaves a readable file holding
-every flushed chunk. ``complete`` stays False until the writer is closed after
-reaching its target, so an interrupted file never looks finished; ``resume=True``
-reopens it and appends.
+Writers commit every chunk as a small file in ``<file>.parts/`` and replace ``<file>`` (through a rename)
+by an index of virtual datasets over the parts, so a writer killed at any moment, or stopped by a full
+disk, leaves a file that opens with plain ``h5py.File(path, "r")`` and holds every committed chunk.
+``complete`` stays False until the writer reaches its target and rewrites the file as one plain file;
+``resume=True`` tops an unfinished file up. An OS lock on ``<file>.lock`` refuses a second writer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import os
+import re
+import shutil
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +52,7 @@ __all__ = [
     "ShowerFile",
     "ShowerFileError",
     "ShowerWriter",
+    "WriteLock",
     "check_values",
     "convention_clash",
     "convert_3dgan",
@@ -60,6 +66,7 @@ __all__ = [
 PDG = {"e-": 11, "e+": -11, "gamma": 22, "pi+": 211, "pi-": -211, "p": 2212, "He": 1000020040,
        "N": 1000070140, "Fe": 1000260560}
 _TARGET_CHUNK_BYTES = 2 << 20  # HDF5 chunk of ~2 MiB: good gzip ratio, cheap partial reads
+_PARTS = ".parts"  # an unfinished file's chunks live in <file>.parts/ beside it
 
 
 class ShowerFileError(FastshowerError, ValueError):
@@ -114,11 +121,183 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-class ShowerWriter:
-    """Append showers to a new or resumed file, chunk by chunk.
+# --- the writer's lock ------------------------------------------------------------------
 
-    Use as a context manager; leaving the block normally after ``n_written >=
-    n_target`` marks the file complete, any other exit leaves it resumable.
+
+def _os_cause(exc: BaseException) -> str:
+    """The operating system's reason in a few words ("No space left on device"), also out of h5py's long messages."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    text = str(exc)
+    found = re.search(r"error message = '([^']+)'", text)
+    if found:
+        return found.group(1)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _command_line() -> str:
+    """This process's command, shortened, for the lock file (``fastshower simulate --geometry ...``)."""
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    if argv[0] in ("__main__.py", "-c", "-m"):
+        argv[0] = "fastshower" if argv[0] == "__main__.py" else "python"
+    return " ".join(argv)[:200]
+
+
+class WriteLock:
+    """An exclusive OS lock (``flock``) on ``<file>.lock``, held for a writer's whole life.
+
+    A second writer of the same file (another run, or ``resume=True`` while the first still runs) is refused
+    with the holder's process id and command. The kernel drops the lock when its holder dies, so a killed
+    writer never blocks the resume of its file; readers never take it.
+
+    Args:
+        target: the file to be written; the lock is ``<target>.lock`` beside it.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        self.path = self.target.with_name(self.target.name + ".lock")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> WriteLock:
+        """Take the lock without waiting (a no-op when held); :class:`ShowerFileError` naming the holder or the OS's
+        reason (a read-only or full disk)."""
+        if self._fd is not None:
+            return self
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            fd = self._lock_current_file()
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {_command_line()}\n".encode())
+        except OSError as exc:
+            raise ShowerFileError(f"{self.target}: cannot write there ({_os_cause(exc)})") from None
+        self._fd = fd
+        return self
+
+    def _lock_current_file(self) -> int:
+        """A locked descriptor of the lock file now at ``self.path``.
+
+        The holder removes the file when it is done; a locker that opened it just before then holds a lock on a
+        removed file, which would let a third process lock a new one. So after locking, check that the file is
+        still the one at the path, and start again if not.
+        """
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                pid, _, command = holder.partition(" ")
+                who = f"process {pid} ({command})" if pid else "another process"
+                raise ShowerFileError(f"{self.target} is being written by {who}; wait until it ends, "
+                                      "or choose another output") from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                return fd
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> WriteLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows ``start:start + n`` of an unfinished file, stored in ``file`` (relative to the file's folder)."""
+
+    file: str
+    start: int
+    n: int
+
+
+def _parts_dir(path: Path) -> Path:
+    """Where an unfinished file keeps its parts: ``<file>.parts`` beside it."""
+    return path.with_name(path.name + _PARTS)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_h5(path: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write a new HDF5 file at ``path`` by ``fill`` through ``<path>.tmp`` and a rename.
+
+    Readers and a crash at any moment see the old file or the new one, never a half-written one; on an
+    error (full disk, ...) the temporary file is removed and the error raised.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            fill(f)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    for key, val in attrs.items():
+        plain = isinstance(val, (str, int, float, bool, np.number, np.ndarray))
+        f.attrs[key] = val if plain else json.dumps(val)
+
+
+def _index_parts(f: h5py.File) -> list[_Part] | None:
+    """The parts an unfinished file maps (from its virtual ``incident_energies``), or None for a plain file."""
+    ds = f["incident_energies"]
+    if not ds.is_virtual:
+        return None
+    parts = []
+    for m in ds.virtual_sources():
+        (a, _), (b, _) = m.vspace.get_select_bounds()
+        parts.append(_Part(str(m.file_name), int(a), int(b) - int(a) + 1))
+    return sorted(parts, key=lambda p: p.start)
+
+
+def _cut_parts(parts: Sequence[_Part], n: int) -> list[_Part]:
+    """The parts holding rows ``0:n`` (the last one shortened)."""
+    return [_Part(p.file, p.start, min(p.n, n - p.start)) for p in parts if p.start < n]
+
+
+class ShowerWriter:
+    """Append showers to a new or resumed file, chunk by chunk, so that a crash at any moment loses at most
+    the chunk in flight.
+
+    Each :meth:`append` writes its chunk as a small file in ``<file>.parts/`` and then replaces ``<file>`` by
+    a new index whose datasets are HDF5 virtual datasets over all parts; both through a temporary file and
+    a rename. So ``<file>`` always opens with plain ``h5py.File(path, "r")`` and holds every committed chunk,
+    marked ``complete=False``. Closing after ``n_written >= n_target`` rewrites it as one plain file (gzip as
+    asked), marks it complete and removes the parts. An OS lock (:class:`WriteLock`) refuses a second writer.
+
+    Use as a context manager; leaving the block normally after reaching the target completes the file, any
+    other exit leaves it resumable with ``resume=True``.
 
     Args:
         path: output file.
@@ -127,12 +306,16 @@ class ShowerWriter:
         generator: what made the showers ("geant4 11.4 official data", a model + run id, ...).
         n_target: showers the file is meant to hold.
         conditions: names and widths of the per-shower conditions, e.g. {"position": 2}.
-        truth: names and widths of per-shower truth values, e.g. {"xmax": 1}.
         attrs: more provenance (seed, physics, cut, ...), JSON-serialisable values.
-        resume: reopen an existing incomplete file and append.
-        compression: HDF5 filter of the ``showers`` dataset of a new file: ``"gzip"`` (default, level 4
-            with byte shuffle) or None (raw chunks: larger, but read without decompression, like the
-            memory-mapped arrays of large air-shower libraries).
+        resume: reopen an existing incomplete file and append (its attributes are kept).
+        truth: names and widths of per-shower truth values, e.g. {"xmax": 1}.
+        compression: HDF5 filter of the ``showers`` dataset: ``"gzip"`` (default, level 4 with byte shuffle)
+            or None (raw chunks: larger, but read without decompression).
+        lock: a :class:`WriteLock` of ``path`` the caller already holds (and releases); default: take one.
+
+    Raises:
+        ShowerFileError: the file exists (without ``resume``), is being written by another process, does not
+            match (with ``resume``), or cannot be written (read-only or full disk; the message names the cause).
     """
 
     def __init__(
@@ -147,6 +330,7 @@ class ShowerWriter:
         resume: bool = False,
         truth: Mapping[str, int] | None = None,
         compression: str | None = "gzip",
+        lock: WriteLock | None = None,
     ) -> None:
         if compression not in ("gzip", None):
             raise ShowerFileError(f"compression must be 'gzip' or None, got {compression!r}")
@@ -156,29 +340,29 @@ class ShowerWriter:
         self.n_target = int(n_target)
         self.conditions = dict(conditions or {})
         self.truth = dict(truth or {})
-        self._f: h5py.File | None
-        if resume:
-            self._f = self._reopen(particle)
-        else:
-            if self.path.exists():
-                raise ShowerFileError(f"{self.path} exists; use resume=True to top it up or choose another path")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = self._create(particle, generator, attrs or {})
-        self._f.swmr_mode = True
-        self.n_written = int(self._f["incident_energies"].shape[0])
+        self._owns_lock = lock is None
+        self._lock = (lock or WriteLock(self.path)).acquire()
+        self._open, self._failed = True, False
+        try:
+            if resume:
+                self._attrs, self._parts = self._reopen(particle)
+            else:
+                self._attrs, self._parts = self._start(particle, generator, attrs or {}), []
+            self._commit_index()
+        except OSError as exc:
+            self._release()
+            raise ShowerFileError(f"{self.path}: cannot write there ({_os_cause(exc)})") from None
+        except BaseException:
+            self._release()
+            raise
+        self.n_written = sum(p.n for p in self._parts)
 
     # -- opening --------------------------------------------------------------
-    def _create(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> h5py.File:
-        f = h5py.File(self.path, "w", libver="latest")
-        v = self.geometry.n_voxels
-        rows = _chunk_rows(v)
-        f.create_dataset("incident_energies", (0, 1), maxshape=(None, 1), dtype="f8", chunks=(max(rows, 1024), 1))
-        packed = {"compression": "gzip", "compression_opts": 4, "shuffle": True} if self.compression else {}
-        f.create_dataset("showers", (0, v), maxshape=(None, v), dtype="f4", chunks=(rows, v), **packed)
-        for group, widths in (("conditions", self.conditions), ("truth", self.truth)):
-            grp = f.create_group(group)
-            for name, width in widths.items():
-                grp.create_dataset(name, (0, width), maxshape=(None, width), dtype="f8", chunks=(1024, width))
+    def _start(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+        """The attributes of a new file (after removing the parts of an earlier writer of a deleted file)."""
+        if self.path.exists():
+            raise ShowerFileError(f"{self.path} exists; use resume=True to top it up or choose another path")
+        shutil.rmtree(_parts_dir(self.path), ignore_errors=True)
         meta = {
             "geometry": self.geometry.to_json(),
             "particle": particle,
@@ -189,33 +373,45 @@ class ShowerWriter:
             "n_target": self.n_target,
             "complete": False,
         }
-        for key, val in {**meta, **attrs}.items():
-            f.attrs[key] = val if isinstance(val, (str, int, float, bool, np.number)) else json.dumps(val)
-        return f
+        return {**meta, **attrs}
 
-    def _reopen(self, particle: str) -> h5py.File:
-        with ShowerFile(self.path, require_complete=False) as reader:  # validates layout and geometry
+    def _reopen(self, particle: str) -> tuple[dict[str, Any], list[_Part]]:
+        """Attributes and parts of the file to top up: its rows up to the first never-written one (an
+        old writer's zeros), a plain file becoming the first part; stray parts of a killed writer removed."""
+        if not self.path.exists():
+            raise ShowerFileError(f"resume=True: {self.path} does not exist")
+        _recover_legacy_writer(self.path)
+        with ShowerFile(self.path, require_complete=False) as reader:
             self._check_resumable(reader, particle)
-            n = reader.n
+            n = reader.first_blank()
+            attrs = dict(reader._f.attrs)
+            parts = _index_parts(reader._f)
+            flat = [k for k, d in reader.datasets().items() if d.ndim != 2]
+        if flat:
+            raise ShowerFileError(f"resume=True: {self.path} has 1-D datasets {flat}; it cannot be topped up")
+        parts = _cut_parts(parts, n) if parts is not None else self._adopt(n)
+        keep = {Path(p.file).name for p in parts}
+        for stray in _parts_dir(self.path).glob("*"):
+            if stray.name not in keep:
+                stray.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.with_name(self.path.name + ".tmp").unlink()
+        attrs.pop("finished", None)
+        return {**attrs, "complete": False, "n_target": self.n_target, "resumed": _now()}, parts
+
+    def _adopt(self, n: int) -> list[_Part]:
+        """A plain file's first ``n`` rows as the first part: a hard link to it (a copy where links fail)."""
+        if n == 0:
+            return []
+        base = _parts_dir(self.path) / "base.h5"
+        base.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            base.unlink()
         try:
-            f = h5py.File(self.path, "r+", libver="latest")
-        except OSError as exc:
-            if _LOCKED in str(exc):
-                raise ShowerFileError(
-                    f"resume=True: {self.path} is open in another writer (a run still going?)"
-                ) from None
-            if _WRITER_FLAG not in str(exc):
-                raise ShowerFileError(f"resume=True: cannot open {self.path} for writing: {exc}") from None
-            _recover_killed_writer(self.path)
-            f = h5py.File(self.path, "r+", libver="latest")
-        # Datasets may differ in length by the chunk in flight when the writer died: cut back to
-        # the rows every dataset holds.
-        for ds in self._datasets(f):
-            ds.resize(n, axis=0)
-        f.attrs["complete"] = False
-        f.attrs["n_target"] = self.n_target
-        f.attrs["resumed"] = _now()
-        return f
+            os.link(self.path, base)
+        except OSError:
+            shutil.copyfile(self.path, base)
+        return [_Part(f"{base.parent.name}/{base.name}", 0, n)]
 
     def _check_resumable(self, reader: ShowerFile, particle: str) -> None:
         """Raise unless ``reader`` (the file to top up) holds this writer's geometry, particle and conditions."""
@@ -230,60 +426,147 @@ class ShowerWriter:
             )
         if reader.particle != particle:
             raise ShowerFileError(f"resume=True: {self.path} holds {reader.particle} showers, not {particle}")
-        if set(reader.condition_names) != set(self.conditions):
+        if reader.condition_widths() != self.conditions or reader.truth_widths() != self.truth:
             raise ShowerFileError(
-                f"resume=True: {self.path} has conditions {sorted(reader.condition_names)}, "
-                f"expected {sorted(self.conditions)}"
+                f"resume=True: {self.path} has conditions {reader.condition_widths()} and truth "
+                f"{reader.truth_widths()}, expected {self.conditions} and {self.truth}"
             )
 
-    def _datasets(self, f: h5py.File) -> list[h5py.Dataset]:
-        extra = [f[g][k] for g in ("conditions", "truth") if g in f for k in f[g]]
-        return [f["incident_energies"], f["showers"], *extra]
+    # -- layout ---------------------------------------------------------------
+    def _columns(self) -> dict[str, tuple[int, str]]:
+        """Every dataset: key -> (width, dtype); energies (N, 1) f8, showers (N, voxels) f4, the rest (N, k) f8."""
+        cols = {"incident_energies": (1, "f8"), "showers": (self.geometry.n_voxels, "f4")}
+        for group, widths in (("conditions", self.conditions), ("truth", self.truth)):
+            cols.update({f"{group}/{k}": (int(w), "f8") for k, w in widths.items()})
+        return cols
 
-    # -- writing --------------------------------------------------------------
-    def append(self, batch: ShowerBatch) -> None:
-        """Write one chunk and flush it to disk. Shapes: see :class:`ShowerBatch`."""
+    def _storage(self, key: str, n: int) -> dict[str, Any]:
+        """Chunking (about 2 MiB of showers, 1024 rows of the rest) and the filter of dataset ``key``."""
+        width = self._columns()[key][0]
+        rows = _chunk_rows(self.geometry.n_voxels) if key == "showers" else max(_chunk_rows(self.geometry.n_voxels),
+                                                                                  1024)
+        packed = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        return {"chunks": (max(1, min(rows, n)), width), **(packed if key == "showers" and self.compression else {})}
+
+    def _arrays(self, batch: ShowerBatch) -> dict[str, np.ndarray]:
+        """``batch`` as the file's datasets (key -> (n, width) array), checked against the declared layout."""
         n = len(batch)
-        if batch.showers.shape != (n, self.geometry.n_voxels):
-            raise ShowerFileError(
-                f"showers of shape {batch.showers.shape} do not fit geometry {self.geometry.name!r} "
-                f"({self.geometry.n_voxels} voxels)"
-            )
         if set(batch.conditions) != set(self.conditions) or set(batch.truth) != set(self.truth):
             raise ShowerFileError(
                 f"conditions/truth {sorted(batch.conditions)}/{sorted(batch.truth)} != declared "
                 f"{sorted(self.conditions)}/{sorted(self.truth)}"
             )
-        check_values(batch, str(self.path), self.n_written)
-        a, b = self.n_written, self.n_written + n
-        f = self._f
-        if f is None:
-            raise ShowerFileError(f"{self.path}: the writer is closed")
-        # Showers first, energies last: a reader takes the shortest dataset as the file's length.
-        f["showers"].resize(b, axis=0)
-        f["showers"][a:b] = batch.showers.astype(np.float32, copy=False)
+        arrays: dict[str, np.ndarray] = {
+            "incident_energies": np.asarray(batch.energies, dtype=np.float64).reshape(n, 1),
+            "showers": np.asarray(batch.showers, dtype=np.float32),
+        }
         for group, values in (("conditions", batch.conditions), ("truth", batch.truth)):
-            for name, c in values.items():
-                ds = f[group][name]
-                ds.resize(b, axis=0)
-                ds[a:b] = np.asarray(c, dtype=np.float64).reshape(n, -1)
-        f["incident_energies"].resize(b, axis=0)
-        f["incident_energies"][a:b] = np.asarray(batch.energies, dtype=np.float64).reshape(n, 1)
-        f.flush()
-        self.n_written = b
+            arrays.update({f"{group}/{k}": np.asarray(v, dtype=np.float64).reshape(n, -1) for k, v in values.items()})
+        for key, (width, _) in self._columns().items():
+            if arrays[key].shape != (n, width):
+                what = f"geometry {self.geometry.name!r}" if key == "showers" else "the declared width"
+                raise ShowerFileError(f"{key} of shape {arrays[key].shape} do not fit {what} ({width} columns)")
+        return arrays
+
+    # -- writing --------------------------------------------------------------
+    def _write_part(self, arrays: Mapping[str, np.ndarray], start: int) -> _Part:
+        """Store one chunk as ``<file>.parts/rows-<start>.h5`` (written whole, then renamed into place)."""
+        n = int(arrays["showers"].shape[0])
+        folder = _parts_dir(self.path)
+        folder.mkdir(exist_ok=True)
+
+        def fill(f: h5py.File) -> None:
+            for key, data in arrays.items():
+                f.create_dataset(key, data=data, **self._storage(key, n))
+
+        name = f"rows-{start:012d}.h5"
+        _atomic_h5(folder / name, fill)
+        return _Part(f"{folder.name}/{name}", start, n)
+
+    def _commit_index(self) -> None:
+        """Replace the file by an index of the parts (virtual datasets, fill NaN) with the attributes."""
+        total = sum(p.n for p in self._parts)
+
+        def fill(f: h5py.File) -> None:
+            f.create_group("conditions")
+            f.create_group("truth")
+            for key, (width, dtype) in self._columns().items():
+                if not self._parts:
+                    f.create_dataset(key, (0, width), maxshape=(None, width), dtype=dtype)
+                    continue
+                layout = h5py.VirtualLayout((total, width), dtype)
+                for p in self._parts:
+                    layout[p.start:p.start + p.n] = h5py.VirtualSource(p.file, key, shape=(p.n, width))
+                f.create_virtual_dataset(key, layout, fillvalue=np.nan)
+            _set_attrs(f, self._attrs)
+
+        _atomic_h5(self.path, fill)
+
+    def append(self, batch: ShowerBatch) -> None:
+        """Write one chunk and commit it to the file. Shapes: see :class:`ShowerBatch`.
+
+        Raises :class:`ShowerFileError` for a batch that does not fit, and on a write error (full disk, quota,
+        I/O error) naming the file and the cause; the file then holds every chunk before this one, and
+        the writer takes no more.
+        """
+        arrays = self._arrays(batch)
+        if not self._open or self._failed:
+            raise ShowerFileError(f"{self.path}: the writer is closed" if not self._open else
+                                  f"{self.path}: an earlier chunk failed to be written; resume the file instead")
+        check_values(batch, str(self.path), self.n_written)
+        a, n = self.n_written, len(batch)
+        if n == 0:
+            return
+        try:
+            self._parts.append(self._write_part(arrays, a))
+            try:
+                self._commit_index()
+            except BaseException:
+                self._parts.pop()
+                raise
+        except (OSError, RuntimeError) as exc:  # h5py raises either for a failed write or close
+            self._failed = True
+            raise ShowerFileError(f"{self.path}: cannot write showers {a}-{a + n - 1} ({_os_cause(exc)}); the "
+                                  f"file keeps the {a} before them: make room and continue with resume=True") from None
+        self.n_written = a + n
+
+    def _consolidate(self) -> None:
+        """Rewrite the file as plain datasets holding every part, marked complete, then remove the parts."""
+        n = self.n_written
+        block = max(1, (64 << 20) // (4 * max(self.geometry.n_voxels, 1)))
+
+        def fill(f: h5py.File) -> None:
+            with h5py.File(self.path, "r") as src:
+                for key, (width, dtype) in self._columns().items():
+                    ds = f.create_dataset(key, (n, width), maxshape=(None, width), dtype=dtype,
+                                          **self._storage(key, max(n, 1024)))
+                    for a in range(0, n, block):
+                        ds[a:a + block] = src[key][a:a + block]
+            _set_attrs(f, {**self._attrs, "complete": True, "finished": _now()})
+
+        try:
+            _atomic_h5(self.path, fill)
+        except (OSError, RuntimeError) as exc:
+            raise ShowerFileError(f"{self.path}: cannot finish the file ({_os_cause(exc)}); it holds all {n} "
+                                  "showers but stays incomplete: make room and finish it with resume=True") from None
+        shutil.rmtree(_parts_dir(self.path), ignore_errors=True)
 
     def close(self, complete: bool | None = None) -> None:
-        """Close the file; mark it complete when ``complete`` (default: target reached)."""
-        if self._f is None:
+        """Release the file; make it one plain file marked complete when ``complete`` (default: the target was
+        reached and no write failed), otherwise it stays an incomplete index of its parts."""
+        if not self._open:
             return
-        done = self.n_written >= self.n_target if complete is None else complete
-        self._f.close()
-        self._f = None
-        if done:
-            # Attributes cannot change under SWMR: reopen plainly to set the flag.
-            with h5py.File(self.path, "r+") as f:
-                f.attrs["complete"] = True
-                f.attrs["finished"] = _now()
+        self._open = False
+        try:
+            done = self.n_written >= self.n_target if complete is None else complete
+            if done and not self._failed:
+                self._consolidate()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._owns_lock:
+            self._lock.release()
 
     def __enter__(self) -> ShowerWriter:
         return self
@@ -313,7 +596,7 @@ def write_showers(
 
 
 def _open_read(path: Path) -> h5py.File:
-    """Open for reading: plainly, or as an SWMR reader when a writer has the file open or died with it open."""
+    """Open for reading: plainly, or as an SWMR reader (a file an SWMR writer of earlier versions left open)."""
     try:
         return h5py.File(path, "r")
     except OSError as exc:
@@ -325,20 +608,27 @@ def _open_read(path: Path) -> h5py.File:
         raise ShowerFileError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {exc}") from None
 
 
-#: HDF5's message for a file whose SWMR writer is still open or was killed before closing it
+#: HDF5's message for a file whose (SWMR) writer is still open or was killed before closing it
 _WRITER_FLAG = "already open for write"
-#: HDF5 (file locking) for a file another process is writing now
+#: HDF5 (file locking) for a file another program is writing now
 _LOCKED = "unable to lock file"
 
 
-def _recover_killed_writer(path: Path) -> None:
-    """Rewrite a file whose writer was killed (its consistency flags still set) so it can be reopened.
+def _recover_legacy_writer(path: Path) -> None:
+    """Make a file whose SWMR writer (earlier versions) was killed openable again; leave other files alone.
 
-    HDF5 refuses to open such a file for writing (``h5clear`` would reset the flags; h5py cannot), but an
-    SWMR reader sees every flushed chunk: copy those into a fresh file and swap it in atomically.
+    HDF5 refuses to open such a file plainly (its consistency flags are still set; ``h5clear`` would reset
+    them, h5py cannot), but an SWMR reader sees every flushed chunk: copy those into a fresh file and swap
+    it in atomically.
     """
+    try:
+        h5py.File(path, "r").close()
+        return
+    except OSError as exc:
+        if _WRITER_FLAG not in str(exc):
+            return  # not this case: ShowerFile reports what is wrong
     tmp = path.with_name(path.name + ".recover")
-    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w", libver="latest") as dst:
+    with h5py.File(path, "r", libver="latest", swmr=True) as src, h5py.File(tmp, "w") as dst:
         for key, val in src.attrs.items():
             dst.attrs[key] = val
         for key in src:
@@ -416,6 +706,7 @@ class ShowerFile:
         lengths = [s.shape[0], e.shape[0]] + [d.shape[0] for d in (*self._conditions().values(),
                                                                    *self._group("truth").values())]
         self.n = int(min(lengths))
+        self._check_parts()
         self.complete = bool(self.attrs.get("complete", True))  # foreign files carry no flag: take them as whole
         if require_complete and not self.complete:
             raise ShowerFileError(
@@ -424,6 +715,32 @@ class ShowerFile:
             )
         if self.n == 0 and require_complete:
             raise ShowerFileError(f"{self.path}: holds no showers")
+
+    def _check_parts(self) -> None:
+        """Raise when an unfinished file's parts (see :class:`ShowerWriter`) are not all beside it."""
+        parts = _index_parts(self._f)
+        if not parts:
+            return
+        missing = [p.file for p in parts if not (self.path.parent / p.file).is_file()]
+        if missing:
+            raise ShowerFileError(
+                f"{self.path}: damaged: {len(missing)} of the {len(parts)} parts this unfinished file is made of "
+                f"are missing (first: {missing[0]}); copy or move {_parts_dir(self.path).name}/ with the file"
+            )
+
+    def first_blank(self) -> int:
+        """Rows before the first one with a zero or non-finite incident energy: a row never written (a full
+        disk under an old writer left zeros); ``n`` when there is none."""
+        e = self.energies()
+        blank = ~np.isfinite(e) | (e == 0)
+        return int(np.argmax(blank)) if blank.any() else self.n
+
+    def datasets(self) -> dict[str, h5py.Dataset]:
+        """Every per-shower dataset: key ("showers", "conditions/position", ...) -> dataset."""
+        out = {k: self._f[k] for k in ("incident_energies", "showers")}
+        for group in ("conditions", "truth"):
+            out.update({f"{group}/{k}": d for k, d in self._group(group).items()})
+        return out
 
     # -- metadata ----------------------------------------------------------------
     @property
@@ -513,6 +830,10 @@ class ShowerFile:
             f"particle:   {self.particle} (PDG {a.get('pdg', '?')})",
             f"showers:    {self.n}" + ("" if self.complete else f" of {a.get('n_target', '?')} (INCOMPLETE)"),
         ]
+        blank = int((~np.isfinite(e) | (e == 0)).sum())
+        if blank:
+            lines.append(f"DAMAGED:    {blank} of the {self.n} showers were never written (zero incident energy, from "
+                         f"row {self.first_blank()}); resume=True cuts the file back to that row and redoes the rest")
         if self.n:
             lines.append(
                 f"energies:   {e.min() / 1e3:.4g} - {e.max() / 1e3:.4g} GeV (mean {e.mean() / 1e3:.4g} GeV, "

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from fastshower.energy import EnergySpec, parse_energy
 from fastshower.geometry import Geometry, geometry_from_json, get_geometry
-from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter
+from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, WriteLock
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 
 __all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
@@ -100,6 +101,18 @@ def chunk_plan(
 # --- worker process ------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """Have Linux end this worker (SIGTERM, silently) when its parent dies, kill -9 included, so no orphan goes
+    on simulating for no one; where that is not available the broken pipe ends it after its chunk."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
 def _worker(
     cls_path: tuple[str, str],
     geometry_json: str,
@@ -108,12 +121,21 @@ def _worker(
     tasks: Any,
     results: Any,
 ) -> None:
-    """Worker loop: build the backend once, then simulate chunks until a None task.
-
-    ``results`` is this worker's end of a pipe: ``send`` returns only once the data is in the pipe, so a
-    chunk reported before an abort is never lost (a Queue's feeder thread would die with the process).
-    """
+    """A worker process: serve tasks from the parent until it says stop; end quietly when the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _die_with_parent()
+    with contextlib.suppress(BrokenPipeError, EOFError, ConnectionResetError):  # parent killed: no one to tell
+        _serve(cls_path, geometry_json, particle, options, tasks, results)
+
+
+def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options: BackendOptions, tasks: Any,
+           results: Any) -> None:
+    """Worker loop: build the backend once, say "ready", then simulate each task received until a None one.
+
+    ``tasks`` and ``results`` are this worker's ends of two pipes: ``send`` returns only once the data is in
+    the pipe, so a chunk reported before an abort is never lost (a Queue's feeder thread would die with the
+    process), and no semaphore is shared (a killed parent would leave it to the resource tracker).
+    """
     try:
         import importlib
 
@@ -124,7 +146,7 @@ def _worker(
         return
     results.send(("ready", -1, backend.generator, backend.physics))
     while True:
-        task = tasks.get()
+        task = tasks.recv()
         if task is None:
             return
         index, skip, energies, conditions, mc_seed = task
@@ -141,22 +163,23 @@ def _worker(
         results.send(("done", index, batch, None))
 
 
-def _messages(readers: dict[Any, Any]) -> Iterator[tuple[str, int, Any, Any]]:
-    """Messages from the workers' pipes as they come; ("dead", ...) when a worker vanished mid-work."""
+def _messages(readers: dict[Any, Any]) -> Iterator[tuple[Any, tuple[str, int, Any, Any]]]:
+    """(pipe, message) from the workers' result pipes as they come; ("dead", ...) when a worker vanished mid-work."""
     live = dict(readers)
     while True:
         if not live:
-            yield ("dead", -1, "all workers stopped but chunks are missing", None)
+            yield None, ("dead", -1, "all workers stopped but chunks are missing", None)
             return
         for recv in mp_connection.wait(list(live), timeout=1.0):
             try:
-                yield recv.recv()  # type: ignore[union-attr,call-arg,misc]
+                message: Any = recv.recv()  # type: ignore[union-attr,call-arg]
+                yield recv, message
             except EOFError:  # the worker's end closed: it exited (normally after its last task) or died
                 proc = live.pop(recv)
                 proc.join(timeout=5)
                 if proc.exitcode not in (0, None):
-                    yield ("dead", -1, f"a worker process died (exit code {proc.exitcode}; a Geant4 abort or "
-                           "out of memory) while simulating", None)
+                    yield None, ("dead", -1, f"a worker process died (exit code {proc.exitcode}; a Geant4 abort or "
+                                 "out of memory) while simulating", None)
                     return
 
 
@@ -177,6 +200,7 @@ class _Plan:
         jobs: worker processes asked for.
         resume: the file exists and is topped up.
         attrs: provenance for a new file (seed, chunk size, energy spec, backend options...).
+        lock: the output's write lock, held from before the file is read until the run ends.
     """
 
     geometry: Geometry
@@ -192,6 +216,7 @@ class _Plan:
     jobs: int
     resume: bool
     attrs: dict[str, Any]
+    lock: WriteLock
 
     @property
     def n_chunks(self) -> int:
@@ -207,26 +232,30 @@ class _Plan:
         """The file's writer: a new file (or the resumed one) with this plan's conditions and provenance."""
         cls, geo, options = self.backend, self.geometry, self.options
         return ShowerWriter(self.out, geo, self.particle, generator, self.n, cls.condition_widths(geo, options),
-                            {**self.attrs, "physics": physics}, resume=resume, truth=cls.truth_widths(geo, options))
+                            {**self.attrs, "physics": physics}, resume=resume, truth=cls.truth_widths(geo, options),
+                            lock=self.lock)
 
 
-def _check_numbers(n: int, jobs: int, cut_mm: float, physics: str) -> None:
-    """Raise :class:`SimulationError` for a bad number of showers or workers, cut (mm) or data choice."""
+def _check_numbers(n: int, jobs: int, cut_mm: float, physics: str, chunk_size: int | None) -> None:
+    """Raise :class:`SimulationError` for a bad number of showers, workers or chunk size, cut (mm) or data choice."""
     if int(n) != n or n <= 0:
         raise SimulationError(f"n must be a positive number of showers, got {n}")
     if jobs <= 0:
         raise SimulationError(f"jobs must be >= 1, got {jobs}")
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
+        raise SimulationError(f"chunk_size must be a positive number of showers, got {chunk_size}")
     if cut_mm <= 0:
         raise SimulationError(f"cut_mm must be a positive length in mm, got {cut_mm}")
     if physics not in ("auto", "official", "substitute"):
         raise SimulationError(f"physics must be auto, official or substitute, got {physics!r}")
 
 
-def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, seed: int, chunk_size: int | None,
-                  resume: bool) -> tuple[int, int, int | None]:
+def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, seed: int | None,
+                  chunk_size: int | None, resume: bool) -> tuple[int, int | None, int | None]:
     """(showers already in ``out``, seed, chunk size): a resumed file continues with its own seed and chunks.
 
-    Raises :class:`ShowerFileError` when ``out`` exists without ``resume``, or does not match the request.
+    Raises :class:`ShowerFileError` when ``out`` exists without ``resume``, or does not match the request
+    (a ``seed`` or ``chunk_size`` given that differs from the file's would silently be ignored otherwise).
     """
     if not resume:
         if out.exists():
@@ -239,34 +268,43 @@ def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, see
             raise ShowerFileError(f"resume=True: {out} holds geometry {f.geometry.name!r}, not {geo.name!r}")
         if f.particle != particle:
             raise ShowerFileError(f"resume=True: {out} holds {f.particle} showers, not {particle}")
-        a = f.attrs
-        start = f.n
-        stored = {k: a.get(k) for k in ("seed", "chunk_size", "energy_spec")}
+        start = f.first_blank()
+        stored = {k: f.attrs.get(k) for k in ("seed", "chunk_size", "energy_spec")}
     if stored["energy_spec"] is not None and stored["energy_spec"] != spec.text:
         raise ShowerFileError(f"resume=True: {out} was made with energy {stored['energy_spec']}, not {spec.text}")
+    for name, given in (("seed", seed), ("chunk_size", chunk_size)):
+        value = stored[name]
+        if given is not None and value is not None and int(value) != given:
+            raise ShowerFileError(f"resume=True: {out} was made with {name}={int(value)}, not {given}; "
+                                  f"leave {name} out to continue with the file's own")
     seed = int(stored["seed"]) if stored["seed"] is not None else seed
     chunk_size = int(stored["chunk_size"]) if stored["chunk_size"] is not None else chunk_size
     return start, seed, chunk_size
 
 
-def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: int, out: str | Path, *, seed: int,
-          jobs: int, cut_mm: float, physics: str, resume: bool, chunk_size: int | None,
-          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None) -> _Plan:
-    """Parse and check a request (arguments as :func:`simulate`'s), in the order its errors are reported."""
+def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: int, out: str | Path, *,
+          seed: int | None, jobs: int, cut_mm: float, physics: str, resume: bool, chunk_size: int | None,
+          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None, lock: WriteLock) -> _Plan:
+    """Parse and check a request (arguments as :func:`simulate`'s), in the order its errors are reported.
+
+    ``lock`` (of ``out``) is taken before the file is read, so a file another run is writing is refused
+    before its partial contents are taken for a resume point.
+    """
     geo = get_geometry(geometry) if isinstance(geometry, str) else geometry
     spec = parse_energy(energy) if isinstance(energy, str) else energy
-    _check_numbers(n, jobs, cut_mm, physics)
+    _check_numbers(n, jobs, cut_mm, physics, chunk_size)
     out = Path(out)
     options = BackendOptions(cut_mm=cut_mm, physics=physics, extra=dict(extra or {}))
     cls = backend or backend_class(geo)
     cls.check_request(geo, particle, options, (spec.low, spec.high))
+    lock.acquire()
     start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume)
-    chunk_size = int(chunk_size or _DEFAULT_CHUNK)
+    seed, chunk_size = int(seed or 0), int(chunk_size or _DEFAULT_CHUNK)
     attrs: dict[str, Any] = {"seed": seed, "chunk_size": chunk_size, "energy_spec": spec.text,
                              **{f"option_{k}": str(v) for k, v in options.extra.items()}}
     if geo.kind == "calorimeter":
         attrs.update(cut_mm=cut_mm, physics_choice=physics)
-    return _Plan(geo, particle, spec, options, cls, out, n, seed, chunk_size, start, jobs, resume, attrs)
+    return _Plan(geo, particle, spec, options, cls, out, n, seed, chunk_size, start, jobs, resume, attrs, lock)
 
 
 # --- workers --------------------------------------------------------------------------
@@ -274,11 +312,24 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
 
 @dataclass
 class _Workers:
-    """The worker processes of a run, their task queue and the parent's reading ends of their pipes."""
+    """The worker processes of a run and the parent's ends of their pipes.
+
+    Attributes:
+        procs: the processes.
+        readers: result pipe (parent's reading end) -> its worker's process.
+        senders: result pipe -> the parent's sending end of that worker's task pipe.
+        backlog: tasks not handed out yet, in chunk order (see :func:`_tasks`).
+    """
 
     procs: list[Any]
-    tasks: Any
     readers: dict[Any, Any]
+    senders: dict[Any, Any]
+    backlog: deque[Any]
+
+    def feed(self, reader: Any) -> None:
+        """Hand the worker behind result pipe ``reader`` its next task, or None (stop) when none is left."""
+        with contextlib.suppress(OSError):  # a worker that died is reported through its result pipe
+            self.senders[reader].send(self.backlog.popleft() if self.backlog else None)
 
     def stop(self) -> None:
         """Terminate the workers still alive and wait for them (5 s each)."""
@@ -289,43 +340,44 @@ class _Workers:
             p.join(timeout=5)
 
     def release(self) -> None:
-        """Drop the task queue and close the pipes (after :meth:`stop`)."""
-        with contextlib.suppress(Exception):
-            self.tasks.cancel_join_thread()
-        for recv in self.readers:
-            recv.close()
+        """Close the pipes (after :meth:`stop`)."""
+        for conn in (*self.readers, *self.senders.values()):
+            conn.close()
 
 
-def _start_workers(plan: _Plan) -> _Workers:
-    """Queue the chunks still to simulate (one None per worker after them) and start the workers.
-
-    A task is (chunk index, showers to drop from its front, energies (size,) MeV, conditions, MC seed);
-    the first chunk of a resumed file drops the showers it already holds.
-    """
-    ctx = mp.get_context("spawn")  # fork would copy an initialised Geant4 or torch state
-    tasks: Any = ctx.Queue()
+def _tasks(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, dict[str, np.ndarray], int]]:
+    """The chunks still to simulate, in order: (chunk index, showers to drop from its front, energies (size,) MeV,
+    conditions, MC seed); the first chunk of a resumed file drops the showers it already holds."""
     first_skip = plan.start - plan.first_chunk * plan.chunk_size
     for k in range(plan.first_chunk, plan.n_chunks):
         size = min(plan.chunk_size, plan.n - k * plan.chunk_size)
         energies, conditions, mc_seed = chunk_plan(plan.spec, plan.backend, plan.geometry, plan.options, plan.seed,
                                                    k, plan.chunk_size)
-        tasks.put((k, first_skip if k == plan.first_chunk else 0, energies[:size],
-                   {c: v[:size] for c, v in conditions.items()}, mc_seed))
-    n_workers = min(plan.jobs, plan.n_chunks - plan.first_chunk)
-    for _ in range(n_workers):
-        tasks.put(None)
-    pipes = [ctx.Pipe(duplex=False) for _ in range(n_workers)]
+        yield (k, first_skip if k == plan.first_chunk else 0, energies[:size],
+               {c: v[:size] for c, v in conditions.items()}, mc_seed)
+
+
+def _start_workers(plan: _Plan) -> _Workers:
+    """Start the workers, each with a task pipe and a result pipe; tasks are handed out as workers ask."""
+    ctx = mp.get_context("spawn")  # fork would copy an initialised Geant4 or torch state
+    backlog = deque(_tasks(plan))
+    n_workers = min(plan.jobs, len(backlog))
+    task_pipes = [ctx.Pipe(duplex=False) for _ in range(n_workers)]
+    result_pipes = [ctx.Pipe(duplex=False) for _ in range(n_workers)]
     cls = plan.backend
     procs = [
         ctx.Process(target=_worker, args=((cls.__module__, cls.__name__), plan.geometry.to_json(), plan.particle,
-                                          plan.options, tasks, send), daemon=True)
-        for _, send in pipes
+                                          plan.options, task_recv, result_send), daemon=True)
+        for (task_recv, _), (_, result_send) in zip(task_pipes, result_pipes, strict=True)
     ]
     for p in procs:
         p.start()
-    for _, send in pipes:
-        send.close()  # the parent keeps only the reading ends: EOF then means the worker is gone
-    return _Workers(procs, tasks, {recv: proc for (recv, _), proc in zip(pipes, procs, strict=True)})
+    for (task_recv, _), (_, result_send) in zip(task_pipes, result_pipes, strict=True):
+        task_recv.close()  # the parent keeps only its ends: EOF on a result pipe then means the worker is gone
+        result_send.close()
+    readers = [recv for recv, _ in result_pipes]
+    return _Workers(procs, dict(zip(readers, procs, strict=True)),
+                    {recv: send for recv, (_, send) in zip(readers, task_pipes, strict=True)}, backlog)
 
 
 # --- writing --------------------------------------------------------------------------
@@ -398,7 +450,10 @@ def _produce(plan: _Plan, progress: bool) -> tuple[_ChunkWriter, str | None]:
     try:
         messages = _messages(workers.readers)
         while failure is None and not sink.done:
-            failure = sink.take(*next(messages))
+            source, message = next(messages)
+            if message[0] in ("ready", "done"):
+                workers.feed(source)  # first: the worker simulates on while the parent writes
+            failure = sink.take(*message)
     except KeyboardInterrupt:
         failure = "interrupted"
     finally:
@@ -429,7 +484,7 @@ def simulate(
     energy: str | EnergySpec,
     n: int,
     out: str | Path,
-    seed: int = 0,
+    seed: int | None = None,
     jobs: int = 1,
     cut_mm: float = 0.7,
     physics: str = "auto",
@@ -447,12 +502,14 @@ def simulate(
         energy: energy spec (``2.0``, ``0.5,1,1.5,2.5``, ``1:100``, ``1:100:log``, ``500MeV``; GeV by default).
         n: showers the file must hold.
         out: the HDF5 file.
-        seed: master seed.
+        seed: master seed (default 0 for a new file; a resumed file continues with its own, and a different
+            one given is refused).
         jobs: worker processes.
         cut_mm: Geant4 production cut, mm.
         physics: Geant4 data: "auto", "official" or "substitute".
         resume: top up an existing, interrupted or smaller file to ``n``.
-        chunk_size: showers per chunk (the unit of seeding, writing and loss on a crash).
+        chunk_size: showers per chunk (the unit of seeding, writing and loss on a crash; default 100, or a
+            resumed file's own).
         progress: show a progress bar on stderr.
         extra: backend options (air showers: {"zenith": "0:65", "azimuth": "0:360"}).
         backend: the Monte Carlo class (default: :func:`backend_class` of the geometry); it must be importable
@@ -463,13 +520,17 @@ def simulate(
             one-line message (all :class:`~fastshower.errors.FastshowerError`).
     """
     t0 = time.perf_counter()
-    plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
-                 resume=resume, chunk_size=chunk_size, extra=extra, backend=backend)
-    if plan.start >= plan.n:
-        with plan.open_writer("", "", resume=True):
-            pass  # the file already holds n showers: opening and closing marks it complete
-        return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
-    sink, failure = _produce(plan, progress)
+    lock = WriteLock(out)
+    try:
+        plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
+                     resume=resume, chunk_size=chunk_size, extra=extra, backend=backend, lock=lock)
+        if plan.start >= plan.n:
+            with plan.open_writer("", "", resume=True):
+                pass  # the file already holds n showers: opening and closing marks it complete
+            return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
+        sink, failure = _produce(plan, progress)
+    finally:
+        lock.release()
     seconds = time.perf_counter() - t0
     if failure is not None:
         _raise_failure(plan, sink, failure)
