@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -237,30 +239,105 @@ def _parts_dir(path: Path) -> Path:
     return path.with_name(path.name + _PARTS)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _GuardedFile(io.RawIOBase):
+    """A file HDF5 writes through (h5py's file-object driver) that keeps the first OS error to itself.
+
+    HDF5 2.0 crashes the process (segmentation fault) some time after a failed write (a full disk): it
+    must never see one. So a failed write is recorded and reported as done, later writes are dropped, and
+    the caller raises :attr:`error` once HDF5 has closed the file, then removes the garbage.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fh = open(path, "w+b")  # closed in close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._fh.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._fh.readinto(buffer)
+
+    def _guard(self, action: Callable[[], Any], done: Any) -> Any:
+        if self.error is None:
+            try:
+                return action()
+            except OSError as exc:
+                self.error = exc
+        return done
+
+    def write(self, data: Any) -> int:
+        return int(self._guard(lambda: self._fh.write(data), len(memoryview(data))))
+
+    def truncate(self, size: int | None = None) -> int:
+        return int(self._guard(lambda: self._fh.truncate(size), size or 0))
+
+    def flush(self) -> None:
+        self._guard(self._sync, None)
+
+    def _sync(self) -> None:
+        if self._fh.closed:
+            return
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self.flush()
+            self._fh.close()
+        super().close()
 
 
-def _atomic_h5(path: Path, fill: Callable[[h5py.File], None]) -> None:
+def _atomic_h5(path: Path, fill: Callable[[h5py.File], None], in_memory: bool = True) -> None:
     """Write a new HDF5 file at ``path`` by ``fill`` through ``<path>.tmp`` and a rename.
 
-    Readers and a crash at any moment see the old file or the new one, never a half-written one; on an
-    error (full disk, ...) the temporary file is removed and the error raised.
+    Readers and a crash at any moment see the old file or the new one, never a half-written one. A write
+    error (full disk, quota, I/O error) removes the temporary file and raises it as an ``OSError``; HDF5
+    never sees it (HDF5 2.0 crashes the process some time after a failed write). ``in_memory`` builds the
+    file in memory and writes its bytes (parts and indexes: small); otherwise HDF5 writes through a
+    :class:`_GuardedFile`.
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-        _fsync(tmp)
+        if in_memory:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                fill(f)
+            with open(tmp, "wb") as fh:
+                fh.write(buffer.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())  # the data is on disk before the rename publishes it
+        else:
+            _fill_guarded(tmp, fill)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _fill_guarded(tmp: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write ``tmp`` by ``fill`` through a :class:`_GuardedFile`; raise its first OS error after HDF5 is done."""
+    sink = _GuardedFile(tmp)
+    try:
+        with h5py.File(sink, "w") as f:
+            fill(f)
+    finally:
+        sink.close()  # flushes and fsyncs
+    if sink.error is not None:
+        raise sink.error
 
 
 def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
@@ -545,11 +622,19 @@ class ShowerWriter:
             _set_attrs(f, {**self._attrs, "complete": True, "finished": _now()})
 
         try:
-            _atomic_h5(self.path, fill)
+            self._check_room()
+            _atomic_h5(self.path, fill, in_memory=False)
         except (OSError, RuntimeError) as exc:
             raise ShowerFileError(f"{self.path}: cannot finish the file ({_os_cause(exc)}); it holds all {n} "
                                   "showers but stays incomplete: make room and finish it with resume=True") from None
         shutil.rmtree(_parts_dir(self.path), ignore_errors=True)
+
+    def _check_room(self) -> None:
+        """Raise ``OSError(ENOSPC)`` unless the disk has room for the plain file (estimated as the parts' size
+        plus 10 %) before rewriting; the rewrite still handles a full disk (quota, another writer) itself."""
+        need = 1.1 * sum((self.path.parent / p.file).stat().st_size for p in self._parts)
+        if shutil.disk_usage(self.path.parent).free < need:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (about {need / 2**20:.0f} MiB needed)")
 
     def close(self, complete: bool | None = None) -> None:
         """Release the file; make it one plain file marked complete when ``complete`` (default: the target was
