@@ -163,7 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = generate(
         run=args.run, n=args.n, energy=args.energy, conditions=dict(args.condition or []),
         out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, backend=args.backend,
-        onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate,
+        onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate, resume=args.resume,
     )
     print(f"wrote {args.n} showers to {out}")
     return 0
@@ -206,7 +206,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from fastshower.deploy import export_onnx
 
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
-                       opset=args.opset)
+                       opset=args.opset, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -333,6 +333,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--onnx", default=None, help="with --backend onnx: an exported model of this run")
     gen.add_argument("--int8", action="store_true", help="with --backend onnx and no --onnx: INT8 quantisation")
     gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
+    gen.add_argument("--resume", action="store_true",
+                     help="top an interrupted --out up to --n (same run, seed, batch size and specs)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -369,6 +371,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--calibration", type=int, default=256,
                    help="with --int8-mode static: training-file showers to calibrate on")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     b = _verb(sub, "bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
     b.add_argument("--run", required=True, help="finished run folder")

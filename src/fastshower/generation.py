@@ -9,6 +9,7 @@ seed, the specs and the sampler options.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ def generate(
     backend: str = "torch",
     onnx_path: str | Path | None = None,
     int8: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Generate ``n`` showers from a trained run into a new shower file ``out``; returns its path.
 
@@ -56,12 +58,15 @@ def generate(
         energy: incident energy spec (see :mod:`fastshower.energy`, e.g. "2.0" GeV, "0.5:2.5").
         conditions: the run's extra conditions as specs (:func:`fastshower.sampling.parse_condition`); a
             missing one is drawn uniformly over its training range unless the run says ``condition_defaults="none"``.
-        seed: seeds energies, conditions and the model's noise: same seed and batch_size -> same file.
+        seed: seeds energies, conditions and the model's noise of batch k by (seed, k): same seed and batch_size
+            -> same file, also when it was interrupted and resumed.
         progress, device, threshold_mev: tqdm bar; where the model runs; readout threshold, MeV (default: the run's).
         extrapolate: allow energies outside the training range (otherwise an error).
         sample_options: sampler settings (e.g. {"steps": 16} for flow-matching; fixed in an ONNX graph).
         backend: "torch" or "onnx" (ONNX Runtime, the same noise: the same showers within float tolerance);
             onnx_path: an exported file of this run (default: a fresh export, INT8 when ``int8``).
+        resume: top up an interrupted ``out`` (or a smaller one) to ``n``; the request must be the file's own
+            (run, step, seed, batch_size, specs, sampler), else it is refused naming what differs.
 
     Raises:
         GenerationError: bad n, batch_size, backend, energies outside the training range, conditions;
@@ -79,7 +84,7 @@ def generate(
     opts = dict(sample_options or {})
     attrs = {"seed": seed, "model": info.model_name, "run": str(info.run_dir.resolve()), "run_step": info.step,
              "energy_spec": espec.text, "condition_specs": used, "threshold_mev": thr, "sample_options": opts,
-             "training_data": info.training_file or "unknown"}
+             "training_data": info.training_file or "unknown", "batch_size": batch_size}
     with contextlib.ExitStack() as stack:
         onnx_sampler = None
         if backend == "onnx":
@@ -87,9 +92,27 @@ def generate(
         attrs["backend"] = onnx_sampler.backend if onnx_sampler else "torch"
         widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
         writer = stack.enter_context(ShowerWriter(out, info.geometry, info.particle,
-                                                  _generator_name(info, onnx_sampler), n, widths, attrs))
+                                                  _generator_name(info, onnx_sampler), n, widths, attrs,
+                                                  resume=resume))
+        if resume:
+            _check_resumed(writer, attrs, batch_size)
         _fill(writer, loaded, espec, samplers, onnx_sampler, n, batch_size, seed, thr, opts, device, progress)
     return Path(out)
+
+
+def _check_resumed(writer: ShowerWriter, attrs: Mapping[str, Any], batch_size: int) -> None:
+    """Raise :class:`GenerationError` unless the resumed file was made by this very request, in whole batches."""
+    stored = writer.attrs
+    for key in ("run", "run_step", "seed", "batch_size", "energy_spec", "condition_specs", "threshold_mev",
+                "sample_options", "backend"):
+        have = stored.get(key)
+        want = attrs[key] if isinstance(attrs[key], (str, int, float)) else json.dumps(attrs[key])
+        if have is None or str(have) != str(want):
+            raise GenerationError(f"resume=True: {writer.path} was generated with {key}={have}, not {want}; "
+                                  "resume with the request that made it, or write a new file")
+    if writer.n_written % batch_size:
+        raise GenerationError(f"resume=True: {writer.path} holds {writer.n_written} showers, not whole batches of "
+                              f"{batch_size}; write a new file")
 
 
 def _energy_spec(energy: str | EnergySpec, info: RunInfo, extrapolate: bool) -> EnergySpec:
@@ -117,16 +140,19 @@ def _fill(writer: ShowerWriter, run: Run, espec: EnergySpec, samplers: Mapping[s
           options: Mapping[str, Any], device: str, progress: bool) -> None:
     """Generate and append batches until ``writer`` holds ``n`` showers.
 
-    Energies and conditions are drawn from one numpy generator and the model's noise from one torch
-    generator, both seeded by ``seed``, batch after batch: the same call writes the same file.
+    Batch k draws energies and conditions from a numpy generator and the model's noise from a torch
+    generator, both seeded by (``seed``, k): the same call writes the same file, and a resumed file the
+    file an uninterrupted call would have written.
     """
     from tqdm.auto import tqdm
 
     model, transform, info = run
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with tqdm(total=n, disable=not progress, desc="generate", unit="shower") as bar:
+    with tqdm(total=n, initial=writer.n_written, disable=not progress, desc="generate", unit="shower") as bar:
         while writer.n_written < n:
+            k = writer.n_written // batch_size  # batch k draws from (seed, k) alone: a resumed file continues exactly
+            rng = np.random.default_rng([seed, k])
+            torch_seed = int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+            gen = torch.Generator(device=device).manual_seed(torch_seed)
             m = min(batch_size, n - writer.n_written)
             e = espec.sample(rng, m)
             conds = {k: s(rng, m) for k, s in samplers.items()}

@@ -434,6 +434,11 @@ class ShowerWriter:
             raise
         self.n_written = sum(p.n for p in self._parts)
 
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The file's attributes (a resumed file's own: its seed, generator, ...)."""
+        return dict(self._attrs)
+
     # -- opening --------------------------------------------------------------
     def _start(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """The attributes of a new file (after removing the parts of an earlier writer of a deleted file)."""

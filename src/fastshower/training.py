@@ -141,10 +141,16 @@ def _plan_resumed(folder: RunFolder, model: str | None, cfg: Mapping[str, Any]) 
     if cfg:
         given = _model_class(cfg.get("model", name)).config_class.from_dict(cfg.get("hparams", {}),
                                                                            where="[hparams]")
-        if cfg.get("model", name) != name or given != config:
+        if cfg.get("model", name) != name or _plain(given.to_dict()) != _plain(config.to_dict()):
             raise TrainingError(f"resume=True: the config differs from the one run {folder.path} was started with")
     options = TrainConfig.from_dict(stored["train"], where=f"{folder.config} [train]")
     return _Plan(folder, name, config, options, resuming=True)
+
+
+def _plain(values: Mapping[str, Any]) -> Any:
+    """``values`` as JSON gives them back, so that a tuple default and the list saved in config.json compare
+    equal (and 10 and 10.0 do)."""
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
 def _plan_new(folder: RunFolder, model: str | None, cfg: Mapping[str, Any], overrides: Mapping[str, Any],
@@ -183,6 +189,10 @@ def _with_length(options: TrainConfig, steps: int | None, epochs: float | None,
     elif epochs is not None:
         changes.update(steps=None, epochs=float(epochs))
     options = options.replace(**changes)
+    if options.steps is not None and options.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {options.steps}")
+    if options.epochs is not None and not options.epochs > 0:
+        raise ConfigError(f"epochs must be > 0, got {options.epochs}")
     for key in ("batch_size", "checkpoint_every", "log_every"):
         if getattr(options, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(options, key)}")

@@ -86,12 +86,13 @@ def export_onnx(
     steps: int | None = None,
     method: str | None = None,
     check: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Export a run's sampler to an ONNX file; returns its path.
 
     Args:
         run: finished run folder (or a loaded :class:`fastshower.runs.Run`).
-        out: the .onnx file to write (parents created; an existing file is replaced).
+        out: the .onnx file to write (parents created; an existing file only with ``overwrite``, atomically).
         int8: INT8 quantisation (see :mod:`fastshower.deploy.quantize`).
         int8_mode: with ``int8``: ``"dynamic"`` (default; weights int8 per channel, activations uint8 per
             call) or ``"static"`` (QDQ, weights int8 per channel, activation ranges calibrated on the run's
@@ -102,14 +103,17 @@ def export_onnx(
         threshold_mev: readout threshold baked into the graph, MeV (default: the run's).
         steps, method: ODE steps and solver (flow-matching, layer-fm), fixed in the graph (default: the run's).
         check: run the FP32 graph once with ONNX Runtime and compare with torch (ExportError if they differ).
+        overwrite: replace an existing ``out``.
 
     Raises:
-        ExportError: a model that does not export, an FP32 graph that disagrees with torch, bad INT8
-            options, or (static INT8) an unreadable training file.
+        ExportError: an existing ``out`` without ``overwrite``, a model that does not export, an FP32 graph
+            that disagrees with torch, bad INT8 options, or (static INT8) an unreadable training file.
         RunError: a missing, incomplete or unfinished run folder.
         GenerationError: bad ``steps`` / ``method``.
     """
     mode = _check_request(opset, int8, int8_mode, calibration, calibration_method)
+    if Path(out).exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass overwrite=True to replace it, or choose another out")
     plan = _plan(run, threshold_mev, steps, method)
     # read the calibration data before the (slower) export, so that a missing training file fails fast
     feeds = calibration_feeds(plan.model, plan.info, calibration) if mode == "static" else []
