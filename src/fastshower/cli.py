@@ -80,9 +80,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.fill_below_ground:
         from fastshower.airshower import prepare_training_file
 
-        out = prepare_training_file(args.inputs, args.out)
+        out = prepare_training_file(args.inputs, args.out, resume=args.resume)
     else:
-        out = merge_files(args.inputs, args.out, add_condition=args.condition or None)
+        out = merge_files(args.inputs, args.out, add_condition=args.condition or None, resume=args.resume)
     print(f"wrote {out}")
     return 0
 
@@ -265,6 +265,7 @@ def _add_files(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, help="new merged file")
     m.add_argument("--condition", default="primary",
                    help="condition added per input: 'primary' = ln A of its particle; '' adds none")
+    m.add_argument("--resume", action="store_true", help="finish an interrupted merge into --out (same inputs)")
     m.add_argument("--fill-below-ground", action="store_true",
                    help="air showers: also continue below-ground bins smoothly for training (undone on generation)")
 

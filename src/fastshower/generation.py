@@ -72,12 +72,9 @@ def generate(
         GenerationError: bad n, batch_size, backend, energies outside the training range, conditions;
             RunError, ExportError, ShowerFileError: an unusable run, ONNX file or output path.
     """
+    _check_request(out, resume, n, batch_size, backend)
     loaded = as_run(run, device)
     info = loaded.info
-    if n < 1 or batch_size < 1:
-        raise GenerationError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
-    if backend not in GENERATION_BACKENDS:
-        raise GenerationError(f"unknown backend {backend!r}; choose {' or '.join(GENERATION_BACKENDS)}")
     espec = _energy_spec(energy, info, extrapolate)
     samplers, used = condition_samplers(info, conditions)
     thr = info.threshold_mev if threshold_mev is None else float(threshold_mev)
@@ -90,14 +87,34 @@ def generate(
         if backend == "onnx":
             onnx_sampler = _onnx_sampler(stack, loaded, onnx_path, thr, opts, int8)
         attrs["backend"] = onnx_sampler.backend if onnx_sampler else "torch"
-        widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
-        writer = stack.enter_context(ShowerWriter(out, info.geometry, info.particle,
-                                                  _generator_name(info, onnx_sampler), n, widths, attrs,
-                                                  resume=resume))
-        if resume:
-            _check_resumed(writer, attrs, batch_size)
+        writer = stack.enter_context(_writer(out, info, onnx_sampler, n, attrs, resume))
         _fill(writer, loaded, espec, samplers, onnx_sampler, n, batch_size, seed, thr, opts, device, progress)
     return Path(out)
+
+
+def _check_request(out: str | Path, resume: bool, n: int, batch_size: int, backend: str) -> None:
+    """Raise :class:`GenerationError` for an existing ``out`` without ``resume``, bad sizes or backend."""
+    if Path(out).exists() and not resume:
+        raise GenerationError(f"{out} exists; use resume=True to top it up, or choose another out")
+    if n < 1 or batch_size < 1:
+        raise GenerationError(f"n and batch_size must be >= 1 (got {n}, {batch_size})")
+    if backend not in GENERATION_BACKENDS:
+        raise GenerationError(f"unknown backend {backend!r}; choose {' or '.join(GENERATION_BACKENDS)}")
+
+
+def _writer(out: str | Path, info: RunInfo, onnx_sampler: OnnxSampler | None, n: int, attrs: Mapping[str, Any],
+            resume: bool) -> ShowerWriter:
+    """The output's writer: a new file, or (``resume``) the file this very request began."""
+    widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
+    writer = ShowerWriter(out, info.geometry, info.particle, _generator_name(info, onnx_sampler), n, widths, attrs,
+                          resume=resume)
+    if resume:
+        try:
+            _check_resumed(writer, attrs, int(attrs["batch_size"]))
+        except GenerationError:
+            writer.close(complete=False)
+            raise
+    return writer
 
 
 def _check_resumed(writer: ShowerWriter, attrs: Mapping[str, Any], batch_size: int) -> None:

@@ -342,7 +342,7 @@ def _fill_guarded(tmp: Path, fill: Callable[[h5py.File], None]) -> None:
 
 def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
     for key, val in attrs.items():
-        plain = isinstance(val, (str, int, float, bool, np.number, np.ndarray))
+        plain = isinstance(val, (str, int, float, bool, np.generic, np.ndarray))  # a resumed file's own: np.bool_
         f.attrs[key] = val if plain else json.dumps(val)
 
 
@@ -443,7 +443,8 @@ class ShowerWriter:
     def _start(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """The attributes of a new file (after removing the parts of an earlier writer of a deleted file)."""
         if self.path.exists():
-            raise ShowerFileError(f"{self.path} exists; use resume=True to top it up or choose another path")
+            raise ShowerFileError(f"{self.path} exists; choose another path, or top it up with resume=True where "
+                                  "the command offers it")
         shutil.rmtree(_parts_dir(self.path), ignore_errors=True)
         meta = {
             "geometry": self.geometry.to_json(),
@@ -1125,6 +1126,7 @@ def merge_files(
     condition_values: Mapping[str, float] | None = None, particle: str | None = None, chunk_rows: int = 4096,
     interleave: bool = True, compression: str | None = "gzip",
     map_batch: Callable[[ShowerBatch], ShowerBatch] | None = None, attrs: Mapping[str, Any] | None = None,
+    resume: bool = False,
 ) -> Path:
     """Merge complete shower files of one geometry into a new file, streaming (memory ~ one block).
 
@@ -1157,6 +1159,8 @@ def merge_files(
             condition is set), e.g. a preprocessing that must see the conditions; it must keep the
             number of rows, the voxel count and the condition/truth names.
         attrs: more provenance for the output (JSON-serialisable values), e.g. what ``map_batch`` did.
+        resume: finish an interrupted merge into ``out`` (same inputs and options): the blocks it holds are
+            skipped, so the result equals an uninterrupted merge.
 
     Returns:
         The output path.
@@ -1171,7 +1175,7 @@ def merge_files(
         widths = _check_mergeable(files)
         values = _merge_values(paths, files, add_condition, condition_values, widths)
         out_attrs = _merge_provenance(files, add_condition, values, condition_values, interleave, attrs)
-        with _merged_writer(out, files, particle, add_condition, out_attrs, compression) as w:
+        with _merged_writer(out, files, particle, add_condition, out_attrs, compression, resume) as w:
             _write_merged(w, files, add_condition, values, chunk_rows, interleave, map_batch)
     finally:
         for f in files:
@@ -1250,8 +1254,11 @@ def _merge_provenance(files: Sequence[ShowerFile], add_condition: str | None, va
 
 
 def _merged_writer(out: str | Path, files: Sequence[ShowerFile], particle: str | None, add_condition: str | None,
-                   out_attrs: Mapping[str, Any], compression: str | None) -> ShowerWriter:
-    """A new file for all inputs' showers: their conditions (plus the added one, width 1) and truth."""
+                   out_attrs: Mapping[str, Any], compression: str | None, resume: bool) -> ShowerWriter:
+    """A new file for all inputs' showers: their conditions (plus the added one, width 1) and truth; with
+    ``resume``, the interrupted merge of the same inputs into ``out``."""
+    if Path(out).exists() and not resume:
+        raise ShowerFileError(f"{out} exists; use resume=True to finish an interrupted merge, or choose another out")
     first = files[0]
     out_particle = particle or "+".join(dict.fromkeys(f.particle for f in files))
     truth_widths = {k: int(d.shape[1]) if d.ndim == 2 else 1 for k, d in first._group("truth").items()}
@@ -1260,8 +1267,12 @@ def _merged_writer(out: str | Path, files: Sequence[ShowerFile], particle: str |
         cond_widths[add_condition] = 1
     total = int(sum(f.n for f in files))
     generator = f"merge of {len(files)} files ({', '.join(f'{f.particle}: {f.n}' for f in files)})"
-    return ShowerWriter(out, first.geometry, out_particle, generator, total, cond_widths, out_attrs,
-                        truth=truth_widths, compression=compression)
+    w = ShowerWriter(out, first.geometry, out_particle, generator, total, cond_widths, out_attrs,
+                     truth=truth_widths, compression=compression, resume=resume)
+    if resume and w.attrs.get("merged_from") != json.dumps(out_attrs["merged_from"]):
+        w.close(complete=False)
+        raise ShowerFileError(f"resume=True: {out} is a merge of other inputs; choose another out")
+    return w
 
 
 def _write_merged(w: ShowerWriter, files: Sequence[ShowerFile], add_condition: str | None, values: Sequence[float],
@@ -1269,20 +1280,26 @@ def _write_merged(w: ShowerWriter, files: Sequence[ShowerFile], add_condition: s
     """Copy the inputs into ``w`` in blocks of at most ``chunk_rows`` showers.
 
     With ``interleave`` the inputs take turns, each block's size in proportion to its input's size; without,
-    each input is copied whole, in order. The added condition (width 1) is set before ``map_batch``.
+    each input is copied whole, in order. The added condition (width 1) is set before ``map_batch``. The
+    first blocks, as many as ``w`` already holds (a resumed merge), are skipped unread.
     """
     sizes = [f.n for f in files]
     total = int(sum(sizes))
     pos = [0] * len(files)
+    skip = w.n_written
     while any(pos[i] < sizes[i] for i in range(len(files))):
         for i, f in enumerate(files):
             if pos[i] >= sizes[i]:
                 continue
             take = max(1, round(chunk_rows * sizes[i] / total)) if interleave else chunk_rows
-            batch = f.read(pos[i], min(pos[i] + take, sizes[i]))
-            pos[i] += len(batch)
-            if add_condition is not None:
-                batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
-            w.append(map_batch(batch) if map_batch is not None else batch)
+            stop = min(pos[i] + take, sizes[i])
+            if skip > 0:  # this block is in the file already
+                skip -= stop - pos[i]
+            else:
+                batch = f.read(pos[i], stop)
+                if add_condition is not None:
+                    batch.conditions[add_condition] = np.full((len(batch), 1), values[i])
+                w.append(map_batch(batch) if map_batch is not None else batch)
+            pos[i] = stop
             if not interleave:
                 break

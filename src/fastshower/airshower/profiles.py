@@ -201,9 +201,11 @@ def prepare_training_file(
     fill_ground: bool = True,
     decay_length: float = FILL_DECAY_LENGTH,
     chunk_rows: int = 4096,
+    resume: bool = False,
 ) -> Path:
     """Merge reference files of several primaries into one training file (condition ``primary`` = ln A),
-    with the below-ground bins continued smoothly (:func:`fill_below_ground`) when ``fill_ground``.
+    with the below-ground bins continued smoothly (:func:`fill_below_ground`) when ``fill_ground``;
+    ``resume`` finishes an interrupted one (see :func:`fastshower.io.merge_files`).
 
     Only training files should be filled: scoring compares generated profiles (zeroed below ground)
     with the unfilled reference. The output's ``below_ground_fill`` attribute records the fill.
@@ -221,5 +223,5 @@ def prepare_training_file(
             "ground (fastshower.airshower.fill_below_ground); generation zeroes them again"
             if fill_ground else "none")
     return merge_files(inputs, out, add_condition="primary", chunk_rows=chunk_rows,
-                       map_batch=fill if fill_ground else None, attrs={"below_ground_fill": note})
+                       map_batch=fill if fill_ground else None, attrs={"below_ground_fill": note}, resume=resume)
 
