@@ -60,6 +60,7 @@ def bench(
     warmup: int = 1,
     budget_s: float = 20.0,
     steps: int | None = None,
+    method: str | None = None,
     n_geant4: int = 200,
     n_geant4_startup: int = 10,
     profile_batch: int | None = None,
@@ -79,7 +80,8 @@ def bench(
             the run's training file, see :func:`fastshower.deploy.export_onnx`).
         repeats, warmup, budget_s: timed calls (median reported), untimed warm-up calls, and the time after
             which the repeats of one (backend, batch size) stop early (at least one timed call).
-        steps: flow-matching ODE steps (default: the run's), the same for torch and ONNX.
+        steps, method: ODE steps and solver of flow-matching and layer-fm (default: the run's), the same for
+            torch and ONNX.
         n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production.
         profile_batch: if given, also profile the ONNX FP32 (and INT8) graph per op type at this batch size.
         seed: seeds inputs and noise.
@@ -92,7 +94,7 @@ def bench(
     """
     sizes = _check_request(batch_sizes, threads, backends)
     loaded = as_run(run, require_finished=True)
-    opts = sample_options(loaded.model, {"steps": steps})
+    opts = sample_options(loaded.model, {"steps": steps, "method": method})
     timing = _Timing(repeats, warmup, budget_s)
     results, profiles = _time_backends(loaded, backends, sizes, threads, timing, opts, seed, profile_batch)
     g4 = _geant4_entry(geant4, loaded.info, n_geant4, n_geant4_startup, seed)
