@@ -219,6 +219,21 @@ def test_a_real_full_disk_is_one_line_not_a_segfault(tmp_path: Path) -> None:
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+def test_parts_are_merged_so_an_index_stays_small(tmp_path: Path) -> None:
+    path = tmp_path / "many.h5"
+    batches = [_batch(2, i) for i in range(300)]
+    w = ShowerWriter(path, GEO, "e-", "test", 1000)
+    for b in batches:
+        w.append(b)
+    w.close(complete=False)
+    parts = sorted(p.name for p in (tmp_path / "many.h5.parts").iterdir())
+    # 300 chunks = 1 x 256 (level 2) + 2 x 16 (level 1) + 12 single chunks
+    assert len(parts) == 15 and parts[0] == "rows-000000000000-L2.h5"
+    energies, showers, _ = _plain(path)
+    np.testing.assert_array_equal(showers, np.concatenate([b.showers for b in batches]))
+    np.testing.assert_array_equal(energies, np.concatenate([b.energies for b in batches]))
+
+
 # --- 3. kill -9 at any moment ----------------------------------------------------------------------
 
 _WRITER = """
