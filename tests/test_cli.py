@@ -68,6 +68,8 @@ def test_chain_on_a_tiny_file(belle_file: Path, tmp_path: Path, capsys: pytest.C
     assert main(["evaluate", "--reference", str(belle_file), "--candidate", str(gen), "--out", str(report),
                  "--metrics", "separation_power", "--quiet"]) == 0
     assert "separation_power" in json.loads((report / "metrics.json").read_text())
+    printed = capsys.readouterr().out  # a short score / value / floor table, not the JSON
+    assert f"open {report / 'report.html'}" in printed and "{" not in printed and len(printed.splitlines()) < 20
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
     assert main(["bench", "--run", str(run), "--batch-sizes", "2", "--backends", "onnx-fp32",
                  "--out", str(tmp_path / "b.json")]) == 0
@@ -128,7 +130,9 @@ def test_demo_quick_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert Path(first["reports"][name]).is_file()
         floor = first["scores"][name]["geant4_floor"]["low_level_auc"]
         assert floor is not None and 0.2 < floor < 0.8  # Geant4 against itself: no separation
-    assert "fastshower demo" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "fastshower demo" in printed and "good: a model row close to its geant4_floor row" in printed
+    assert f"open {first['reports']['held_out_2GeV']}" in printed
     second = run_demo(tmp_path, seed=3, jobs=1, settings=tiny)
     assert "is complete: kept" in capsys.readouterr().err
     assert second["scores"] == first["scores"]

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fastshower.validate import report
+from fastshower.validate import plots, report, verdict
 from fastshower.validate.evaluate import EvaluationConfig, evaluate
+from fastshower.validate.metrics import Binning, HistogramAccumulator
 from toy_showers import make_toy_file, tiny_geometry
 
 FAST = EvaluationConfig(n_boot=3, fpd_batches=2, fpd_points=3, kpd_batches=2, kpd_batch_size=200,
@@ -120,7 +121,8 @@ def test_html_and_plot_folder_agree(full: tuple[Path, dict[str, Any]]) -> None:
     assert pngs <= set(links), f"plots the page does not show: {sorted(pngs - set(links))}"
     missing = [link for link in links if not (out / link).is_file()]
     assert not missing, f"the page references missing files: {missing}"
-    assert {"plots/images_00.png", "plots/profiles.png", "plots/response.png"} <= set(links)
+    assert {"plots/images_layers_0-1.png", "plots/profiles.png", "plots/response.png"} <= set(links)
+    assert {"plots/energy_E_tot_over_E_inc.png"} <= set(links)  # three energies: per-energy panels
     assert len([link for link in links if link.startswith(("plots/hist_", "plots/layers_"))]) == 4
     assert len(links) == len(set(links)), "a plot shown twice"
 
@@ -137,12 +139,18 @@ def test_summary_table_shows_the_returned_scores(full: tuple[Path, dict[str, Any
         assert float(row["value"]) == pytest.approx(clf["auc"], rel=1e-3)
         assert row["error"] == _shown(clf["auc_error"])
         assert row["floor (reference halves)"] == _shown(floor["auc"])
-        assert summary[f"classifier JSD ({side}-level)"]["value"] == _shown(clf["jsd"])
+        jsd = summary[f"classifier JSD ({side}-level)"]["value"]
+        # a negative estimate is noise around 0: shown as 0 with the estimate beside it
+        assert jsd == _shown(clf["jsd"]) if clf["jsd"] >= 0 else jsd.startswith("0 (estimate")
     assert summary["FPD x1e3"]["value"] == _shown(result["fpd"]["value"])
     assert summary["FPD x1e3"]["floor (reference halves)"] == _shown(result["floor"]["fpd"]["value"])
     assert "KPD x1e3" not in summary  # not requested
     fit = result["response"]["fit"]["candidate"]
-    assert summary["resolution a (stochastic) candidate"]["value"] == _shown(fit["a"])
+    row = summary["resolution a (stochastic) candidate"]
+    if "a" in fit["at_bound"]:
+        assert row["value"] == "0" and "AT THE BOUND" in row["how to read"]
+    else:
+        assert row["value"] == _shown(fit["a"]) and "a/√(E/GeV) ⊕ b" in row["how to read"]
 
 
 def test_per_energy_and_observable_tables(full: tuple[Path, dict[str, Any]]) -> None:
@@ -191,7 +199,7 @@ def test_every_layer_of_a_45_layer_detector_is_plotted() -> None:
 def test_grid_and_images_of_many_layers(tmp_path: Path) -> None:
     """A 13-layer toy detector: two image figures and two grid figures per family show all 13 layers."""
     from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer
-    from fastshower.validate.metrics import Binning, calochallenge_binning
+    from fastshower.validate.metrics import calochallenge_binning
     from fastshower.validate.observables import radial_edges, radial_profile
 
     seg = CartesianSegmentation(2, 2, 5.0, 5.0)
@@ -206,5 +214,143 @@ def test_grid_and_images_of_many_layers(tmp_path: Path) -> None:
     radial = radial_profile(image[None], geo)[0]
     pd = report.PlotData(geo, dict.fromkeys(names, b), counts, counts, image, image, edges, radial, radial)
     figs = report._write_plots(tmp_path, {"separation_power": dict.fromkeys(names, 0.0)}, pd)
-    assert figs == ["images_00.png", "images_01.png", "profiles.png", "layers_000.png", "layers_001.png"]
-    assert all((tmp_path / f).stat().st_size > 1000 for f in figs)
+    assert [f.file for f in figs] == ["images_layers_0-7.png", "images_layers_8-12.png", "profiles.png",
+                                      "layers_x_centre_0-11.png", "layers_x_centre_12-12.png"]
+    assert all((tmp_path / f.file).stat().st_size > 1000 for f in figs)
+    assert "x centre of energy per layer [mm], layers 0-11" in figs[3].caption
+
+
+
+# --- what the histograms draw -----------------------------------------------------------------------------
+
+
+def test_under_and_overflow_bins_hold_the_out_of_range_counts() -> None:
+    b = Binning((0.0, 1.0, 2.0, 4.0))
+    h = HistogramAccumulator(b)
+    h.update(np.array([-5.0, -1.0, 0.5, 1.5, 1.5, 3.0, 4.5, 9.0, 9.0]))
+    counts = h.compute()
+    d = plots.density(counts, b, under=True, over=True)
+    widths = np.diff(d.edges)
+    assert d.edges[0] == -1.0 and d.edges[-1] == 6.0  # each as wide as its neighbouring regular bin
+    assert np.allclose(d.value * d.total * widths, [2, 1, 2, 1, 3])  # 2 below, 3 above the range
+    assert np.allclose(d.error * d.total * widths, np.sqrt([2, 1, 2, 1, 3]))  # Poisson: sqrt(N), scaled alike
+    inside = plots.density(counts, b, under=False, over=False)
+    assert np.allclose(inside.value * inside.total * np.diff(inside.edges), [1, 2, 1])
+
+
+def test_the_drop_outside_binning_scales_by_the_scored_total() -> None:
+    b = Binning((1.0, 10.0, 100.0), log=True, drop_outside=True)
+    d = plots.density(np.array([3, 4, 4, 1]), b, under=True, over=True)
+    assert d.total == 8  # the in-range counts the scores compare
+    assert np.allclose(d.edges, [0.1, 1.0, 10.0, 100.0, 1000.0])  # log bins: as wide in log
+    assert np.allclose(d.value * 8 * np.diff(d.edges), [3, 4, 4, 1])
+
+
+def test_ratio_errors_propagate_both_poisson_errors() -> None:
+    b = Binning((0.0, 1.0, 2.0))
+    num, den = plots.density(np.array([0, 100, 25, 0]), b, False, False), plots.density(
+        np.array([0, 50, 50, 0]), b, False, False)
+    r, err = plots.ratio(num, den)
+    assert np.allclose(r, [(100 / 125) / 0.5, (25 / 125) / 0.5])
+    assert np.allclose(err, r * np.sqrt([1 / 100 + 1 / 50, 1 / 25 + 1 / 50]))
+
+
+def test_the_plot_covers_what_the_candidate_holds_beyond_the_reference(tmp_path: Path) -> None:
+    """The quick demo's case: a candidate with E_tot/E_inc up to 2 on a binning that ends at 0.99."""
+    import matplotlib.pyplot as plt
+
+    b = Binning(tuple(np.linspace(0.9, 0.99, 10)))
+    ref, cand = HistogramAccumulator(b), HistogramAccumulator(b)
+    ref.update(np.linspace(0.9, 0.99, 100))
+    cand.update(np.concatenate([np.linspace(0.9, 0.99, 71), np.linspace(1.0, 2.09, 29)]))
+    fig, (ax, axr) = plt.subplots(2, 1)
+    plots.draw_hist((ax, axr), "E_tot/E_inc", b, ref.compute(), cand.compute(), None, "E_vis / E_inc")
+    assert ax.get_xlim()[1] > 0.99  # the overflow bin is drawn
+    drawn = [p for p in ax.patches if hasattr(p, "get_data")]
+    assert any(np.isclose(p.get_data().values[-1] * 100 * 0.01, 29) for p in drawn)  # it holds all 29 showers
+    assert axr.get_ylim() != (0.5, 1.5) and ax.get_xlabel() == "" and axr.get_xlabel() == "E_vis / E_inc"
+    plt.close(fig)
+
+
+def test_axis_labels_carry_units() -> None:
+    assert plots.axis_label("E_tot") == "E_vis [MeV]"
+    assert plots.axis_label("r_width_3") == "r spread of energy, layer 3 [mm]"
+    assert plots.axis_label("Xmax") == "X_max [g/cm²]"
+
+
+# --- the verdict -------------------------------------------------------------------------------------------
+
+
+def test_judge_flags_only_beyond_the_floor_spread() -> None:
+    assert verdict.judge("x", 0.10, 0.01, 0.02, 0.01).status == "outside"  # 5.7 sigma
+    assert verdict.judge("x", 0.05, 0.01, 0.02, 0.01).status == "within"  # 2.1 sigma
+    assert verdict.judge("x", 0.01, 0.01, 0.02, 0.01).status == "within"  # below the floor
+    assert verdict.judge("x", 0.10, 0.01, None, None).status == "no floor"
+
+
+@pytest.fixture(scope="module")
+def scaled_and_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Separation powers with the floor of an independent toy sample (MC vs MC) and of a copy of the
+    reference with every cell scaled by 1.05 (3000 showers each: the floor of 1500 against 1500 must
+    be well below the scaled copy's S)."""
+    from fastshower.io import ShowerBatch, ShowerFile, write_showers
+
+    d = tmp_path_factory.mktemp("verdict")
+    geo = tiny_geometry()
+    toy_pair = make_toy_file(d / "ref.h5", geo, 3000, seed=11), make_toy_file(d / "cand.h5", geo, 3000, seed=12)
+    with ShowerFile(toy_pair[0]) as f:
+        batch = f.read()
+        scaled = write_showers(d / "scaled.h5", f.geometry, ShowerBatch(batch.energies, batch.showers * 1.05,
+                                                                      batch.conditions), f.particle, "scaled")
+    kw = {"metrics": ["separation_power"], "floor": True, "progress": False, "config": FAST, "report": False}
+    return {"pair": evaluate(*toy_pair, d / "pair", **kw), "scaled": evaluate(toy_pair[0], scaled, d / "s", **kw)}
+
+
+def test_the_verdict_flags_a_scaled_copy_and_not_an_mc_pair(scaled_and_pair: dict[str, Any]) -> None:
+    pair = {v.name: v for v in verdict.observable_verdicts(scaled_and_pair["pair"])}
+    scaled = {v.name: v for v in verdict.observable_verdicts(scaled_and_pair["scaled"])}
+    assert [k for k, v in pair.items() if v.status == "outside"] == []
+    assert all(v.status == "within" for v in pair.values())
+    for name in ("E_tot/E_inc", "E_tot", "E_layer_0"):
+        assert scaled[name].status == "outside", scaled[name]
+    assert verdict.observable_verdicts(scaled_and_pair["scaled"])[0].status == "outside"  # worst first
+    text = verdict.format_score_table(scaled_and_pair["scaled"])
+    assert "observables outside the Geant4-vs-Geant4 floor" in text and len(text.splitlines()) < 20
+
+
+def test_the_report_opens_with_the_verdict(full: tuple[Path, dict[str, Any]]) -> None:
+    out, result = full
+    parsed = _parse(out)
+    assert parsed.headings[:2] == ["Verdict", "Verdict per observable"]
+    rows = _as_dicts(parsed.tables["Verdict per observable"])
+    assert {r["observable"] for r in rows} == set(result["separation_power"])
+    assert all(r["verdict"] in ("outside", "within") for r in rows)
+    assert [r["score"] for r in _as_dicts(parsed.tables["Verdict"])][:2] == ["classifier AUC (low-level)",
+                                                                           "classifier AUC (high-level)"]
+    assert "<figcaption>" in (out / "report.html").read_text()
+
+
+# --- entries that meant nothing ------------------------------------------------------------------------------
+
+
+def test_a_one_layer_detector_has_no_depth_observables(tiny_geo: Any) -> None:
+    from fastshower.geometry import get_geometry
+    from fastshower.validate.observables import compute_observables, observable_names
+
+    belle = get_geometry("belle2-ecl-5x5")
+    assert "z_centre" not in observable_names(belle) and "z_width" not in observable_names(belle)
+    assert {"z_centre", "z_width"} <= set(observable_names(tiny_geo))
+    obs = compute_observables(np.ones((2, belle.n_voxels)), np.full(2, 1000.0), belle)
+    assert set(obs) == set(observable_names(belle))
+
+
+def test_a_resolution_fit_at_its_bound_is_flagged() -> None:
+    from fastshower.validate.metrics import fit_resolution
+
+    e = np.array([0.5, 1.0, 2.0, 5.0])
+    constant = fit_resolution(e, np.full(4, 0.02), np.full(4, 0.001))
+    assert "a" in constant.at_bound and "b" not in constant.at_bound
+    stochastic = fit_resolution(e, 0.03 / np.sqrt(e), 0.001 * np.ones(4))
+    assert stochastic.at_bound == ("b",)
+    both = fit_resolution(e, np.sqrt(0.03**2 / e + 0.01**2), 0.0005 * np.ones(4))
+    assert both.at_bound == ()

@@ -177,22 +177,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.reference, args.candidate, args.out, metrics=metrics, seed=args.seed, floor=args.floor,
         binning=args.binning, binning_xml=args.binning_xml, progress=not args.quiet,
     )
+    from fastshower.validate.verdict import format_score_table
+
     out = Path(args.out)
-    print(json.dumps(_headline(result), indent=2))
-    print(f"report: {out / 'report.html'}\nmetrics: {out / 'metrics.json'}")
+    print(f"{result['n_candidate']} candidate vs {result['n_reference']} reference showers")
+    print(format_score_table(result))
+    print(f"all numbers: {out / 'metrics.json'}\nopen {out / 'report.html'}")
     return 0
-
-
-def _headline(result: dict) -> dict:
-    """The few numbers worth printing from a metrics dict."""
-    keep = {}
-    for key in ("n_reference", "n_candidate", "classifier", "fpd", "kpd"):
-        if key in result:
-            keep[key] = result[key]
-    sp = result.get("separation_power")
-    if isinstance(sp, dict):
-        keep["separation_power (largest 5)"] = dict(sorted(sp.items(), key=lambda kv: -float(kv[1]))[:5])
-    return keep
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

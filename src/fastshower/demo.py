@@ -94,6 +94,7 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
     """
     from fastshower.generation import generate
     from fastshower.validate.evaluate import evaluate
+    from fastshower.validate.verdict import headline
 
     t_start = time.perf_counter()
     settings = settings or DemoSettings.for_mode(quick)
@@ -137,6 +138,7 @@ def run_demo(out: str | Path = "demo-output", quick: bool = False, seed: int = 0
         "timings": timings,
         "scores": {name: _scores(r) for name, r in results.items()},
         "reports": {name: str(out / f"report_{name}" / "report.html") for name in results},
+        "verdicts": {name: headline(r) for name, r in results.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
@@ -166,7 +168,14 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+#: how to read the demo's table, printed under it
+_READING = ("good: a model row close to its geant4_floor row (the same score between two halves of the Geant4 "
+            "sample); AUC 0.5 = indistinguishable from Geant4, 1 = told apart every time; FPD, KPD and S: 0 = same")
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
+    """The closing table: scores of the model and of the Geant4 floor per sample, what is good or
+    bad, the verdict of each sample and the reports to open."""
     print("\nfastshower demo: flow matching vs Geant4 on belle2-ecl-5x5 (e-)")
     print(f"{'sample':20s} {'':9s} {'AUC low':>8s} {'AUC high':>9s} {'FPDx1e3':>8s} {'KPDx1e3':>8s} "
           f"{'S(Evis/E)':>9s}")
@@ -179,5 +188,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     t = summary["timings"]
     print(f"time: Geant4 {t['geant4_s']:.0f} s, training {t['train_s']:.0f} s, generation {t['generate_s']:.0f} s, "
           f"evaluation {t['evaluate_s']:.0f} s, total {t['total_s'] / 60:.1f} min")
-    for name, path in summary["reports"].items():
-        print(f"report ({name}): {path}")
+    print(_READING)
+    for name, text in summary.get("verdicts", {}).items():
+        print(f"{name}: {text}")
+    for path in summary["reports"].values():
+        print(f"open {path}")

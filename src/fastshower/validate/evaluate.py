@@ -67,6 +67,8 @@ METRICS: tuple[str, ...] = (
 #: under/overflow bins, or the fixed ranges of the CaloChallenge evaluation (out-of-range dropped)
 BINNINGS: tuple[str, ...] = ("quantile", "calochallenge")
 _INTEGER_OBS = {"n_hits", "n_peaks"}
+#: validation showers of each class an energy bin needs for its own classifier AUC
+_MIN_PER_ENERGY_AUC = 20
 _VOXEL = "voxel_energy"
 
 
@@ -624,17 +626,20 @@ def _classifier(ref: np.ndarray, ref_bins: np.ndarray, cand: np.ndarray, cand_bi
     res = M.classifier_score(ref[:n], cand[:n], seed=seed)
     out = res.to_dict()
     bins = np.concatenate([ref_bins[:n], cand_bins[:n]])[res.validation_index]
-    per = []
+    per, counts = [], []
     for j in range(n_ebins):
         m = bins == j
         y = res.validation_label[m]
-        if y.sum() > 0 and (1 - y).sum() > 0:
+        counts.append(int(m.sum()))
+        # an AUC of a handful of showers is 1.0 or 0.0 by chance: left out (null) below the minimum
+        if min(y.sum(), (1 - y).sum()) >= _MIN_PER_ENERGY_AUC:
             from sklearn.metrics import roc_auc_score
 
             per.append(float(roc_auc_score(y, res.validation_proba[m])))
         else:
             per.append(math.nan)
     out["per_energy_auc"] = per
+    out["per_energy_n_validation"] = counts
     return out
 
 
@@ -724,7 +729,8 @@ def _floor_scores(half_a: _Summary, half_b: _Summary, sub_ref: _Subsample, which
     """The statistical floor: the same scores for the reference's random half B against half A."""
     sub_a, sub_b = _split_halves(sub_ref)
     out: dict[str, Any] = {"n_reference": half_a.n, "n_candidate": half_b.n}
-    out.update(_score_pair(half_a, half_b, sub_a, sub_b, which, cfg, seed, n_ebins, _NoBar(), with_errors=False))
+    # with errors: the verdict judges a score against the floor's spread, not its value alone
+    out.update(_score_pair(half_a, half_b, sub_a, sub_b, which, cfg, seed, n_ebins, _NoBar(), with_errors=True))
     return out
 
 
@@ -840,23 +846,35 @@ def _write_metrics(out_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _write_html_report(out_dir: Path, result: dict[str, Any], plan: _Plan, ref: _Summary, cand: _Summary) -> None:
-    """Write ``out_dir/report.html`` and its plots from the streamed histograms and mean images."""
+def _counts(hists: dict[str, M.HistogramAccumulator]) -> dict[str, np.ndarray]:
+    """Observable -> histogram counts (k + 2,) of streamed histograms."""
+    return {k: h.compute() for k, h in hists.items()}
+
+
+def _write_html_report(out_dir: Path, result: dict[str, Any], plan: _Plan, sums_ref: dict[str, _Summary],
+                       cand: _Summary) -> None:
+    """Write ``out_dir/report.html`` and its plots from the streamed histograms and mean images
+    (the reference halves' histograms, when the floor was computed, draw the floor band)."""
     from fastshower.validate.report import PlotData, write_report
 
-    geometry = plan.geometry
+    geometry, ref = plan.geometry, sums_ref["all"]
     radial = radial_edges(geometry) if geometry.profile is None else None
     ref_image, cand_image = ref.image_sum / max(ref.n, 1), cand.image_sum / max(cand.n, 1)
+    halves = (_counts(sums_ref["A"].hists), _counts(sums_ref["B"].hists)) if "A" in sums_ref else None
     plot = PlotData(
         geometry=geometry,
         binnings=plan.binnings,
-        ref_counts={k: h.compute() for k, h in ref.hists.items()},
-        cand_counts={k: h.compute() for k, h in cand.hists.items()},
+        ref_counts=_counts(ref.hists),
+        cand_counts=_counts(cand.hists),
         ref_image=ref_image,
         cand_image=cand_image,
         radial_edges=radial,
         ref_radial=None if radial is None else radial_profile(ref_image[None], geometry)[0],
         cand_radial=None if radial is None else radial_profile(cand_image[None], geometry)[0],
+        ref_halves=halves,
+        energy_labels=list(plan.labels),
+        ref_counts_e=[_counts(h) for h in ref.hists_e],
+        cand_counts_e=[_counts(h) for h in cand.hists_e],
     )
     write_report(out_dir, result, plot)
 
@@ -942,7 +960,7 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     result.update(_settings(plan, cfg, t0))
     result = _write_metrics(out_dir, result)
     if report:
-        _write_html_report(out_dir, result, plan, ref, cand)
+        _write_html_report(out_dir, result, plan, sums_ref, cand)
     return result
 
 
@@ -1012,14 +1030,15 @@ EvaluationResultSchema: dict[str, str] = {
     "histogram_binning": "quantile or calochallenge (see evaluate's binning)",
     "classifier_low_input": "what the low-level classifier saw: every voxel, or k x k pooled cells per layer",
     "classifier.low / classifier.high": "auc, auc_error, jsd, jsd_error, best_epoch, n_train, n_test, n_validation, "
-    "per_energy_auc, input",
+    "per_energy_auc (null below 20 validation showers of a class in the bin), per_energy_n_validation, input",
     "fpd / kpd": "value, error, scale (=1000: values are x1e3)",
     "ssim": "[per energy bin: reference, candidate, cross mean SSIM and errors]",
     "support_size": "threshold, reference/candidate: support, error, median_draws, n, censored",
     "multi_peak": "fraction of showers with >= 2 peaks, reference/candidate with errors",
-    "response": "per_energy linearity/resolution, fit {reference, candidate}: a, b (sigma/E = a/sqrt(E) (+) b)",
+    "response": "per_energy linearity/resolution, fit {reference, candidate}: a, b (sigma/E = a/sqrt(E/GeV) (+) b), "
+    "at_bound: parameters at the fit's lower bound 0",
     "per_energy": "[rows per energy bin: label, counts, separation powers, per-energy AUCs, SSIM]",
-    "floor": "same scores for the reference's random halves (floor=True)",
+    "floor": "same scores (with errors) for the reference's random halves (floor=True)",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

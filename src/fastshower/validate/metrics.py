@@ -822,7 +822,9 @@ def binomial_fraction(k: int, n: int) -> tuple[float, float]:
 class ResolutionFit:
     """sigma/E = a / sqrt(E / GeV) (+) b (quadrature sum); a and b dimensionless (fractions).
 
-    Attributes: a, a_error, b, b_error; ndf; chi2 of the weighted fit.
+    Attributes: a, a_error, b, b_error; ndf; chi2 of the weighted fit; at_bound: the parameters
+    ("a", "b") that ended at the fit's lower bound 0 (or were fixed there: one energy only), whose
+    value and error are then the bound's, not a measurement.
     """
 
     a: float
@@ -831,9 +833,10 @@ class ResolutionFit:
     b_error: float
     chi2: float
     ndf: int
+    at_bound: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"at_bound": list(self.at_bound)}
 
 
 def fit_resolution(energy_gev: np.ndarray, resolution: np.ndarray, resolution_error: np.ndarray) -> ResolutionFit:
@@ -854,7 +857,7 @@ def fit_resolution(energy_gev: np.ndarray, resolution: np.ndarray, resolution_er
 
     if len(e) == 1:  # one energy: attribute everything to the stochastic term
         a = float(r[0] * math.sqrt(e[0]))
-        return ResolutionFit(a, float(dr[0] * math.sqrt(e[0])), 0.0, math.nan, 0.0, 0)
+        return ResolutionFit(a, float(dr[0] * math.sqrt(e[0])), 0.0, math.nan, 0.0, 0, ("b",))
     p0 = [float(np.median(r * np.sqrt(e))), float(np.min(r)) * 0.1]
     try:
         params, cov = optimize.curve_fit(model, e, r, p0=p0, sigma=dr, absolute_sigma=True,
@@ -863,4 +866,9 @@ def fit_resolution(energy_gev: np.ndarray, resolution: np.ndarray, resolution_er
         return ResolutionFit(math.nan, math.nan, math.nan, math.nan, math.nan, len(e) - 2)
     chi2 = float(np.sum(((model(e, *params) - r) / dr) ** 2))
     err = np.sqrt(np.clip(np.diag(cov), 0, None))
-    return ResolutionFit(float(params[0]), float(err[0]), float(params[1]), float(err[1]), chi2, len(e) - 2)
+    # a term pushed onto the bound 0 comes back as 1e-14 or 1e-7, not exactly 0, with a huge error: call it
+    # at the bound when it adds under a millionth of the smallest resolution, or is under 1e-3 of its error
+    tiny = 1e-6 * float(np.min(r))
+    bound = tuple(n for n, v, scale, dv in (("a", params[0], math.sqrt(float(np.max(e))), err[0]),
+                                            ("b", params[1], 1.0, err[1])) if v / scale < tiny or v < 1e-3 * dv)
+    return ResolutionFit(float(params[0]), float(err[0]), float(params[1]), float(err[1]), chi2, len(e) - 2, bound)

@@ -464,7 +464,9 @@ def observable_names(geometry: Geometry) -> list[str]:
     """Names of the scalar observables :func:`compute_observables` returns, in order."""
     if geometry.profile is not None:
         return ["E_tot", "E_tot/E_inc", "Xmax", "dEdX_max", "X_width", "X_mean"]
-    names = ["E_tot/E_inc", "E_tot", "max_cell", "sparsity", "n_hits", "n_peaks", "z_centre", "z_width"]
+    names = ["E_tot/E_inc", "E_tot", "max_cell", "sparsity", "n_hits", "n_peaks"]
+    if geometry.n_layers > 1:  # one layer: the depth centre is that layer's and the width 0, for every shower
+        names += ["z_centre", "z_width"]
     if _is_crystal_array(geometry):
         names += ["E1/E9", "E9/E25"]
     for i, la in enumerate(geometry.layers):
@@ -521,7 +523,8 @@ def compute_observables(
     out["sparsity"] = sparsity(s, threshold)
     out["n_hits"] = n_hits(s, threshold)
     out["n_peaks"] = n_peaks(s, geometry, torch.clamp(peak_fraction * tot, min=threshold))
-    out["z_centre"], out["z_width"] = longitudinal_moments(s, geometry)
+    if geometry.n_layers > 1:
+        out["z_centre"], out["z_width"] = longitudinal_moments(s, geometry)
     if _is_crystal_array(geometry):
         out["E1/E9"], out["E9/E25"] = e1_e9_e25(s, geometry)
     e_l = layer_energies(s, geometry)

@@ -1,19 +1,23 @@
-"""HTML report with PNG plots (matplotlib Agg, mplhep style) for :func:`fastshower.validate.evaluate`.
+"""HTML report with PNG plots (:mod:`fastshower.validate.plots`) for :func:`fastshower.validate.evaluate`.
 
 Plots are made from the streamed summaries (histogram counts, mean images), never from raw
 showers, and the scores come from the metrics dict: the report shows the numbers of
-metrics.json, it does not compute its own.
+metrics.json, it does not compute its own. The page opens with the verdict
+(:mod:`fastshower.validate.verdict`): every observable's separation power against the
+Geant4-vs-Geant4 floor, flagged where it lies outside the floor's spread, and the classifier AUCs.
 
 Every observable and every layer is plotted, however many layers the detector has: a global
-observable gets a figure of its own; a per-layer one (``E_layer_i``, ``x_centre_i``, ...)
-a panel in a grid of its family, at most :data:`LAYERS_PER_GRID` layers a figure (45 layers:
-4 figures a family); the mean images come :data:`LAYERS_PER_IMAGE` layers a figure.
+observable gets a figure of its own (all of one size, two to a row); a per-layer one (``E_layer_i``,
+``x_centre_i``, ...) a panel in a grid of its family, at most :data:`LAYERS_PER_GRID` layers a figure
+(45 layers: 4 figures a family); the mean images come :data:`LAYERS_PER_IMAGE` layers a figure.
+A file with several energies also gets E_vis/E_inc and the worst observable per energy bin.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,50 +29,41 @@ import matplotlib.pyplot as plt
 import mplhep as hep
 import numpy as np
 
-from fastshower.geometry import Geometry
-from fastshower.validate.metrics import Binning
+from fastshower.validate import plots as P
+from fastshower.validate.plots import PlotData
+from fastshower.validate.verdict import N_SIGMA, STATUS_TEXT, Verdict, headline, observable_verdicts, score_verdicts
 
-__all__ = ["LAYERS_PER_GRID", "LAYERS_PER_IMAGE", "PlotData", "write_report"]
+__all__ = ["LAYERS_PER_GRID", "LAYERS_PER_IMAGE", "Figure", "PlotData", "write_report"]
 
 #: layers per figure of a per-layer observable (a 4-column grid of panels)
 LAYERS_PER_GRID = 12
-#: layers per figure of the mean images (reference above candidate)
+#: layers per figure of the mean images (reference, candidate, difference)
 LAYERS_PER_IMAGE = 8
-_GRID_COLUMNS = 4
 
-
-@dataclass
-class PlotData:
-    """What the plots need.
-
-    Attributes:
-        binnings: observable -> fixed binning; ref_counts / cand_counts: observable -> counts (k + 2,).
-        ref_image / cand_image: mean of voxels / E_inc, shape (V,).
-        radial_edges: (k + 1,) mm or None (air showers); ref_radial / cand_radial: mean energy
-            fraction per radial bin, shape (k,).
-    """
-
-    geometry: Geometry
-    binnings: dict[str, Binning]
-    ref_counts: dict[str, np.ndarray]
-    cand_counts: dict[str, np.ndarray]
-    ref_image: np.ndarray
-    cand_image: np.ndarray
-    radial_edges: np.ndarray | None
-    ref_radial: np.ndarray | None
-    cand_radial: np.ndarray | None
-
-
-_DPI = 100
-_RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 12, "xtick.labelsize": 10, "ytick.labelsize": 10,
+_RC = {"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 11, "xtick.labelsize": 9, "ytick.labelsize": 9,
        "legend.fontsize": 9, "figure.titlesize": 11}
-#: the page's CSS
-_STYLE = ("body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;margin:1em 0}"
-          "td,th{border:1px solid #aaa;padding:2px 8px;text-align:right} img{max-width:48%}")
+#: the page's CSS: single-histogram figures two to a row, all of one size; wide figures a row each
+_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1300px} table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #aaa;padding:2px 8px;text-align:right} td:first-child,td.t{text-align:left}"
+          ".grid{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:16px}"
+          ".grid figure{margin:0} .grid img{width:100%;border:1px solid #ddd} .wide{grid-column:1/-1}"
+          "figcaption{font-size:0.85em;color:#333} .outside{color:#b00;font-weight:bold} .within{color:#070}"
+          ".scroll{max-height:480px;overflow-y:auto;display:inline-block} .note{font-size:0.9em;color:#333}")
 #: columns of the Per energy table, in order (those no row has are left out)
 _PER_ENERGY_COLUMNS = ("label", "n_reference", "n_candidate", "separation_power_E_tot/E_inc", "separation_power_mean",
                        "separation_power_max", "separation_power_max_observable", "auc_low", "auc_high",
                        "ssim_reference", "ssim_candidate")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One PNG of the page: its file name under plots/, its caption, its section heading, and
+    whether it spans the page's width (multi-panel figures) or takes one cell of the grid."""
+
+    file: str
+    caption: str
+    section: str
+    wide: bool = False
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -99,149 +94,12 @@ def _plot_groups(names: list[str]) -> list[list[str]]:
     return glob + per
 
 
-def _normalised(counts: np.ndarray, binning: Binning) -> np.ndarray:
-    """Density of the k regular bins of ``counts`` (k + 2,): divided by the counted total (the in-range
-    total when the binning drops what falls outside, as the scores do) and by the bin widths."""
-    return counts[1:-1] / max(int(binning.scored(counts).sum()), 1) / np.diff(np.asarray(binning.edges))
-
-
-def _hist_plot(path: Path, name: str, binning: Binning, ref: np.ndarray, cand: np.ndarray, sp: float | None) -> None:
-    """Normalised histograms of observable ``name`` (counts (k + 2,) with under/overflow) and their ratio,
-    titled with its separation power ``sp``."""
-    edges = np.asarray(binning.edges)
-    rn, cn = _normalised(ref, binning), _normalised(cand, binning)
-    fig, (ax, axr) = plt.subplots(2, 1, figsize=(6, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    hep.histplot(rn, edges, ax=ax, label="reference", color="k")
-    hep.histplot(cn, edges, ax=ax, label="candidate", color="tab:red")
-    ax.set_ylabel("normalised")
-    title = name + (f"  (S = {sp:.3g})" if sp is not None else "")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    if binning.log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(rn > 0, cn / rn, np.nan)
-    axr.stairs(ratio, edges, color="tab:red")
-    axr.axhline(1, color="k", lw=0.8)
-    axr.set_ylim(0.5, 1.5)
-    axr.set_ylabel("cand/ref")
-    axr.set_xlabel(name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-
-
-def _hist_grid(path: Path, names: list[str], pd: PlotData, sp: dict[str, Any]) -> None:
-    """One panel per observable of ``names`` (the layers of one family): normalised reference and
-    candidate histograms, titled with the separation power of ``sp``."""
-    rows = math.ceil(len(names) / _GRID_COLUMNS)
-    cols = min(len(names), _GRID_COLUMNS)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-    for ax, name in zip(axes.ravel(), names, strict=False):
-        b = pd.binnings[name]
-        ax.stairs(_normalised(pd.ref_counts[name], b), b.edges, color="k", label="reference")
-        ax.stairs(_normalised(pd.cand_counts[name], b), b.edges, color="tab:red", label="candidate")
-        if b.log:
-            ax.set_xscale("log")
-        s = sp.get(name)
-        ax.set_title(name + (f"  (S = {s:.3g})" if s is not None else ""), fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.minorticks_off()  # the ROOT style's minor ticks are half the drawing time of a panel
-    for ax in axes.ravel()[len(names):]:
-        ax.set_axis_off()
-    axes[0, 0].legend(fontsize=7)
-    # fixed margins: tight_layout draws every panel once more to measure it (~40 % of a 12-panel figure)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.06, top=0.94, wspace=0.3, hspace=0.45)
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-
-
-def _images_plot(path: Path, pd: PlotData, layers: list[int]) -> None:
-    """Mean voxel energy / E_inc of the ``layers``, reference above candidate."""
-    g = pd.geometry
-    cols = len(layers)
-    fig, axes = plt.subplots(2, cols, figsize=(max(2.6 * cols, 4.5), 6.0), squeeze=False)
-    for j, i in enumerate(layers):
-        sl = g.layer_slice(i)
-        shape = g.layer_shape(i)
-        vmax = max(pd.ref_image[sl].max(), pd.cand_image[sl].max(), 1e-12)
-        for row, (img, lab) in enumerate(((pd.ref_image, "reference"), (pd.cand_image, "candidate"))):
-            ax = axes[row, j]
-            im = ax.imshow(img[sl].reshape(shape), origin="lower", aspect="auto", vmin=0, vmax=vmax, cmap="viridis")
-            ax.set_title(f"{lab} layer {i}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6)
-    fig.suptitle("mean voxel energy / E_inc (rows: angle or y; columns: r or x)", fontsize=9)
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-
-
-def _profiles_plot(path: Path, pd: PlotData) -> None:
-    """Longitudinal (per layer, mm) and radial (mm) mean energy fractions; for air showers, the mean
-    profile of the first two channels against slant depth (g/cm^2)."""
-    g = pd.geometry
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    if g.profile is None:
-        z = g.layer_z_centres()
-        lr = np.array([pd.ref_image[g.layer_slice(i)].sum() for i in range(g.n_layers)])
-        lc = np.array([pd.cand_image[g.layer_slice(i)].sum() for i in range(g.n_layers)])
-        axes[0].plot(z, lr, "k-o", ms=3, label="reference")
-        axes[0].plot(z, lc, "r--s", ms=3, label="candidate")
-        axes[0].set_xlabel("depth of layer centre [mm]")
-        axes[0].set_ylabel("mean E_layer / E_inc")
-        if pd.radial_edges is not None and pd.ref_radial is not None and pd.cand_radial is not None:
-            axes[1].stairs(pd.ref_radial, pd.radial_edges, color="k", label="reference")
-            axes[1].stairs(pd.cand_radial, pd.radial_edges, color="tab:red", label="candidate")
-            axes[1].set_yscale("log")
-            axes[1].set_xlabel("r [mm]")
-            axes[1].set_ylabel("mean E(r bin) / E_inc")
-    else:
-        x = g.profile.centres()
-        for i, ch in enumerate(g.profile.channels[:2]):
-            sl = g.layer_slice(i)
-            axes[i].plot(x, pd.ref_image[sl], "k-", label="reference")
-            axes[i].plot(x, pd.cand_image[sl], "r--", label="candidate")
-            axes[i].set_xlabel("slant depth [g/cm^2]")
-            axes[i].set_ylabel(f"mean {ch} / E_inc")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-
-
-def _response_plot(path: Path, resp: dict[str, Any]) -> None:
-    """Response (mean E_vis/E_inc) and resolution against E_inc (GeV) with the resolution fits."""
-    rows = resp["per_energy"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for side, style in (("reference", "ko"), ("candidate", "rs")):
-        e = np.array([r.get(f"energy_mean_gev_{side}") or np.nan for r in rows], dtype=float)
-        for ax, key in ((axes[0], "response"), (axes[1], "resolution")):
-            y = np.array([r.get(f"{key}_{side}") or np.nan for r in rows], dtype=float)
-            dy = np.array([r.get(f"{key}_error_{side}") or np.nan for r in rows], dtype=float)
-            ax.errorbar(e, y, dy, fmt=style, ms=4, label=side)
-        fit = resp["fit"].get(side, {})
-        a, b = fit.get("a"), fit.get("b")
-        if a is not None and b is not None and np.isfinite(e).any():
-            ee = np.geomspace(np.nanmin(e), np.nanmax(e), 50)
-            axes[1].plot(ee, np.sqrt(a**2 / ee + b**2), style[0] + "-", lw=0.8,
-                         label=f"{side}: a={a:.3g}, b={b:.3g}")
-    axes[0].set_ylabel("mean E_vis / E_inc")
-    axes[1].set_ylabel("sigma / mean of E_vis / E_inc")
-    for ax in axes:
-        ax.set_xlabel("E_inc [GeV]")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     """An HTML table with the ``header`` cells and one row per list of ``rows``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    # text (names, notes) left-aligned, numbers right-aligned
+    body = "".join("<tr>" + "".join(f"<td class='t'>{_fmt(c)}</td>" if isinstance(c, str) else f"<td>{_fmt(c)}</td>"
+                                    for c in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -260,58 +118,129 @@ def _header_html(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def _raw_jsd(value: Any) -> Any:
+    """A JSD cell: the estimate, or "0 (estimate x)" when it fell below 0 (the estimator's noise
+    around 0: the two samples are as close as it can tell)."""
+    if isinstance(value, float) and value < 0:
+        return f"0 (estimate {value:.2g}: noise around 0)"
+    return value
+
+
 def _distance_rows(result: dict[str, Any]) -> list[list[Any]]:
-    """Summary rows [score, value, error, floor] of the scores that have a floor: classifier AUC and
-    JSD, FPD and KPD (x1e3), and the separation power averaged over observables."""
+    """Summary rows [score, value, error, floor, how to read] of the scores that have a floor:
+    classifier AUC and JSD, FPD and KPD (x1e3), and the separation power averaged over observables."""
     fl = result.get("floor", {})
     rows: list[list[Any]] = []
     for side in ("low", "high"):
         c = result.get("classifier", {}).get(side)
         if c:
             f = fl.get("classifier", {}).get(side, {})
-            rows.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc")])
-            rows.append([f"classifier JSD ({side}-level)", c.get("jsd"), c.get("jsd_error"), f.get("jsd")])
+            rows.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc"),
+                         f"0.5: cannot tell the samples apart; 1: always can. Input: {c.get('input', '-')}"])
+            rows.append([f"classifier JSD ({side}-level)", _raw_jsd(c.get("jsd")), c.get("jsd_error"),
+                         _raw_jsd(f.get("jsd")), "bits; 0: same, 1: disjoint (from the calibrated classifier)"])
     for key in ("fpd", "kpd"):
         if key in result:
             rows.append([f"{key.upper()} x1e3", result[key]["value"], result[key]["error"],
-                         fl.get(key, {}).get("value")])
+                         fl.get(key, {}).get("value"), ("Fréchet" if key == "fpd" else "kernel")
+                         + " distance of the high-level observables; 0: same"])
     sp = result.get("separation_power", {})
     if sp:
         vals = [v for v in sp.values() if v is not None]
         fsp = [v for v in fl.get("separation_power", {}).values() if v is not None]
         rows.append(["separation power, mean over observables", float(np.mean(vals)), None,
-                     float(np.mean(fsp)) if fsp else None])
+                     float(np.mean(fsp)) if fsp else None, "0: same histograms, 1: disjoint"])
     return rows
+
+
+_SUPPORT_NOTE = ("birthday paradox: how many distinct showers the sample behaves as if drawn from (two showers "
+                 "closer than {thr} count as the same); a candidate far below the reference repeats itself "
+                 "(mode collapse){cens}")
+
+
+def _fit_note(fit: dict[str, Any], name: str) -> str:
+    """How to read one resolution-fit parameter: the formula, and a flag when it sits at the bound 0."""
+    if name in fit.get("at_bound", []):
+        return (f"fit {P.FIT_FORMULA}: AT THE BOUND 0 (the data need no {'stochastic' if name == 'a' else 'constant'}"
+                " term, or cannot tell it apart): a limit, not a measurement")
+    return f"fit {P.FIT_FORMULA}, E_inc in GeV"
 
 
 def _physics_rows(result: dict[str, Any]) -> list[list[Any]]:
-    """Summary rows [score, value, error, None] of each file's own properties: multi-peak fraction,
-    support size and the resolution fit's stochastic (a) and constant (b) terms."""
+    """Summary rows [score, value, error, None, how to read] of each file's own properties: multi-peak
+    fraction, support size and the resolution fit's stochastic (a) and constant (b) terms."""
     rows: list[list[Any]] = []
     if "multi_peak" in result:
         m = result["multi_peak"]
-        rows.append(["multi-peak fraction reference", m["reference"], m["reference_error"], None])
-        rows.append(["multi-peak fraction candidate", m["candidate"], m["candidate_error"], None])
+        note = f"showers with two or more local maxima above {m.get('peak_fraction', 0.02):.0%} of E_vis"
+        rows.append(["multi-peak fraction reference", m["reference"], m["reference_error"], None, note])
+        rows.append(["multi-peak fraction candidate", m["candidate"], m["candidate_error"], None, note])
     if "support_size" in result and "reference" in result["support_size"]:
+        sup = result["support_size"]
         for side in ("reference", "candidate"):
-            s = result["support_size"][side]
-            rows.append([f"support size {side} (birthday)", s["support"], s["error"], None])
+            s = sup[side]
+            cens = (f"; no near-duplicate in {s['censored']:.0%} of the orderings: a lower bound"
+                    if s.get("censored") else "")
+            rows.append([f"support size {side} (birthday)", s["support"], s["error"], None,
+                         _SUPPORT_NOTE.format(thr=_fmt(sup.get("threshold"), 3) + " in voxels / E_inc", cens=cens)])
     if "response" in result:
         for side in ("reference", "candidate"):
             f = result["response"]["fit"][side]
-            rows.append([f"resolution a (stochastic) {side}", f["a"], f["a_error"], None])
-            rows.append([f"resolution b (constant) {side}", f["b"], f["b_error"], None])
+            for k, what in (("a", "stochastic"), ("b", "constant")):
+                # at the bound the fitted ~1e-14 and its error say nothing: shown as the bound itself
+                at = k in f.get("at_bound", [])
+                rows.append([f"resolution {k} ({what}) {side}", 0.0 if at else f[k], None if at else f[f"{k}_error"],
+                             None, _fit_note(f, k)])
     return rows
+
+
+def _verdict_cells(v: Verdict) -> str:
+    """The status cell of a verdict, coloured."""
+    cls = {"outside": "outside", "within": "within"}.get(v.status, "")
+    return f"<td class='{cls}'>{html.escape(v.status)}</td>"
+
+
+def _verdict_table(first: str, verdicts: list[Verdict]) -> str:
+    """A table of verdicts: name, value, error, floor, floor error, pull, status."""
+    head = "".join(f"<th>{h}</th>" for h in (first, "value", "error", "floor", "floor error", "pull", "verdict"))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in (v.name, v.value, v.error, v.floor, v.floor_error, v.pull))
+        + _verdict_cells(v) + "</tr>" for v in verdicts)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _verdict_html(result: dict[str, Any]) -> list[str]:
+    """The Verdict section (sample-level scores) and the Verdict per observable table, worst first."""
+    parts = ["<h2>Verdict</h2>", f"<p><b>{html.escape(headline(result))}</b></p>"]
+    scores = score_verdicts(result)
+    if scores:
+        parts.append(_verdict_table("score", scores))
+    obs = observable_verdicts(result)
+    if obs:
+        parts += ["<h2>Verdict per observable</h2>",
+                  "<div class='scroll'>" + _verdict_table("observable", obs) + "</div>"]
+    parts.append(
+        "<p class='note'>value: the candidate's score against the reference; floor: the same score between two random "
+        "halves of the reference (Geant4 vs Geant4, <code>--floor</code>); pull: (value - floor) / combined error. "
+        f"<span class='outside'>outside</span>: value - floor &gt; {N_SIGMA:g} combined errors ("
+        f"{html.escape(STATUS_TEXT['outside'])}); <span class='within'>within</span>: "
+        f"{html.escape(STATUS_TEXT['within'])}; no floor: {html.escape(STATUS_TEXT['no floor'])}. "
+        "Separation power S = ½ Σ (p - q)² / (p + q) over the histogram bins: 0 same, 1 disjoint. "
+        "AUC: 0.5 indistinguishable, 1 always told apart.</p>")
+    return parts
 
 
 def _tables_html(result: dict[str, Any]) -> list[str]:
     """The Summary table, the Per energy table and the Observables table (the last two when present)."""
     summary = _distance_rows(result) + _physics_rows(result)
-    parts = ["<h2>Summary</h2>", _table(["score", "value", "error", "floor (reference halves)"], summary)]
+    parts = ["<h2>Summary</h2>", _table(["score", "value", "error", "floor (reference halves)", "how to read"],
+                                        summary)]
     rows = result.get("per_energy", [])
     if rows:
         cols = [k for k in _PER_ENERGY_COLUMNS if any(k in r for r in rows)]
-        parts += ["<h2>Per energy</h2>", _table(cols, [[r.get(k) for k in cols] for r in rows])]
+        parts += ["<h2>Per energy</h2>", _table(cols, [[r.get(k) for k in cols] for r in rows]),
+                  "<p class='note'>auc_low / auc_high: the classifier's AUC on the showers of that energy bin, "
+                  "left out (-) below 20 validation showers of either sample.</p>"]
     sp = result.get("separation_power", {})
     if sp:
         w1 = result.get("w1", {})
@@ -325,42 +254,155 @@ def _tables_html(result: dict[str, Any]) -> list[str]:
     return parts
 
 
-def _write_plots(plots: Path, result: dict[str, Any], pd: PlotData) -> list[str]:
-    """Write the PNGs into the folder ``plots``: mean images, profiles, response (when scored) and
-    one histogram per selected observable; returns their file names in page order."""
-    sp = result.get("separation_power", {})
-    figs: list[str] = []
+def _slug(text: str) -> str:
+    """A file-name part for an observable: "E_tot/E_inc" -> "E_tot_over_E_inc"."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text.replace("/", "_over_"))
+
+
+def _flow_text(name: str, pd: PlotData) -> str:
+    """The caption's sentence on what lies outside the binning's range (empty when nothing does)."""
+    parts = []
+    for side, c in (("reference", pd.ref_counts[name]), ("candidate", pd.cand_counts[name])):
+        tot = max(int(np.sum(c)), 1)
+        if c[0] or c[-1]:
+            parts.append(f"{side} {100 * c[0] / tot:.2g} % below, {100 * c[-1] / tot:.2g} % above")
+    if not parts:
+        return ""
+    scored = " (drawn, not scored: this binning drops them)" if pd.binnings[name].drop_outside else ""
+    return " Outside the binning's range, in the shaded under/overflow bins: " + "; ".join(parts) + scored + "."
+
+
+def _score_text(v: Verdict | None, short: bool = False) -> str:
+    """ "S = value ± error (floor f ± e): status", or shorter for a grid panel's title."""
+    if v is None or v.value is None:
+        return ""
+    if short:
+        return f"S = {v.value:.2g}" + (f" (floor {v.floor:.2g})" if v.floor is not None else "")
+    err = f" ± {v.error:.2g}" if v.error is not None else ""
+    floor = f" (floor {v.floor:.3g})" if v.floor is not None else ""
+    return f"S = {v.value:.3g}{err}{floor}: {v.status}"
+
+
+_HIST_CAPTION = ("reference (black) and candidate (red), each normalised to unit area, with Poisson error bars; "
+                 "below, candidate / reference with propagated errors{band}.")
+
+
+def _band_text(pd: PlotData) -> str:
+    return (", and in grey the ratio of the reference's two random halves (the Geant4-vs-Geant4 floor)"
+            if pd.ref_halves is not None else "")
+
+
+def _hist_figures(plots: Path, pd: PlotData, verdicts: dict[str, Verdict]) -> list[Figure]:
+    """One figure per global observable and one grid per family of per-layer observables."""
+    figs: list[Figure] = []
+    profile = pd.geometry.profile is not None
+    cap = _HIST_CAPTION.format(band=_band_text(pd))
+    for names in _plot_groups(list(pd.binnings)):
+        first = names[0]
+        if not _is_per_layer(first) or pd.geometry.n_layers == 1:  # one layer: no grid of one panel
+            v = verdicts.get(first)
+            fn = f"hist_{_slug(first)}.png"
+            P.hist_figure(str(plots / fn), first, pd, f"{first}   {_score_text(v)}", v is not None and
+                          v.status == "outside")
+            figs.append(Figure(fn, f"<b>{html.escape(P.axis_label(first, profile))}</b>: {cap} "
+                               f"{html.escape(_score_text(v))}.{_flow_text(first, pd)}", "Observables"))
+            continue
+        family = first.rpartition("_")[0]
+        layers = [n.rpartition("_")[2] for n in names]
+        fn = f"layers_{_slug(family)}_{layers[0]}-{layers[-1]}.png"
+        titles = {n: (f"layer {n.rpartition('_')[2]}  {_score_text(verdicts.get(n), short=True)}",
+                      getattr(verdicts.get(n), "status", "") == "outside") for n in names}
+        P.grid_figure(str(plots / fn), names, pd, titles)
+        bad = [n.rpartition("_")[2] for n in names if titles[n][1]]
+        what = P.family_label(family)
+        figs.append(Figure(fn, f"<b>{html.escape(what)}, layers {layers[0]}-{layers[-1]}</b>: {cap} Titles: "
+                           "separation power S and its floor; red: outside the floor"
+                           + (f" (layers {', '.join(bad)})" if bad else " (none)") + ".",
+                           "Per layer (the CaloChallenge set: layer energies, centres of energy and widths, "
+                           "sparsity)", wide=True))
+    return figs
+
+
+def _energy_figures(plots: Path, result: dict[str, Any], pd: PlotData, verdicts: list[Verdict]) -> list[Figure]:
+    """Per energy bin (when there are several): E_vis/E_inc and the worst-scoring observable."""
+    if len(pd.energy_labels) < 2 or not pd.ref_counts_e:
+        return []
+    rows = result.get("per_energy", [])
+    names = ["E_tot/E_inc"] + [v.name for v in verdicts[:1] if v.name in pd.ref_counts_e[0]]
+    figs = []
+    for name in dict.fromkeys(names):
+        titles = []
+        for j, lab in enumerate(pd.energy_labels):
+            row = rows[j] if j < len(rows) else {}
+            s = row.get("separation_power_E_tot/E_inc") if name == "E_tot/E_inc" else None
+            titles.append(f"{lab}: {row.get('n_reference', '?')} / {row.get('n_candidate', '?')} showers"
+                          + (f", S = {s:.2g}" if s is not None else ""))
+        fn = f"energy_{_slug(name)}.png"
+        P.energy_figure(str(plots / fn), name, pd, titles)
+        why = "" if name == "E_tot/E_inc" else " (the observable with the worst verdict)"
+        figs.append(Figure(fn, f"<b>{html.escape(P.axis_label(name))} per energy bin</b>{why}: reference (black) "
+                           "and candidate (red) showers of each bin, normalised, with Poisson errors and their ratio; "
+                           "titles: showers reference / candidate.", "Per energy", wide=True))
+    return figs
+
+
+def _overview_figures(plots: Path, result: dict[str, Any], pd: PlotData) -> list[Figure]:
+    """The mean images (reference, candidate, difference), the profiles and the response."""
+    figs = []
+    n = pd.geometry.n_layers
+    if pd.geometry.profile is None:
+        for a in range(0, n, LAYERS_PER_IMAGE):
+            layers = list(range(a, min(a + LAYERS_PER_IMAGE, n)))
+            fn = f"images_layers_{layers[0]}-{layers[-1]}.png"
+            P.images_figure(str(plots / fn), pd, layers)
+            figs.append(Figure(fn, f"<b>Mean shower, layers {layers[0]}-{layers[-1]}</b>: mean cell energy / E_inc of "
+                               "reference and candidate on one logarithmic colour scale (grey: below 1e-5 of the "
+                               "largest), and the relative difference (candidate - reference) / reference (grey: "
+                               "reference below 1e-4 of its largest cell). Rows: angle or y; columns: r or x.",
+                               "Mean images", wide=True))
+    P.profiles_figure(str(plots / "profiles.png"), pd)
+    one_layer = pd.geometry.n_layers == 1 and pd.geometry.profile is None
+    figs.append(Figure("profiles.png", "<b>Mean " + ("radial profile</b> (fraction of E_inc per radial bin)."
+                       if one_layer else "longitudinal and radial profiles</b> (fraction of E_inc per layer and per "
+                       "radial bin)."), "Energy response and profiles", wide=not one_layer))
+    if "response" in result:
+        P.response_figure(str(plots / "response.png"), result["response"])
+        figs.append(Figure("response.png", "<b>Response and resolution</b>: mean E_vis / E_inc and its relative "
+                           f"spread per energy bin, with the fit {P.FIT_FORMULA} (parameters at the fit's bound 0 "
+                           "are marked: a limit, not a measurement).", "Energy response and profiles", wide=True))
+    return figs
+
+
+def _write_plots(plots: Path, result: dict[str, Any], pd: PlotData) -> list[Figure]:
+    """Write the PNGs into the folder ``plots``: profiles and response, mean images, one histogram
+    per observable (grids per layer family) and the per-energy figures; returns them in page order."""
+    ranked = observable_verdicts(result)
+    verdicts = {v.name: v for v in ranked}
     # mplhep's ROOT look with fonts scaled to these small multi-panel figures
     with plt.style.context([hep.style.ROOT, _RC]):
-        n = pd.geometry.n_layers
-        for g, a in enumerate(range(0, n, LAYERS_PER_IMAGE)):
-            _images_plot(plots / f"images_{g:02d}.png", pd, list(range(a, min(a + LAYERS_PER_IMAGE, n))))
-            figs.append(f"images_{g:02d}.png")
-        _profiles_plot(plots / "profiles.png", pd)
-        figs.append("profiles.png")
-        if "response" in result:
-            _response_plot(plots / "response.png", result["response"])
-            figs.append("response.png")
-        for i, names in enumerate(_plot_groups(list(pd.binnings))):
-            if not _is_per_layer(names[0]):
-                fn = f"hist_{i:03d}.png"
-                b = pd.binnings[names[0]]
-                _hist_plot(plots / fn, names[0], b, pd.ref_counts[names[0]], pd.cand_counts[names[0]],
-                           sp.get(names[0]))
-            else:
-                fn = f"layers_{i:03d}.png"
-                _hist_grid(plots / fn, names, pd, sp)
-            figs.append(fn)
+        figs = _overview_figures(plots, result, pd)
+        figs += _hist_figures(plots, pd, verdicts)
+        figs += _energy_figures(plots, result, pd, [v for v in ranked if v.status == "outside"] or ranked)
     return figs
+
+
+def _figures_html(figs: list[Figure]) -> list[str]:
+    """The plots, one grid per section in the order the sections first appear, each with its caption."""
+    parts = ["<h2>Plots</h2>"]
+    for section in dict.fromkeys(f.section for f in figs):
+        parts += [f"<h3>{html.escape(section)}</h3>", "<div class='grid'>"]
+        parts += [f"<figure class='{'wide' if f.wide else ''}'><img src='plots/{f.file}' alt='{html.escape(f.file)}'>"
+                  f"<figcaption>{f.caption}</figcaption></figure>" for f in figs if f.section == section]
+        parts.append("</div>")
+    return parts
 
 
 def write_report(out: Path, result: dict[str, Any], pd: PlotData) -> Path:
     """Write ``out/report.html`` and its PNGs under ``out/plots``; returns the HTML path."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    parts = _header_html(result) + _tables_html(result)
-    figs = _write_plots(plots, result, pd)
-    parts += ["<h2>Plots</h2>"] + [f"<img src='plots/{f}' alt='{f}'>" for f in figs]
+    parts = _header_html(result) + _verdict_html(result) + _tables_html(result)
+    parts += _figures_html(_write_plots(plots, result, pd))
     parts.append("</body></html>")
     path = out / "report.html"
     path.write_text("\n".join(parts))
