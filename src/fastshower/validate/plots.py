@@ -67,7 +67,10 @@ _REF, _CAND, _BAND = "k", "tab:red", "0.8"
 def family_label(family: str) -> str:
     """What a per-layer family (``E_layer`` of ``E_layer_0``, ...) shows, with its unit, for captions."""
     text = _LAYER_LABELS.get(family)
-    return text.replace(", layer {i}", " per layer").replace(" layer {i}", " per layer") if text else family
+    if text is None:
+        return family
+    return text.replace(" in layer {i}", " per layer").replace(", layer {i}", " per layer").replace(" layer {i}",
+                                                                                                     " per layer")
 
 
 def axis_label(name: str, profile: bool = False) -> str:
@@ -269,15 +272,16 @@ def panel_grid(n: int, columns: int) -> tuple[plt.Figure, list[tuple[Axes, Axes]
             ax.tick_params(labelbottom=False, labelsize=7)
             axr.tick_params(labelsize=7)
             out.append((ax, axr))
-    # fixed margins: tight_layout draws every panel once more to measure it
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08 / rows, top=1 - 0.05 / rows)
+    # fixed margins in inches (room for the x labels): tight_layout draws every panel once more to measure it
+    height = 3.4 * rows
+    fig.subplots_adjust(left=0.7 / (3.6 * columns), right=0.98, bottom=0.6 / height, top=1 - 0.3 / height)
     return fig, out
 
 
 def grid_figure(path: str, names: list[str], pd: PlotData, titles: dict[str, tuple[str, bool]],
                 columns: int = 4) -> None:
     """One panel per observable of ``names`` (the layers of one family), titled by ``titles``."""
-    fig, panels = panel_grid(len(names), columns)
+    fig, panels = panel_grid(len(names), min(columns, len(names)))
     for (ax, axr), name in zip(panels, names, strict=True):
         halves = (pd.ref_halves[0][name], pd.ref_halves[1][name]) if pd.ref_halves else None
         draw_hist((ax, axr), name, pd.binnings[name], pd.ref_counts[name], pd.cand_counts[name], halves,
