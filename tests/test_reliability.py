@@ -412,6 +412,27 @@ def test_export_keeps_an_existing_file_without_overwrite(vae_run: Path, tmp_path
     assert out.read_bytes() != b"precious"
 
 
+def test_a_read_only_file_system_is_one_line(vae_run: Path, tiny_file: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    disk = tmp_path / "ro"
+    if not _tmpfs(disk, "1m"):
+        pytest.skip("needs root to mount a read-only tmpfs (root ignores file permissions)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        commands = [
+            ["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "10", "--out",
+             str(disk / "s.h5"), "--quiet"],
+            ["generate", "--run", str(vae_run), "--n", "10", "--energy", "2", "--out", str(disk / "g.h5"), "--quiet"],
+            ["train", "--data", str(tiny_file), "--model", "vae", "--steps", "1", "--out", str(disk / "r"), "--quiet"],
+            ["export", "--run", str(vae_run), "--out", str(disk / "m.onnx")],
+        ]
+        for argv in commands:
+            assert main(argv) == 2, argv
+            assert "Read-only file system" in _one_error(capsys)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_train_refuses_no_steps(tiny_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                 steps: str) -> None:

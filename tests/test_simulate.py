@@ -259,7 +259,7 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
                 with ShowerFile(out, require_complete=False) as f:
                     n = f.n
             except ShowerFileError:
-                continue  # not created yet, or created but not yet switched to single-writer/multi-reader mode
+                continue  # not created yet
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
