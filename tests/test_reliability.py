@@ -345,6 +345,33 @@ def test_info_says_a_file_with_zero_rows_is_damaged_and_resume_redoes_them(tmp_p
     assert complete and np.array_equal(energies, b.energies) and np.array_equal(showers, b.showers)
 
 
+_OLD_SWMR_WRITER = """
+import os, sys, numpy as np, h5py
+from fastshower.geometry import get_geometry
+f = h5py.File(sys.argv[1], "w", libver="latest")
+f.create_dataset("incident_energies", data=np.full((100, 1), 1000.0), maxshape=(None, 1), chunks=(100, 1))
+f.create_dataset("showers", data=np.ones((100, 25), np.float32), maxshape=(None, 25), chunks=(100, 25))
+f.create_group("conditions"); f.create_group("truth")
+f.attrs.update(geometry=get_geometry("belle2-ecl-5x5").to_json(), particle="e-", complete=False, n_target=200)
+f.swmr_mode = True
+f.flush()
+os._exit(0)  # killed with the file open: its consistency flags stay set
+"""
+
+
+def test_a_file_an_old_swmr_writer_was_killed_with_is_resumed(tmp_path: Path) -> None:
+    path = tmp_path / "old.h5"
+    subprocess.run([sys.executable, "-c", _OLD_SWMR_WRITER, str(path)], check=True)
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    with ShowerFile(path, require_complete=False) as f:
+        assert f.n == 100
+    with ShowerWriter(path, GEO, "e-", "test", 200, resume=True) as w:
+        w.append(_batch(100, 0))
+    energies, showers, complete = _plain(path)
+    assert complete and len(energies) == 200 and (showers[:100] == 1).all()
+
+
 def test_a_missing_parts_folder_is_reported_as_damage(tmp_path: Path) -> None:
     path = tmp_path / "p.h5"
     w = ShowerWriter(path, GEO, "e-", "test", 200)
