@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -357,6 +358,28 @@ def _tasks(plan: _Plan) -> Iterator[tuple[int, int, np.ndarray, dict[str, np.nda
                {c: v[:size] for c, v in conditions.items()}, mc_seed)
 
 
+@contextlib.contextmanager
+def _workers_skip_user_main(cls: type[SimulationBackend]) -> Iterator[None]:
+    """Start spawned workers as fastshower's own modules, without running the user's ``__main__``.
+
+    A spawned child normally re-imports the parent's ``__main__`` (by path, or by name under ``python -m``), so
+    a script calling ``simulate(..., jobs=2)`` without an ``if __name__ == "__main__"`` guard would run again in
+    every worker and die there in multiprocessing's bootstrapping check. The workers need nothing from it (their
+    target and arguments are fastshower objects), so while they start ``__main__`` is a blank module, which
+    multiprocessing leaves alone. A backend class defined in the user's ``__main__`` does need it: then the
+    default stays, and that script needs the guard.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or cls.__module__ == "__main__":
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield  # Process.start() pickles its preparation data before returning, so restoring after is safe
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _start_workers(plan: _Plan) -> _Workers:
     """Start the workers, each with a task pipe and a result pipe; tasks are handed out as workers ask."""
     ctx = mp.get_context("spawn")  # fork would copy an initialised Geant4 or torch state
@@ -370,8 +393,9 @@ def _start_workers(plan: _Plan) -> _Workers:
                                           plan.options, task_recv, result_send), daemon=True)
         for (task_recv, _), (_, result_send) in zip(task_pipes, result_pipes, strict=True)
     ]
-    for p in procs:
-        p.start()
+    with _workers_skip_user_main(cls):
+        for p in procs:
+            p.start()
     for (task_recv, _), (_, result_send) in zip(task_pipes, result_pipes, strict=True):
         task_recv.close()  # the parent keeps only its ends: EOF on a result pipe then means the worker is gone
         result_send.close()
