@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
+import fastshower.demo
 from fastshower.cli import MODEL_NAMES, build_parser, main
+from fastshower.config import default_threads
 from fastshower.demo import DemoSettings, run_demo
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
@@ -40,8 +45,10 @@ def test_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
     for action in sub._actions:  # every option is documented, and its default shown where it has one
         if action.option_strings and action.dest != "help":
             assert action.help, f"{verb} {action.option_strings[0]} has no help"
-            if action.default not in (None, False):
+            if action.default is not None and action.default is not False:  # identity: a default 0 is shown
                 assert f"default: {action.default}" in flat.replace("- ", "-"), (verb, action.dest)
+            elif not (action.required or isinstance(action, argparse._StoreTrueAction)):
+                assert "default" in action.help, f"{verb} {action.option_strings[0]}: help does not say its default"
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -58,9 +65,14 @@ def test_chain_on_a_tiny_file(belle_file: Path, tmp_path: Path, capsys: pytest.C
     assert main(["info", str(belle_file)]) == 0 and "belle2-ecl-5x5" in capsys.readouterr().out
     assert main(["train", "--data", str(belle_file), "--out", str(run), "--config", str(cfg), "--steps", "3",
                  "--batch-size", "32", "--quiet"]) == 0
-    assert json.loads((run / "meta.json").read_text())["status"] == "finished"
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["torch_threads"] == default_threads()
+    assert f"trained with {default_threads()} torch thread(s)" in capsys.readouterr().out
     assert main(["generate", "--run", str(run), "--n", "60", "--energy", "1", "--condition", "position=0,0",
                  "--out", str(gen), "--quiet"]) == 0
+    assert main(["generate", "--run", str(run), "--n", "5", "--energy", "10", "--out", str(tmp_path / "x.h5")]) == 2
+    assert _one_error_line(capsys).endswith("energy 10 outside the training range 0.5-2.5 GeV of run run; pass "
+                                             "--extrapolate to generate there anyway")
     with ShowerFile(gen) as f:
         b = f.read()
         assert f.n == 60 and np.allclose(b.energies, 1000.0) and np.all(b.conditions["position"] == 0)
@@ -118,7 +130,7 @@ def test_existing_output_is_refused(belle_file: Path, tmp_path: Path, capsys: py
     target.write_bytes(belle_file.read_bytes())
     assert main(["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "5",
                  "--out", str(target), "--quiet"]) == 2
-    assert "resume" in _one_error_line(capsys)
+    assert "use --resume to top it up" in _one_error_line(capsys)
     assert target.read_bytes() == belle_file.read_bytes()  # nothing was written over it
 
 
@@ -136,3 +148,29 @@ def test_demo_quick_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     second = run_demo(tmp_path, seed=3, jobs=1, settings=tiny)
     assert "is complete: kept" in capsys.readouterr().err
     assert second["scores"] == first["scores"]
+
+
+def test_messages_name_flags_that_exist(belle_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    assert _one_error_line(capsys).endswith(f"{tmp_path}: is a directory, not a shower file")
+    partial = tmp_path / "partial.h5"
+    shutil.copy(belle_file, partial)
+    with h5py.File(partial, "a") as f:
+        f.attrs["complete"] = False
+    assert main(["evaluate", "--reference", str(belle_file), "--candidate", str(partial), "--out",
+                 str(tmp_path / "r")]) == 2
+    line = _one_error_line(capsys)
+    assert "finish it with --resume in the simulate or generate that wrote it" in line and "resume=" not in line
+
+
+def test_interrupted_demo_says_how_to_continue(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo has no --resume: it continues when run again, and says so (simulate's message would not)."""
+    def interrupted(**kwargs: object) -> None:
+        raise KeyboardInterrupt("interrupted; 5 of 10 showers are kept in x.h5; continue with resume=True")
+
+    monkeypatch.setattr(fastshower.demo, "run_demo", interrupted)
+    assert main(["demo", "--quick"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("fastshower: interrupted; 5 of 10 showers are kept in x.h5; run the same fastshower demo command "
+                   "again to continue where it stopped")

@@ -17,7 +17,7 @@ from fastshower.generation import generate
 from fastshower.geometry import get_geometry
 from fastshower.io import ShowerFile
 from fastshower.models.flow_matching import FlowMatching
-from fastshower.runs import RunError, load_run
+from fastshower.runs import RunError, data_provenance, load_run
 from fastshower.sampling import GenerationError, sample_batch
 from fastshower.training import TrainingError, train
 
@@ -195,11 +195,34 @@ def test_generate_conditions_and_errors(belle_run: Path, tmp_path: Path) -> None
         generate(run, 5, "2", {"angle": "0"}, tmp_path / "x.h5", progress=False)
     with pytest.raises(GenerationError, match="3 fields given for 2 columns"):
         generate(run, 5, "2", {"position": "0,0,0"}, tmp_path / "x.h5", progress=False)
-    with pytest.raises(GenerationError, match="outside the range"):
+    with pytest.raises(GenerationError, match=r"energy 10 outside the training range 0\.5-2\.5 GeV of run belle; "
+                       r"pass extrapolate=True to generate there anyway"):
         generate(run, 5, "10", None, tmp_path / "x.h5", progress=False)
     run.info.options = run.info.options.replace(condition_defaults="none")
     with pytest.raises(GenerationError, match="condition 'position' is required"):
         generate(run, 5, "2", None, tmp_path / "x.h5", progress=False)
+
+
+def test_generate_accepts_the_training_files_energy_spec(belle_run: Path, belle_file: Path, tmp_path: Path) -> None:
+    """The allowed range is the spec the training file was made with, not the span of its sampled energies."""
+    training = tmp_path / "train.h5"
+    shutil.copy(belle_file, training)
+    with h5py.File(training, "a") as f:
+        f.attrs["energy_spec"] = "0.3:3"  # the toy file holds 0.5-2.5 GeV only
+    with ShowerFile(training) as f:
+        assert data_provenance(f)["energy_spec"] == "0.3:3"  # what train writes into meta.json
+    run = tmp_path / "run"
+    shutil.copytree(belle_run, run)
+    meta = json.loads((run / "meta.json").read_text())
+    meta["data"]["path"] = str(training)
+    meta["data"].pop("energy_spec", None)  # a run from before meta.json recorded it: read from the file
+    (run / "meta.json").write_text(json.dumps(meta))
+    generate(run, 5, "0.3:3", None, tmp_path / "a.h5", progress=False, sample_options={"steps": 2})
+    with pytest.raises(GenerationError, match=r"training range 0\.3-3 GeV of run run"):
+        generate(run, 5, "3.5", None, tmp_path / "b.h5", progress=False)
+    meta["data"]["energy_spec"] = "0.2:4"  # recorded in meta.json: that one counts
+    (run / "meta.json").write_text(json.dumps(meta))
+    generate(run, 5, "3.5", None, tmp_path / "c.h5", progress=False, sample_options={"steps": 2})
 
 
 def test_sample_batch_in_memory(belle_run: Path) -> None:

@@ -14,11 +14,13 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fastshower._version import __version__
+from fastshower.config import default_threads
 from fastshower.errors import FastshowerError
 
 __all__ = ["MODEL_NAMES", "build_parser", "main"]
@@ -130,9 +132,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     run = train(
         data=args.data, model=args.model, out=args.out, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, seed=args.seed, device=args.device, config=args.config, resume=args.resume,
-        progress=not args.quiet,
+        progress=not args.quiet, threads=args.threads,
     )
-    print(f"run written to {run}")
+    print(f"run written to {run}; trained with {args.threads} torch thread(s) (--threads; meta.json torch_threads)")
     meta = json.loads((Path(run) / "meta.json").read_text())
     cost = meta.get("cost", {})
     if cost:
@@ -186,10 +188,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how an interrupted or failed demo goes on: it has no --resume, a second run skips what is complete
+_DEMO_AGAIN = "run the same fastshower demo command again to continue where it stopped"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fastshower.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
+    try:
+        run_demo(out=args.out, quick=args.quick, seed=args.seed, jobs=args.jobs)
+    except KeyboardInterrupt as exc:
+        text = str(exc.args[0]) if exc.args else "interrupted"
+        raise KeyboardInterrupt(f"{text.replace('; continue with resume=True', '')}; {_DEMO_AGAIN}") from None
     return 0
 
 
@@ -219,7 +229,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        # identity, not ==: a default of 0 (seeds) is worth showing, only None and a flag's False are not
+        shown = action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
         if shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -278,8 +289,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--resume", action="store_true", help="top an interrupted or smaller file up to --n")
     s.add_argument("--chunk-size", type=int, default=None,
                    help="showers per chunk, the seeding and writing unit (default 100; with --resume the file's own)")
-    s.add_argument("--zenith", default=None, help="air showers: zenith range in degrees, e.g. 0:65")
-    s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees, e.g. 0:360")
+    s.add_argument("--zenith", default=None,
+                   help="air showers: zenith range in degrees, e.g. 0:65 (default: 0, vertical)")
+    s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees (default: 0:360)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
 
@@ -290,12 +302,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help=f"model family: {', '.join(MODEL_NAMES)} (default: the config's, else {MODEL_NAMES[0]})")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--steps", type=int, default=None, help="total optimisation steps (default 2000)")
-    t.add_argument("--epochs", type=float, default=None, help="passes over the file, instead of --steps")
+    t.add_argument("--epochs", type=float, default=None,
+                   help="passes over the file, instead of --steps (default: none, --steps counts)")
     t.add_argument("--batch-size", type=int, default=None, help="showers per step (default 256)")
     t.add_argument("--seed", type=int, default=None, help="seeds initialisation, noise and data order (default 0)")
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-    t.add_argument("--config", default=None, help="TOML file: model = NAME, [hparams] and [train] tables")
+    t.add_argument("--config", default=None,
+                   help="TOML file: model = NAME, [hparams] and [train] tables (default: none, the model's defaults)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--threads", type=int, default=default_threads(),
+                   help="torch CPU threads: 1 up to 2 cores (measured 30x faster than 2 on a busy 2-core machine), "
+                        "else half the cores, at most 8 (default: %(default)s on this machine)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ds = _verb(sub, "distill", _cmd_distill, "distil a flow-matching, flow or layer-fm run into a one-step generator")
@@ -322,7 +339,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--batch-size", type=int, default=10000, help="showers generated and written per step")
     gen.add_argument("--seed", type=int, default=0, help="seeds energies, conditions and noise")
     gen.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="sampler")
-    gen.add_argument("--onnx", default=None, help="with --backend onnx: an exported model of this run")
+    gen.add_argument("--onnx", default=None, help="with --backend onnx: an exported model of this run (default: "
+                     "export one to a temporary file)")
     gen.add_argument("--int8", action="store_true", help="with --backend onnx and no --onnx: INT8 quantisation")
     gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
     gen.add_argument("--resume", action="store_true",
@@ -342,7 +360,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--binning", default="quantile", metavar="{quantile,calochallenge}",
                    help="histogram binning: quantile bins of the reference with under/overflow, or the fixed "
                    "ranges of the CaloChallenge evaluation (datasets 2-3; out-of-range values dropped)")
-    e.add_argument("--binning-xml", default=None, help="CaloChallenge binning XML for files of datasets 1-3")
+    e.add_argument("--binning-xml", default=None, help="CaloChallenge binning XML for files of datasets 1-3 (default: "
+                   "none, the files' own geometry)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -352,6 +371,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--quick", action="store_true", help="a 2-minute version")
     d.add_argument("--seed", type=int, default=0, help="seeds every step")
     d.add_argument("--jobs", type=int, default=2, help="Geant4 worker processes")
+    d.set_defaults(say={"continue with resume=True": _DEMO_AGAIN})
 
     x = _verb(sub, "export", _cmd_export, "export a run's sampler to ONNX (optionally INT8)")
     x.add_argument("--run", required=True, help="finished run folder")
@@ -359,7 +379,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--int8", action="store_true", help="INT8 quantisation (dynamic unless --int8-mode static)")
     x.add_argument("--int8-mode", choices=("dynamic", "static"), default=None,
                    help="with --int8: dynamic (activation ranges per call) or static (ranges calibrated on the "
-                        "run's training file, QDQ)")
+                        "run's training file, QDQ) (default: dynamic)")
     x.add_argument("--calibration", type=int, default=256,
                    help="with --int8-mode static: training-file showers to calibrate on")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
@@ -385,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_files, _add_simulate, _add_train, _add_generate, _add_evaluate, _add_deploy):
         add(sub)
+    # every sub-command's flags, for the messages (see _as_flags)
+    p.set_defaults(cli_flags=frozenset(f for sp in sub.choices.values() for f in sp._option_string_actions))
     return p
 
 
@@ -400,6 +422,21 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _as_flags(text: str, args: argparse.Namespace) -> str:
+    """An API message as the command line reads it: ``resume=True`` -> ``--resume``, ``extrapolate=True`` ->
+    ``--extrapolate`` where a sub-command has that flag (the API names its arguments; a message may point at
+    another command, "the simulate or generate that wrote it"). A sub-command's ``say`` first replaces what it
+    has no flag for (the demo has no --resume)."""
+    for python_words, cli_words in getattr(args, "say", {}).items():
+        text = text.replace(python_words, cli_words)
+
+    def flag(m: re.Match[str]) -> str:
+        name = "--" + m.group(1).replace("_", "-")
+        return name if name in args.cli_flags else m.group(0)
+
+    return re.sub(r"\b([a-z][a-z0-9_]*)=True\b", flag, text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 done, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
@@ -409,12 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # silence the flush at interpreter exit
         return 0
     except KeyboardInterrupt as exc:
-        print(f"fastshower: {exc.args[0] if exc.args else 'interrupted'}", file=sys.stderr)
+        print(f"fastshower: {_as_flags(str(exc.args[0]) if exc.args else 'interrupted', args)}", file=sys.stderr)
         return 130
     except Exception as exc:
         if not _is_user_error(exc):
             raise
-        print(f"fastshower: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"fastshower: error: {_as_flags(_one_line(exc), args)}", file=sys.stderr)
         return 2
 
 

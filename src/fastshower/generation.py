@@ -22,7 +22,7 @@ from fastshower._version import __version__
 from fastshower.deploy.export import ExportError, OnnxSampler, export_onnx, load_onnx
 from fastshower.energy import EnergySpec, EnergySpecError, parse_energy
 from fastshower.io import ShowerBatch, ShowerWriter
-from fastshower.runs import Run, RunInfo, as_run
+from fastshower.runs import Run, RunInfo, as_run, training_energy_range_mev
 from fastshower.sampling import ConditionSampler, GenerationError, condition_samplers, draw_noise, sample_batch
 
 __all__ = ["generate"]
@@ -136,11 +136,13 @@ def _energy_spec(energy: str | EnergySpec, info: RunInfo, extrapolate: bool) -> 
     """The parsed energy spec, checked against the run's training range unless ``extrapolate``."""
     espec = parse_energy(energy) if isinstance(energy, str) else energy
     if not extrapolate:
-        lo, hi = info.energy_range_mev
+        lo, hi = training_energy_range_mev(info)
         try:
             espec.check_range(lo, hi, f"run {info.run_id!r}")
-        except EnergySpecError as exc:
-            raise GenerationError(f"{exc}; pass extrapolate=True to generate anyway") from None
+        except EnergySpecError:
+            raise GenerationError(
+                f"energy {espec.text} outside the training range {lo / 1e3:g}-{hi / 1e3:g} GeV of run "
+                f"{info.run_id}; pass extrapolate=True to generate there anyway") from None
     return espec
 
 

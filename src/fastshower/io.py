@@ -812,6 +812,8 @@ class ShowerFile:
         self.path = Path(path)
         if not self.path.exists():
             raise ShowerFileError(f"{self.path}: no such file")
+        if self.path.is_dir():  # HDF5 would call it a failed read, which reads as a truncated file
+            raise ShowerFileError(f"{self.path}: is a directory, not a shower file")
         self._f = _open_read(self.path)
         try:
             self._validate_layout(geometry, require_complete)
@@ -859,7 +861,8 @@ class ShowerFile:
         if require_complete and not self.complete:
             raise ShowerFileError(
                 f"{self.path}: incomplete ({self.n} of {self.attrs.get('n_target', '?')} showers; the writer was "
-                "interrupted); finish it with simulate(..., resume=True) or accept partial files explicitly"
+                "interrupted); finish it with resume=True in the simulate or generate that wrote it (Python: "
+                "ShowerFile(path, require_complete=False) reads what it holds)"
             )
         if self.n == 0 and require_complete:
             raise ShowerFileError(f"{self.path}: holds no showers")

@@ -33,6 +33,7 @@ import torch
 
 from fastshower.config import Config, TrainConfig
 from fastshower.data import ShowerTransform
+from fastshower.energy import parse_energy
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, geometry_from_json
 from fastshower.io import ShowerFile
@@ -52,6 +53,7 @@ __all__ = [
     "load_checkpoint",
     "load_run",
     "read_json",
+    "training_energy_range_mev",
     "write_config",
     "write_json",
 ]
@@ -302,7 +304,8 @@ def as_run(run: str | Path | Run | tuple[ShowerModel, ShowerTransform, RunInfo],
 
 def data_provenance(f: ShowerFile) -> dict[str, Any]:
     """What meta.json records of a training file: path, size, time stamp and the file's provenance."""
-    keep = ("generator", "particle", "pdg", "physics", "seed", "fastshower_version", "created", "finished")
+    keep = ("generator", "particle", "pdg", "physics", "seed", "energy_spec", "fastshower_version", "created",
+            "finished")
     st = f.path.stat()
     return {
         "path": str(f.path.resolve()),
@@ -312,6 +315,30 @@ def data_provenance(f: ShowerFile) -> dict[str, Any]:
         "geometry": f.geometry.name,
         **{k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items() if k in keep},
     }
+
+
+def training_energy_range_mev(info: RunInfo) -> tuple[float, float]:
+    """(low, high) incident energy, MeV, the run was trained for: the range of the energy spec its training
+    file was made with (``1:100`` gives 1-100 GeV, not the 1.5-98.8 GeV 300 draws happened to span), widened
+    to the energies the file holds (a merged file may hold more). The spec is read from meta.json, or for runs
+    trained before it recorded one, from the training file if it is still there; else the energies' range.
+    """
+    lo, hi = info.energy_range_mev
+    text = info.meta.get("data", {}).get("energy_spec")
+    path = info.training_file
+    if text is None and path is not None and Path(path).is_file():
+        try:
+            with ShowerFile(path, info.geometry, require_complete=False) as f:
+                text = f.attrs.get("energy_spec")
+        except (FastshowerError, OSError):  # unreadable now: the energies' range is all there is
+            text = None
+    if not text:
+        return lo, hi
+    try:
+        spec = parse_energy(str(text))
+    except FastshowerError:  # a foreign or hand-written attribute: not ours to judge
+        return lo, hi
+    return min(lo, spec.low), max(hi, spec.high)
 
 
 def draw_training_conditions(info: RunInfo, n: int, rng: np.random.Generator, replace: bool = False

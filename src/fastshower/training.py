@@ -24,6 +24,7 @@ gradients that are about to be used, whatever the model does. Only rank 0 writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -547,6 +548,7 @@ def train(
     log_every: int | None = None,
     num_workers: int | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Train a generative model on a shower file; returns the run folder.
 
@@ -567,29 +569,53 @@ def train(
         checkpoint_every, log_every, num_workers: steps between checkpoints (default 500, and one at the end),
             between train_log.jsonl lines (50); DataLoader processes (0).
         callback: called as ``callback(step, logs)`` after every step (after any checkpoint of that step).
+        threads: torch threads meanwhile (None: as set; see config.default_threads); meta.json ``torch_threads``.
 
     Raises:
         ConfigError: unknown config keys or values of the wrong kind.
         TrainingError: bad data, a checkpoint or geometry that does not fit on resume, non-finite loss.
     """
-    folder = RunFolder(Path(out))
-    rank, world, dev, own_group = _dist_setup(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r} requested but CUDA is not available")
-    bookkeeping = {"checkpoint_every": checkpoint_every, "log_every": log_every, "num_workers": num_workers}
-    plan = _plan(folder, model, load_config(config), resume, rank == 0,
-                 {"batch_size": batch_size, "seed": seed, **bookkeeping})
-    plan.options = _with_length(plan.options, steps, epochs, bookkeeping)
-    data_ = _open_data(plan, data, rank, world)
-    try:
-        _train(plan, data_, config, rank, world, dev, progress, callback)
-    finally:
-        data_.dataset.close()
+    with _TorchThreads(threads):  # first: a bad count is refused before anything is read or written
+        folder = RunFolder(Path(out))
+        rank, world, dev, own_group = _dist_setup(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"device {device!r} requested but CUDA is not available")
+        bookkeeping = {"checkpoint_every": checkpoint_every, "log_every": log_every, "num_workers": num_workers}
+        plan = _plan(folder, model, load_config(config), resume, rank == 0,
+                     {"batch_size": batch_size, "seed": seed, **bookkeeping})
+        plan.options = _with_length(plan.options, steps, epochs, bookkeeping)
+        data_ = _open_data(plan, data, rank, world)
+        try:
+            _train(plan, data_, config, rank, world, dev, progress, callback)
+        finally:
+            data_.dataset.close()
+    _leave_dist(world, own_group)
+    return folder.path
+
+
+class _TorchThreads(contextlib.AbstractContextManager[None]):
+    """torch's intra-op thread count set to ``threads`` meanwhile (None: left alone), restored afterwards."""
+
+    def __init__(self, threads: int | None) -> None:
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        self.old = torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.old)
+
+
+def _leave_dist(world: int, own_group: bool) -> None:
+    """Wait for every rank; under torchrun, leave no process group behind for the caller."""
     if world > 1:
         dist.barrier()
-        if own_group:  # under torchrun: leave no process group behind for the caller
+        if own_group:
             dist.destroy_process_group()
-    return folder.path
 
 
 def _train(plan: _Plan, data: _Data, config: Any, rank: int, world: int, dev: torch.device, progress: bool,
@@ -603,7 +629,8 @@ def _train(plan: _Plan, data: _Data, config: Any, rank: int, world: int, dev: to
         _restore(plan, state, rank, world, dev)
     meta = {"fastshower_version": __version__, "torch_version": torch.__version__,
             "python": sys.version.split()[0], "model": plan.model_name, "data": data.provenance,
-            "world_size": world, "device": str(dev), "status": "running", "step": state.step}
+            "world_size": world, "device": str(dev), "torch_threads": torch.get_num_threads(), "status": "running",
+            "step": state.step}
     if rank == 0:
         meta["cost"] = model_cost(state.net)
         meta = _start_run_folder(plan, data, config, meta)
