@@ -174,3 +174,17 @@ def test_interrupted_demo_says_how_to_continue(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err.strip()
     assert err == ("fastshower: interrupted; 5 of 10 showers are kept in x.h5; run the same fastshower demo command "
                    "again to continue where it stopped")
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """`fastshower X --help` stays well under a second: no torch, HDF5, Geant4, ONNX, plotting or numpy import."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "h5py", "geant4_pybind", "chromo", "matplotlib", "sklearn", "onnx", "onnxruntime", "numpy")
+    code = ("import sys\nfrom fastshower.cli import main\n"
+            f"for verb in {VERBS!r}:\n"
+            "    try:\n        main([verb, '--help'])\n    except SystemExit:\n        pass\n"
+            f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "[]", proc.stderr
