@@ -83,9 +83,17 @@ def test_chain_on_a_tiny_file(belle_file: Path, tmp_path: Path, capsys: pytest.C
     printed = capsys.readouterr().out  # a short score / value / floor table, not the JSON
     assert f"open {report / 'report.html'}" in printed and "{" not in printed and len(printed.splitlines()) < 20
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert main(["bench", "--run", str(run), "--batch-sizes", "2", "--backends", "onnx-fp32",
-                 "--out", str(tmp_path / "b.json")]) == 0
-    assert json.loads((tmp_path / "b.json").read_text())["results"]
+    assert f"export: tracing the sampler of {run} to ONNX, FP32" in capsys.readouterr().out
+    assert main(["bench", "--run", str(run), "--batch-sizes", "2", "--backends", "onnx-fp32", "--geant4",
+                 "--geant4-showers", "4", "--out", str(tmp_path / "b.json")]) == 0
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["results"] and bench["geant4"]["n_showers"] == 4 and bench["geant4"]["n_startup_showers"] == 2
+    printed = capsys.readouterr()
+    assert "bench: timing onnx-fp32 at batch 2" in printed.err and "bench: timing Geant4: 2 then 4" in printed.err
+    assert "x G4 BACKEND: Geant4 ms/shower / BACKEND ms/shower" in printed.out  # the table's legend
+    assert main(["bench", "--run", str(run), "--geant4", "--geant4-showers", "1",
+                 "--out", str(tmp_path / "c.json")]) == 2
+    assert "--geant4-showers) must be >= 2, got 1" in _one_error_line(capsys)
     assert main(["merge", str(gen), str(gen), "--condition", "", "--out", str(tmp_path / "m.h5")]) == 0
     with ShowerFile(tmp_path / "m.h5") as f:
         assert f.n == 120

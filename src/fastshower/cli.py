@@ -204,11 +204,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import time
+
     from fastshower.deploy import export_onnx
 
+    what = f"INT8 ({args.int8_mode or 'dynamic'}) quantisation" if args.int8 else "FP32"
+    print(f"export: tracing the sampler of {args.run} to ONNX, {what}"
+          + ("; quantising can take minutes and GBs of memory for a many-step ODE sampler" if args.int8 else ""),
+          flush=True)  # stdout: stderr stays one line when the export is refused
+    t0 = time.perf_counter()
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
                        opset=args.opset, overwrite=args.overwrite)
-    print(f"wrote {path}")
+    print(f"wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -217,7 +224,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     backends = [s.strip() for s in args.backends.split(",") if s.strip()]
     bench(args.run, out=args.out, batch_sizes=args.batch_sizes, threads=args.threads, geant4=args.geant4,
-          backends=backends)
+          backends=backends, n_geant4=args.geant4_showers, progress=True)
     return 0
 
 
@@ -388,6 +395,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     b = _verb(sub, "bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")
     b.add_argument("--run", required=True, help="finished run folder")
     b.add_argument("--geant4", action="store_true", help="also time Geant4 on the run's geometry and energies")
+    b.add_argument("--geant4-showers", type=int, default=200,
+                   help="with --geant4: showers timed (after a start-up production of up to 10, timed apart)")
     b.add_argument("--batch-sizes", type=_int_list, default="1,100,10000", help="comma-separated batch sizes")
     b.add_argument("--threads", type=int, default=1, help="CPU threads of torch and ONNX Runtime")
     b.add_argument("--backends", default="torch-fp32,onnx-fp32,onnx-int8",

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ class _Timing:
     repeats: int
     warmup: int
     budget_s: float
+    say: Callable[[str], None]  # progress: what is being timed (stderr) or nothing
 
 
 def bench(
@@ -66,6 +68,7 @@ def bench(
     profile_batch: int | None = None,
     seed: int = 0,
     print_table: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure generation speed on this machine; returns (and writes to ``out`` as JSON) the results.
 
@@ -85,19 +88,19 @@ def bench(
         n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production.
         profile_batch: if given, also profile the ONNX FP32 (and INT8) graph per op type at this batch size.
         seed: seeds inputs and noise.
-        print_table: print a short table.
+        print_table: print a short table with a legend. progress: say on stderr what is being timed.
 
     Returns:
         {"machine": {...}, "run": {...}, "results": [{"backend", "batch_size", "ms_per_shower", "ms_per_call",
         "repeats"}...], "geant4": {...} | None, "speedup_vs_geant4": {backend: {batch: x}}, "int8_vs_fp32":
         {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}}.
     """
-    sizes = _check_request(batch_sizes, threads, backends)
+    sizes = _check_request(batch_sizes, threads, backends, n_geant4)
     loaded = as_run(run, require_finished=True)
     opts = sample_options(loaded.model, {"steps": steps, "method": method})
-    timing = _Timing(repeats, warmup, budget_s)
+    timing = _Timing(repeats, warmup, budget_s, _say if progress else _quiet)
     results, profiles = _time_backends(loaded, backends, sizes, threads, timing, opts, seed, profile_batch)
-    g4 = _geant4_entry(geant4, loaded.info, n_geant4, n_geant4_startup, seed)
+    g4 = _geant4_entry(geant4, loaded.info, n_geant4, min(n_geant4_startup, n_geant4 // 2), seed, timing.say)
     report = _report(loaded, opts, threads, timing, results, g4, sizes, profiles)
     if print_table:
         print(format_table(report))
@@ -111,8 +114,10 @@ def bench(
 # --- validating the request and timing each backend ---------------------------------------------------
 
 
-def _check_request(batch_sizes: Sequence[int], threads: int, backends: Sequence[str]) -> list[int]:
-    """The batch sizes as ints; ExportError for a bad batch size, thread count or backend name."""
+def _check_request(batch_sizes: Sequence[int], threads: int, backends: Sequence[str], n_geant4: int) -> list[int]:
+    """The batch sizes as ints; ExportError for a bad batch size, thread count, backend name or Geant4 count."""
+    if n_geant4 < 2:  # start-up is timed on a smaller production and subtracted
+        raise ExportError(f"Geant4 showers to time (n_geant4, --geant4-showers) must be >= 2, got {n_geant4}")
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 1:
         raise ExportError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -134,11 +139,13 @@ def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], thre
     results: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp, _torch_threads(threads):
-        files = _export_backends(run, backends, Path(tmp), opts)
+        files = _export_backends(run, backends, Path(tmp), opts, timing.say)
         for be in backends:
             sampler = load_onnx(files[be], run.info, threads) if be in files else None
             gen = torch.Generator().manual_seed(seed)
             for b in sizes:
+                timing.say(f"timing {be} at batch {b}: {timing.warmup} warm-up + up to {timing.repeats} calls, "
+                           f"at most ~{timing.budget_s:g} s")
                 call = (_torch_call(run, inputs[b], gen, opts) if sampler is None
                         else _onnx_call(sampler, inputs[b], seed))
                 sec, n = _time_calls(call, timing.repeats, timing.warmup, timing.budget_s)
@@ -149,11 +156,14 @@ def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], thre
     return results, profiles
 
 
-def _export_backends(run: Run, backends: Sequence[str], folder: Path, opts: Mapping[str, Any]) -> dict[str, Path]:
+def _export_backends(run: Run, backends: Sequence[str], folder: Path, opts: Mapping[str, Any],
+                     say: Callable[[str], None]) -> dict[str, Path]:
     """The ONNX file of each ONNX backend (FP32, dynamic or static INT8), exported into ``folder``."""
     files: dict[str, Path] = {}
     for be in backends:
         if be.startswith("onnx"):
+            say(f"exporting the sampler for {be} (INT8 quantisation can take minutes)" if "int8" in be
+                else f"exporting the sampler for {be}")
             int8 = be.startswith("onnx-int8")
             files[be] = export_onnx(run, folder / f"{be}.onnx", int8=int8,
                                     int8_mode=("static" if be.endswith("static") else "dynamic") if int8 else None,
@@ -186,6 +196,14 @@ def _onnx_call(sampler: OnnxSampler, inputs: tuple[np.ndarray, dict[str, np.ndar
 
 
 # --- timing helpers and inputs ------------------------------------------------------------------------
+
+
+def _say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def _quiet(text: str) -> None:
+    """No progress."""
 
 
 @contextlib.contextmanager
@@ -275,12 +293,16 @@ def _geant4_time(info: RunInfo, n: int, n_startup: int, seed: int) -> dict[str, 
     }
 
 
-def _geant4_entry(geant4: bool | Mapping[str, Any], info: RunInfo, n: int, n_startup: int, seed: int
-                  ) -> dict[str, Any] | None:
+def _geant4_entry(geant4: bool | Mapping[str, Any], info: RunInfo, n: int, n_startup: int, seed: int,
+                  say: Callable[[str], None]) -> dict[str, Any] | None:
     """The report's ``geant4`` entry: an earlier one reused (marked), a new measurement, or None."""
     if isinstance(geant4, Mapping):
         return {**geant4, "reused": True}
-    return _geant4_time(info, n, n_startup, seed) if geant4 else None
+    if not geant4:
+        return None
+    say(f"timing Geant4: {n_startup} then {n} {info.particle} showers in {info.geometry.name}, one job (the "
+        "first production measures start-up; fewer showers: --geant4-showers / n_geant4)")
+    return _geant4_time(info, n, n_startup, seed)
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -430,4 +452,15 @@ def format_table(report: Mapping[str, Any]) -> str:
     for key, label in (("int8_vs_fp32", "onnx int8/fp32 x "), ("int8_static_vs_fp32", "int8 static/fp32 ")):
         if report.get(key):
             lines.append(label + "".join(f"{report[key].get(str(b), float('nan')):<14.4g}" for b in sizes))
-    return "\n".join(lines)
+    return "\n".join(lines + _legend(report))
+
+
+def _legend(report: Mapping[str, Any]) -> list[str]:
+    """What the table's rows and columns mean (only those it has)."""
+    lines = ["legend: B = showers per call; ms/shower = median time of a call / B, on this machine's threads"]
+    if report.get("geant4"):
+        lines.append("  x G4 BACKEND: Geant4 ms/shower / BACKEND ms/shower = how many times faster than Geant4")
+    if report.get("int8_vs_fp32") or report.get("int8_static_vs_fp32"):
+        lines.append("  onnx int8/fp32 x (int8 static/fp32): ONNX FP32 ms/shower / INT8 ms/shower; > 1: INT8 "
+                     "faster (its change of quality: fastshower evaluate on showers generated with --int8)")
+    return lines
