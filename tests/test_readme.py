@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,15 +27,33 @@ _SMALL = {
 
 
 def _python_snippet() -> str:
-    """The README's Python example (the ```python block after "From Python:")."""
+    """The README's Python example (the first ```python block after "From Python")."""
     text = README.read_text()
-    match = re.search(r"From Python:\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md has no ```python block after 'From Python:'"
+    match = re.search(r"From Python.*?```python\n(.*?)```", text, re.S)
+    assert match, "README.md has no ```python block after 'From Python'"
     return match.group(1)
 
 
-def _small(snippet: str) -> str:
-    for big, small in _SMALL.items():
+#: the same for the README's command-line chain (the ```bash block after "Every step is a CLI sub-command")
+_SMALL_CLI = {
+    "--energy 0.5,1,1.5,2.5 --n 40000": "--energy 0.5,1,1.5,2.5 --n 200",
+    "--steps 5000": "--steps 5",
+    "--n 10000 --energy 2.0 --out gen.h5": "--n 100 --energy 2.0 --out gen.h5",
+    "--energy 2.0 --n 10000": "--energy 2.0 --n 100",
+    "--out runs/fm1": "--out runs/fm1 --pairs 200 --steps 5",
+    "--geant4 --out bench.json": "--geant4 --geant4-showers 4 --batch-sizes 1,100 --out bench.json",
+}
+
+
+def _cli_chain() -> str:
+    """The README's command-line example of the whole chain."""
+    match = re.search(r"Every step is a CLI sub-command.*?```bash\n(.*?)```", README.read_text(), re.S)
+    assert match, "README.md has no ```bash block after 'Every step is a CLI sub-command'"
+    return match.group(1)
+
+
+def _small(snippet: str, sizes: dict[str, str] = _SMALL) -> str:
+    for big, small in sizes.items():
         assert big in snippet, f"README snippet changed: {big!r} not found; update _SMALL"
         snippet = snippet.replace(big, small)
     return snippet
@@ -70,3 +89,17 @@ def test_unguarded_module_run_with_python_m_does_not_rerun_in_workers(tmp_path: 
     assert proc.stdout.count("script ran") == 1, proc.stdout  # once: in the parent only
     with h5py.File(tmp_path / "m.h5", "r") as f:
         assert f["showers"].shape[0] == 20
+
+
+@pytest.mark.slow
+def test_readme_cli_chain_runs_in_order(tmp_path: Path) -> None:
+    """Each command of the README's chain, at small sizes, in order in a new folder (Geant4, INT8 export)."""
+    script = "set -e\n" + _small(_cli_chain(), _SMALL_CLI)
+    bin_dir = Path(sys.executable).parent  # the fastshower command beside this interpreter
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    for name in ("belle.h5", "gen.h5", "g4_2GeV.h5", "fm.onnx", "fm_int8.onnx", "bench.json",
+                 "report/report.html", "runs/fm1/meta.json"):
+        assert (tmp_path / name).is_file(), name
