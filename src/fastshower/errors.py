@@ -7,7 +7,8 @@ builtin base they had (``ValueError`` for bad values, ``RuntimeError`` for a Mon
 that failed), so ``except ValueError`` in user code still works.
 
 Messages name the Python argument (``resume=True``), not a CLI flag: the CLI maps its flags
-to those arguments one-to-one, so the same message reads right from both.
+to those arguments one-to-one and prints ``name=True`` as its flag ``--name``, so the same
+message reads right from both.
 """
 
 from __future__ import annotations
