@@ -6,6 +6,7 @@ The chain, one function per verb (the CLI's sub-commands call the same functions
 
     import fastshower as fs
     fs.simulate("belle2-ecl-5x5", "e-", "0.5,1,1.5,2.5", 40000, "belle.h5", jobs=2, seed=1)
+    fs.simulate("belle2-ecl-5x5", "e-", "2.0", 10000, "g4_2GeV.h5", jobs=2, seed=2)
     run = fs.train("belle.h5", model="flow-matching", out="runs/fm", steps=5000)
     fs.generate(run, 10000, "2.0", out="gen.h5")
     fs.evaluate("g4_2GeV.h5", "gen.h5", "report/", floor=True)
