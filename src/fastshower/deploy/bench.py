@@ -85,7 +85,7 @@ def bench(
             which the repeats of one (backend, batch size) stop early (at least one timed call).
         steps, method: ODE steps and solver of flow-matching and layer-fm (default: the run's), the same for
             torch and ONNX.
-        n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production.
+        n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production (at most half).
         profile_batch: if given, also profile the ONNX FP32 (and INT8) graph per op type at this batch size.
         seed: seeds inputs and noise.
         print_table: print a short table with a legend. progress: say on stderr what is being timed.
