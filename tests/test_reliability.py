@@ -421,7 +421,7 @@ def test_generate_resumes_to_the_uninterrupted_file(vae_run: Path, tmp_path: Pat
     argv = ["generate", "--run", str(vae_run), "--n", "35", "--energy", "1:5", "--batch-size", "10", "--seed", "4",
             "--out", str(out), "--quiet"]
     assert main(argv) == 2
-    assert "exists; use resume=True" in _one_error(capsys)  # and generate has --resume:
+    assert "exists; use --resume" in _one_error(capsys)  # the CLI names its flag, which generate has:
     assert main([*argv[:-1], "--seed", "5", "--resume"]) == 2
     assert "was generated with seed=4, not 5" in _one_error(capsys)
     assert main([*argv, "--resume"]) == 0
@@ -434,7 +434,7 @@ def test_export_keeps_an_existing_file_without_overwrite(vae_run: Path, tmp_path
     out = tmp_path / "m.onnx"
     out.write_bytes(b"precious")
     assert main(["export", "--run", str(vae_run), "--out", str(out)]) == 2
-    assert "exists; pass overwrite=True" in _one_error(capsys) and out.read_bytes() == b"precious"
+    assert "exists; pass --overwrite" in _one_error(capsys) and out.read_bytes() == b"precious"
     assert main(["export", "--run", str(vae_run), "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes() != b"precious"
 

@@ -163,7 +163,7 @@ def test_existing_output_and_mismatched_resume_are_refused(tmp_path: Path) -> No
     simulate("belle2-ecl-5x5", "e-", out=tmp_path / "a.h5", **kw)
     base = ["--energy", "1", "--n", "40", "--out", "a.h5"]
     r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", *base, cwd=tmp_path)
-    assert r.returncode == 2 and "exists; use resume=True" in r.stderr
+    assert r.returncode == 2 and "exists; use --resume" in r.stderr
     r = _cli("simulate", "--geometry", "belle2-ecl-5x5", "--particle", "gamma", *base, "--resume", cwd=tmp_path)
     assert r.returncode == 2 and "holds e- showers, not gamma" in r.stderr
     r = _cli("simulate", "--geometry", "calogan-3layer", "--particle", "e-", *base, "--resume", cwd=tmp_path)
@@ -267,6 +267,6 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 130, err
-    assert "interrupted;" in err and "resume=True" in err
+    assert "interrupted;" in err and "continue with --resume" in err
     with ShowerFile(out, require_complete=False) as f:
         assert f.n >= n and not f.complete and f.n % 10 == 0
