@@ -16,8 +16,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[airshower]'
 	touch $@
 
+# the test extras include [dask]: the suite checks simulate(executor="dask") against the process pool
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[airshower,test]'
+	$(BIN)/python -m pip install -q -e '.[airshower,dask,test]' 'dask==2026.8.0' 'distributed==2026.8.0'
 	touch $@
 
 install: $(VENV)/.installed
