@@ -111,7 +111,8 @@ def _int_list(text: str) -> list[int]:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fastshower.montecarlo.run import simulate
 
-    extra = {k: v for k, v in (("zenith", args.zenith), ("azimuth", args.azimuth)) if v is not None}
+    keys = ("zenith", "azimuth", "angle", "phi", "position", "upstream")
+    extra = {k: v for k in keys if (v := getattr(args, k)) is not None}
     res = simulate(
         args.geometry, args.particle, args.energy, args.n, args.out, seed=args.seed, jobs=args.jobs,
         cut_mm=args.cut, physics=args.physics, resume=args.resume, chunk_size=args.chunk_size,
@@ -299,6 +300,16 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--zenith", default=None,
                    help="air showers: zenith range in degrees, e.g. 0:65 (default: 0, vertical)")
     s.add_argument("--azimuth", default=None, help="air showers: azimuth range in degrees (default: 0:360)")
+    s.add_argument("--angle", default=None, help="calorimeters: polar angle to the normal in degrees, DEG or "
+                   "LOW:HIGH in [0, 90), stored as conditions/angle (theta, phi) (default: 0, normal incidence)")
+    s.add_argument("--phi", default=None, help="calorimeters, with --angle: azimuth in degrees, 0 tilts towards +x "
+                   "(default: 0:360)")
+    s.add_argument("--position", default=None, metavar="X,Y",
+                   help="calorimeters: entry point on the front face, mm, each MM or LOW:HIGH, uniform; write "
+                        "--position=-10:10,0 (stored as conditions/position; default: the centre, Belle II: "
+                        "its centre crystal)")
+    s.add_argument("--upstream", default=None, metavar="MATERIAL:THICKNESS",
+                   help="calorimeters: a slab 20 mm before the front face, e.g. G4_Pb:5.6mm (1 X0) or G4_Al:2cm")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
 

@@ -5,7 +5,9 @@ arrays (one homogeneous cartesian layer, e.g. belle2-ecl-5x5) the entry point is
 smeared uniformly over the centre crystal's face and stored as
 ``conditions/position`` (x, y in mm), as in the Belle II ECL fast-simulation
 studies; sampling calorimeters are hit at the centre of their read-out (the
-CaloChallenge convention).
+CaloChallenge convention). Options ``angle``, ``phi``, ``position`` and ``upstream`` tilt the beam, move its
+entry point and put a slab before the calorimeter (:mod:`~fastshower.montecarlo.incidence`); the angle is
+stored as ``conditions/angle`` (theta, phi in degrees) and an asked-for entry point as ``conditions/position``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from fastshower.geometry import CartesianSegmentation, Geometry
 from fastshower.io import ShowerBatch
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.incidence import UPSTREAM_GAP_MM, Incidence, directions
 
 __all__ = ["Geant4Backend", "smears_entry_point"]
 
@@ -30,6 +33,12 @@ def smears_entry_point(geometry: Geometry) -> bool:
         and geometry.layers[0].absorber is None
         and isinstance(geometry.layers[0].segmentation, CartesianSegmentation)
     )
+
+
+def _materials(geometry: Geometry, incidence: Incidence) -> list[str]:
+    """The NIST materials a run builds: the calorimeter's, the upstream slab's and the world's."""
+    upstream = [incidence.upstream[0]] if incidence.upstream is not None else []
+    return [*geometry.materials(), *upstream, "G4_Galactic"]
 
 
 class Geant4Backend(SimulationBackend):
@@ -48,46 +57,59 @@ class Geant4Backend(SimulationBackend):
         if any(layer.active == "unknown" for layer in geometry.layers):
             raise SimulationError(f"geometry {geometry.name!r} has no materials (read from a binning XML); "
                                   "it can be evaluated but not simulated")
+        incidence = Incidence.from_options(geometry, options)  # bad angle/position/upstream: refused here
         lo, hi = energy_range_mev
         if lo < ENERGY_RANGE_MEV[0] or hi > ENERGY_RANGE_MEV[1]:
             raise SimulationError(
                 f"energy {lo:g}-{hi:g} MeV is outside the range simulated here (1 MeV to 10 TeV)")
         # Resolving here (in the parent) fails fast on missing official data (Geant4DataError, a
         # FastshowerError like SimulationError) and builds substitute tables once, before the workers start.
-        resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), options.physics,  # type: ignore[arg-type]
+        resolve_data(elements_of(_materials(geometry, incidence)), options.physics,  # type: ignore[arg-type]
                      hadronic=particle in HADRONS)
 
     @classmethod
     def condition_widths(cls, geometry: Geometry, options: BackendOptions) -> dict[str, int]:
-        return {"position": 2} if smears_entry_point(geometry) else {}
+        incidence = Incidence.from_options(geometry, options)
+        widths = {"position": 2} if smears_entry_point(geometry) or incidence.position is not None else {}
+        return {**widths, "angle": 2} if incidence.theta is not None else widths
 
     @classmethod
     def draw_conditions(cls, geometry: Geometry, options: BackendOptions, rng: np.random.Generator,
                         n: int) -> dict[str, np.ndarray]:
-        if not smears_entry_point(geometry):
-            return {}
+        incidence = Incidence.from_options(geometry, options)
+        if not smears_entry_point(geometry) or incidence.position is not None:
+            return incidence.draw(rng, n)
         seg = geometry.layers[0].segmentation
         assert isinstance(seg, CartesianSegmentation)
         # The centre cell (odd nx, ny) spans [-pitch/2, pitch/2]; with an even count this is a cell corner.
+        # Drawn before the angle, so files made before angles existed keep their positions.
         half = np.array([0.5 * seg.pitch_x, 0.5 * seg.pitch_y])
-        return {"position": rng.uniform(-half, half, size=(n, 2))}
+        position = rng.uniform(-half, half, size=(n, 2))
+        return {"position": position, **incidence.draw(rng, n)}
 
     def __init__(self, geometry: Geometry, particle: str, options: BackendOptions) -> None:
         super().__init__(geometry, particle, options)
         from fastshower.montecarlo.g4data import apply_environment, elements_of, resolve_data
 
-        data = resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), options.physics,  # type: ignore[arg-type]
+        incidence = Incidence.from_options(geometry, options)
+        data = resolve_data(elements_of(_materials(geometry, incidence)), options.physics,  # type: ignore[arg-type]
                             hadronic=particle in HADRONS)
         apply_environment(data)  # before geant4_pybind is imported
         from fastshower.montecarlo.geant4 import Geant4Session
 
-        self.session = Geant4Session(geometry, particle, cut_mm=options.cut_mm, data=data)
+        self.session = Geant4Session(geometry, particle, cut_mm=options.cut_mm, data=data,
+                                     upstream=incidence.upstream, max_angle_deg=incidence.max_theta)
         self.generator = data.provenance
         self.physics = f"{self.session.physics_list} ; production cut {options.cut_mm:g} mm ; {data.provenance}"
+        if incidence.upstream is not None:
+            self.physics += (f" ; upstream {incidence.upstream[1]:g} mm {incidence.upstream[0]} "
+                             f"{UPSTREAM_GAP_MM:g} mm before the front face")
 
     def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
         n = len(energies_mev)
         positions = conditions.get("position", np.zeros((n, 2)))
-        showers = self.session.run(np.asarray(energies_mev, dtype=np.float64), np.asarray(positions), seed)
+        angles = conditions.get("angle", np.zeros((n, 2)))
+        showers = self.session.run(np.asarray(energies_mev, dtype=np.float64), np.asarray(positions), seed,
+                                   directions=directions(angles))
         showers = self.geometry.to_readout_scale(showers)
         return ShowerBatch(np.asarray(energies_mev, dtype=np.float64), showers, dict(conditions))

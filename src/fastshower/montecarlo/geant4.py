@@ -11,7 +11,13 @@ energy in them is scored in C++ by a ``G4MultiFunctionalDetector`` with a
 ``G4PSEnergyDeposit3D`` per readout layer and read once per event. Polar layers are
 cylinders of radius ``max(3 r_max, 300 mm)``; their cells move with the incident particle,
 so their steps are collected by a light Python sensitive detector and binned with numpy
-once per event (energy beyond the last radial edge is dropped).
+once per event (energy beyond the last radial edge is dropped): as in Geant4's Par04, in the
+frame of the primary's entry point and direction, so a tilted shower is binned along its own
+axis, its layers by depth along that axis.
+
+The gun enters the front face at a given (x, y) along a given direction; it starts 1 mm before the
+first material on that line (the front face, or an optional upstream slab
+:data:`~fastshower.montecarlo.incidence.UPSTREAM_GAP_MM` before it).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from fastshower.geometry import (
     Segmentation,
 )
 from fastshower.montecarlo.g4data import G4DataInfo, Geant4DataError, apply_environment, elements_of, resolve_data
+from fastshower.montecarlo.incidence import UPSTREAM_GAP_MM, polar_radius
 
 __all__ = ["PARTICLES", "Geant4Error", "Geant4Session"]
 
@@ -80,17 +87,24 @@ def _import_g4(info: G4DataInfo):
     return g4
 
 
-def _polar_radius(seg: PolarSegmentation) -> float:
-    """Radius of the cylinders of a polar layer, mm: max(3 r_max, 300 mm), so the cells can follow the beam."""
-    return max(3.0 * seg.r_edges[-1], 300.0)
-
-
 def _transverse_half_width(seg: Segmentation) -> float:
     """Half of the transverse size a layer needs in the world, mm."""
     if isinstance(seg, CartesianSegmentation):
         hx, hy = seg.half_width
         return max(hx, hy)
-    return _polar_radius(seg)
+    return polar_radius(seg)
+
+
+def _par04_frame(x: np.ndarray, y: np.ndarray, z: np.ndarray, entry: tuple[float, float, float],
+                 u: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points (mm, world frame; shape (m,) each) in the frame of the entry point (mm) and unit direction ``u``
+    (3,): (x, y) across and the depth along the direction, mm. The rotation is Par04's (Rz(-phi), then
+    Ry(-theta)), so at normal incidence this is a plain shift to the entry point."""
+    dx, dy, dz = x - entry[0], y - entry[1], z - entry[2]
+    theta, phi = math.acos(min(1.0, float(u[2]))), math.atan2(float(u[1]), float(u[0]))
+    ct, st, cp, sp = math.cos(theta), math.sin(theta), math.cos(phi), math.sin(phi)
+    x1, y1 = cp * dx + sp * dy, -sp * dx + cp * dy
+    return ct * x1 - st * dz, y1, st * x1 + ct * dz
 
 
 def _slabs(layer: ReadoutLayer) -> list[tuple[str, str, float, bool]]:
@@ -142,8 +156,8 @@ def _detector_construction(g4: Any, session: Geant4Session) -> Any:
 def _action_initialization(g4: Any, session: Geant4Session) -> Any:
     """The user actions: a particle gun and the end-of-event scoring (:meth:`Geant4Session._end_of_event`).
 
-    Event i shoots ``session.particle`` with ``session._energy[i]`` MeV along +z from ``session._pos[i]``
-    (x, y in mm), 1 mm before the front face.
+    Event i shoots ``session.particle`` with ``session._energy[i]`` MeV along ``session._dir[i]`` (unit
+    vector) through ``session._pos[i]`` (x, y in mm) on the front face, from 1 mm before the first material.
     """
 
     class Gun(g4.G4VUserPrimaryGeneratorAction):
@@ -152,13 +166,16 @@ def _action_initialization(g4: Any, session: Geant4Session) -> Any:
             self.gun = g4.G4ParticleGun(1)
             table = g4.G4ParticleTable.GetParticleTable()
             self.gun.SetParticleDefinition(table.FindParticle(session.particle))
-            self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, 0, 1))
 
         def GeneratePrimaries(self, event: Any) -> None:
             i = event.GetEventID()
             x, y = session._pos[i]
+            u = session._dir[i]
+            back = (session._lead_mm + 1.0) / u[2]  # path back from the entry point to the start, mm
             self.gun.SetParticleEnergy(float(session._energy[i]) * g4.MeV)
-            self.gun.SetParticlePosition(g4.G4ThreeVector(float(x), float(y), session._z0 - 1.0 * g4.mm))
+            self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(float(u[0]), float(u[1]), float(u[2])))
+            self.gun.SetParticlePosition(g4.G4ThreeVector(float(x - back * u[0]), float(y - back * u[1]),
+                                                          session._z0 - back * u[2]))
             self.gun.GeneratePrimaryVertex(event)
 
     class EventAction(g4.G4UserEventAction):
@@ -183,6 +200,8 @@ class Geant4Session:
         data: Geant4 data to use; by default :func:`~fastshower.montecarlo.g4data.resolve_data`
             with mode "auto" (substitute EM tables when the official sets are absent).
         physics: ``"auto"`` (EM list for e/gamma, FTFP_BERT for pions), ``"em"`` or ``"ftfp_bert"``.
+        upstream: (NIST material, thickness mm) of a slab before the calorimeter, or None.
+        max_angle_deg: largest polar angle :meth:`run` will be given, degrees (sizes the world).
     """
 
     def __init__(
@@ -192,6 +211,8 @@ class Geant4Session:
         cut_mm: float = 0.7,
         data: G4DataInfo | None = None,
         physics: str = "auto",
+        upstream: tuple[str, float] | None = None,
+        max_angle_deg: float = 0.0,
     ) -> None:
         global _SESSION_OPEN
         if _SESSION_OPEN:
@@ -209,7 +230,9 @@ class Geant4Session:
             raise Geant4Error(f"unknown physics {physics!r}; use auto, em or ftfp_bert")
         hadronic = physics == "ftfp_bert"
         if data is None:
-            data = resolve_data(elements_of([*geometry.materials(), "G4_Galactic"]), "auto", hadronic=hadronic)
+            extra = [upstream[0]] if upstream is not None else []
+            data = resolve_data(elements_of([*geometry.materials(), *extra, "G4_Galactic"]), "auto",
+                                hadronic=hadronic)
         elif hadronic and data.mode != "official":
             raise Geant4DataError(
                 "hadronic showers (FTFP_BERT) need Geant4's official data sets (G4EMLOW, G4ENSDFSTATE, "
@@ -220,6 +243,10 @@ class Geant4Session:
         self.cut_mm = float(cut_mm)
         self.data = data
         self.physics = physics
+        self.upstream = upstream
+        # the gun starts this far before the front face (mm along z): the upstream slab and its gap
+        self._lead_mm = upstream[1] + UPSTREAM_GAP_MM if upstream is not None else 0.0
+        self._tan_max = math.tan(math.radians(min(max_angle_deg, 89.9)))
         self.provenance = data.provenance
         self.physics_list = (
             "FTFP_BERT (G4EmStandardPhysics + hadronic constructors)" if hadronic
@@ -264,6 +291,7 @@ class Geant4Session:
             ui.ApplyCommand(cmd)
         self._energy = np.zeros(1)
         self._pos = np.zeros((1, 2))
+        self._dir = np.array([[0.0, 0.0, 1.0]])
         self._out = np.zeros((0, self.geometry.n_voxels), dtype=np.float32)
         rm.BeamOn(0)  # build physics tables now, so the first run() starts like any other
 
@@ -279,19 +307,23 @@ class Geant4Session:
     def _construct(self, g4: Any) -> Any:
         """The detector (see the module docstring); returns the world's physical volume.
 
-        The world is centred on the calorimeter, so z = 0 of the stack lies at -depth/2 (``_z0``);
+        The world is centred on the calorimeter, so z = 0 of the stack lies at -depth/2 (``_z0``); it
+        reaches the gun's start before the upstream slab, also at the largest angle.
         ``_scoring_lvs`` gets, per readout layer, the logical volumes whose energy is scored.
         """
         geo = self.geometry
         self._nist = g4.G4NistManager.Instance()
         self._mats: dict[str, Any] = {}
         half = max([0.0, *(_transverse_half_width(layer.segmentation) for layer in geo.layers)])
+        half += 10.0 + (self._lead_mm + 1.0) * self._tan_max  # 10 mm as before, plus the tilted gun's offset
         depth = geo.depth
-        world_s = g4.G4Box("World", half + 10.0, half + 10.0, 0.5 * depth + 20.0)
+        world_s = g4.G4Box("World", half, half, 0.5 * depth + 20.0 + self._lead_mm)
         world_l = g4.G4LogicalVolume(world_s, self._material(g4, "G4_Galactic"), "World")
         world_p = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_l, "World", None, False, 0, False)
         self._keep += [world_s, world_l, world_p]
         self._z0 = z = -0.5 * depth
+        if self.upstream is not None:
+            self._place_upstream(g4, world_l, half - 1.0)
         self._scoring_lvs: list[list[Any]] = []  # per readout layer: logical volumes that score
         for li, layer in enumerate(geo.layers):
             slabs: list[tuple[Any, float]] = []  # (logical volume, thickness mm) in beam order
@@ -316,7 +348,7 @@ class Geant4Session:
         """
         keep = self._keep
         if isinstance(seg, PolarSegmentation):
-            s = g4.G4Tubs(name, 0.0, _polar_radius(seg), 0.5 * t, 0.0, 2 * math.pi)
+            s = g4.G4Tubs(name, 0.0, polar_radius(seg), 0.5 * t, 0.0, 2 * math.pi)
             lv = g4.G4LogicalVolume(s, material, name)
             keep += [s, lv]
             return lv, (lv if scores else None)
@@ -334,6 +366,16 @@ class Geant4Session:
         cp = g4.G4PVReplica(name + "_cell", cl, rl, g4.EAxis.kXAxis, seg.nx, seg.pitch_x)
         keep += [rs, rl, cs, cl, rp, cp]
         return lv, cl
+
+    def _place_upstream(self, g4: Any, world_l: Any, half: float) -> None:
+        """The upstream slab: ``self.upstream`` (material, thickness mm), ``2 half`` mm wide, its back face
+        UPSTREAM_GAP_MM before the front face (``_z0``); it does not score."""
+        material, t = self.upstream  # type: ignore[misc]
+        s = g4.G4Box("Upstream", half, half, 0.5 * t)
+        lv = g4.G4LogicalVolume(s, self._material(g4, material), "Upstream")
+        z = self._z0 - UPSTREAM_GAP_MM - 0.5 * t
+        pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, z), lv, "Upstream", world_l, False, 0, False)
+        self._keep += [s, lv, pv]
 
     def _place_pairs(self, g4: Any, world_l: Any, n_pairs: int, slabs: list[tuple[Any, float]], z: float) -> float:
         """Place ``n_pairs`` copies of a layer's slabs in the world, from ``z`` (mm, world frame) on.
@@ -360,7 +402,7 @@ class Geant4Session:
         class PolarSD(g4.G4VSensitiveDetector):
             def __init__(self, name: str, layer: int) -> None:
                 super().__init__(name)
-                self.buf = session._steps.setdefault(layer, [[], [], []])
+                self.buf = session._steps.setdefault(layer, [[], [], [], []])
 
             def ProcessHits(self, step: Any, history: Any) -> bool:
                 e = step.GetTotalEnergyDeposit()
@@ -370,7 +412,8 @@ class Geant4Session:
                     buf = self.buf
                     buf[0].append(0.5 * (a.x + b.x))
                     buf[1].append(0.5 * (a.y + b.y))
-                    buf[2].append(e)
+                    buf[2].append(0.5 * (a.z + b.z))
+                    buf[3].append(e)
                 return True
 
         self._mfd_names: list[str] = []
@@ -422,43 +465,66 @@ class Geant4Session:
                 for idx, val in hmap:
                     row[off + idx] += val
         if self._py_layers:
-            x0, y0 = self._pos[i]
-            for li in self._py_layers:
-                buf = self._steps[li]
-                if not buf[2]:
-                    continue
-                seg: PolarSegmentation = geo.layers[li].segmentation  # type: ignore[assignment]
-                x = np.asarray(buf[0]) - x0
-                y = np.asarray(buf[1]) - y0
-                e = np.asarray(buf[2])
-                for b in buf:
-                    b.clear()
-                r = np.hypot(x, y)
-                ir = np.searchsorted(np.asarray(seg.r_edges), r, side="right") - 1
-                ia = seg.alpha_bin(x, y)
-                ok = (ir >= 0) & (ir < seg.n_r)
-                cells = ia[ok] * seg.n_r + ir[ok]
-                row[geo.layer_slice(li)] += np.bincount(cells, weights=e[ok], minlength=seg.n_cells).astype(
-                    np.float32
-                )
+            self._bin_polar(row, i)
+
+    def _polar_steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """This event's polar-layer steps, emptying the buffers: (x, y, z) mm (3, m) and [energy MeV, layer] (2, m)."""
+        pos, eny = [np.zeros((3, 0))], [np.zeros((2, 0))]
+        for li in self._py_layers:
+            buf = self._steps[li]
+            if buf[3]:
+                pos.append(np.asarray(buf[:3], dtype=float))
+                eny.append(np.stack([np.asarray(buf[3], dtype=float), np.full(len(buf[3]), float(li))]))
+            for b in buf:
+                b.clear()
+        return np.concatenate(pos, axis=1), np.concatenate(eny, axis=1)
+
+    def _bin_polar(self, row: np.ndarray, i: int) -> None:
+        """Add event ``i``'s polar-layer energy to ``row`` (n_voxels,), binned as Par04's mesh: across and along
+        the primary's direction from its entry point. A tilted shower's layer is its depth along the
+        direction (energy beyond the polar layers is dropped); at normal incidence that is the step's volume."""
+        geo = self.geometry
+        (x, y, z), (e, vol) = self._polar_steps()
+        u = self._dir[i]
+        xr, yr, depth = _par04_frame(x, y, z, (*self._pos[i], self._z0), u)
+        layer = vol.astype(int)
+        if u[2] < 1.0:
+            edges = np.concatenate([[0.0], np.cumsum([lay.thickness for lay in geo.layers])])
+            layer = np.searchsorted(edges, depth, side="right") - 1
+        for li in self._py_layers:
+            m = layer == li
+            if not m.any():
+                continue
+            seg: PolarSegmentation = geo.layers[li].segmentation  # type: ignore[assignment]
+            ir = np.searchsorted(np.asarray(seg.r_edges), np.hypot(xr[m], yr[m]), side="right") - 1
+            ia = seg.alpha_bin(xr[m], yr[m])
+            ok = (ir >= 0) & (ir < seg.n_r)
+            cells = ia[ok] * seg.n_r + ir[ok]
+            row[geo.layer_slice(li)] += np.bincount(cells, weights=e[m][ok], minlength=seg.n_cells).astype(np.float32)
 
     # --- public -------------------------------------------------------------------------------
-    def run(self, energies_mev: np.ndarray, positions_mm: np.ndarray, seed: int) -> np.ndarray:
+    def run(self, energies_mev: np.ndarray, positions_mm: np.ndarray, seed: int,
+            directions: np.ndarray | None = None) -> np.ndarray:
         """Simulate one shower per entry; returns float32 (n, n_voxels) of deposited MeV.
 
         Args:
             energies_mev: kinetic energy of each incident particle, MeV, shape (n,).
-            positions_mm: (x, y) entry point on the front face, mm, shape (n, 2); beam along +z.
+            positions_mm: (x, y) entry point on the front face, mm, shape (n, 2).
             seed: random seed; the same seed and inputs give the same showers.
+            directions: unit momentum directions, shape (n, 3), pointing into the calorimeter (z > 0) within
+                the session's ``max_angle_deg``; default +z.
         """
         e = np.asarray(energies_mev, dtype=float).reshape(-1)
         p = np.asarray(positions_mm, dtype=float).reshape(-1, 2)
-        if p.shape[0] != e.shape[0]:
-            raise ValueError(f"{e.shape[0]} energies but {p.shape[0]} positions")
+        u = np.tile([0.0, 0.0, 1.0], (e.shape[0], 1)) if directions is None else np.asarray(directions, dtype=float)
+        if p.shape[0] != e.shape[0] or u.shape != (e.shape[0], 3):
+            raise ValueError(f"{e.shape[0]} energies but {p.shape[0]} positions and {u.shape} directions")
         if (e <= 0).any() or not np.isfinite(e).all():
             raise ValueError("energies must be positive and finite")
+        if (u[:, 2] < math.cos(math.atan(self._tan_max)) - 1e-9).any():
+            raise ValueError("directions beyond the session's max_angle_deg (or not into the calorimeter)")
         n = e.shape[0]
-        self._energy, self._pos = e, p
+        self._energy, self._pos, self._dir = e, p, u
         self._out = np.zeros((n, self.geometry.n_voxels), dtype=np.float32)
         for buf in self._steps.values():
             for b in buf:

@@ -499,6 +499,11 @@ def _raise_failure(plan: _Plan, sink: _ChunkWriter, failure: str) -> NoReturn:
     raise SimulationError(f"{failure}; {kept}{resume_hint}")
 
 
+def _with_incidence(extra: dict[str, Any] | None, **incidence: str | None) -> dict[str, Any]:
+    """``extra`` with the calorimeter incidence options given (angle, phi, position, upstream; strings)."""
+    return {**(extra or {}), **{k: str(v) for k, v in incidence.items() if v is not None}}
+
+
 # --- driver ---------------------------------------------------------------------------
 
 
@@ -517,6 +522,7 @@ def simulate(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     backend: type[SimulationBackend] | None = None,
+    angle: str | None = None, phi: str | None = None, position: str | None = None, upstream: str | None = None,
 ) -> SimulationResult:
     """Produce ``n`` reference showers into ``out`` (see the module docstring).
 
@@ -526,8 +532,7 @@ def simulate(
         energy: energy spec (``2.0``, ``0.5,1,1.5,2.5``, ``1:100``, ``1:100:log``, ``500MeV``; GeV by default).
         n: showers the file must hold.
         out: the HDF5 file.
-        seed: master seed (default 0 for a new file; a resumed file continues with its own, and a different
-            one given is refused).
+        seed: master seed (default 0 for a new file; a resumed file continues with its own, refusing another).
         jobs: worker processes.
         cut_mm: Geant4 production cut, mm.
         physics: Geant4 data: "auto", "official" or "substitute".
@@ -535,7 +540,7 @@ def simulate(
         chunk_size: showers per chunk (the unit of seeding, writing and loss on a crash; default 100, or a
             resumed file's own).
         progress: show a progress bar on stderr.
-        extra: backend options (air showers: {"zenith": "0:65", "azimuth": "0:360"}).
+        extra: backend options (air showers: {"zenith": "0:65"}); angle, phi, position, upstream: see .incidence.
         backend: the Monte Carlo class (default: :func:`backend_class` of the geometry); it must be importable
             by module path, since workers are fresh processes.
 
@@ -547,7 +552,8 @@ def simulate(
     lock = WriteLock(out)
     try:
         plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
-                     resume=resume, chunk_size=chunk_size, extra=extra, backend=backend, lock=lock)
+                     resume=resume, chunk_size=chunk_size, backend=backend, lock=lock,
+                     extra=_with_incidence(extra, angle=angle, phi=phi, position=position, upstream=upstream))
         if plan.start >= plan.n:
             with plan.open_writer("", "", resume=True):
                 pass  # the file already holds n showers: opening and closing marks it complete
