@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     what = f"INT8 ({args.int8_mode or 'dynamic'}) quantisation" if args.int8 else "FP32"
     print(f"export: tracing the sampler of {args.run} to ONNX, {what}"
-          + ("; quantising a many-step ODE sampler takes a minute or more" if args.int8 else ""),
+          + ("; quantising can take minutes and GBs of memory for a many-step ODE sampler" if args.int8 else ""),
           flush=True)  # stdout: stderr stays one line when the export is refused
     t0 = time.perf_counter()
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
@@ -309,7 +309,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "--position=-10:10,0 (stored as conditions/position; default: the centre, Belle II: "
                         "its centre crystal)")
     s.add_argument("--upstream", default=None, metavar="MATERIAL:THICKNESS",
-                   help="calorimeters: a slab 20 mm before the front face, e.g. G4_Pb:5.6mm (1 X0) or G4_Al:2cm")
+                   help="calorimeters: a slab 20 mm before the front face, e.g. G4_Pb:5.6mm (1 X0) or G4_Al:2cm "
+                        "(default: none)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
 
