@@ -15,6 +15,7 @@ the chunks in flight; ``resume=True`` tops the file up to N.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -36,6 +37,7 @@ from fastshower.energy import EnergySpec, parse_energy
 from fastshower.geometry import Geometry, geometry_from_json, get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, WriteLock
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.dask_run import WorkerSpec, drop_front
 
 __all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
 
@@ -156,12 +158,7 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         except BaseException as exc:
             results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-        if skip:  # a resumed partial chunk: its first showers are already in the file
-            batch = ShowerBatch(
-                batch.energies[skip:], batch.showers[skip:],
-                {k: v[skip:] for k, v in batch.conditions.items()}, {k: v[skip:] for k, v in batch.truth.items()},
-            )
-        results.send(("done", index, batch, None))
+        results.send(("done", index, drop_front(batch, skip), None))  # skip: a resumed chunk's showers in the file
 
 
 def _messages(readers: dict[Any, Any]) -> Iterator[tuple[Any, tuple[str, int, Any, Any]]]:
@@ -202,6 +199,8 @@ class _Plan:
         resume: the file exists and is topped up.
         attrs: provenance for a new file (seed, chunk size, energy spec, backend options...).
         lock: the output's write lock, held from before the file is read until the run ends.
+        executor: "pool" (worker processes of our own) or "dask" (tasks on a Dask cluster).
+        scheduler: the Dask scheduler (address or scheduler file); None starts a LocalCluster of ``jobs`` workers.
     """
 
     geometry: Geometry
@@ -218,6 +217,8 @@ class _Plan:
     resume: bool
     attrs: dict[str, Any]
     lock: WriteLock
+    executor: str = "pool"
+    scheduler: str | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -460,15 +461,46 @@ class _ChunkWriter:
             self.writer.close()
 
 
+def _bar(plan: _Plan, progress: bool) -> Any:
+    """The run's progress bar on stderr, counting showers written (rate and ETA from tqdm)."""
+    return tqdm(total=plan.n, initial=plan.start, unit="shower", desc=f"simulate {plan.geometry.name}",
+                disable=not progress, dynamic_ncols=True, file=sys.stderr)
+
+
+def _produce_dask(plan: _Plan, progress: bool) -> tuple[_ChunkWriter, str | None]:
+    """As :func:`_produce`, with the chunks as tasks on a Dask cluster (see :mod:`.dask_run`).
+
+    The scheduler is reached (or the LocalCluster started) before the bar and the file; its workers start
+    without the user's ``__main__`` as the pool's do, also those restarted after a worker died.
+    """
+    from fastshower.montecarlo import dask_run
+
+    cls = plan.backend
+    spec = WorkerSpec((cls.__module__, cls.__name__), plan.geometry.to_json(), plan.particle, plan.options)
+    with _workers_skip_user_main(cls), dask_run.connect(plan.scheduler, plan.jobs) as client:
+        bar = _bar(plan, progress)
+        sink = _ChunkWriter(plan, bar)
+        failure: str | None = None
+        try:
+            failure = dask_run.run_chunks(client, spec, _tasks(plan), sink.take)
+        except KeyboardInterrupt:
+            failure = "interrupted"
+        finally:
+            bar.close()
+            sink.close()
+    return sink, failure
+
+
 def _produce(plan: _Plan, progress: bool) -> tuple[_ChunkWriter, str | None]:
     """Run the workers and write their chunks until the file is full, a worker fails or Ctrl-C.
 
     Returns the writer's state and the failure ("interrupted" for Ctrl-C), None on success. Workers
     are stopped and the file closed in every case, also when writing raises.
     """
+    if plan.executor == "dask":
+        return _produce_dask(plan, progress)
     workers = _start_workers(plan)
-    bar = tqdm(total=plan.n, initial=plan.start, unit="shower", desc=f"simulate {plan.geometry.name}",
-               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    bar = _bar(plan, progress)
     sink = _ChunkWriter(plan, bar)
     failure: str | None = None
     try:
@@ -499,12 +531,36 @@ def _raise_failure(plan: _Plan, sink: _ChunkWriter, failure: str) -> NoReturn:
     raise SimulationError(f"{failure}; {kept}{resume_hint}")
 
 
+def _complete_as_is(plan: _Plan, t0: float) -> SimulationResult:
+    """The result for a file that already holds its ``n`` showers (``t0``: the call's start, perf_counter)."""
+    with plan.open_writer("", "", resume=True):
+        pass  # opening and closing marks it complete
+    return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
+
+
+def _result(plan: _Plan, sink: _ChunkWriter, failure: str | None, seconds: float) -> SimulationResult:
+    """What a run that took ``seconds`` did, or its failure raised (see :func:`_raise_failure`)."""
+    if failure is not None:
+        _raise_failure(plan, sink, failure)
+    n_written = sink.n_written
+    return SimulationResult(plan.out, n_written, n_written - plan.start, seconds, n_written >= plan.n,
+                            sink.generator)
+
+
 def _with_incidence(extra: dict[str, Any] | None, **incidence: str | None) -> dict[str, Any]:
     """``extra`` with the calorimeter incidence options given (angle, phi, position, upstream; strings)."""
     return {**(extra or {}), **{k: str(v) for k, v in incidence.items() if v is not None}}
 
 
 # --- driver ---------------------------------------------------------------------------
+
+
+def _check_executor(executor: str, scheduler: str | None) -> None:
+    """Raise :class:`SimulationError` for an unknown executor, or a scheduler without executor="dask"."""
+    if executor not in ("pool", "dask"):
+        raise SimulationError(f"executor must be pool or dask, got {executor!r}")
+    if scheduler is not None and executor != "dask":
+        raise SimulationError(f"scheduler={scheduler!r} needs executor='dask'")
 
 
 def simulate(
@@ -522,6 +578,8 @@ def simulate(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
     backend: type[SimulationBackend] | None = None,
+    executor: str = "pool",
+    scheduler: str | None = None,
     angle: str | None = None, phi: str | None = None, position: str | None = None, upstream: str | None = None,
 ) -> SimulationResult:
     """Produce ``n`` reference showers into ``out`` (see the module docstring).
@@ -543,27 +601,24 @@ def simulate(
         extra: backend options (air showers: {"zenith": "0:65"}); angle, phi, position, upstream: see .incidence.
         backend: the Monte Carlo class (default: :func:`backend_class` of the geometry); it must be importable
             by module path, since workers are fresh processes.
+        executor: "pool" (``jobs`` worker processes) or "dask" (a task per chunk; the same file, see .dask_run).
+        scheduler: for "dask", ``tcp://host:port`` or a scheduler file (default: a LocalCluster of ``jobs``).
 
     Raises:
         SimulationError, ShowerFileError, EnergySpecError, GeometryError, Geant4DataError: bad requests, with a
             one-line message (all :class:`~fastshower.errors.FastshowerError`).
     """
     t0 = time.perf_counter()
+    _check_executor(executor, scheduler)
     lock = WriteLock(out)
     try:
         plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
                      resume=resume, chunk_size=chunk_size, backend=backend, lock=lock,
                      extra=_with_incidence(extra, angle=angle, phi=phi, position=position, upstream=upstream))
+        plan = dataclasses.replace(plan, executor=executor, scheduler=scheduler)
         if plan.start >= plan.n:
-            with plan.open_writer("", "", resume=True):
-                pass  # the file already holds n showers: opening and closing marks it complete
-            return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
+            return _complete_as_is(plan, t0)
         sink, failure = _produce(plan, progress)
     finally:
         lock.release()
-    seconds = time.perf_counter() - t0
-    if failure is not None:
-        _raise_failure(plan, sink, failure)
-    n_written = sink.n_written
-    return SimulationResult(plan.out, n_written, n_written - plan.start, seconds, n_written >= plan.n,
-                            sink.generator)
+    return _result(plan, sink, failure, time.perf_counter() - t0)

@@ -1,0 +1,126 @@
+"""simulate(executor="dask"): the same file as the process pool, resume, dead workers, bad schedulers.
+
+Each test starts a LocalCluster of two worker processes (a few seconds); the Monte Carlo ones run Geant4 and
+the air-shower generator at small sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+
+from fastshower.cli import main
+from fastshower.io import ShowerBatch, ShowerFile
+from fastshower.montecarlo import dask_run
+from fastshower.montecarlo.backend import SimulationError
+from fastshower.montecarlo.run import chunk_seed, simulate
+from test_simulate import ToyBackend
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _read(path: Path) -> ShowerBatch:
+    with ShowerFile(path) as f:
+        return f.read()
+
+
+def _assert_same(a_path: Path, b_path: Path) -> None:
+    a, b = _read(a_path), _read(b_path)
+    np.testing.assert_array_equal(a.energies, b.energies)
+    np.testing.assert_array_equal(a.showers, b.showers)
+    assert a.conditions.keys() == b.conditions.keys() and a.truth.keys() == b.truth.keys()
+    for name in a.conditions:
+        np.testing.assert_array_equal(a.conditions[name], b.conditions[name])
+    for name in a.truth:
+        np.testing.assert_array_equal(a.truth[name], b.truth[name])
+
+
+def test_geant4_dask_file_is_the_pool_file(tmp_path: Path) -> None:
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="0.5:1.5", n=40, seed=11, chunk_size=10, jobs=2,
+              progress=False)
+    pool = simulate(out=tmp_path / "pool.h5", **kw)
+    dask = simulate(out=tmp_path / "dask.h5", executor="dask", **kw)
+    assert dask.complete and dask.n_written == 40 and dask.generator == pool.generator
+    _assert_same(tmp_path / "pool.h5", tmp_path / "dask.h5")
+
+
+def test_airshower_dask_file_is_the_pool_file(tmp_path: Path) -> None:
+    pytest.importorskip("chromo")
+    kw = dict(geometry="airshower-profile", particle="p", energy="1e15eV:3e15eV:log", n=12, seed=4, chunk_size=3,
+              jobs=2, progress=False, extra={"zenith": "0:60"})
+    simulate(out=tmp_path / "pool.h5", **kw)
+    simulate(out=tmp_path / "dask.h5", executor="dask", **kw)
+    _assert_same(tmp_path / "pool.h5", tmp_path / "dask.h5")
+
+
+def test_dask_resume_submits_the_missing_chunks_only(tmp_path: Path) -> None:
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1:2", seed=1, chunk_size=20, progress=False,
+              backend=ToyBackend)
+    simulate(out=tmp_path / "full.h5", n=90, **kw)
+    simulate(out=tmp_path / "part.h5", n=50, **kw)  # ends inside chunk 2
+    res = simulate(out=tmp_path / "part.h5", n=90, resume=True, executor="dask", jobs=2, **kw)
+    assert res.n_new == 40 and res.complete
+    _assert_same(tmp_path / "full.h5", tmp_path / "part.h5")
+
+
+class DyingBackend(ToyBackend):
+    """Kills its worker process (like a Geant4 abort) on the chunk whose Monte Carlo seed is in
+    $FASTSHOWER_TEST_DIE_SEED: every time, or only the first time when $FASTSHOWER_TEST_DIE_ONCE names a marker
+    file (the workers inherit the environment; the marker is shared through the file system)."""
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        if str(seed) == os.environ.get("FASTSHOWER_TEST_DIE_SEED"):
+            marker = os.environ.get("FASTSHOWER_TEST_DIE_ONCE")
+            if marker is None or not os.path.exists(marker):
+                if marker is not None:
+                    Path(marker).touch()
+                os._exit(134)
+        return super().run(energies_mev, conditions, seed)
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_dead_worker_retried_or_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture, once: bool) -> None:
+    monkeypatch.setenv("FASTSHOWER_TEST_DIE_SEED", str(chunk_seed(3, 2)))
+    if once:
+        monkeypatch.setenv("FASTSHOWER_TEST_DIE_ONCE", str(tmp_path / "died"))
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1", n=60, seed=3, chunk_size=10, progress=False,
+              jobs=2, executor="dask", backend=DyingBackend)
+    out = tmp_path / "die.h5"
+    with caplog.at_level(logging.WARNING, logger=dask_run.__name__):
+        if once:
+            assert simulate(out=out, **kw).complete
+            assert "chunk 2 retried" in caplog.text
+            return
+        with pytest.raises(SimulationError, match=rf"^chunk 2 \(Monte Carlo seed {chunk_seed(3, 2)}\) killed "
+                           r"\d worker\(s\) and was given up .* 20 of 60 showers are kept"):
+            simulate(out=out, **kw)
+    with ShowerFile(out, require_complete=False) as f:
+        assert f.n == 20 and not f.complete
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:9", "no address::", "missing-scheduler.json"])
+def test_bad_scheduler_one_line_status_2_nothing_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str], address: str) -> None:
+    monkeypatch.setattr(dask_run, "_CONNECT_TIMEOUT_S", 2)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "--energy", "1", "--n", "10",
+               "--out", "x.h5", "--executor", "dask", "--scheduler", address])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("fastshower: error: ") and "scheduler" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_executor_arguments_checked_first(tmp_path: Path) -> None:
+    with pytest.raises(SimulationError, match=r"^executor must be pool or dask, got 'ray'$"):
+        simulate("belle2-ecl-5x5", "e-", "1", 10, tmp_path / "x.h5", executor="ray")
+    with pytest.raises(SimulationError, match=r"needs executor='dask'"):
+        simulate("belle2-ecl-5x5", "e-", "1", 10, tmp_path / "x.h5", scheduler="tcp://127.0.0.1:9")
+    assert os.listdir(tmp_path) == []
