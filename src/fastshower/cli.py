@@ -215,7 +215,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
           flush=True)  # stdout: stderr stays one line when the export is refused
     t0 = time.perf_counter()
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
-                       opset=args.opset, overwrite=args.overwrite)
+                       opset=args.opset, overwrite=args.overwrite, layout=args.layout)
     print(f"wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -408,6 +408,10 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--calibration", type=int, default=256,
                    help="with --int8-mode static: training-file showers to calibrate on")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    x.add_argument("--layout", choices=("fastshower", "par04"), default="fastshower",
+                   help="graph contract: fastshower's (noise, energy, conditions -> showers in MeV, any batch) or "
+                        "Geant4 Par04's (one input of batch 1, cell energies / E in Par04's mesh order; runs on "
+                        "par04-ds2/ds3, FP32; docs/integration.md) (default: fastshower)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     b = _verb(sub, "bench", _cmd_bench, "measure generation speed (and Geant4's) on this machine")

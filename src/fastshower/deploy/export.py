@@ -42,6 +42,15 @@ import torch
 from torch import Tensor
 
 from fastshower._version import __version__
+from fastshower.deploy.par04 import (
+    N_PAR04_CONDITIONS,
+    PAR04_MAX_ANGLE_DEG,
+    PAR04_MAX_ENERGY_MEV,
+    Par04Module,
+    check_par04_run,
+    par04_input,
+    par04_mesh,
+)
 from fastshower.deploy.quantize import (
     CALIBRATION_METHODS,
     INT8_MODES,
@@ -59,6 +68,7 @@ from fastshower.sampling import SamplerModule, noise_dim
 __all__ = [
     "CALIBRATION_METHODS",
     "INT8_MODES",
+    "LAYOUTS",
     "ExportError",
     "OnnxSampler",
     "calibration_inputs",
@@ -68,6 +78,8 @@ __all__ = [
 ]
 
 _RESERVED_INPUTS = ("noise", "incident_energy_mev")
+#: graph contracts of :func:`export_onnx`: fastshower's own, or Geant4 Par04's (:mod:`fastshower.deploy.par04`)
+LAYOUTS: tuple[str, ...] = ("fastshower", "par04")
 
 
 # --- export ---------------------------------------------------------------------------------------------
@@ -87,6 +99,7 @@ def export_onnx(
     method: str | None = None,
     check: bool = True,
     overwrite: bool = False,
+    layout: str = "fastshower",
 ) -> Path:
     """Export a run's sampler to an ONNX file; returns its path.
 
@@ -104,6 +117,9 @@ def export_onnx(
         steps, method: ODE steps and solver (flow-matching, layer-fm), fixed in the graph (default: the run's).
         check: run the FP32 graph once with ONNX Runtime and compare with torch (ExportError if they differ).
         overwrite: replace an existing ``out``.
+        layout: ``"fastshower"`` (the graph above) or ``"par04"``: Geant4 Par04's contract, batch 1, one
+            input (1, D + 4), cell energies / E in Par04's mesh order (:mod:`fastshower.deploy.par04`);
+            FP32 only, runs on par04-ds2 / par04-ds3.
 
     Raises:
         ExportError: an existing ``out`` without ``overwrite``, a model that does not export, an FP32 graph
@@ -111,10 +127,10 @@ def export_onnx(
         RunError: a missing, incomplete or unfinished run folder.
         GenerationError: bad ``steps`` / ``method``.
     """
-    mode = _check_request(opset, int8, int8_mode, calibration, calibration_method)
+    mode = _check_request(opset, int8, int8_mode, calibration, calibration_method, layout)
     if Path(out).exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True to replace it, or choose another out")
-    plan = _plan(run, threshold_mev, steps, method)
+    plan = _plan(run, threshold_mev, steps, method, layout)
     # read the calibration data before the (slower) export, so that a missing training file fails fast
     feeds = calibration_feeds(plan.model, plan.info, calibration) if mode == "static" else []
     names, example = _graph_inputs(plan)
@@ -142,27 +158,42 @@ class _ExportPlan:
     module: SamplerModule
     info: RunInfo
     noise_dim: int
+    #: what is traced: ``module``, or for layout par04 the :class:`Par04Module` around it
+    graph: torch.nn.Module
+    layout: str = "fastshower"
 
 
 def _check_request(opset: int, int8: bool, int8_mode: str | None, calibration: int,
-                   calibration_method: str) -> str:
+                   calibration_method: str, layout: str) -> str:
     """The INT8 mode of an export (``"none"`` for FP32); ExportError for options that do not fit."""
     if opset < 14:
         raise ExportError(f"opset must be >= 14, got {opset}")
+    if layout not in LAYOUTS:
+        raise ExportError(f"unknown layout {layout!r}; choose {' or '.join(LAYOUTS)}")
+    if layout == "par04" and int8:
+        raise ExportError("--layout par04 writes FP32 only; export without --int8")
     return check_int8_options(int8, int8_mode, calibration, calibration_method)
 
 
-def _plan(run: str | Path | Run, threshold_mev: float | None, steps: int | None, method: str | None
-          ) -> _ExportPlan:
-    """The finished run (RunError otherwise) and its sampler module with the sampling options fixed."""
+def _plan(run: str | Path | Run, threshold_mev: float | None, steps: int | None, method: str | None,
+          layout: str = "fastshower") -> _ExportPlan:
+    """The finished run (RunError otherwise) and its sampler module with the sampling options fixed;
+    ExportError for a run the ``layout`` does not take."""
     loaded = as_run(run, require_finished=True)
+    if layout == "par04":  # before building anything: a refusal is one line and quick
+        check_par04_run(loaded.info)
     module = SamplerModule(loaded, threshold_mev, steps=steps, method=method).eval()
-    return _ExportPlan(loaded.model, module, loaded.info, noise_dim(loaded.model))
+    d = noise_dim(loaded.model)
+    graph = Par04Module(module, loaded.info, d).eval() if layout == "par04" else module
+    return _ExportPlan(loaded.model, module, loaded.info, d, graph, layout)
 
 
 def _graph_inputs(plan: _ExportPlan) -> tuple[list[str], tuple[Tensor, ...]]:
-    """The graph's input names and example inputs (batch 2) to trace with."""
+    """The graph's input names and example inputs (batch 2; layout par04: its one input, batch 1)."""
     info = plan.info
+    if plan.layout == "par04":
+        e = 0.5 * sum(info.energy_range_mev) if math.isfinite(info.energy_range_mev[1]) else 1000.0
+        return ["input"], (torch.as_tensor(par04_input(torch.randn(plan.noise_dim).numpy(), e)),)
     names = ["noise", "incident_energy_mev", *info.cond_names]
     clash = set(info.cond_names) & set(_RESERVED_INPUTS)
     if clash:
@@ -176,12 +207,15 @@ def _export_fp32(plan: _ExportPlan, names: Sequence[str], example: tuple[Tensor,
     import onnx
 
     info = plan.info
+    output = _output_name(plan.layout)
+    # Par04 runs one particle per call and feeds dims {1, D + 4}: its graph keeps the fixed batch of 1
+    axes = {n: {0: "batch"} for n in [*names, output]} if plan.layout == "fastshower" else None
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                plan.module, example, str(path), dynamo=False, opset_version=opset, input_names=list(names),
-                output_names=["showers_mev"], dynamic_axes={n: {0: "batch"} for n in [*names, "showers_mev"]},
+                plan.graph, example, str(path), dynamo=False, opset_version=opset, input_names=list(names),
+                output_names=[output], dynamic_axes=axes,
             )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -190,6 +224,8 @@ def _export_fp32(plan: _ExportPlan, names: Sequence[str], example: tuple[Tensor,
     proto = onnx.load(str(path))
     meta = _metadata(info, plan.module, plan.noise_dim, "fp32", opset)
     docs = _input_docs(info, plan.noise_dim)
+    if plan.layout == "par04":
+        meta, docs = _par04_metadata(info, meta, plan.noise_dim)
     _annotate(proto, meta, docs)
     onnx.save(proto, str(path))
     return proto, meta, docs
@@ -198,7 +234,7 @@ def _export_fp32(plan: _ExportPlan, names: Sequence[str], example: tuple[Tensor,
 def _verify(plan: _ExportPlan, path: Path, example: tuple[Tensor, ...]) -> None:
     """ExportError unless the FP32 graph ``path`` reproduces torch on ``example``."""
     try:
-        _check_against_torch(plan.module, path, example)
+        _check_against_torch(plan.graph, path, example, _output_name(plan.layout))
     except ExportError as exc:
         raise ExportError(f"model {plan.info.model_name!r} of run {plan.info.run_id} does not export to ONNX "
                           f"faithfully: {exc}") from None
@@ -217,10 +253,16 @@ def _write_atomically(out: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp_out, out)
 
 
-def _check_against_torch(module: SamplerModule, path: Path, example: tuple[Tensor, ...]) -> None:
+def _output_name(layout: str) -> str:
+    """The graph output of a layout: showers in MeV, or Par04's cell energies over the incident energy."""
+    return "cell_energy_over_e" if layout == "par04" else "showers_mev"
+
+
+def _check_against_torch(module: torch.nn.Module, path: Path, example: tuple[Tensor, ...],
+                         output: str = "showers_mev") -> None:
     sess = ort_session(path, threads=1)
     names = [i.name for i in sess.get_inputs()]
-    got = sess.run(["showers_mev"], {n: t.numpy() for n, t in zip(names, example, strict=True)})[0]
+    got = sess.run([output], {n: t.numpy() for n, t in zip(names, example, strict=True)})[0]
     with torch.no_grad():
         want = module(*example).numpy()
     scale = max(float(np.abs(want).max()), 1.0)
@@ -277,6 +319,26 @@ def _input_docs(info: RunInfo, d: int) -> dict[str, str]:
     return docs
 
 
+def _par04_metadata(info: RunInfo, meta: Mapping[str, str], d: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Metadata and docs of a Par04-layout graph: ``layout``, the normalisations and the mesh that
+    Par04's macro must set (``par04_mesh``: n_r, n_phi, n_z, dr_mm, dz_mm, latent and condition sizes)."""
+    n_r, n_phi, n_z = par04_mesh(info.geometry)
+    seg = info.geometry.layers[0].segmentation
+    dr = float(seg.r_edges[1] - seg.r_edges[0]) if hasattr(seg, "r_edges") else 0.0
+    layer = info.geometry.layers[0]
+    dz = layer.n_pairs * (layer.absorber_thickness + layer.active_thickness)
+    mesh = {"n_r": n_r, "n_phi": n_phi, "n_z": n_z, "dr_mm": dr, "dz_mm": dz, "latent": d,
+            "conditions": N_PAR04_CONDITIONS}
+    out = {**meta, "layout": "par04", "par04_max_energy_mev": repr(PAR04_MAX_ENERGY_MEV),
+           "par04_max_angle_deg": repr(PAR04_MAX_ANGLE_DEG), "par04_mesh": json.dumps(mesh)}
+    docs = {"input": f"(1, {d + N_PAR04_CONDITIONS}) float32: {d} standard-normal numbers, E / "
+                     f"{PAR04_MAX_ENERGY_MEV:g} MeV, theta / {PAR04_MAX_ANGLE_DEG:g} deg (90 = normal incidence), "
+                     "geometry one-hot (2, not used)",
+            "cell_energy_over_e": f"(1, {info.spec.n_voxels}) float32 cell energies / E in Par04's mesh order "
+                                  "(r slowest, phi, z fastest)"}
+    return out, docs
+
+
 def _annotate(model: Any, meta: Mapping[str, str], docs: Mapping[str, str]) -> None:
     from onnx import helper
 
@@ -285,13 +347,16 @@ def _annotate(model: Any, meta: Mapping[str, str], docs: Mapping[str, str]) -> N
     for vi in model.graph.input:
         vi.doc_string = docs.get(vi.name, vi.doc_string)
     for vi in model.graph.output:
+        vi.doc_string = docs.get(vi.name, vi.doc_string)
         if vi.name == "showers_mev":
             vi.doc_string = (f"(B, {meta['n_voxels']}) float32 voxel energies, MeV (geometry {meta['geometry']}, "
                              f"threshold {meta['threshold_mev']} MeV applied)")
     precision = meta["precision"] + (f" ({meta['int8_mode']})" if "int8_mode" in meta else "")
     model.doc_string = (f"fastshower {meta['fastshower_version']} sampler: model {meta['model']} of run "
                         f"{meta['run_id']} (step {meta['run_step']}), {precision}, "
-                        f"steps {meta['steps']}; noise + conditions -> showers_mev")
+                        f"steps {meta['steps']}; " + ("Par04 layout: input (1, D + 4) -> cell_energy_over_e"
+                                                      if meta.get("layout") == "par04"
+                                                      else "noise + conditions -> showers_mev"))
     model.producer_name = "fastshower"
     model.producer_version = __version__
 
@@ -415,4 +480,7 @@ def load_onnx(path: str | Path, run: str | Path | Run | RunInfo | None = None, t
     else:
         info = run[2]
     check_metadata(meta, info, path)
+    if meta.get("layout", "fastshower") != "fastshower":
+        raise ExportError(f"{path}: a {meta['layout']}-layout export (one input, batch 1), not a fastshower "
+                          "sampler; run it with onnxruntime as docs/integration.md shows")
     return OnnxSampler(path, meta, sess, tuple(json.loads(meta["condition_names"])), int(meta["noise_dim"]))
