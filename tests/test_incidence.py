@@ -51,6 +51,7 @@ def _x_centres(path: Path) -> list[float]:
     (["--position=-200:0,0"], "--position '-200:0,0' lies outside the front face of belle2-ecl-5x5"),
     (["--position", "1,2,3"], "bad --position '1,2,3'"),
     (["--phi", "0:90"], "--phi needs --angle"),
+    (["--zenith", "30"], "--zenith and --azimuth are for air showers"),
 ])
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,6 +61,13 @@ def test_bad_input_exits_2_with_one_line(args: list[str], message: str, tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and message in err, err
     assert not out.exists()  # refused before any worker (Geant4) started
+
+
+def test_air_showers_refuse_calorimeter_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["simulate", "--geometry", "airshower-profile", "--particle", "p", "--energy", "1e17eV", "--n", "2",
+               "--out", str(tmp_path / "a.h5"), "--quiet", "--angle", "30", "--upstream", "G4_Pb:1mm"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "--angle, --upstream: calorimeters only" in err, err
 
 
 def test_parsing_and_drawing() -> None:

@@ -79,6 +79,7 @@ import numpy as np
 from fastshower.geometry import GROUND_VERTICAL_DEPTH, Geometry
 from fastshower.io import ShowerBatch
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
+from fastshower.montecarlo.incidence import OPTIONS
 
 __all__ = [
     "PUBLISHED_XMAX",
@@ -830,6 +831,9 @@ class AirShowerBackend(SimulationBackend):
             raise SimulationError(f"air-shower energies {lo:.3g}-{hi:.3g} eV outside the supported range "
                                   f"{E_MIN_PRIMARY_EV:.0e}-{E_MAX_PRIMARY_EV:.0e} eV")
         cls._angles(options)
+        asked = [f"--{k}" for k in OPTIONS if options.extra.get(k) is not None]
+        if asked:
+            raise SimulationError(f"{', '.join(asked)}: calorimeters only; air showers take --zenith and --azimuth")
         f_thr = float(options.extra.get("f_thr", 0.01))
         if not 1e-4 <= f_thr <= 0.1:
             raise SimulationError(f"f_thr {f_thr!r} outside [1e-4, 0.1]")

@@ -24,10 +24,12 @@ import numpy as np
 from fastshower.geometry import CartesianSegmentation, Geometry, PolarSegmentation
 from fastshower.montecarlo.backend import BackendOptions, SimulationError
 
-__all__ = ["UPSTREAM_GAP_MM", "Incidence", "directions", "parse_upstream", "polar_radius"]
+__all__ = ["OPTIONS", "UPSTREAM_GAP_MM", "Incidence", "directions", "parse_upstream", "polar_radius"]
 
 #: distance between the upstream slab's back face and the calorimeter's front face, mm
 UPSTREAM_GAP_MM = 20.0
+#: the ``extra`` options this module reads (the calorimeter gun's; air showers take zenith and azimuth)
+OPTIONS = ("angle", "phi", "position", "upstream")
 _UNITS_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 Range = tuple[float, float]
 
@@ -113,6 +115,8 @@ class Incidence:
     def from_options(cls, geometry: Geometry, options: BackendOptions) -> Incidence:
         """Parse and check ``options.extra`` (see the module docstring); SimulationError on a bad value."""
         extra = options.extra
+        if extra.get("zenith") is not None or extra.get("azimuth") is not None:
+            raise SimulationError("--zenith and --azimuth are for air showers; a calorimeter takes --angle and --phi")
         theta = None
         if extra.get("angle") is not None:
             theta = _parse_range(extra["angle"], "angle", "degrees")
