@@ -165,3 +165,19 @@ def test_angled_file_trains_and_generates(tmp_path: Path, capsys: pytest.Capture
     np.testing.assert_array_equal(b.conditions["angle"], np.tile([20.0, 45.0], (10, 1)))
     assert b.conditions["position"].shape == (10, 2) and np.isfinite(b.showers).all()
     capsys.readouterr()
+
+
+def test_resume_keeps_the_incidence(tmp_path: Path) -> None:
+    """A resumed file continues with its own angles and upstream slab; other ones would mix two set-ups."""
+    from fastshower.io import ShowerFileError
+
+    out = tmp_path / "r.h5"
+    kw = {"seed": 4, "chunk_size": 2, "progress": False, "angle": "0:30", "upstream": "G4_Al:1cm"}
+    simulate("belle2-ecl-5x5", "e-", "1", 2, out, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ShowerFileError, match=r"made with angle=0:30, upstream=G4_Al:1cm, not angle=0:60, "):
+        simulate("belle2-ecl-5x5", "e-", "1", 4, out, resume=True, **{**kw, "angle": "0:60"})  # type: ignore[arg-type]
+    with pytest.raises(ShowerFileError, match=r"made with angle=0:30, upstream=G4_Al:1cm, not no options"):
+        simulate("belle2-ecl-5x5", "e-", "1", 4, out, resume=True, seed=4, progress=False)
+    simulate("belle2-ecl-5x5", "e-", "1", 4, out, resume=True, **kw)  # type: ignore[arg-type]
+    b = _read(out)
+    assert b.conditions["angle"].shape == (4, 2) and b.conditions["angle"][:, 0].max() <= 30

@@ -253,11 +253,12 @@ def _check_numbers(n: int, jobs: int, cut_mm: float, physics: str, chunk_size: i
 
 
 def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, seed: int | None,
-                  chunk_size: int | None, resume: bool) -> tuple[int, int | None, int | None]:
+                  chunk_size: int | None, resume: bool, extra: dict[str, Any]) -> tuple[int, int | None, int | None]:
     """(showers already in ``out``, seed, chunk size): a resumed file continues with its own seed and chunks.
 
     Raises :class:`ShowerFileError` when ``out`` exists without ``resume``, or does not match the request
-    (a ``seed`` or ``chunk_size`` given that differs from the file's would silently be ignored otherwise).
+    (a ``seed`` or ``chunk_size`` given that differs from the file's would silently be ignored otherwise; the
+    backend options ``extra``, an angle range say, must be the file's, or its showers would mix two set-ups).
     """
     if not resume:
         if out.exists():
@@ -272,6 +273,12 @@ def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, see
             raise ShowerFileError(f"resume=True: {out} holds {f.particle} showers, not {particle}")
         start = f.first_blank()
         stored = {k: f.attrs.get(k) for k in ("seed", "chunk_size", "energy_spec")}
+        made = {k.removeprefix("option_"): str(v) for k, v in f.attrs.items() if k.startswith("option_")}
+    asked = {k: str(v) for k, v in extra.items()}
+    if made != asked:
+        def text(d: dict[str, str]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "no options"
+        raise ShowerFileError(f"resume=True: {out} was made with {text(made)}, not {text(asked)}; give the same")
     if stored["energy_spec"] is not None and stored["energy_spec"] != spec.text:
         raise ShowerFileError(f"resume=True: {out} was made with energy {stored['energy_spec']}, not {spec.text}")
     for name, given in (("seed", seed), ("chunk_size", chunk_size)):
@@ -300,7 +307,7 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
     cls = backend or backend_class(geo)
     cls.check_request(geo, particle, options, (spec.low, spec.high))
     lock.acquire()
-    start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume)
+    start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume, options.extra)
     seed, chunk_size = int(seed or 0), int(chunk_size or _DEFAULT_CHUNK)
     attrs: dict[str, Any] = {"seed": seed, "chunk_size": chunk_size, "energy_spec": spec.text,
                              **{f"option_{k}": str(v) for k, v in options.extra.items()}}
