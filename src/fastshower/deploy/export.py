@@ -117,9 +117,7 @@ def export_onnx(
         steps, method: ODE steps and solver (flow-matching, layer-fm), fixed in the graph (default: the run's).
         check: run the FP32 graph once with ONNX Runtime and compare with torch (ExportError if they differ).
         overwrite: replace an existing ``out``.
-        layout: ``"fastshower"`` (the graph above) or ``"par04"``: Geant4 Par04's contract, batch 1, one
-            input (1, D + 4), cell energies / E in Par04's mesh order (:mod:`fastshower.deploy.par04`);
-            FP32 only, runs on par04-ds2 / par04-ds3.
+        layout: ``"fastshower"`` (above) or ``"par04"`` (FP32, par04-ds2/ds3: :mod:`fastshower.deploy.par04`).
 
     Raises:
         ExportError: an existing ``out`` without ``overwrite``, a model that does not export, an FP32 graph
@@ -131,8 +129,7 @@ def export_onnx(
     if Path(out).exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True to replace it, or choose another out")
     plan = _plan(run, threshold_mev, steps, method, layout)
-    # read the calibration data before the (slower) export, so that a missing training file fails fast
-    feeds = calibration_feeds(plan.model, plan.info, calibration) if mode == "static" else []
+    feeds = calibration_feeds(plan.model, plan.info, calibration) if mode == "static" else []  # first: fails fast
     names, example = _graph_inputs(plan)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
