@@ -211,7 +211,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     what = f"INT8 ({args.int8_mode or 'dynamic'}) quantisation" if args.int8 else "FP32"
     print(f"export: tracing the sampler of {args.run} to ONNX, {what}"
-          + ("; quantising can take minutes and GBs of memory for a many-step ODE sampler" if args.int8 else ""),
+          + ("; quantising a many-step ODE sampler takes a minute or more" if args.int8 else ""),
           flush=True)  # stdout: stderr stays one line when the export is refused
     t0 = time.perf_counter()
     path = export_onnx(args.run, args.out, int8=args.int8, int8_mode=args.int8_mode, calibration=args.calibration,
