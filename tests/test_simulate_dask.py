@@ -18,7 +18,7 @@ pytest.importorskip("distributed")
 from fastshower.cli import main
 from fastshower.io import ShowerBatch, ShowerFile
 from fastshower.montecarlo import dask_run
-from fastshower.montecarlo.backend import SimulationError
+from fastshower.montecarlo.backend import SimulationBackend, SimulationError
 from fastshower.montecarlo.run import chunk_seed, simulate
 from test_simulate import ToyBackend
 
@@ -84,6 +84,13 @@ class DyingBackend(ToyBackend):
         return super().run(energies_mev, conditions, seed)
 
 
+class QuickBackend(SimulationBackend):
+    """The slow test backend's showers (ones, no conditions) without its sleep: tops its files up quickly."""
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        return ShowerBatch(energies_mev, np.ones((len(energies_mev), self.geometry.n_voxels)))
+
+
 @pytest.mark.parametrize("once", [True, False])
 def test_dead_worker_retried_or_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          caplog: pytest.LogCaptureFixture, once: bool) -> None:
@@ -124,3 +131,43 @@ def test_executor_arguments_checked_first(tmp_path: Path) -> None:
     with pytest.raises(SimulationError, match=r"needs executor='dask'"):
         simulate("belle2-ecl-5x5", "e-", "1", 10, tmp_path / "x.h5", scheduler="tcp://127.0.0.1:9")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow  # about 20 s: a LocalCluster twice and 30 slow chunks
+def test_ctrl_c_keeps_finished_chunks_and_resume_completes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_simulate import _RUN, _SLOW_BACKEND
+
+    (tmp_path / "slowbackend.py").write_text(_SLOW_BACKEND)
+    run = _RUN.replace('"--quiet"]', '"--quiet", "--executor", "dask", "--jobs", "2"]')
+    assert run != _RUN
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the workers import slowbackend too
+    proc = subprocess.Popen([sys.executable, "-c", run], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "ctrlc.h5"
+    deadline, n = time.time() + 120, 0
+    try:
+        while n < 30 and time.time() < deadline:
+            time.sleep(0.2)
+            try:
+                with ShowerFile(out, require_complete=False) as f:
+                    n = f.n
+            except Exception:
+                continue  # not created yet, or being created
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted;" in err and "continue with --resume" in err
+    with ShowerFile(out, require_complete=False) as f:
+        kept = f.n
+        assert kept >= n and not f.complete and kept % 10 == 0
+    res = simulate("belle2-ecl-5x5", "e-", "1", 1000, out, resume=True, progress=False, executor="dask", jobs=2,
+                   backend=QuickBackend)
+    assert res.complete and res.n_new == 1000 - kept

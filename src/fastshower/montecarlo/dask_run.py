@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 ALLOWED_FAILURES = 2
 #: the scheduler's event topic that reports, among others, each worker removed and the tasks it held
 _TOPIC = "all"
+#: the LocalCluster's HTTP server (dashboard when bokeh is there): a free port on this host only, since the
+#: default 8787 clashes with a second run or any other Dask user of the machine
+_LOCAL_HTTP = "127.0.0.1:0"
 #: seconds to wait for a scheduler given by address before reporting it unreachable
 _CONNECT_TIMEOUT_S = 10
 
@@ -126,7 +129,8 @@ def connect(scheduler: str | None, jobs: int) -> Iterator[Any]:
         raise SimulationError("executor='dask' needs dask and distributed: pip install 'fastshower[dask]'") from None
     if scheduler is None:
         with (dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}),
-              LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+              LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                           dashboard_address=_LOCAL_HTTP) as cluster,
               Client(cluster) as client):
             yield client
         return
