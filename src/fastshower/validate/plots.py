@@ -259,12 +259,15 @@ def panel_grid(n: int, columns: int) -> tuple[plt.Figure, list[tuple[Axes, Axes]
     inches a panel); unused cells are hidden."""
     rows = math.ceil(n / columns)
     fig = plt.figure(figsize=(3.6 * columns, 3.4 * rows))
-    gs = fig.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows, hspace=0.08, wspace=0.32)
+    # nested grids: a panel's histogram and ratio touch, while the rows keep room for the x labels above the
+    # next row's titles (one flat grid spaced them alike, and the titles hid under the tick labels)
+    outer = fig.add_gridspec(rows, columns, hspace=0.42, wspace=0.32)
     out = []
     for k in range(rows * columns):
         r, c = divmod(k, columns)
-        ax = fig.add_subplot(gs[2 * r, c])
-        axr = fig.add_subplot(gs[2 * r + 1, c], sharex=ax)
+        inner = outer[r, c].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+        ax = fig.add_subplot(inner[0])
+        axr = fig.add_subplot(inner[1], sharex=ax)
         if k >= n:
             ax.set_axis_off()
             axr.set_axis_off()
