@@ -181,3 +181,14 @@ def test_resume_keeps_the_incidence(tmp_path: Path) -> None:
     simulate("belle2-ecl-5x5", "e-", "1", 4, out, resume=True, **kw)  # type: ignore[arg-type]
     b = _read(out)
     assert b.conditions["angle"].shape == (4, 2) and b.conditions["angle"][:, 0].max() <= 30
+
+
+def test_grazing_angles_behind_a_slab_run(tmp_path: Path) -> None:
+    """Up to 89.9 degrees behind an upstream slab, the world still holds the gun's start (no Geant4 failure)."""
+    out = tmp_path / "g.h5"
+    simulate("calogan-3layer", "e-", "1", 3, out, seed=2, progress=False, angle="85:89.9", upstream="G4_Fe:1cm",
+             position="-100:100,-50:50")
+    b = _read(out)
+    assert b.conditions["angle"][:, 0].min() >= 85 and b.conditions["angle"][:, 0].max() <= 89.9
+    assert np.all(np.abs(b.conditions["position"][:, 0]) <= 100) and np.isfinite(b.showers).all()
+    assert (b.showers.sum(1) > 0).all()  # each primary started inside the world and reached the calorimeter

@@ -228,6 +228,8 @@ class Geant4Session:
             physics = "ftfp_bert" if particle in HADRONS else "em"
         if physics not in ("em", "ftfp_bert"):
             raise Geant4Error(f"unknown physics {physics!r}; use auto, em or ftfp_bert")
+        if not 0.0 <= max_angle_deg < 90.0:
+            raise Geant4Error(f"max_angle_deg must lie in [0, 90), got {max_angle_deg!r}")
         hadronic = physics == "ftfp_bert"
         if data is None:
             extra = [upstream[0]] if upstream is not None else []
@@ -246,7 +248,7 @@ class Geant4Session:
         self.upstream = upstream
         # the gun starts this far before the front face (mm along z): the upstream slab and its gap
         self._lead_mm = upstream[1] + UPSTREAM_GAP_MM if upstream is not None else 0.0
-        self._tan_max = math.tan(math.radians(min(max_angle_deg, 89.9)))
+        self._tan_max = math.tan(math.radians(max_angle_deg))
         self.provenance = data.provenance
         self.physics_list = (
             "FTFP_BERT (G4EmStandardPhysics + hadronic constructors)" if hadronic
