@@ -141,6 +141,8 @@ class LayerFlowMatching(CaloFlow):
     """
 
     name: ClassVar[str] = "layer-fm"
+    #: most (rows x V x head_dim) voxel-head activations one block of the sampling ODE holds (2^26: 256 MB)
+    block_elements: ClassVar[int] = 2**26
     config_class: ClassVar[type[ModelConfig]] = LayerFMConfig
     config: LayerFMConfig  # type: ignore[assignment]
 
@@ -212,7 +214,16 @@ class LayerFlowMatching(CaloFlow):
         z1, z2 = z[:, : self.n_layers], z[:, self.n_layers :]
         g1 = self.sample_stage1(z1, c)
         feats = self._layer_features(self.stage1_inverse(self.scale1.inverse(g1)))
+        n_steps, how = int(steps if steps is not None else self.config.steps), str(method or self.config.method)
+        # the voxel head holds (B, V, head_dim) activations: 13 GB for 10^4 showers of par04-ds3, so the ODE
+        # runs on row blocks of at most 2^26 of them in eager mode (a traced export keeps one graph for any B)
+        per_row = z2.shape[1] * max(self.config.head_dim, 1)
+        rows = z2.shape[0] if torch.jit.is_tracing() else max(1, self.block_elements // per_row)
+        blocks = [self._shape_ode(z2[i : i + rows], c[i : i + rows], g1[i : i + rows], feats[i : i + rows], n_steps,
+                                  how) for i in range(0, z2.shape[0], rows)]
+        return g1, torch.cat(blocks)
+
+    def _shape_ode(self, z2: Tensor, c: Tensor, g1: Tensor, feats: Tensor, steps: int, method: str) -> Tensor:
+        """The shape ODE from noise z2 (B, V) at t = 0 to standardised g2 (B, V) at t = 1 (EMA net if any)."""
         net = self.ema_velocity if self.ema_velocity is not None else self.velocity
-        n_steps = int(steps if steps is not None else self.config.steps)
-        g2 = odeint(lambda g, t: net(g, t, c, g1, feats), z2, n_steps, str(method or self.config.method))
-        return g1, g2
+        return odeint(lambda g, t: net(g, t, c, g1, feats), z2, steps, method)
