@@ -179,6 +179,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.reference, args.candidate, args.out, metrics=metrics, seed=args.seed, floor=args.floor,
         binning=args.binning, binning_xml=args.binning_xml, progress=not args.quiet,
+        amplification=args.amplification,
     )
     from fastshower.validate.verdict import format_score_table
 
@@ -387,6 +388,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "ranges of the CaloChallenge evaluation (datasets 2-3; out-of-range values dropped)")
     e.add_argument("--binning-xml", default=None, help="CaloChallenge binning XML for files of datasets 1-3 (default: "
                    "none, the files' own geometry)")
+    e.add_argument("--amplification", default=None, metavar="TRAIN_FILE",
+                   help="the candidate model's training file (N MC showers): how many MC showers the candidate is "
+                   "worth against the reference as truth (GAN amplification, arXiv:2008.06545; quantile-binned "
+                   "MSE of E_tot/E_inc and layer energies); the three files must be independent")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -898,6 +898,7 @@ def evaluate(
     config: EvaluationConfig | None = None,
     report: bool = True,
     binning_xml: str | Path | None = None,
+    amplification: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``candidate`` against ``reference``; write ``out/metrics.json`` and ``out/report.html``.
 
@@ -922,6 +923,7 @@ def evaluate(
         config: the remaining knobs (:class:`EvaluationConfig`).
         report: write report.html and its plots (False: metrics.json only, for quick checks).
         binning_xml: a CaloChallenge binning XML; its geometry is imposed on both files.
+        amplification: the candidate model's training file; adds ``amplification`` (module amplification).
 
     Returns:
         The metrics dict also written to metrics.json (NaN written as null); its keys are
@@ -932,23 +934,23 @@ def evaluate(
             empty, no overlapping energies, NaN energies, unreadable), naming both files; an
             unknown metric or binning.
     """
-    t0 = time.perf_counter()
-    cfg = config or EvaluationConfig()
-    which = _requested_metrics(metrics)
-    scheme = _binning_scheme(binning)
+    t0, cfg = time.perf_counter(), config or EvaluationConfig()
+    which, scheme = _requested_metrics(metrics), _binning_scheme(binning)
     ref_path, cand_path = Path(reference), Path(candidate)
     rf, cf = _open_pair(ref_path, cand_path, _imposed_geometry(binning_xml, ref_path, cand_path))
     try:
         plan = _plan(rf, cf, which, seed, max_showers, energy_bins, cfg, scheme)
-        return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report)
+        return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report, amplification)
     finally:
         rf.close()
         cf.close()
 
 
 def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: Path, seed: int, floor: bool,
-                         progress: bool, cfg: EvaluationConfig, t0: float, report: bool) -> dict[str, Any]:
-    """Stream both files, score them, write metrics.json (and the report); returns metrics.json's dict."""
+                         progress: bool, cfg: EvaluationConfig, t0: float, report: bool,
+                         amplification: str | Path | None) -> dict[str, Any]:
+    """Stream both files, score them, run the amplification study (its training file or None),
+    write metrics.json (and the report); returns metrics.json's dict."""
     half_rng = np.random.default_rng([seed, 1]) if floor else None
     sums_ref, sub_ref = _stream(rf, plan, plan.n_ref, plan.keep_ref, plan.keep_raw_ref, half_rng, cfg, progress,
                                 "reference")
@@ -957,11 +959,28 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     ref, cand = sums_ref["all"], sums_cand["all"]
     result = _inputs_header(rf, cf, plan, seed, ref.n, cand.n)
     result.update(_scores(plan, sums_ref, sub_ref, cand, sub_cand, cfg, seed, floor, progress))
+    result.update(_studies(rf, cf, plan, amplification, seed))
     result.update(_settings(plan, cfg, t0))
     result = _write_metrics(out_dir, result)
     if report:
         _write_html_report(out_dir, result, plan, sums_ref, cand)
     return result
+
+
+def _studies(rf: ShowerFile, cf: ShowerFile, plan: _Plan, amplification: str | Path | None,
+             seed: int) -> dict[str, Any]:
+    """The optional studies: ``amplification`` (its training file given), each file streamed again."""
+    from fastshower.validate.amplification import AmplificationConfig, AmplificationInputError, amplification_from_files
+
+    out: dict[str, Any] = {}
+    if amplification is not None:
+        train = Path(amplification)
+        try:
+            out["amplification"] = amplification_from_files(rf.path, train, cf.path, plan.geometry, plan.edges,
+                                                             AmplificationConfig(), seed)
+        except (ShowerFileError, AmplificationInputError) as exc:
+            raise ValidationInputError(f"amplification: training file {train} vs reference {rf.path}: {exc}") from None
+    return out
 
 
 def _response(rr: dict[str, np.ndarray], rc: dict[str, np.ndarray], er: dict[str, np.ndarray],
@@ -1039,6 +1058,9 @@ EvaluationResultSchema: dict[str, str] = {
     "at_bound: parameters at the fit's lower bound 0",
     "per_energy": "[rows per energy bin: label, counts, separation powers, per-energy AUCs, SSIM]",
     "floor": "same scores (with errors) for the reference's random halves (floor=True)",
+    "amplification": "(amplification=TRAIN_FILE) curves {train, generated}: n, mse, error; fit_train a (MSE = "
+    "a (1/n + 1/n_reference)); fit_generated a, floor; amplification = equivalent_mc_showers / n_train for all "
+    "generated showers, amplification_asymptotic for the generated floor; *_at_limit: only a lower limit",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

@@ -440,3 +440,30 @@ def response_figure(path: str, resp: dict) -> None:
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.92, wspace=0.25)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def amplification_figure(path: str, amp: dict) -> None:
+    """Quantile-binned MSE against sample size n (log-log) of the training (MC) subsamples and the
+    generated ones, with both fits and the generated sample's equivalent MC size (arXiv:2008.06545)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style, label in (("train", "ko", "training sample (MC)"), ("generated", "rs", "generated")):
+        c = amp["curves"][key]
+        ax.errorbar(c["n"], c["mse"], np.nan_to_num(np.asarray(c["error"], dtype=float)), fmt=style, ms=4,
+                    label=label)
+    n_max = max(amp["curves"]["generated"]["n"][-1], amp["curves"]["train"]["n"][-1], amp["equivalent_mc_showers"])
+    n = np.geomspace(amp["curves"]["train"]["n"][0], n_max, 100)
+    ft, fg = amp["fit_train"], amp["fit_generated"]
+    ax.plot(n, ft["a"] / n + ft["floor"], "k-", lw=0.8, label="MC fit a (1/n + 1/n_ref)")
+    ax.plot(n, fg["a"] / n + fg["floor"], "r--", lw=0.8, label="generated fit a/n + floor")
+    more = "≥ " if amp["amplification_at_limit"] else ""
+    ax.axvline(amp["equivalent_mc_showers"], color="grey", ls=":",
+               label=f"equivalent MC showers ({more}{amp['equivalent_mc_showers']:.3g}, amplification "
+               f"{more}{amp['amplification']:.3g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sample size n")
+    ax.set_ylabel("quantile MSE")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.13, right=0.98, bottom=0.13, top=0.96)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -383,6 +383,30 @@ def _write_plots(plots: Path, result: dict[str, Any], pd: PlotData) -> list[Figu
         figs = _overview_figures(plots, result, pd)
         figs += _hist_figures(plots, pd, verdicts)
         figs += _energy_figures(plots, result, pd, [v for v in ranked if v.status == "outside"] or ranked)
+        figs += _study_figures(plots, result)
+    return figs
+
+
+#: how to read the amplification study (also the figure's caption)
+AMPLIFICATION_HOW_TO = (
+    "How to read: each point is the quantile-binned MSE (arXiv:2008.06545) of n showers against the reference "
+    "as truth; MC showers follow a (1/n + 1/n_ref). Where the generated curve flattens, more generated showers "
+    "stop helping. Amplification = the MC sample size with the MSE of all generated showers / training size N: "
+    "above 1 the model is worth more showers than it was trained on.")
+
+
+def _study_figures(plots: Path, result: dict[str, Any]) -> list[Figure]:
+    """The figures of the optional studies in ``result`` (amplification)."""
+    figs = []
+    amp = result.get("amplification")
+    if amp and "curves" in amp:
+        P.amplification_figure(str(plots / "amplification.png"), amp)
+        lim = " (a lower limit: the reference cannot resolve more)" if amp["amplification_at_limit"] else ""
+        figs.append(Figure("amplification.png", f"<b>GAN amplification</b>: {amp['n_generated']} generated showers "
+                           f"are worth {_fmt(amp['equivalent_mc_showers'], 3)} MC showers, amplification "
+                           f"{_fmt(amp['amplification'], 3)}{lim} over {amp['n_train']} training showers "
+                           f"(unlimited generation: {_fmt(amp['amplification_asymptotic'], 3)}). "
+                           + AMPLIFICATION_HOW_TO, "Studies"))
     return figs
 
 
