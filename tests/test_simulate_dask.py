@@ -171,3 +171,23 @@ def test_ctrl_c_keeps_finished_chunks_and_resume_completes(tmp_path: Path) -> No
     res = simulate("belle2-ecl-5x5", "e-", "1", 1000, out, resume=True, progress=False, executor="dask", jobs=2,
                    backend=QuickBackend)
     assert res.complete and res.n_new == 1000 - kept
+
+
+def test_progress_fed_by_each_finished_task_resumed_chunk_trimmed() -> None:
+    from fastshower.geometry import get_geometry
+    from fastshower.montecarlo.backend import BackendOptions
+
+    spec = dask_run.WorkerSpec((QuickBackend.__module__, "QuickBackend"), get_geometry("belle2-ecl-5x5").to_json(),
+                               "e-", BackendOptions())
+    tasks = [(k, 2 if k == 0 else 0, np.full(5, 1000.0), {}, 7 + k) for k in range(4)]  # chunk 0: 2 already kept
+    got: list[int] = []
+    seen: list[tuple[str, int, int]] = []
+
+    def take(kind: str, index: int, payload: object, detail: object) -> None:
+        seen.append((kind, index, len(payload) if isinstance(payload, ShowerBatch) else -1))
+
+    with dask_run.connect(None, 2) as client:
+        assert dask_run.run_chunks(client, spec, tasks, take, got.append) is None
+    assert sorted(got) == [3, 5, 5, 5]
+    assert sorted((i, n) for kind, i, n in seen if kind == "done") == [(0, 3), (1, 5), (2, 5), (3, 5)]
+    assert seen[0][0] == "ready"

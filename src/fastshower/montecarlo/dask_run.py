@@ -192,10 +192,11 @@ def _failure(exc: BaseException, index: int, mc_seed: int, tries: int) -> str:
     return failure
 
 
-def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task],
-               take: Callable[[str, int, Any, Any], Any]) -> str | None:
+def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Callable[[str, int, Any, Any], Any],
+               progress: Callable[[int], Any]) -> str | None:
     """Submit one task per chunk and hand each finished one to ``take`` (the run's writer: ("ready", -1, generator,
     physics) then ("done", index, batch, None)); returns the first failure, None when every chunk came back.
+    ``progress`` gets the number of showers of each task as it finishes, in whatever order (the progress bar).
 
     After a failed chunk the later ones are cancelled (they could not be written after the gap) and the earlier
     ones still run to the end, so the file keeps everything before it. Ctrl-C (KeyboardInterrupt) cancels all.
@@ -225,6 +226,7 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task],
                 continue
             _, batch, generator, physics = fut.result()
             fut.release()  # its showers live on in the writer's buffer or the file, not on the worker
+            progress(len(batch))
             take("ready", -1, generator, physics)
             take("done", index, batch, None)
     finally:

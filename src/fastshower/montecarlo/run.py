@@ -486,10 +486,10 @@ def _produce_dask(plan: _Plan, progress: bool) -> tuple[_ChunkWriter, str | None
     spec = WorkerSpec((cls.__module__, cls.__name__), plan.geometry.to_json(), plan.particle, plan.options)
     with _workers_skip_user_main(cls), dask_run.connect(plan.scheduler, plan.jobs) as client:
         bar = _bar(plan, progress)
-        sink = _ChunkWriter(plan, bar)
+        sink = _ChunkWriter(plan, tqdm(disable=True))  # the bar moves as tasks finish, not as chunks are written
         failure: str | None = None
         try:
-            failure = dask_run.run_chunks(client, spec, _tasks(plan), sink.take)
+            failure = dask_run.run_chunks(client, spec, _tasks(plan), sink.take, bar.update)
         except KeyboardInterrupt:
             failure = "interrupted"
         finally:
