@@ -179,7 +179,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.reference, args.candidate, args.out, metrics=metrics, seed=args.seed, floor=args.floor,
         binning=args.binning, binning_xml=args.binning_xml, progress=not args.quiet,
-        amplification=args.amplification,
+        amplification=args.amplification, downstream=args.downstream,
     )
     from fastshower.validate.verdict import format_score_table
 
@@ -391,7 +391,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--amplification", default=None, metavar="TRAIN_FILE",
                    help="the candidate model's training file (N MC showers): how many MC showers the candidate is "
                    "worth against the reference as truth (GAN amplification, arXiv:2008.06545; quantile-binned "
-                   "MSE of E_tot/E_inc and layer energies); the three files must be independent")
+                   "MSE of E_tot/E_inc and layer energies); the three files must be independent (default: none)")
+    e.add_argument("--downstream", action="store_true",
+                   help="downstream reconstruction check: an energy regressor trained on half the reference, "
+                   "its bias and resolution per energy bin on the other half and on the candidate")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -899,6 +899,7 @@ def evaluate(
     report: bool = True,
     binning_xml: str | Path | None = None,
     amplification: str | Path | None = None,
+    downstream: bool = False,
 ) -> dict[str, Any]:
     """Score ``candidate`` against ``reference``; write ``out/metrics.json`` and ``out/report.html``.
 
@@ -914,8 +915,7 @@ def evaluate(
             with under/overflow bins (:func:`metrics.make_binning`); "calochallenge", the fixed
             ranges of the CaloChallenge datasets 2-3 evaluation where it has one
             (:func:`metrics.calochallenge_binning`), out-of-range values dropped. In metrics.json.
-        max_showers: read at most the first ``max_showers`` showers of each file (a quick look;
-            a file sorted by energy is then biased).
+        max_showers: read only the first ``max_showers`` showers of each file (biased if sorted by energy).
         progress: tqdm progress bars.
         energy_bins: energy-bin edges in MeV for the per-energy rows (default: one bin per
             distinct reference energy when there are at most 20, e.g. Belle II's 0.5, 1, 1.5,
@@ -924,15 +924,14 @@ def evaluate(
         report: write report.html and its plots (False: metrics.json only, for quick checks).
         binning_xml: a CaloChallenge binning XML; its geometry is imposed on both files.
         amplification: the candidate model's training file; adds ``amplification`` (module amplification).
+        downstream: add ``downstream``, the energy-regression check of module downstream.
 
     Returns:
-        The metrics dict also written to metrics.json (NaN written as null); its keys are
-        described by :data:`EvaluationResultSchema`.
+        The metrics dict written to metrics.json (NaN as null); keys: :data:`EvaluationResultSchema`.
 
     Raises:
-        ValidationInputError: files that cannot be compared (different geometries or particles,
-            empty, no overlapping energies, NaN energies, unreadable), naming both files; an
-            unknown metric or binning.
+        ValidationInputError: files that cannot be compared (different geometries or particles, empty, no
+            overlapping energies, NaN energies, unreadable), naming both files; an unknown metric or binning.
     """
     t0, cfg = time.perf_counter(), config or EvaluationConfig()
     which, scheme = _requested_metrics(metrics), _binning_scheme(binning)
@@ -940,17 +939,27 @@ def evaluate(
     rf, cf = _open_pair(ref_path, cand_path, _imposed_geometry(binning_xml, ref_path, cand_path))
     try:
         plan = _plan(rf, cf, which, seed, max_showers, energy_bins, cfg, scheme)
-        return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report, amplification)
+        studies = _Studies(None if amplification is None else Path(amplification), downstream)
+        return _evaluate_open_files(rf, cf, plan, Path(out), seed, floor, progress, cfg, t0, report, studies)
     finally:
         rf.close()
         cf.close()
 
 
+@dataclass(frozen=True)
+class _Studies:
+    """The optional studies :func:`evaluate` runs: the amplification study (the candidate model's
+    training file, or None) and the downstream reconstruction check."""
+
+    amplification: Path | None = None
+    downstream: bool = False
+
+
 def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: Path, seed: int, floor: bool,
                          progress: bool, cfg: EvaluationConfig, t0: float, report: bool,
-                         amplification: str | Path | None) -> dict[str, Any]:
-    """Stream both files, score them, run the amplification study (its training file or None),
-    write metrics.json (and the report); returns metrics.json's dict."""
+                         studies: _Studies) -> dict[str, Any]:
+    """Stream both files, score them, run the optional ``studies``, write metrics.json (and the
+    report); returns metrics.json's dict."""
     half_rng = np.random.default_rng([seed, 1]) if floor else None
     sums_ref, sub_ref = _stream(rf, plan, plan.n_ref, plan.keep_ref, plan.keep_raw_ref, half_rng, cfg, progress,
                                 "reference")
@@ -959,7 +968,9 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     ref, cand = sums_ref["all"], sums_cand["all"]
     result = _inputs_header(rf, cf, plan, seed, ref.n, cand.n)
     result.update(_scores(plan, sums_ref, sub_ref, cand, sub_cand, cfg, seed, floor, progress))
-    result.update(_studies(rf, cf, plan, amplification, seed))
+    result.update(_studies(rf, cf, plan, studies, seed))
+    if studies.downstream:
+        result["downstream"] = _downstream(plan, sub_ref, sub_cand, seed)
     result.update(_settings(plan, cfg, t0))
     result = _write_metrics(out_dir, result)
     if report:
@@ -967,14 +978,26 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     return result
 
 
-def _studies(rf: ShowerFile, cf: ShowerFile, plan: _Plan, amplification: str | Path | None,
-             seed: int) -> dict[str, Any]:
-    """The optional studies: ``amplification`` (its training file given), each file streamed again."""
+def _downstream(plan: _Plan, sub_ref: _Subsample, sub_cand: _Subsample, seed: int) -> dict[str, Any]:
+    """The downstream reconstruction check (module downstream) on the observables of both in-memory
+    subsamples (the reference's rows are in random order, so its first half trains the regressor)."""
+    from fastshower.validate.downstream import DownstreamConfig, downstream_study
+
+    if plan.geometry.profile is not None:
+        return {"error": "calorimeter showers only (air-shower profiles: not implemented)"}
+    names = observable_names(plan.geometry)
+    # the subsample keeps log10(E_inc / MeV) as the low-level classifier's first feature
+    sides = [(s.high, 10.0 ** s.low[:, 0].astype(np.float64), s.ebin) for s in (sub_ref, sub_cand)]
+    return downstream_study(sides[0], sides[1], names, list(plan.labels), DownstreamConfig(), seed)
+
+
+def _studies(rf: ShowerFile, cf: ShowerFile, plan: _Plan, studies: _Studies, seed: int) -> dict[str, Any]:
+    """The optional file-based study: amplification (its training file given), each file streamed again."""
     from fastshower.validate.amplification import AmplificationConfig, AmplificationInputError, amplification_from_files
 
     out: dict[str, Any] = {}
-    if amplification is not None:
-        train = Path(amplification)
+    if studies.amplification is not None:
+        train = studies.amplification
         try:
             out["amplification"] = amplification_from_files(rf.path, train, cf.path, plan.geometry, plan.edges,
                                                              AmplificationConfig(), seed)
@@ -1061,6 +1084,10 @@ EvaluationResultSchema: dict[str, str] = {
     "amplification": "(amplification=TRAIN_FILE) curves {train, generated}: n, mse, error; fit_train a (MSE = "
     "a (1/n + 1/n_reference)); fit_generated a, floor; amplification = equivalent_mc_showers / n_train for all "
     "generated showers, amplification_asymptotic for the generated floor; *_at_limit: only a lower limit",
+    "downstream": "(downstream=True) energy regressor (E_inc / E_tot from shape observables) trained on half the "
+    "reference subsample: per_energy and all: reference_* (held-out half) and candidate_* n, bias = mean(E_pred / "
+    "E_inc) - 1, resolution = std(E_pred / E_inc), their errors; bias/resolution_difference (candidate - "
+    "reference), _error, _significance; features, n_train",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

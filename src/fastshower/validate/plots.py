@@ -467,3 +467,29 @@ def amplification_figure(path: str, amp: dict) -> None:
     fig.subplots_adjust(left=0.13, right=0.98, bottom=0.13, top=0.96)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def downstream_figure(path: str, down: dict) -> None:
+    """Bias and resolution of the downstream energy regressor against mean E_inc (GeV) per energy
+    bin, held-out reference and candidate (top), and candidate - reference (bottom)."""
+    rows = down["per_energy"]
+    e = np.array([r["energy_mean_gev"] if r["energy_mean_gev"] is not None else np.nan for r in rows], dtype=float)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+
+    def col(key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+    for j, key in enumerate(("bias", "resolution")):
+        for side, style in (("reference", "ko"), ("candidate", "rs")):
+            axes[0, j].errorbar(e, col(f"{side}_{key}"), col(f"{side}_{key}_error"), fmt=style, ms=4,
+                                label=f"{side}" + (" (held out)" if side == "reference" else ""))
+        axes[1, j].errorbar(e, col(f"{key}_difference"), col(f"{key}_difference_error"), fmt="bD", ms=4)
+        axes[1, j].axhline(0, color="grey", lw=0.8)
+        axes[0, j].set_ylabel("mean(E_pred / E_inc) - 1" if key == "bias" else "std(E_pred / E_inc)")
+        axes[1, j].set_ylabel("cand. - ref.")
+        axes[1, j].set_xlabel("E_inc [GeV]")
+        axes[1, j].set_xscale("log")
+        axes[0, j].legend(fontsize=8)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.11, top=0.97, wspace=0.25, hspace=0.08)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

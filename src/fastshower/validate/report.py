@@ -251,7 +251,32 @@ def _tables_html(result: dict[str, Any]) -> list[str]:
             ["observable", "separation power", "error", "floor", "W1", "chi2/ndf"],
             [[k, v, err.get(k), fsp.get(k), w1.get(k), chi.get(k)] for k, v in sp.items()],
         )]
-    return parts
+    return parts + _downstream_html(result.get("downstream", {}))
+
+
+#: the downstream table's columns (metrics.json's ``downstream.per_energy`` keys)
+_DOWNSTREAM_COLUMNS = ("label", "reference_n", "candidate_n", "reference_bias", "candidate_bias", "bias_difference",
+                       "bias_difference_error", "bias_significance", "reference_resolution", "candidate_resolution",
+                       "resolution_difference", "resolution_difference_error", "resolution_significance")
+#: how to read the downstream check (under its table)
+DOWNSTREAM_HOW_TO = (
+    "An energy regressor (gradient-boosted trees predicting E_inc / E_tot from the shower's shape observables, "
+    "E_pred = E_tot x factor) trained on half of the reference subsample, applied to the other half and to the "
+    "candidate: bias = mean(E_pred / E_inc) - 1, resolution = std(E_pred / E_inc), with their errors; difference = "
+    "candidate - reference, significance = difference / its error. A good candidate is reconstructed like Monte "
+    "Carlo: differences within about 3 errors.")
+
+
+def _downstream_html(down: dict[str, Any]) -> list[str]:
+    """The downstream reconstruction table (per energy bin and all bins), or its error, or nothing."""
+    if not down:
+        return []
+    if "per_energy" not in down:
+        return ["<h2>Downstream reconstruction</h2>", f"<p class='note'>{html.escape(str(down.get('error')))}</p>"]
+    rows = [[r.get(k) for k in _DOWNSTREAM_COLUMNS] for r in down["per_energy"]]
+    rows.append(["all"] + [down["all"].get(k) for k in _DOWNSTREAM_COLUMNS[1:]])
+    return ["<h2>Downstream reconstruction</h2>", _table(list(_DOWNSTREAM_COLUMNS), rows),
+            f"<p class='note'>{html.escape(DOWNSTREAM_HOW_TO)}</p>"]
 
 
 def _slug(text: str) -> str:
@@ -396,7 +421,7 @@ AMPLIFICATION_HOW_TO = (
 
 
 def _study_figures(plots: Path, result: dict[str, Any]) -> list[Figure]:
-    """The figures of the optional studies in ``result`` (amplification)."""
+    """The figures of the optional studies in ``result`` (amplification, downstream)."""
     figs = []
     amp = result.get("amplification")
     if amp and "curves" in amp:
@@ -407,6 +432,12 @@ def _study_figures(plots: Path, result: dict[str, Any]) -> list[Figure]:
                            f"{_fmt(amp['amplification'], 3)}{lim} over {amp['n_train']} training showers "
                            f"(unlimited generation: {_fmt(amp['amplification_asymptotic'], 3)}). "
                            + AMPLIFICATION_HOW_TO, "Studies"))
+    down = result.get("downstream")
+    if down and "per_energy" in down:
+        P.downstream_figure(str(plots / "downstream.png"), down)
+        figs.append(Figure("downstream.png", "<b>Downstream reconstruction</b>: bias and resolution of the energy "
+                           "regressor trained on the reference, on held-out reference (black) and candidate (red) "
+                           "showers per energy bin, and their difference. " + DOWNSTREAM_HOW_TO, "Studies", wide=True))
     return figs
 
 
