@@ -59,7 +59,7 @@ def speed(run: Path, sampler: dict[str, Any], batch: int, geant4: int | dict[str
     (0: none) or an earlier measurement to reuse."""
     timed = geant4 if isinstance(geant4, dict) else geant4 > 0
     rep = bench(run, workdir / "bench.json", batch_sizes=(batch,), threads=1, geant4=timed,
-                backends=("torch-fp32", "onnx-fp32"), **sampler, n_geant4=geant4 if isinstance(geant4, int) else 0,
+                backends=("torch-fp32", "onnx-fp32"), **sampler, n_geant4=geant4 if isinstance(geant4, int) else 200,
                 print_table=False)
     ms = {r["backend"]: r["ms_per_shower"] for r in rep["results"]}
     return {"onnx_fp32_ms_per_shower": ms["onnx-fp32"], "torch_fp32_ms_per_shower": ms["torch-fp32"],
@@ -102,20 +102,28 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="results JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    floor = score(Path(args.test), Path(args.floor), Path(args.workdir) / "floor", args.seed)
-    result: dict[str, Any] = {"benchmark": "deployable", "test": args.test, "batch": args.batch, "threads": 1,
-                              "floor": floor, "settings": []}
-    geant4: int | dict[str, Any] = args.geant4
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if old.get("test") == args.test and old.get("batch") == args.batch:  # resume: keep what was measured
+        result: dict[str, Any] = old
+    else:
+        floor = score(Path(args.test), Path(args.floor), Path(args.workdir) / "floor", args.seed)
+        result = {"benchmark": "deployable", "test": args.test, "batch": args.batch, "threads": 1, "floor": floor,
+                  "settings": []}
+    done = {s.get("tag") for s in result["settings"]}
+    geant4: int | dict[str, Any] = next((s["geant4"] for s in result["settings"] if s.get("geant4")), args.geant4)
     runs = [(Path(args.run), {"steps": int(s.split(":")[0]), "method": s.split(":")[1]}, s.replace(":", "-"))
             for s in args.samplers]
     if args.student:
         runs.append((Path(args.student), {}, "student"))
     for run, sampler, tag in runs:
-        entry = setting(run, sampler, args, geant4, tag)
+        if tag in done:
+            continue
+        entry = {"tag": tag, **setting(run, sampler, args, geant4, tag)}
         geant4 = entry["geant4"] or 0  # timed once, reused (marked) by the other settings
         result["settings"].append(entry)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":
