@@ -49,6 +49,17 @@ class CrashingBackend(ToyBackend):
         return super().run(energies_mev, conditions, seed)
 
 
+class ShowerByShowerBackend(ToyBackend):
+    """The toy's showers, reported one by one as Geant4's end-of-event hook does, with no throttling."""
+
+    progress_interval_s = 0.0
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        for _ in energies_mev:
+            self.shower_done()
+        return super().run(energies_mev, conditions, seed)
+
+
 def _read(path: Path) -> ShowerBatch:
     with ShowerFile(path) as f:
         return f.read()
@@ -64,6 +75,44 @@ def test_same_seed_same_showers_whatever_the_jobs(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.energies, b.energies)
     simulate(out=tmp_path / "c.h5", jobs=1, **{**kw, "seed": 6})
     assert not np.array_equal(_read(tmp_path / "c.h5").showers, a.showers)
+
+
+class _RecordingBar:
+    """A stand-in for the tqdm bar that logs its updates next to the chunks the writer receives."""
+
+    def __init__(self, log: list[tuple[str, int]]) -> None:
+        self.log = log
+
+    def update(self, k: int) -> None:
+        self.log.append(("bar", k))
+
+    def close(self) -> None:
+        pass
+
+
+def test_progress_moves_per_shower_before_the_first_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastshower.montecarlo import run
+
+    log: list[tuple[str, int]] = []
+    take = run._ChunkWriter.take
+
+    def logged_take(self: run._ChunkWriter, kind: str, index: int, payload: object, detail: object) -> str | None:
+        if kind == "done":
+            log.append(("done", index))
+        return take(self, kind, index, payload, detail)
+
+    monkeypatch.setattr(run, "_bar", lambda plan, progress: _RecordingBar(log))
+    monkeypatch.setattr(run._ChunkWriter, "take", logged_take)
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1:2", n=30, seed=2, chunk_size=20, jobs=1)
+    simulate(out=tmp_path / "a.h5", backend=ShowerByShowerBackend, **kw)  # type: ignore[arg-type]
+    first_done = log.index(("done", 0))
+    assert log[:first_done] == [("bar", 1)] * 20  # chunk 0 (20 showers) moved the bar shower by shower
+    assert sum(k for what, k in log if what == "bar") == 30
+    monkeypatch.undo()
+    simulate(out=tmp_path / "b.h5", backend=ToyBackend, progress=False, **kw)  # type: ignore[arg-type]
+    a, b = _read(tmp_path / "a.h5"), _read(tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.showers, b.showers)
+    np.testing.assert_array_equal(a.energies, b.energies)
 
 
 def test_resume_tops_up_to_the_same_showers(tmp_path: Path) -> None:

@@ -916,6 +916,7 @@ class AirShowerBackend(SimulationBackend):
         for i in range(n):
             vec, xmax[i, 0], dmax[i, 0] = self.simulate_one(rng, float(energies[i]), float(zen[i]))
             showers[i] = vec
+            self.shower_done()
         return ShowerBatch(energies=energies.copy(), showers=showers,
                            conditions={"zenith": zen.reshape(n, 1), "azimuth": azi.reshape(n, 1)},
                            truth={"xmax": xmax, "dEdX_max": dmax})

@@ -10,6 +10,7 @@ processes. A backend is built once per worker and turns a chunk into showers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +49,23 @@ class SimulationBackend(ABC):
     generator: str = "unknown"
     #: a longer physics description for the ``physics`` attribute
     physics: str = ""
+    #: least seconds between two progress messages of a worker (each costs a pipe write in the parent's loop)
+    progress_interval_s: float = 1.0
+    #: called with 1 per finished shower while :meth:`run` works (set by the driver's worker; None: no one listens)
+    on_shower: Callable[[int], None] | None = None
 
     def __init__(self, geometry: Geometry, particle: str, options: BackendOptions) -> None:
         self.geometry = geometry
         self.particle = particle
         self.options = options
+
+    def shower_done(self) -> None:
+        """Tell the driver one more shower of the running chunk is simulated (progress only; call from :meth:`run`).
+
+        A backend that never calls it still works: its progress then moves by whole chunks.
+        """
+        if self.on_shower is not None:
+            self.on_shower(1)
 
     @classmethod
     def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,

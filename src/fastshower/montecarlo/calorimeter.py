@@ -99,6 +99,7 @@ class Geant4Backend(SimulationBackend):
 
         self.session = Geant4Session(geometry, particle, cut_mm=options.cut_mm, data=data,
                                      upstream=incidence.upstream, max_angle_deg=incidence.max_theta)
+        self.session.on_event = self.shower_done
         self.generator = data.provenance
         self.physics = f"{self.session.physics_list} ; production cut {options.cut_mm:g} mm ; {data.provenance}"
         if incidence.upstream is not None:

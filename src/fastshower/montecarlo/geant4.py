@@ -26,6 +26,7 @@ import io
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,8 @@ def _action_initialization(g4: Any, session: Geant4Session) -> Any:
     class EventAction(g4.G4UserEventAction):
         def EndOfEventAction(self, event: Any) -> None:
             session._end_of_event(event)
+            if session.on_event is not None:  # progress only: it touches neither the RNG nor the output
+                session.on_event()
 
     class Actions(g4.G4VUserActionInitialization):
         def Build(self) -> None:
@@ -203,6 +206,9 @@ class Geant4Session:
         upstream: (NIST material, thickness mm) of a slab before the calorimeter, or None.
         max_angle_deg: largest polar angle :meth:`run` will be given, degrees (sizes the world).
     """
+
+    #: called after each simulated event (the driver's per-shower progress); None: nothing is called
+    on_event: Callable[[], None] | None = None
 
     def __init__(
         self,

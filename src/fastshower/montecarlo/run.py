@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
@@ -131,9 +132,37 @@ def _worker(
         _serve(cls_path, geometry_json, particle, options, tasks, results)
 
 
+class _Reporter:
+    """A worker's per-shower progress for one chunk: ("progress", index, k, None) on the result pipe, at most
+    one message per ``interval_s`` (the first shower at once, so the bar moves and estimates early).
+
+    Showers before ``skip`` (a resumed chunk's, already in the file and on the bar) are not counted.
+    """
+
+    def __init__(self, results: Any, index: int, skip: int, interval_s: float) -> None:
+        self.results, self.index, self.skip, self.interval_s = results, index, skip, interval_s
+        self.done = 0  # showers of the chunk simulated
+        self.sent = 0  # of those, reported (beyond skip)
+        self.last = -math.inf
+
+    def __call__(self, k: int) -> None:
+        """``k`` more showers are simulated."""
+        self.done += k
+        now = time.monotonic()
+        new = max(0, self.done - self.skip) - self.sent
+        if new <= 0 or now - self.last < self.interval_s:
+            return
+        self.last = now
+        self.sent += new
+        # inside Geant4's event loop: a gone parent must not raise through it; the chunk's "done" send then does
+        with contextlib.suppress(OSError):
+            self.results.send(("progress", self.index, new, None))
+
+
 def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options: BackendOptions, tasks: Any,
            results: Any) -> None:
-    """Worker loop: build the backend once, say "ready", then simulate each task received until a None one.
+    """Worker loop: build the backend once, say "ready", then simulate each task received until a None one,
+    reporting its showers as they finish ("progress", see :class:`_Reporter`) and the chunk at its end ("done").
 
     ``tasks`` and ``results`` are this worker's ends of two pipes: ``send`` returns only once the data is in
     the pipe, so a chunk reported before an abort is never lost (a Queue's feeder thread would die with the
@@ -153,6 +182,7 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         if task is None:
             return
         index, skip, energies, conditions, mc_seed = task
+        backend.on_shower = _Reporter(results, index, skip, backend.progress_interval_s)
         try:
             batch = backend.run(energies, conditions, mc_seed)
         except BaseException as exc:
@@ -427,6 +457,7 @@ class _ChunkWriter:
         self.bar = bar
         self.writer: ShowerWriter | None = None
         self.pending: dict[int, ShowerBatch] = {}
+        self.reported: dict[int, int] = {}  # chunk -> showers its worker reported as simulated so far
         self.next_chunk = plan.first_chunk
         self.generator = ""
 
@@ -454,11 +485,14 @@ class _ChunkWriter:
             if self.writer is None:
                 self.writer = self.plan.open_writer(payload, detail, self.plan.resume)
             return None
+        if kind == "progress":  # the bar counts showers simulated, the file only takes whole chunks
+            self.reported[index] = self.reported.get(index, 0) + payload
+            self.bar.update(payload)
+            return None
+        self.bar.update(len(payload) - self.reported.pop(index, 0))  # the rest of the chunk, unreported so far
         self.pending[index] = payload
         while self.next_chunk in self.pending and self.writer is not None:
-            batch = self.pending.pop(self.next_chunk)
-            self.writer.append(batch)
-            self.bar.update(len(batch))
+            self.writer.append(self.pending.pop(self.next_chunk))
             self.next_chunk += 1
         return None
 
@@ -469,7 +503,8 @@ class _ChunkWriter:
 
 
 def _bar(plan: _Plan, progress: bool) -> Any:
-    """The run's progress bar on stderr, counting showers written (rate and ETA from tqdm)."""
+    """The run's progress bar on stderr, counting showers simulated (rate and ETA from tqdm): per shower from
+    backends that call :meth:`~.backend.SimulationBackend.shower_done`, else per chunk."""
     return tqdm(total=plan.n, initial=plan.start, unit="shower", desc=f"simulate {plan.geometry.name}",
                 disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
