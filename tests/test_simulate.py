@@ -60,6 +60,32 @@ class ShowerByShowerBackend(ToyBackend):
         return super().run(energies_mev, conditions, seed)
 
 
+class TablesBackend(ToyBackend):
+    """The toy's showers, each with the pid of the worker that made it (truth ``pid``), and a table report."""
+
+    @classmethod
+    def truth_widths(cls, geometry, options):  # type: ignore[no-untyped-def]
+        return {"pid": 1}
+
+    def tables(self) -> list[dict[str, object]]:
+        return [{"table": "toy", "version": "toy-tables-v1", "source": "cache"}]
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        batch = super().run(energies_mev, conditions, seed)
+        return ShowerBatch(batch.energies, batch.showers, batch.conditions,
+                           {"pid": np.full((len(energies_mev), 1), float(os.getpid()))})
+
+
+def worker_tables(path: Path) -> tuple[list[dict[str, object]], set[int]]:
+    """The file's ``worker_tables`` entries and the pids of the workers that made its showers (TablesBackend)."""
+    import json
+
+    with ShowerFile(path) as f:
+        entries = json.loads(f.attrs["worker_tables"])
+        pids = {int(p) for p in f.read().truth["pid"].ravel()}
+    return entries, pids
+
+
 def _read(path: Path) -> ShowerBatch:
     with ShowerFile(path) as f:
         return f.read()
@@ -319,3 +345,26 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
     assert "interrupted;" in err and "continue with --resume" in err
     with ShowerFile(out, require_complete=False) as f:
         assert f.n >= n and not f.complete and f.n % 10 == 0
+
+
+def test_worker_tables_name_each_worker_and_survive_resume(tmp_path: Path) -> None:
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1:2", seed=3, chunk_size=5, jobs=2, progress=False,
+              backend=TablesBackend)
+    out = tmp_path / "t.h5"
+    simulate(out=out, n=20, **kw)
+    first, _ = worker_tables(out)
+    simulate(out=out, n=40, resume=True, **kw)
+    entries, pids = worker_tables(out)
+    assert entries[:len(first)] == first  # the first run's workers are kept
+    assert {e["pid"] for e in entries} == pids and os.getpid() not in pids  # each producing worker, only those
+    for e in entries:
+        assert e["worker"] == f"{e['host']}:{e['pid']}"
+        assert e["tables"] == [{"table": "toy", "version": "toy-tables-v1", "source": "cache"}]
+    np.testing.assert_array_equal(_read(out).showers, _read(_plain(tmp_path, kw)).showers)
+
+
+def _plain(tmp_path: Path, kw: dict[str, object]) -> Path:
+    """The same 40 showers in one go, without resume."""
+    out = tmp_path / "plain.h5"
+    simulate(out=out, n=40, **kw)  # type: ignore[arg-type]
+    return out

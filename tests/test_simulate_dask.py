@@ -6,6 +6,7 @@ the air-shower generator at small sizes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,8 +20,9 @@ from fastshower.cli import main
 from fastshower.io import ShowerBatch, ShowerFile
 from fastshower.montecarlo import dask_run
 from fastshower.montecarlo.backend import SimulationBackend, SimulationError
+from fastshower.montecarlo.g4data import SUBSTITUTE_VERSION
 from fastshower.montecarlo.run import chunk_seed, simulate
-from test_simulate import ToyBackend
+from test_simulate import TablesBackend, ToyBackend, worker_tables
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -48,6 +50,20 @@ def test_geant4_dask_file_is_the_pool_file(tmp_path: Path) -> None:
     dask = simulate(out=tmp_path / "dask.h5", executor="dask", **kw)
     assert dask.complete and dask.n_written == 40 and dask.generator == pool.generator
     _assert_same(tmp_path / "pool.h5", tmp_path / "dask.h5")
+    for name, prefix in (("pool.h5", ""), ("dask.h5", "tcp://")):
+        with ShowerFile(tmp_path / name) as f:
+            entries = json.loads(f.attrs["worker_tables"])
+        assert 1 <= len(entries) <= 2 and all(e["worker"].startswith(prefix) for e in entries)
+        versions = {e["tables"][0]["version"] for e in entries}
+        assert versions <= {SUBSTITUTE_VERSION, "official"} and len(versions) == 1
+
+
+def test_dask_worker_tables_name_each_worker(tmp_path: Path) -> None:
+    simulate("belle2-ecl-5x5", "e-", "1:2", 40, tmp_path / "t.h5", seed=3, chunk_size=5, jobs=2, progress=False,
+             executor="dask", backend=TablesBackend)
+    entries, pids = worker_tables(tmp_path / "t.h5")
+    assert {e["pid"] for e in entries} == pids and len(entries) == len(pids)  # one entry per producing worker
+    assert all(e["worker"].startswith("tcp://") and e["tables"][0]["version"] == "toy-tables-v1" for e in entries)
 
 
 def test_airshower_dask_file_is_the_pool_file(tmp_path: Path) -> None:

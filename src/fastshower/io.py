@@ -449,6 +449,11 @@ class ShowerWriter:
         """The file's attributes (a resumed file's own: its seed, generator, ...)."""
         return dict(self._attrs)
 
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Add or replace provenance attributes (JSON-serialisable); written with the next chunk or the completed
+        file, since every commit rewrites the index with all attributes."""
+        self._attrs.update(attrs)
+
     # -- opening --------------------------------------------------------------
     def _start(self, particle: str, generator: str, attrs: Mapping[str, Any]) -> dict[str, Any]:
         """The attributes of a new file (after removing the parts of an earlier writer of a deleted file)."""

@@ -67,6 +67,14 @@ class SimulationBackend(ABC):
         if self.on_shower is not None:
             self.on_shower(1)
 
+    def tables(self) -> list[dict[str, Any]]:
+        """What this worker built or loaded for its physics tables, for the file's ``worker_tables`` provenance:
+        one dict per table (``table``, ``version``, ``source`` "built"/"cache"/..., ``sha256`` where known).
+
+        Asked after the worker's first chunk, so a backend that loads its tables lazily reports them too.
+        """
+        return []  # a backend without tables of its own has nothing to report
+
     @classmethod
     def check_request(cls, geometry: Geometry, particle: str, options: BackendOptions,
                       energy_range_mev: tuple[float, float]) -> None:

@@ -12,6 +12,8 @@ stored as ``conditions/angle`` (theta, phi in degrees) and an asked-for entry po
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fastshower.geometry import CartesianSegmentation, Geometry
@@ -89,12 +91,16 @@ class Geant4Backend(SimulationBackend):
 
     def __init__(self, geometry: Geometry, particle: str, options: BackendOptions) -> None:
         super().__init__(geometry, particle, options)
+        from fastshower.montecarlo import g4data
         from fastshower.montecarlo.g4data import apply_environment, elements_of, resolve_data
 
         incidence = Incidence.from_options(geometry, options)
+        # the manifest's hash before resolving tells whether this worker read the tables or (re)built them
+        hash_before = g4data.manifest_hash(g4data.default_cache_dir() / g4data.SUBSTITUTE_VERSION)
         data = resolve_data(elements_of(_materials(geometry, incidence)), options.physics,  # type: ignore[arg-type]
                             hadronic=particle in HADRONS)
         apply_environment(data)  # before geant4_pybind is imported
+        self._tables = g4data.describe_tables(data, hash_before)
         from fastshower.montecarlo.geant4 import Geant4Session
 
         self.session = Geant4Session(geometry, particle, cut_mm=options.cut_mm, data=data,
@@ -105,6 +111,10 @@ class Geant4Backend(SimulationBackend):
         if incidence.upstream is not None:
             self.physics += (f" ; upstream {incidence.upstream[1]:g} mm {incidence.upstream[0]} "
                              f"{UPSTREAM_GAP_MM:g} mm before the front face")
+
+    def tables(self) -> list[dict[str, Any]]:
+        """The Geant4 data this worker resolved (see :func:`~fastshower.montecarlo.g4data.describe_tables`)."""
+        return [self._tables]
 
     def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
         n = len(energies_mev)

@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,8 @@ from fastshower.geometry import geometry_from_json
 from fastshower.io import ShowerBatch
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 
-__all__ = ["ALLOWED_FAILURES", "DaskSchedulerError", "WorkerSpec", "connect", "drop_front", "run_chunks"]
+__all__ = ["ALLOWED_FAILURES", "DaskSchedulerError", "WorkerSpec", "connect", "drop_front", "run_chunks",
+           "worker_report"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,13 @@ def drop_front(batch: ShowerBatch, skip: int) -> ShowerBatch:
                        {k: v[skip:] for k, v in batch.truth.items()})
 
 
+def worker_report(backend: SimulationBackend, worker: str | None = None) -> dict[str, Any]:
+    """Who this worker is (``worker``: its Dask address, else host:pid) and the tables its backend built or read,
+    for the file's ``worker_tables`` provenance."""
+    host, pid = socket.gethostname(), os.getpid()
+    return {"worker": worker or f"{host}:{pid}", "host": host, "pid": pid, "tables": backend.tables()}
+
+
 # --- worker side -----------------------------------------------------------------------
 
 _backends: dict[str, SimulationBackend] = {}  # by repr(spec): the options' dict makes a spec unhashable
@@ -99,17 +108,26 @@ def _backend(spec: WorkerSpec) -> SimulationBackend:
     return _backends[key]
 
 
-def _simulate(spec: WorkerSpec, task: Task) -> tuple[ShowerBatch, str, str]:
-    """Run one chunk with this process's backend: (the chunk's new showers, generator, physics)."""
+def _simulate(spec: WorkerSpec, task: Task, worker: str) -> tuple[ShowerBatch, str, str, dict[str, Any]]:
+    """Run one chunk with this process's backend: (the chunk's new showers, generator, physics, worker report)."""
     _, skip, energies, conditions, mc_seed = task
     backend = _backend(spec)
-    return drop_front(backend.run(energies, conditions, mc_seed), skip), backend.generator, backend.physics
+    batch = drop_front(backend.run(energies, conditions, mc_seed), skip)
+    return batch, backend.generator, backend.physics, worker_report(backend, worker)
 
 
-def chunk_task(spec: WorkerSpec, task: Task) -> tuple[int, ShowerBatch, str, str]:
-    """The Dask task of one chunk: (index, showers, generator, physics)."""
-    batch, generator, physics = _g4_thread.submit(_simulate, spec, task).result()
-    return task[0], batch, generator, physics
+def chunk_task(spec: WorkerSpec, task: Task) -> tuple[int, ShowerBatch, str, str, dict[str, Any]]:
+    """The Dask task of one chunk: (index, showers, generator, physics, worker report).
+
+    The report (a few hundred bytes) comes with every chunk, not only a worker's first: a first result lost
+    with its worker or cancelled would otherwise leave the worker's later chunks unattributed; the client keeps
+    one entry per worker.
+    """
+    from distributed import get_worker
+
+    address = get_worker().address  # on Dask's task thread: the Monte Carlo thread is no Dask worker thread
+    batch, generator, physics, report = _g4_thread.submit(_simulate, spec, task, address).result()
+    return task[0], batch, generator, physics, report
 
 
 # --- client side -----------------------------------------------------------------------
@@ -195,7 +213,8 @@ def _failure(exc: BaseException, index: int, mc_seed: int, tries: int) -> str:
 def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Callable[[str, int, Any, Any], Any],
                progress: Callable[[int], Any]) -> str | None:
     """Submit one task per chunk and hand each finished one to ``take`` (the run's writer: ("ready", -1, generator,
-    physics) then ("done", index, batch, None)); returns the first failure, None when every chunk came back.
+    physics), ("tables", -1, worker report, None), then ("done", index, batch, None)); returns the first failure,
+    None when every chunk came back.
     ``progress`` gets the number of showers of each task as it finishes, in whatever order (the progress bar).
 
     After a failed chunk the later ones are cancelled (they could not be written after the gap) and the earlier
@@ -224,10 +243,11 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Calla
                 failed = index
                 client.cancel([f for f in running if futures[f][0] > index])
                 continue
-            _, batch, generator, physics = fut.result()
+            _, batch, generator, physics, report = fut.result()
             fut.release()  # its showers live on in the writer's buffer or the file, not on the worker
             progress(len(batch))
             take("ready", -1, generator, physics)
+            take("tables", -1, report, None)
             take("done", index, batch, None)
     finally:
         if running:  # Ctrl-C or a failed write: stop what still runs

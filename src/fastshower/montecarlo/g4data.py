@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,7 +54,9 @@ __all__ = [
     "Geant4DataError",
     "apply_environment",
     "build_substitute",
+    "describe_tables",
     "elements_of",
+    "manifest_hash",
     "read_brem_table",
     "read_physics_vector",
     "resolve_data",
@@ -306,6 +309,25 @@ def resolve_data(
     root = build_substitute(zs, cache_dir)
     env = _official_env(root)
     return G4DataInfo("substitute", root, env, SUBSTITUTE_PROVENANCE, tuple(zs))
+
+
+def manifest_hash(root: Path) -> str | None:
+    """First 16 hex digits of the sha256 of a substitute tree's MANIFEST.json (it lists the version, elements
+    and files, so it names one build); None where there is none."""
+    try:
+        return hashlib.sha256((root / "MANIFEST.json").read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def describe_tables(info: G4DataInfo, hash_before: str | None) -> dict[str, Any]:
+    """The data ``info`` for a worker's provenance: version, "built" or read from "cache" (the manifest's hash
+    ``hash_before`` resolving changed or not), content hash; official data is Geant4's own, not built here."""
+    if info.mode == "official":
+        return {"table": "g4data", "version": "official", "source": "official", "root": str(info.root)}
+    digest = manifest_hash(info.root)
+    return {"table": "g4data", "version": SUBSTITUTE_VERSION, "source": "cache" if digest == hash_before else "built",
+            "sha256": digest, "elements": list(info.elements)}
 
 
 def apply_environment(info: G4DataInfo) -> None:

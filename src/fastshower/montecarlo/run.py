@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
@@ -38,7 +39,7 @@ from fastshower.energy import EnergySpec, parse_energy
 from fastshower.geometry import Geometry, geometry_from_json, get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, WriteLock
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
-from fastshower.montecarlo.dask_run import WorkerSpec, drop_front
+from fastshower.montecarlo.dask_run import WorkerSpec, drop_front, worker_report
 
 __all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
 
@@ -162,7 +163,8 @@ class _Reporter:
 def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options: BackendOptions, tasks: Any,
            results: Any) -> None:
     """Worker loop: build the backend once, say "ready", then simulate each task received until a None one,
-    reporting its showers as they finish ("progress", see :class:`_Reporter`) and the chunk at its end ("done").
+    reporting its showers as they finish ("progress", see :class:`_Reporter`) and the chunk at its end ("done");
+    before its first "done", the worker's tables ("tables", see :func:`~.dask_run.worker_report`).
 
     ``tasks`` and ``results`` are this worker's ends of two pipes: ``send`` returns only once the data is in
     the pipe, so a chunk reported before an abort is never lost (a Queue's feeder thread would die with the
@@ -177,6 +179,7 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         results.send(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     results.send(("ready", -1, backend.generator, backend.physics))
+    reported = False
     while True:
         task = tasks.recv()
         if task is None:
@@ -188,6 +191,9 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         except BaseException as exc:
             results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
+        if not reported:  # after the first chunk: a backend may load its tables lazily, on its first run
+            results.send(("tables", -1, worker_report(backend), None))
+            reported = True
         results.send(("done", index, drop_front(batch, skip), None))  # skip: a resumed chunk's showers in the file
 
 
@@ -485,6 +491,9 @@ class _ChunkWriter:
             if self.writer is None:
                 self.writer = self.plan.open_writer(payload, detail, self.plan.resume)
             return None
+        if kind == "tables":
+            self._record_tables(payload)
+            return None
         if kind == "progress":  # the bar counts showers simulated, the file only takes whole chunks
             self.reported[index] = self.reported.get(index, 0) + payload
             self.bar.update(payload)
@@ -495,6 +504,17 @@ class _ChunkWriter:
             self.writer.append(self.pending.pop(self.next_chunk))
             self.next_chunk += 1
         return None
+
+    def _record_tables(self, report: dict[str, Any]) -> None:
+        """Add a worker's report (see :func:`~.dask_run.worker_report`) to the file's ``worker_tables`` (JSON),
+        once per worker; a resumed file's earlier entries are kept, so the file names every worker that built
+        or read tables for it. Written with the next chunk (the writer commits all attributes each time)."""
+        if self.writer is None:  # cannot happen: a worker's "ready" opens the file before its report
+            return
+        old = self.writer.attrs.get("worker_tables", [])
+        entries = json.loads(old) if isinstance(old, (str, bytes)) else list(old)
+        if report not in entries:
+            self.writer.set_attrs({"worker_tables": [*entries, report]})
 
     def close(self) -> None:
         """Close the file (complete when it reached its target)."""
