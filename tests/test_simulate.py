@@ -317,23 +317,21 @@ sys.exit(main(["simulate", "--geometry", "belle2-ecl-5x5", "--particle", "e-", "
 '''
 
 
-def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
+def interrupt_after_rows(proc: subprocess.Popen[str], out: Path, rows: int = 30,
+                         unreadable: tuple[type[Exception], ...] = (ShowerFileError,)) -> tuple[int, str]:
+    """Wait (at most 120 s) until ``out`` holds ``rows`` showers, then Ctrl-C ``proc``; returns the rows seen
+    before the interrupt and the process's stderr. ``unreadable``: errors of a file not created yet."""
     import signal
     import time
 
-    (tmp_path / "slowbackend.py").write_text(_SLOW_BACKEND)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-c", _RUN], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    out = tmp_path / "ctrlc.h5"
-    deadline = time.time() + 120
-    n = 0
+    deadline, n = time.time() + 120, 0
     try:
-        while n < 30 and time.time() < deadline:
+        while n < rows and time.time() < deadline:
             time.sleep(0.2)
             try:
                 with ShowerFile(out, require_complete=False) as f:
                     n = f.n
-            except ShowerFileError:
+            except unreadable:
                 continue  # not created yet
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -341,6 +339,15 @@ def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    return n, err
+
+
+def test_ctrl_c_keeps_every_finished_chunk(tmp_path: Path) -> None:
+    (tmp_path / "slowbackend.py").write_text(_SLOW_BACKEND)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "ctrlc.h5"
+    n, err = interrupt_after_rows(proc, out)
     assert proc.returncode == 130, err
     assert "interrupted;" in err and "continue with --resume" in err
     with ShowerFile(out, require_complete=False) as f:

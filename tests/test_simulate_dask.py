@@ -151,12 +151,10 @@ def test_executor_arguments_checked_first(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # about 20 s: a LocalCluster twice and 30 slow chunks
 def test_ctrl_c_keeps_finished_chunks_and_resume_completes(tmp_path: Path) -> None:
-    import signal
     import subprocess
     import sys
-    import time
 
-    from test_simulate import _RUN, _SLOW_BACKEND
+    from test_simulate import _RUN, _SLOW_BACKEND, interrupt_after_rows
 
     (tmp_path / "slowbackend.py").write_text(_SLOW_BACKEND)
     run = _RUN.replace('"--quiet"]', '"--quiet", "--executor", "dask", "--jobs", "2"]')
@@ -164,21 +162,8 @@ def test_ctrl_c_keeps_finished_chunks_and_resume_completes(tmp_path: Path) -> No
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the workers import slowbackend too
     proc = subprocess.Popen([sys.executable, "-c", run], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "ctrlc.h5"
-    deadline, n = time.time() + 120, 0
-    try:
-        while n < 30 and time.time() < deadline:
-            time.sleep(0.2)
-            try:
-                with ShowerFile(out, require_complete=False) as f:
-                    n = f.n
-            except Exception:
-                continue  # not created yet, or being created
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    # not created yet, or being created while the client's cluster starts
+    n, err = interrupt_after_rows(proc, out, unreadable=(Exception,))
     assert proc.returncode == 130, err
     assert "interrupted;" in err and "continue with --resume" in err
     with ShowerFile(out, require_complete=False) as f:
