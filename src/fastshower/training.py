@@ -63,7 +63,7 @@ from fastshower.runs import (
     write_json,
 )
 
-__all__ = ["TrainingError", "load_config", "train"]
+__all__ = ["TrainingError", "load_config", "torch_threads", "train"]
 
 #: steps when neither steps nor epochs is given
 DEFAULT_STEPS = 2000
@@ -575,7 +575,7 @@ def train(
         ConfigError: unknown config keys or values of the wrong kind.
         TrainingError: bad data, a checkpoint or geometry that does not fit on resume, non-finite loss.
     """
-    with _TorchThreads(threads):  # first: a bad count is refused before anything is read or written
+    with torch_threads(threads):  # first: a bad count is refused before anything is read or written
         folder = RunFolder(Path(out))
         rank, world, dev, own_group = _dist_setup(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -593,21 +593,19 @@ def train(
     return folder.path
 
 
-class _TorchThreads(contextlib.AbstractContextManager[None]):
-    """torch's intra-op thread count set to ``threads`` meanwhile (None: left alone), restored afterwards."""
-
-    def __init__(self, threads: int | None) -> None:
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
-        self.old = torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.old)
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` meanwhile (None: left alone), restored afterwards;
+    ConfigError for a count below 1, before anything runs."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _leave_dist(world: int, own_group: bool) -> None:

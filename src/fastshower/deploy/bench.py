@@ -19,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from fastshower._version import __version__
 from fastshower.deploy.export import ExportError, OnnxSampler, export_onnx, load_onnx, ort_session
 from fastshower.runs import Run, RunInfo, as_run
 from fastshower.sampling import condition_samplers, noise_dim, sample_batch, sample_options
+from fastshower.training import torch_threads
 
 __all__ = ["BACKENDS", "OPTIONAL_BACKENDS", "bench", "cpu_model", "format_table", "profile_onnx"]
 
@@ -138,7 +139,7 @@ def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], thre
     inputs = {b: _bench_inputs(run.info, b, rng) for b in sizes}
     results: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp, _torch_threads(threads):
+    with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp, torch_threads(threads):
         files = _export_backends(run, backends, Path(tmp), opts, timing.say)
         for be in backends:
             sampler = load_onnx(files[be], run.info, threads) if be in files else None
@@ -204,16 +205,6 @@ def _say(text: str) -> None:
 
 def _quiet(text: str) -> None:
     """No progress."""
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _time_calls(fn: Any, repeats: int, warmup: int, budget_s: float) -> tuple[float, int]:
