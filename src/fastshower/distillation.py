@@ -36,7 +36,7 @@ from fastshower._version import __version__
 from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFileError
 from fastshower.models.base import ShowerModel
-from fastshower.models.layer_fm import LayerFMConfig
+from fastshower.models.layer_fm import LayerFMConfig, ring_grid
 from fastshower.models.onestep import OneStep
 from fastshower.runs import (
     CHECKPOINT_FORMAT,
@@ -97,6 +97,10 @@ def _check_teacher(run: Run, ode_steps: int | None) -> None:
     if info.model_name not in TEACHERS:
         raise DistillError(f"{info.run_dir}: distillation needs a flow-matching, flow or layer-fm teacher (a "
                            f"deterministic multi-pass noise-to-shower map); this run is {info.model_name!r}")
+    if info.model_name == "layer-fm" and ring_grid(LayerFMConfig.from_saved(info.hparams), info.spec) is not None:
+        # the staged student reuses flow's voxel-share assembly; ring shares would need their own
+        raise DistillError(f"{info.run_dir}: this layer-fm run generates ring shares (shares='ring'); the one-step "
+                           "student supports voxel shares only: train the teacher with shares='voxel'")
     if ode_steps is not None and info.model_name != "flow-matching":
         raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
     if not info.finished:

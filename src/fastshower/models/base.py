@@ -40,6 +40,13 @@ from fastshower.errors import ConfigError
 __all__ = ["ModelConfig", "ModelSpec", "ShowerModel", "model_cost", "warmup_cosine"]
 
 
+def _readout_kind(geometry: Any) -> str:
+    """"polar" when every readout layer is a polar grid (rings x angular bins), else "cartesian"."""
+    layers = getattr(geometry, "layers", ())
+    polar = bool(layers) and all(getattr(layer.segmentation, "kind", "") == "polar" for layer in layers)
+    return "polar" if polar else "cartesian"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model needs to know about the data to build its networks.
@@ -78,7 +85,7 @@ class ModelSpec:
             cond_dim=int(sum(cond_widths)),
             cond_names=tuple(cond_names),
             cond_widths=tuple(int(w) for w in cond_widths),
-            extra={"geometry": geometry.name},
+            extra={"geometry": geometry.name, "readout": _readout_kind(geometry)},
         )
 
     def to_dict(self) -> dict[str, Any]:

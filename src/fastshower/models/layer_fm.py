@@ -42,11 +42,11 @@ from torch import Tensor
 
 from fastshower.models import register
 from fastshower.models.base import ModelConfig, ModelSpec, warmup_cosine
-from fastshower.models.flow import CaloFlow, FeatureScaler
+from fastshower.models.flow import _TINY, CaloFlow, FeatureScaler
 from fastshower.models.flow_matching import ODE_METHODS, draw_t, ema_update, odeint
 from fastshower.models.nets import MLP, LayerTransformer, SinusoidalEmbedding
 
-__all__ = ["LayerFMConfig", "LayerFlowMatching", "ShapeVelocity"]
+__all__ = ["LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "ring_grid"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class LayerFMConfig(ModelConfig):
         zero_share: on sampling, voxels whose share of their layer is below this are empty. Empty voxels
             train at share ~0 (the logit floor, alpha); the ODE puts them near it, a little above, and
             without the cut ild-siw-30 came out 39 % occupied against Geant4's 2.3 %.
+        shares: what the shape ODE generates per layer. "voxel": each voxel's share of its layer. "ring"
+            (polar readouts): each ring's share of its layer, then each cell's share of its ring, so the
+            radial profile cannot be spoilt by noise in single cells. "auto": "ring" for polar readouts.
     """
 
     stage1_transforms: int = 4
@@ -97,9 +100,11 @@ class LayerFMConfig(ModelConfig):
     method: str = "midpoint"
     max_voxels: int = 10_000_000
     zero_share: float = 1e-5
+    shares: str = "auto"
 
-    introduced: ClassVar[dict[str, Any]] = {"head_dim": 0}
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS}
+    introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
+                                                     "shares": ("auto", "voxel", "ring")}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
@@ -116,16 +121,33 @@ def _group(group: int, layer_sizes: tuple[int, ...]) -> int:
     return 3 if n > 20 and n % 3 == 0 and len(set(layer_sizes)) == 1 else 1
 
 
-class ShapeVelocity(torch.nn.Module):
-    """v(g2_t (B, V), t (B, 1) | c (B, C), g1 (B, L), layer features (B, L, 1)) -> (B, V)."""
+def ring_grid(cfg: LayerFMConfig, spec: ModelSpec) -> tuple[int, int] | None:
+    """(angular bins A, rings R) of every layer when the shape ODE generates ring shares, else None.
 
-    def __init__(self, spec: ModelSpec, cfg: LayerFMConfig) -> None:
+    Raises ValueError for ``shares="ring"`` on a readout that is not polar with one layer shape.
+    """
+    polar = spec.extra.get("readout") == "polar"
+    if cfg.shares == "voxel" or (cfg.shares == "auto" and not polar):
+        return None
+    shapes = set(spec.layer_shapes)
+    if not polar or len(shapes) != 1 or min(next(iter(shapes))) < 2:
+        raise ValueError("layer-fm shares='ring' needs a polar readout whose layers all have the same angular "
+                         f"bins x rings (>= 2 each); this detector has {sorted(shapes)[:3]}: use shares='voxel'")
+    a, r = next(iter(shapes))
+    return int(a), int(r)
+
+
+class ShapeVelocity(torch.nn.Module):
+    """v(g2_t (B, W), t (B, 1) | c (B, C), g1 (B, L), layer features (B, L, 1)) -> (B, W); ``sizes``: the
+    stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W."""
+
+    def __init__(self, spec: ModelSpec, cfg: LayerFMConfig, sizes: tuple[int, ...]) -> None:
         super().__init__()
         n_layers = len(spec.layer_sizes)
         self.time = SinusoidalEmbedding(cfg.time_freqs)
         self.embed = MLP([2 * cfg.time_freqs + spec.cond_dim + n_layers, cfg.emb_dim, cfg.emb_dim])
-        self.net = LayerTransformer(spec.layer_sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
-                                    _group(cfg.group, spec.layer_sizes), cfg.head_dim)
+        self.net = LayerTransformer(sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
+                                    _group(cfg.group, sizes), cfg.head_dim)
 
     def forward(self, g: Tensor, t: Tensor, c: Tensor, g1: Tensor, feats: Tensor) -> Tensor:
         emb = self.embed(torch.cat([self.time(t), c, g1], dim=1))
@@ -150,14 +172,46 @@ class LayerFlowMatching(CaloFlow):
                  **overrides: Any) -> None:
         super().__init__(spec, config, with_stage2=False, **overrides)
         cfg = self.config
+        self.rings = ring_grid(cfg, spec)
+        sizes = spec.layer_sizes if self.rings is None else (self.rings[1] * (self.rings[0] + 1),) * self.n_layers
         # logit shares span about +-14; a voxel rarely hit in the first batch would get a tiny std and its
         # few hits standardised values of 1e3, which dominate a squared-error loss: floor the std at 1
-        self.scale2 = FeatureScaler(spec.n_voxels, min_std=1.0)
+        self.scale2 = FeatureScaler(sum(sizes), min_std=1.0)
         self.scale_e = FeatureScaler(self.n_layers)  # log layer fractions -> the tokens' energy feature
-        self.velocity = ShapeVelocity(spec, cfg)
+        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
         self.ema_velocity: ShapeVelocity | None = None
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
+
+    def noise_dim(self) -> int:
+        """Stage-1 latents (one per layer), then one per stage-2 number (V, or V + L x R with ring shares)."""
+        return self.n_layers + self.scale2.mean.numel()
+
+    # -- ring shares (polar readouts) ------------------------------------------------------
+    def stage2_features(self, x: Tensor, e: Tensor) -> Tensor:
+        """Showers x (B, V) and layer fractions e (B, L) -> logit shares (B, W): per layer the voxels' shares
+        (W = V), or with ring shares the R rings' shares of the layer then the A x R cells' of their ring."""
+        if self.rings is None:
+            return super().stage2_features(x, e)
+        a, r = self.rings
+        cells = x.reshape(-1, self.n_layers, a, r)
+        ring = cells.sum(2)  # (B, L, R)
+        ring_share = ring / e.unsqueeze(2).clamp_min(_TINY)
+        cell_share = (cells / ring.unsqueeze(2).clamp_min(_TINY)).reshape(-1, self.n_layers, a * r)
+        return self._logit(torch.cat([ring_share, cell_share], dim=2).clamp(0.0, 1.0)).reshape(x.shape[0], -1)
+
+    def stage2_inverse(self, y: Tensor, e: Tensor) -> Tensor:
+        """Logit shares y (B, W), layer fractions e (B, L) -> showers x (B, V): shares below ``zero_share`` are
+        empty, the rest renormalised (rings to their layer, cells to their ring)."""
+        if self.rings is None:
+            return super().stage2_inverse(y, e)
+        a, r = self.rings
+        share = self._expit(y)
+        share = (share * (share >= self.config.zero_share).to(share.dtype)).reshape(-1, self.n_layers, r * (a + 1))
+        ring = share[:, :, :r] / share[:, :, :r].sum(2, keepdim=True).clamp_min(_TINY)
+        cell = share[:, :, r:].reshape(-1, self.n_layers, a, r)
+        cell = cell / cell.sum(2, keepdim=True).clamp_min(_TINY)
+        return (cell * (ring * e.unsqueeze(2)).unsqueeze(2)).reshape(y.shape[0], -1)
 
     def _layer_features(self, e: Tensor) -> Tensor:
         """Layer fractions e (B, L) -> standardised log fractions (B, L, 1), the tokens' energy feature."""
