@@ -16,7 +16,7 @@ import torch
 
 from fastshower import __version__
 from fastshower.cli import main as cli_main
-from fastshower.deploy import ExportError, bench, export_onnx, load_onnx
+from fastshower.deploy import ExportError, bench, export_onnx, format_table, load_onnx
 from fastshower.errors import FastshowerError
 from fastshower.generation import generate
 from fastshower.io import ShowerFile
@@ -336,8 +336,12 @@ def test_cli_export_and_bench_schema(runs: dict[str, Path], tmp_path: Path) -> N
     run = runs["flow-matching"]
     assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "q.onnx"), "--int8"]) == 0
     assert load_onnx(tmp_path / "q.onnx", run).meta["precision"] == "int8"
-    assert cli_main(["bench", "--run", str(run), "--batch-sizes", "1,10", "--out", str(tmp_path / "b.json")]) == 0
+    assert cli_main(["bench", "--run", str(run), "--batch-sizes", "1,10", "--quality-showers", "120",
+                     "--out", str(tmp_path / "b.json")]) == 0
     rep = json.loads((tmp_path / "b.json").read_text())
+    q = rep["int8_quality"]  # the INT8 change of quality against the run's training file, in the JSON
+    assert q["n_showers"] == 120 and set(q["change"]) == {"onnx-int8"} and "E_tot/E_inc" in q["change"]["onnx-int8"][
+        "separation_power"]
     assert rep["machine"]["threads"] == 1 and rep["machine"]["device"] == "cpu" and rep["machine"]["cpu_model"]
     assert rep["run"]["model"] == "flow-matching" and rep["run"]["sample_options"] == {"steps": 3,
                                                                                       "method": "midpoint"}
@@ -366,6 +370,44 @@ def test_cli_export_static_and_bench_static(runs: dict[str, Path], tmp_path: Pat
     assert set(rep["int8_static_vs_fp32"]) == {"4"} and rep["int8_vs_fp32"] == {}
     with pytest.raises(ExportError, match="unknown backend"):
         bench(run, batch_sizes=[1], backends=["onnx-int4"], print_table=False)
+
+
+def test_bench_int8_quality(runs: dict[str, Path], tmp_path: Path, belle_file: Path) -> None:
+    """bench's INT8 change of quality: FP32 and INT8 showers of the same noise scored against the reference, the
+    change of every separation power and AUC in the report and the headline ones in the table; FP32 is exported
+    for it when not timed; bad requests refused before any timing; a lost training file skips it, saying so."""
+    run = runs["flow-matching"]
+    rep = bench(run, batch_sizes=[4], backends=["onnx-int8"], quality_showers=150, print_table=False)
+    q = rep["int8_quality"]
+    assert set(q["scores"]) == {"onnx-fp32", "onnx-int8"} and q["n_showers"] == 150
+    fp, i8, ch = q["scores"]["onnx-fp32"], q["scores"]["onnx-int8"], q["change"]["onnx-int8"]
+    assert set(ch["separation_power"]) == set(fp["separation_power"]) and "E_tot/E_inc" in ch["separation_power"]
+    for obs, d in ch["separation_power"].items():
+        if d is not None:
+            assert d == pytest.approx(i8["separation_power"][obs] - fp["separation_power"][obs])
+    assert ch["max_abs_separation_power"] == max(abs(d) for d in ch["separation_power"].values() if d is not None)
+    assert ch["auc_low"] == pytest.approx(i8["auc_low"] - fp["auc_low"]) and 0 < fp["auc_high"] <= 1
+    assert abs(ch["separation_power"]["E_tot/E_inc"]) < 0.2  # INT8 of the same noise: close to FP32
+    table = format_table(rep)
+    assert "INT8 change of quality" in table and "dS(E_tot/E_inc)" in table and "dAUC low" in table
+    assert f"({ch['max_abs_observable']})" in table
+    # no INT8 backend or 0 showers: nothing measured
+    assert bench(run, batch_sizes=[2], backends=["onnx-fp32"], print_table=False)["int8_quality"] is None
+    # refused before anything is exported or timed
+    with pytest.raises(ExportError, match="belle2-ecl-5x5"):
+        bench(run, batch_sizes=[2], reference=belle_file, print_table=False)
+    with pytest.raises(ExportError, match="--quality-showers"):
+        bench(run, batch_sizes=[2], quality_showers=-1, print_table=False)
+    with pytest.raises(ExportError, match="no such file"):
+        bench(run, batch_sizes=[2], reference=tmp_path / "none.h5", print_table=False)
+    # a run whose training file is gone: skipped, the table says why and names --reference
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    (moved / "meta.json").write_text(json.dumps({**meta, "data": {**meta["data"], "path": str(tmp_path / "x.h5")}}))
+    rep = bench(moved, batch_sizes=[2], backends=["onnx-int8"], print_table=False)
+    assert "--reference" in rep["int8_quality"]["skipped"]
+    assert "INT8 change of quality: not measured" in format_table(rep)
 
 
 @pytest.mark.slow

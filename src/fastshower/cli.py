@@ -226,7 +226,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     backends = [s.strip() for s in args.backends.split(",") if s.strip()]
     bench(args.run, out=args.out, batch_sizes=args.batch_sizes, threads=args.threads, geant4=args.geant4,
-          backends=backends, n_geant4=args.geant4_showers, progress=True)
+          backends=backends, n_geant4=args.geant4_showers, quality_showers=args.quality_showers,
+          reference=args.reference, progress=True)
     return 0
 
 
@@ -431,6 +432,11 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=1, help="CPU threads of torch and ONNX Runtime")
     b.add_argument("--backends", default="torch-fp32,onnx-fp32,onnx-int8",
                    help="comma-separated; also onnx-int8-static (calibrates on the run's training file)")
+    b.add_argument("--quality-showers", type=int, default=2000,
+                   help="with an INT8 backend: showers generated with ONNX FP32 and with INT8 (same noise), both "
+                        "scored against --reference, for INT8's change of each separation power and AUC (0: skip)")
+    b.add_argument("--reference", default=None,
+                   help="shower file the INT8 quality check scores against (default: the run's training file)")
     b.add_argument("--out", required=True, help="benchmark JSON")
 
 

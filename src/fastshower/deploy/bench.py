@@ -7,12 +7,21 @@ ms per shower (median of repeats after a warm-up) for torch FP32, ONNX FP32 and 
 batch size and thread count; with ``geant4=True`` the Geant4 time per shower of the same
 geometry, particle and energy spectrum measured in the same process (start-up measured apart
 and excluded), and the speed-ups.
+
+INT8 change of quality (:func:`_int8_quality`)
+-----------------------------------------------
+With an INT8 backend timed and ``quality_showers`` > 0: the same showers (seed, energies, noise) generated
+with ONNX FP32 and with each INT8 graph, each scored against a reference file (default: the run's training
+file) by :func:`fastshower.validate.evaluate.evaluate`; the report keeps every separation power and the
+low- and high-level classifier AUCs of both and their change INT8 - FP32, the table the change of
+S(E_tot/E_inc), the largest change of any S and the AUCs' changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,12 +42,17 @@ from fastshower.runs import Run, RunInfo, as_run
 from fastshower.sampling import condition_samplers, noise_dim, sample_batch, sample_options
 from fastshower.training import torch_threads
 
-__all__ = ["BACKENDS", "OPTIONAL_BACKENDS", "bench", "cpu_model", "format_table", "profile_onnx"]
+__all__ = ["BACKENDS", "INT8_ETOT_TOLERANCE", "OPTIONAL_BACKENDS", "QUALITY_METRICS", "bench", "cpu_model",
+           "format_table", "profile_onnx"]
 
 #: backends :func:`bench` measures by default
 BACKENDS: tuple[str, ...] = ("torch-fp32", "onnx-fp32", "onnx-int8")
 #: further backends :func:`bench` measures on request (static INT8 reads the run's training file)
 OPTIONAL_BACKENDS: tuple[str, ...] = ("onnx-int8-static",)
+#: the scores of the INT8 change of quality (:func:`fastshower.validate.evaluate.evaluate` metric names)
+QUALITY_METRICS: tuple[str, ...] = ("separation_power", "classifier_low", "classifier_high")
+#: the change of S(E_tot/E_inc) INT8 may make (the export issue's 0.01); the table flags a larger one
+INT8_ETOT_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,8 @@ def bench(
     n_geant4: int = 200,
     n_geant4_startup: int = 10,
     profile_batch: int | None = None,
+    quality_showers: int = 2000,
+    reference: str | Path | None = None,
     seed: int = 0,
     print_table: bool = True,
     progress: bool = False,
@@ -88,21 +104,34 @@ def bench(
             torch and ONNX.
         n_geant4, n_geant4_startup: Geant4 showers of the timed and of the start-up production (at most half).
         profile_batch: if given, also profile the ONNX FP32 (and INT8) graph per op type at this batch size.
-        seed: seeds inputs and noise.
+        quality_showers: showers generated with ONNX FP32 and with each INT8 backend timed (same seed and
+            noise) for the INT8 change of quality; 0: not measured (nor without an INT8 backend).
+        reference: the shower file both are scored against (default: the run's training file); its
+            ``energy_spec`` (else the training file's) sets the energies generated.
+        seed: seeds inputs, noise and the quality's generation and scoring.
         print_table: print a short table with a legend. progress: say on stderr what is being timed.
 
     Returns:
         {"machine": {...}, "run": {...}, "results": [{"backend", "batch_size", "ms_per_shower", "ms_per_call",
         "repeats"}...], "geant4": {...} | None, "speedup_vs_geant4": {backend: {batch: x}}, "int8_vs_fp32":
-        {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}}.
+        {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}, "int8_quality":
+        {"reference", "n_showers", "energy_spec_gev", "seed", "scores": {backend: {"separation_power": {obs: S},
+        "auc_low", "auc_low_error", "auc_high", "auc_high_error"}}, "change": {INT8 backend: {"separation_power":
+        {obs: dS}, "max_abs_separation_power": dS, "max_abs_observable", "auc_low", "auc_high"}}} | {"skipped":
+        why} | None (not asked for)}.
     """
     sizes = _check_request(batch_sizes, threads, backends, n_geant4)
     loaded = as_run(run, require_finished=True)
     opts = sample_options(loaded.model, {"steps": steps, "method": method})
+    ref = _quality_reference(loaded.info, reference, quality_showers, backends)  # before minutes of timing
     timing = _Timing(repeats, warmup, budget_s, _say if progress else _quiet)
-    results, profiles = _time_backends(loaded, backends, sizes, threads, timing, opts, seed, profile_batch)
-    g4 = _geant4_entry(geant4, loaded.info, n_geant4, min(n_geant4_startup, n_geant4 // 2), seed, timing.say)
+    with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp:
+        results, profiles, files = _time_backends(loaded, backends, sizes, threads, timing, opts, seed,
+                                                  profile_batch, Path(tmp))
+        g4 = _geant4_entry(geant4, loaded.info, n_geant4, min(n_geant4_startup, n_geant4 // 2), seed, timing.say)
+        quality = _int8_quality(loaded, files, opts, quality_showers, ref, seed, Path(tmp), timing.say)
     report = _report(loaded, opts, threads, timing, results, g4, sizes, profiles)
+    report["int8_quality"] = quality
     if print_table:
         print(format_table(report))
     if out is not None:
@@ -131,16 +160,17 @@ def _check_request(batch_sizes: Sequence[int], threads: int, backends: Sequence[
 
 
 def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], threads: int, timing: _Timing,
-                   opts: Mapping[str, Any], seed: int, profile_batch: int | None
-                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(one result per backend and batch size, per-op profiles of the ONNX backends when ``profile_batch``):
-    every backend runs on the same seeded inputs, with ``threads`` threads."""
+                   opts: Mapping[str, Any], seed: int, profile_batch: int | None, folder: Path
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Path]]:
+    """(one result per backend and batch size, per-op profiles of the ONNX backends when ``profile_batch``,
+    the ONNX files exported into ``folder``): every backend runs on the same seeded inputs, with ``threads``
+    threads."""
     rng = np.random.default_rng(seed)
     inputs = {b: _bench_inputs(run.info, b, rng) for b in sizes}
     results: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp, torch_threads(threads):
-        files = _export_backends(run, backends, Path(tmp), opts, timing.say)
+    with torch_threads(threads):
+        files = _export_backends(run, backends, folder, opts, timing.say)
         for be in backends:
             sampler = load_onnx(files[be], run.info, threads) if be in files else None
             gen = torch.Generator().manual_seed(seed)
@@ -154,7 +184,7 @@ def _time_backends(run: Run, backends: Sequence[str], sizes: Sequence[int], thre
                                 "ms_per_shower": 1e3 * sec / b, "repeats": n})
             if profile_batch and be in files:
                 profiles[be] = profile_onnx(files[be], run.info, int(profile_batch), threads)
-    return results, profiles
+    return results, profiles, files
 
 
 def _export_backends(run: Run, backends: Sequence[str], folder: Path, opts: Mapping[str, Any],
@@ -294,6 +324,92 @@ def _geant4_entry(geant4: bool | Mapping[str, Any], info: RunInfo, n: int, n_sta
     say(f"timing Geant4: {n_startup} then {n} {info.particle} showers in {info.geometry.name}, one job (the "
         "first production measures start-up; fewer showers: --geant4-showers / n_geant4)")
     return _geant4_time(info, n, n_startup, seed)
+
+
+# --- the INT8 change of quality -----------------------------------------------------------------------------
+
+
+def _quality_reference(info: RunInfo, reference: str | Path | None, n: int, backends: Sequence[str]
+                       ) -> Path | str | None:
+    """The quality study's reference file; a string saying why it is skipped (the run's training file gone);
+    None when not asked for (n == 0 or no INT8 backend). ExportError for a bad ``n`` or a ``reference`` that
+    is missing or of another detector or particle (checked before any timing)."""
+    from fastshower.io import ShowerFile
+
+    if n < 0:
+        raise ExportError(f"showers of the INT8 quality check (quality_showers, --quality-showers) must be >= 0 "
+                          f"(0: no check), got {n}")
+    if n == 0 or not any("int8" in be for be in backends):
+        return None
+    if reference is None:
+        if not info.training_file or not Path(info.training_file).is_file():
+            return (f"the run's training file {info.training_file or '(not recorded)'} is not here; "
+                    "give a reference shower file (--reference)")
+        reference = info.training_file
+    path = Path(reference)
+    try:
+        with ShowerFile(path) as f:
+            geometry, particle = f.geometry.name, f.particle
+    except Exception as exc:  # a missing, unreadable or unfinished file: one line
+        raise ExportError(f"reference of the INT8 quality check: {exc}") from None
+    if geometry != info.geometry.name or particle not in (info.particle, "unknown"):
+        raise ExportError(f"reference {path} holds {particle} showers in {geometry}; the run is {info.particle} in "
+                          f"{info.geometry.name}")
+    return path
+
+
+def _reference_spec(path: Path, info: RunInfo) -> str:
+    """The energy spec to generate for a quality check against ``path``: its own, else the training file's."""
+    from fastshower.io import ShowerFile
+
+    with ShowerFile(path) as f:
+        spec = f.attrs.get("energy_spec")
+    return str(spec) if spec else _energy_spec_text(info)
+
+
+def _int8_quality(run: Run, files: dict[str, Path], opts: Mapping[str, Any], n: int, reference: Path | str | None,
+                  seed: int, folder: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The report's ``int8_quality`` entry (see :func:`bench`): ``n`` showers from ONNX FP32 and from each INT8
+    file of ``files`` with the same seed (same energies and noise), scored against ``reference``."""
+    from fastshower.generation import generate
+    from fastshower.validate.evaluate import evaluate
+
+    if reference is None:
+        return None
+    if isinstance(reference, str):
+        return {"skipped": reference}
+    int8 = [be for be in files if "int8" in be]
+    if "onnx-fp32" not in files:
+        say("exporting the sampler for onnx-fp32 (the INT8 quality check's baseline)")
+        files = {**files, "onnx-fp32": export_onnx(run, folder / "onnx-fp32.onnx", **opts)}
+    spec = _reference_spec(reference, run.info)
+    scores: dict[str, dict[str, Any]] = {}
+    for be in ("onnx-fp32", *int8):
+        say(f"INT8 quality: generating {n} showers with {be} (energies {spec} GeV), scoring them against "
+            f"{reference} (fewer: --quality-showers; none: 0)")
+        gen = generate(run, n, spec, out=folder / f"quality-{be}.h5", seed=seed, backend="onnx",
+                       onnx_path=files[be], sample_options=opts, progress=False)
+        m = evaluate(reference, gen, folder / f"quality-{be}", metrics=QUALITY_METRICS, seed=seed, progress=False,
+                     report=False)
+        clf = m.get("classifier", {})
+        scores[be] = {"separation_power": m.get("separation_power", {}),
+                      **{f"auc_{side}{suffix}": clf.get(side, {}).get(f"auc{suffix}")
+                         for side in ("low", "high") for suffix in ("", "_error")}}
+    return {"reference": str(reference), "n_showers": n, "energy_spec_gev": spec, "seed": seed, "scores": scores,
+            "change": {be: _change(scores["onnx-fp32"], scores[be]) for be in int8}}
+
+
+def _change(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[str, Any]:
+    """INT8 - FP32 of every separation power and AUC (None where either is missing), and the largest |dS|."""
+    def diff(a: Any, b: Any) -> float | None:
+        return None if a is None or b is None else float(b) - float(a)
+
+    sp = {k: diff(v, int8["separation_power"].get(k)) for k, v in fp32["separation_power"].items()}
+    known = {k: v for k, v in sp.items() if v is not None}
+    worst = max(known, key=lambda k: abs(known[k]), default=None)
+    return {"separation_power": sp, "max_abs_separation_power": None if worst is None else abs(known[worst]),
+            "max_abs_observable": worst, "auc_low": diff(fp32.get("auc_low"), int8.get("auc_low")),
+            "auc_high": diff(fp32.get("auc_high"), int8.get("auc_high"))}
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -443,7 +559,38 @@ def format_table(report: Mapping[str, Any]) -> str:
     for key, label in (("int8_vs_fp32", "onnx int8/fp32 x "), ("int8_static_vs_fp32", "int8 static/fp32 ")):
         if report.get(key):
             lines.append(label + "".join(f"{report[key].get(str(b), float('nan')):<14.4g}" for b in sizes))
-    return "\n".join(lines + _legend(report))
+    return "\n".join(lines + _quality_lines(report.get("int8_quality")) + _legend(report))
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _quality_lines(q: Mapping[str, Any] | None) -> list[str]:
+    """The table's INT8 change of quality: per INT8 backend dS(E_tot/E_inc) (flagged beyond
+    :data:`INT8_ETOT_TOLERANCE`), the largest |dS| and the AUCs' changes with their combined errors."""
+    if not q:
+        return []
+    if "skipped" in q:
+        return [f"INT8 change of quality: not measured: {q['skipped']}"]
+    fp = q["scores"]["onnx-fp32"]
+    lines = [f"INT8 change of quality (INT8 - FP32; {q['n_showers']} showers each, same noise, vs "
+             f"{Path(q['reference']).name}):",
+             f"{'':17}{'dS(E_tot/E_inc)':<22}{'max |dS| (observable)':<30}{'dAUC low':<18}dAUC high"]
+    for be, ch in q["change"].items():
+        d = ch["separation_power"].get("E_tot/E_inc")
+        flag = "" if d is None else (" ok" if abs(d) <= INT8_ETOT_TOLERANCE else f" > {INT8_ETOT_TOLERANCE:g}")
+        worst = (f"{_num(ch['max_abs_separation_power'], '.4f')} ({ch['max_abs_observable']})"
+                 if ch["max_abs_observable"] else "n/a")
+        aucs = []
+        for side in ("low", "high"):
+            errs = [e for e in (fp.get(f"auc_{side}_error"), q["scores"][be].get(f"auc_{side}_error")) if e]
+            err = f" +- {math.hypot(*errs):.3f}" if errs and ch[f"auc_{side}"] is not None else ""
+            aucs.append(f"{_num(ch[f'auc_{side}'], '+.3f')}{err}")
+        lines.append(f"{be:<17}{_num(d, '+.4f') + flag:<22}{worst:<30}{aucs[0]:<18}{aucs[1]}")
+    lines.append(f"{'(FP32 itself)':<17}S(E_tot/E_inc) {_num(fp['separation_power'].get('E_tot/E_inc'), '.4f')}, "
+                 f"AUC low {_num(fp.get('auc_low'), '.3f')}, high {_num(fp.get('auc_high'), '.3f')}")
+    return lines
 
 
 def _legend(report: Mapping[str, Any]) -> list[str]:
@@ -453,5 +600,12 @@ def _legend(report: Mapping[str, Any]) -> list[str]:
         lines.append("  x G4 BACKEND: Geant4 ms/shower / BACKEND ms/shower = how many times faster than Geant4")
     if report.get("int8_vs_fp32") or report.get("int8_static_vs_fp32"):
         lines.append("  onnx int8/fp32 x (int8 static/fp32): ONNX FP32 ms/shower / INT8 ms/shower; > 1: INT8 "
-                     "faster (its change of quality: fastshower evaluate on showers generated with --int8)")
+                     "faster")
+    q = report.get("int8_quality")
+    if q and "change" in q:
+        lines += ["  dS, dAUC: separation power (0 = identical histograms, 1 = disjoint) and classifier AUC (0.5 = "
+                  "indistinguishable)",
+                  "    of the INT8 showers minus those of the FP32 showers, both against the reference; "
+                  f"|dS(E_tot/E_inc)| <= {INT8_ETOT_TOLERANCE:g} is ok;",
+                  "    +- : the two AUCs' errors combined; every observable's dS is in the JSON (int8_quality)"]
     return lines
