@@ -73,6 +73,19 @@ def test_airshower_dask_file_is_the_pool_file(tmp_path: Path) -> None:
     simulate(out=tmp_path / "pool.h5", **kw)
     simulate(out=tmp_path / "dask.h5", executor="dask", **kw)
     _assert_same(tmp_path / "pool.h5", tmp_path / "dask.h5")
+    # item 4: each worker's sub-shower tables (version, read or built, content hash) in the file's provenance
+    hashes: dict[int, set[str]] = {}
+    for name, prefix in (("pool.h5", ""), ("dask.h5", "tcp://")):
+        with ShowerFile(tmp_path / name) as f:
+            entries = json.loads(f.attrs["worker_tables"])
+        assert 1 <= len({e["worker"] for e in entries}) <= 2 and all(e["worker"].startswith(prefix) for e in entries)
+        for e in entries:
+            assert e["tables"]  # one entry per time the worker got them (a later chunk may extend them)
+            for table in e["tables"]:
+                assert table["table"] == "airshower-subshower" and table["version"] == "airshower-tables-v1"
+                assert table["source"] in ("cache", "built", "extended") and table["e_max_gev"] >= 0.99e4  # f_thr E0
+                hashes.setdefault(table["n_energies"], set()).add(table["sha256"])
+    assert all(len(h) == 1 for h in hashes.values())  # tables of one reach are the same on every worker
 
 
 def test_dask_resume_submits_the_missing_chunks_only(tmp_path: Path) -> None:
@@ -192,3 +205,55 @@ def test_progress_fed_by_each_finished_task_resumed_chunk_trimmed() -> None:
     assert sorted(got) == [3, 5, 5, 5]
     assert sorted((i, n) for kind, i, n in seen if kind == "done") == [(0, 3), (1, 5), (2, 5), (3, 5)]
     assert seen[0][0] == "ready"
+
+
+class ShowerByShowerBackend(QuickBackend):
+    """QuickBackend's showers, 0.15 s each, each reported as it finishes, every report sent (no interval)."""
+
+    progress_interval_s = 0.0
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        import time
+
+        for _ in energies_mev:
+            time.sleep(0.15)
+            self.shower_done()
+        return super().run(energies_mev, conditions, seed)
+
+
+def test_progress_moves_per_shower_before_a_task_ends() -> None:
+    """Issue 17's bar on Dask: tasks report their showers as they finish (events through the scheduler), so the
+    bar moves before the first chunk is back; each shower is counted once, a resumed chunk's kept ones not."""
+    from fastshower.geometry import get_geometry
+    from fastshower.montecarlo.backend import BackendOptions
+
+    spec = dask_run.WorkerSpec((ShowerByShowerBackend.__module__, "ShowerByShowerBackend"),
+                               get_geometry("belle2-ecl-5x5").to_json(), "e-", BackendOptions())
+    tasks = [(k, 2 if k == 0 else 0, np.full(8, 1000.0), {}, 7 + k) for k in range(3)]  # chunk 0: 2 already kept
+    got: list[int] = []
+    on_bar_at_first_done: list[int] = []
+
+    def take(kind: str, index: int, payload: object, detail: object) -> None:
+        if kind == "done" and not on_bar_at_first_done:
+            on_bar_at_first_done.append(sum(got))
+
+    with dask_run.connect(None, 2) as client:
+        assert dask_run.run_chunks(client, spec, tasks, take, got.append) is None
+    assert sum(got) == 6 + 8 + 8
+    assert len(got) > 6  # per shower, not per task
+    # the first chunk to come back had its showers on the bar (from its events) but for the last few
+    assert on_bar_at_first_done[0] >= 4
+
+
+def test_progress_counts_a_retried_chunk_once() -> None:
+    got: list[int] = []
+    counter = dask_run._Progress(got.append)
+    for event in ([0, 3], [1, 2], [0, 1], [0, 2], [0, 4]):  # chunk 0's worker died after 3; its retry restarts
+        counter((0.0, event))
+    counter.finish(0, 5)
+    counter((0.0, [0, 5]))  # late event of a finished chunk
+    counter((0.0, "junk"))
+    counter.finish(1, 4)
+    counter.close()
+    counter((0.0, [2, 1]))  # after the run
+    assert got == [3, 2, 1, 1, 2] and sum(got) == 9

@@ -10,6 +10,11 @@ A task carries the geometry (JSON), particle and backend options, so workers nee
 fastshower installed. Each worker process builds its backend once and keeps it (Geant4 can be initialised once
 per process), on one dedicated thread of its own (Geant4's state is per thread; Dask may run tasks on others).
 
+The progress bar moves per shower as with the pool: a task's backend reports its showers as they finish
+(:meth:`~.backend.SimulationBackend.shower_done`) as events on a topic of this run, at most one per
+``progress_interval_s`` per worker (the first shower at once), which the client counts; the rest of a chunk
+is counted when its task's result arrives. A chunk retried after its worker died is not counted twice.
+
 A worker that dies (kill -9, a Geant4 abort, out of memory) loses only its task: the scheduler runs it again
 elsewhere and the log says which chunk was retried. A chunk that kills ``allowed-failures + 1`` workers
 (``distributed.scheduler.allowed-failures``, :data:`ALLOWED_FAILURES` for a cluster started here) is reported
@@ -24,6 +29,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,21 +109,51 @@ def _backend(spec: WorkerSpec) -> SimulationBackend:
     """This process's backend for ``spec``, built on first use (on the Monte Carlo thread)."""
     key = repr(spec)
     if key not in _backends:
-        cls = getattr(importlib.import_module(spec.cls_path[0]), spec.cls_path[1])
-        _backends[key] = cls(geometry_from_json(spec.geometry_json), spec.particle, spec.options)
+        _backends[key] = _backend_class(spec)(geometry_from_json(spec.geometry_json), spec.particle, spec.options)
     return _backends[key]
 
 
-def _simulate(spec: WorkerSpec, task: Task, worker: str) -> tuple[ShowerBatch, str, str, dict[str, Any]]:
-    """Run one chunk with this process's backend: (the chunk's new showers, generator, physics, worker report)."""
+class _TaskProgress:
+    """A backend's ``on_shower`` while it runs one task: the chunk's showers simulated so far beyond ``skip`` (a
+    resumed chunk's, already in the file) sent as an event ``[index, showers]`` on ``topic``, at most one per
+    ``interval_s`` (the first at once). ``send``: the worker's ``log_event`` (safe from any thread)."""
+
+    def __init__(self, send: Callable[[str, Any], Any], topic: str, index: int, skip: int,
+                 interval_s: float) -> None:
+        self.send, self.topic, self.index, self.skip, self.interval_s = send, topic, index, skip, interval_s
+        self.done = 0  # showers of the chunk simulated
+        self.sent = 0  # of those beyond skip, reported
+        self.last = -float("inf")
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        now = time.monotonic()
+        beyond = max(0, self.done - self.skip)
+        if beyond <= self.sent or now - self.last < self.interval_s:
+            return
+        self.last, self.sent = now, beyond
+        with contextlib.suppress(Exception):  # progress only: never raise through Geant4's event loop
+            self.send(self.topic, [self.index, beyond])
+
+
+def _simulate(spec: WorkerSpec, task: Task, worker: str, on_shower: Callable[[int], None] | None
+              ) -> tuple[ShowerBatch, str, str, dict[str, Any]]:
+    """Run one chunk with this process's backend, ``on_shower`` hearing of each shower: (the chunk's new
+    showers, generator, physics, worker report)."""
     _, skip, energies, conditions, mc_seed = task
     backend = _backend(spec)
-    batch = drop_front(backend.run(energies, conditions, mc_seed), skip)
+    backend.on_shower = on_shower
+    try:
+        batch = drop_front(backend.run(energies, conditions, mc_seed), skip)
+    finally:
+        backend.on_shower = None
     return batch, backend.generator, backend.physics, worker_report(backend, worker)
 
 
-def chunk_task(spec: WorkerSpec, task: Task) -> tuple[int, ShowerBatch, str, str, dict[str, Any]]:
-    """The Dask task of one chunk: (index, showers, generator, physics, worker report).
+def chunk_task(spec: WorkerSpec, task: Task, topic: str | None = None
+               ) -> tuple[int, ShowerBatch, str, str, dict[str, Any]]:
+    """The Dask task of one chunk: (index, showers, generator, physics, worker report); with ``topic``, the
+    chunk's showers reported as they finish (see :class:`_TaskProgress`).
 
     The report (a few hundred bytes) comes with every chunk, not only a worker's first: a first result lost
     with its worker or cancelled would otherwise leave the worker's later chunks unattributed; the client keeps
@@ -125,9 +161,18 @@ def chunk_task(spec: WorkerSpec, task: Task) -> tuple[int, ShowerBatch, str, str
     """
     from distributed import get_worker
 
-    address = get_worker().address  # on Dask's task thread: the Monte Carlo thread is no Dask worker thread
-    batch, generator, physics, report = _g4_thread.submit(_simulate, spec, task, address).result()
+    worker = get_worker()  # on Dask's task thread: the Monte Carlo thread is no Dask worker thread
+    on_shower = None
+    if topic is not None:
+        interval = _backend_class(spec).progress_interval_s
+        on_shower = _TaskProgress(worker.log_event, topic, task[0], task[1], interval)
+    batch, generator, physics, report = _g4_thread.submit(_simulate, spec, task, worker.address, on_shower).result()
     return task[0], batch, generator, physics, report
+
+
+def _backend_class(spec: WorkerSpec) -> type[SimulationBackend]:
+    cls: type[SimulationBackend] = getattr(importlib.import_module(spec.cls_path[0]), spec.cls_path[1])
+    return cls
 
 
 # --- client side -----------------------------------------------------------------------
@@ -197,6 +242,45 @@ class _Losses:
                             why, tries)
 
 
+class _Progress:
+    """The client's count of showers simulated, fed by the tasks' progress events (the scheduler's, on the
+    client's event-loop thread) and by each finished task (the main thread): ``progress`` hears of every
+    shower once, however its events and result interleave, and a chunk retried after its worker died counts
+    only the showers beyond what its lost attempt had reported."""
+
+    def __init__(self, progress: Callable[[int], Any]) -> None:
+        self.progress = progress
+        self.counted: dict[int, int] = {}  # chunk -> showers already on the bar
+        self.finished: set[int] = set()
+        self.closed = False  # the run is over: late events are dropped (the bar may be closed)
+        self.lock = threading.Lock()
+
+    def __call__(self, event: tuple[float, Any]) -> None:
+        """A progress event ``(time, [index, showers of the chunk simulated beyond its skip])``."""
+        try:
+            index, done = (int(v) for v in event[1])
+        except (TypeError, ValueError):
+            return
+        with self.lock:
+            new = done - self.counted.get(index, 0)
+            if self.closed or index in self.finished or new <= 0:
+                return
+            self.counted[index] = done
+            self.progress(new)
+
+    def finish(self, index: int, n: int) -> None:
+        """Chunk ``index`` came back with ``n`` new showers: count those not counted yet."""
+        with self.lock:
+            self.finished.add(index)
+            rest = n - self.counted.pop(index, 0)
+            if rest > 0:
+                self.progress(rest)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+
 def _failure(exc: BaseException, index: int, mc_seed: int, tries: int) -> str:
     """One line for a chunk that failed: a Monte Carlo error, or one that kept killing its workers."""
     if type(exc).__name__ == "KilledWorker":
@@ -215,7 +299,8 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Calla
     """Submit one task per chunk and hand each finished one to ``take`` (the run's writer: ("ready", -1, generator,
     physics), ("tables", -1, worker report, None), then ("done", index, batch, None)); returns the first failure,
     None when every chunk came back.
-    ``progress`` gets the number of showers of each task as it finishes, in whatever order (the progress bar).
+    ``progress`` gets numbers of showers simulated, as the tasks report them (per shower, at most once a second
+    per worker) and as they finish, in whatever order (the progress bar; see :class:`_Progress`).
 
     After a failed chunk the later ones are cancelled (they could not be written after the gap) and the earlier
     ones still run to the end, so the file keeps everything before it. Ctrl-C (KeyboardInterrupt) cancels all.
@@ -223,12 +308,13 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Calla
     from distributed import as_completed
 
     tag = os.urandom(4).hex()  # keys unique per run: a shared cluster may hold another run's chunk 0
-    losses = _Losses(tag)
+    losses, counter, topic = _Losses(tag), _Progress(progress), f"fastshower-progress-{tag}"
     client.subscribe_topic(_TOPIC, losses)
+    client.subscribe_topic(topic, counter)  # before the tasks: the scheduler takes both in order
     futures: dict[Any, Task] = {}
     for task in tasks:
         key = f"fastshower-chunk-{task[0]}-{tag}"
-        futures[client.submit(chunk_task, spec, task, key=key, pure=False)] = task
+        futures[client.submit(chunk_task, spec, task, topic, key=key, pure=False)] = task
     running = set(futures)
     failed: int | None = None
     failure: str | None = None
@@ -245,12 +331,14 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Calla
                 continue
             _, batch, generator, physics, report = fut.result()
             fut.release()  # its showers live on in the writer's buffer or the file, not on the worker
-            progress(len(batch))
+            counter.finish(index, len(batch))
             take("ready", -1, generator, physics)
             take("tables", -1, report, None)
             take("done", index, batch, None)
     finally:
         if running:  # Ctrl-C or a failed write: stop what still runs
             client.cancel(list(running))
+        counter.close()
         client.unsubscribe_topic(_TOPIC)
+        client.unsubscribe_topic(topic)
     return failure
