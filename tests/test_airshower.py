@@ -170,6 +170,15 @@ def test_table_cache_rebuilt_when_corrupt(tmp_path, monkeypatch) -> None:
     np.testing.assert_array_equal(tab.prof[:, : tab.n_built], tab2.prof[:, : tab2.n_built])  # deterministic
     assert air._load_tables(path, NB) is not None
     assert os.environ["FASTSHOWER_CACHE"] == str(tmp_path)
+    # how each was got, for the file's worker_tables: built, read, extended; equal content, equal hash
+    assert (tab.source, tab2.source, air.load_or_build_tables(3.0).source) == ("built", "built", "cache")
+    assert tab.describe(NB, 10.0) == tab2.describe(NB, 10.0) == {**tab.describe(NB, 10.0), "source": "built"}
+    more = air.load_or_build_tables(30.0)
+    assert more.source == "extended" and more.n_built > tab.n_built
+    d = more.describe(NB, 10.0)
+    assert d["version"] == f"airshower-tables-v{air.TABLE_VERSION}" and d["grid"] == f"nb{NB}-dx10"
+    assert d["n_energies"] == more.n_built and d["e_max_gev"] >= 30.0
+    assert d["sha256"] != tab.describe(NB, 10.0)["sha256"]
 
 
 # --- statistical validation (slow) --------------------------------------------------------------

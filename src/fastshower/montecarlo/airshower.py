@@ -420,6 +420,8 @@ class _Tables:
         sig_a: mass numbers of the nucleus cross-section grid.
         sig_ecm: sqrt(s) per nucleon grid, GeV.
         sig: nucleus-air production cross sections, mb, (len(sig_a), len(sig_ecm)).
+        source: how this process got them: "cache" (read), "built" (from nothing) or "extended" (a cached
+            table built further up in energy), for the file's ``worker_tables`` provenance.
     """
 
     energies: np.ndarray
@@ -428,6 +430,19 @@ class _Tables:
     sig_a: np.ndarray
     sig_ecm: np.ndarray
     sig: np.ndarray
+    source: str = "cache"
+
+    def describe(self, nb: int, dx: float) -> dict[str, Any]:
+        """The tables for a worker's provenance: version, grid, how they were got, reach and a content hash of
+        the valid entries (built deterministically: equal hashes on every worker mean equal tables)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for array in (self.energies[:self.n_built], self.prof[:, :self.n_built], self.sig_a, self.sig_ecm, self.sig):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        return {"table": "airshower-subshower", "version": f"airshower-tables-v{TABLE_VERSION}",
+                "grid": f"nb{nb}-dx{dx:g}", "source": self.source, "n_energies": self.n_built,
+                "e_max_gev": float(self.energies[self.n_built - 1]), "sha256": digest.hexdigest()[:16]}
 
 
 class HybridCascade:
@@ -758,6 +773,7 @@ def load_or_build_tables(e_max_gev: float, nb: int = 320, dx: float = 10.0,
         if tab is not None and tab.n_built >= n_need:
             return tab
         n_total = _n_energies(E_TAB_MAX)
+        source = "extended" if tab is not None and len(tab.energies) == n_total else "built"
         if tab is None or len(tab.energies) != n_total:
             sib = _Sibyll.get()
             sib.seed(np.random.default_rng([TABLE_VERSION, 999]))
@@ -767,6 +783,7 @@ def load_or_build_tables(e_max_gev: float, nb: int = 320, dx: float = 10.0,
                           sib.sigma_nucleus_air_grid(a_vals, ecm))
         _extend_tables(tab, min(n_need, n_total), nb, dx, em)
         _save_tables(tab, path)
+        tab.source = source
         return tab
 
 
@@ -816,6 +833,7 @@ class AirShowerBackend(SimulationBackend):
         self.em = _em_tables(self.nb, self.dx)
         self._tables: _Tables | None = None
         self._cascade: HybridCascade | None = None
+        self._table_log: list[dict[str, Any]] = []  # what :meth:`tables` reports
 
     # -- requests --
     @classmethod
@@ -871,8 +889,16 @@ class AirShowerBackend(SimulationBackend):
         if self._tables is None or self._tables.n_built < _n_energies(e_thr_max_gev):
             self._tables = load_or_build_tables(e_thr_max_gev, self.nb, self.dx, self.em)
             self._cascade = HybridCascade(self.nb, self.dx, self._tables, self.em)
+            entry = self._tables.describe(self.nb, self.dx)
+            if entry not in self._table_log:
+                self._table_log.append(entry)
         assert self._cascade is not None
         return self._cascade
+
+    def tables(self) -> list[dict[str, Any]]:
+        """The sub-shower tables this worker read from its cache, built or extended, one entry each time it
+        got them (a later chunk of higher energy may extend them); see :meth:`_Tables.describe`."""
+        return list(self._table_log)
 
     def simulate_one(self, rng: np.random.Generator, e0_mev: float, zenith_deg: float) -> tuple[np.ndarray, float,
                                                                                                  float]:
