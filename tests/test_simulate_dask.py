@@ -113,6 +113,22 @@ class DyingBackend(ToyBackend):
         return super().run(energies_mev, conditions, seed)
 
 
+class HeldBackend(ToyBackend):
+    """The toy's showers; on the chunk whose Monte Carlo seed is $FASTSHOWER_TEST_HOLD_SEED, the first time only
+    (no file $FASTSHOWER_TEST_HOLD_FILE yet), it writes its worker's pid there and waits (up to a minute) for
+    the test to kill -9 that process mid-chunk."""
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        import time
+
+        marker = Path(os.environ.get("FASTSHOWER_TEST_HOLD_FILE", "/nonexistent/hold"))
+        if str(seed) == os.environ.get("FASTSHOWER_TEST_HOLD_SEED") and not marker.exists():
+            marker.with_suffix(".tmp").write_text(str(os.getpid()))
+            marker.with_suffix(".tmp").rename(marker)
+            time.sleep(60)
+        return super().run(energies_mev, conditions, seed)
+
+
 class QuickBackend(SimulationBackend):
     """The slow test backend's showers (ones, no conditions) without its sleep: tops its files up quickly."""
 
@@ -139,6 +155,48 @@ def test_dead_worker_retried_or_reported(tmp_path: Path, monkeypatch: pytest.Mon
             simulate(out=out, **kw)
     with ShowerFile(out, require_complete=False) as f:
         assert f.n == 20 and not f.complete
+
+
+def test_running_cluster_by_file_and_address_worker_killed_9(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A running cluster given by scheduler file and by address; kill -9 of the worker process simulating chunk 3:
+    the chunk is retried elsewhere, the log names it, and both files equal the pool's."""
+    import signal
+    import threading
+    import time
+
+    from distributed import LocalCluster
+
+    marker, sched_file = tmp_path / "held", tmp_path / "scheduler.json"
+    monkeypatch.setenv("FASTSHOWER_TEST_HOLD_SEED", str(chunk_seed(5, 3)))  # before the workers start
+    monkeypatch.setenv("FASTSHOWER_TEST_HOLD_FILE", str(marker))
+    kw = dict(geometry="belle2-ecl-5x5", particle="e-", energy="1:2", n=60, seed=5, chunk_size=10, progress=False,
+              backend=HeldBackend)
+    killed: list[int] = []
+
+    def kill_when_held() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            killed.append(int(marker.read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
+                      scheduler_kwargs={"scheduler_file": str(sched_file)}) as cluster:
+        killer = threading.Thread(target=kill_when_held, daemon=True)
+        killer.start()
+        with caplog.at_level(logging.WARNING, logger=dask_run.__name__):
+            res = simulate(out=tmp_path / "file.h5", executor="dask", scheduler=str(sched_file), **kw)
+        killer.join(timeout=5)
+        assert killed and res.complete and res.n_written == 60
+        assert "chunk 3 retried: worker" in caplog.text
+        by_address = simulate(out=tmp_path / "address.h5", executor="dask", scheduler=cluster.scheduler_address,
+                              **kw)
+        assert by_address.complete
+    simulate(out=tmp_path / "pool.h5", jobs=2, **kw)
+    _assert_same(tmp_path / "pool.h5", tmp_path / "file.h5")
+    _assert_same(tmp_path / "pool.h5", tmp_path / "address.h5")
 
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:9", "no address::", "missing-scheduler.json"])

@@ -12,7 +12,8 @@ per process), on one dedicated thread of its own (Geant4's state is per thread; 
 
 The progress bar moves per shower as with the pool: a task's backend reports its showers as they finish
 (:meth:`~.backend.SimulationBackend.shower_done`) as events on a topic of this run, at most one per
-``progress_interval_s`` per worker (the first shower at once), which the client counts; the rest of a chunk
+``progress_interval_s`` per worker (longer on a big cluster, see :data:`_PROGRESS_EVENTS_PER_S`; the first
+shower at once), which the client counts; the rest of a chunk
 is counted when its task's result arrives. A chunk retried after its worker died is not counted twice.
 
 A worker that dies (kill -9, a Geant4 abort, out of memory) loses only its task: the scheduler runs it again
@@ -56,6 +57,9 @@ _TOPIC = "all"
 _LOCAL_HTTP = "127.0.0.1:0"
 #: seconds to wait for a scheduler given by address before reporting it unreachable
 _CONNECT_TIMEOUT_S = 10
+#: progress events per second the whole cluster may send at most: each worker's interval is at least
+#: workers / this (1,000 workers: one event per worker every 10 s), so the scheduler and client stay idle
+_PROGRESS_EVENTS_PER_S = 100.0
 
 #: (index, showers to drop from its front, energies (size,) MeV, conditions, MC seed): one chunk to simulate
 Task = tuple[int, int, np.ndarray, dict[str, np.ndarray], int]
@@ -150,10 +154,11 @@ def _simulate(spec: WorkerSpec, task: Task, worker: str, on_shower: Callable[[in
     return batch, backend.generator, backend.physics, worker_report(backend, worker)
 
 
-def chunk_task(spec: WorkerSpec, task: Task, topic: str | None = None
+def chunk_task(spec: WorkerSpec, task: Task, topic: str | None = None, min_interval_s: float = 0.0
                ) -> tuple[int, ShowerBatch, str, str, dict[str, Any]]:
     """The Dask task of one chunk: (index, showers, generator, physics, worker report); with ``topic``, the
-    chunk's showers reported as they finish (see :class:`_TaskProgress`).
+    chunk's showers reported as they finish (see :class:`_TaskProgress`), at most once per the backend's
+    ``progress_interval_s`` or ``min_interval_s``, the longer.
 
     The report (a few hundred bytes) comes with every chunk, not only a worker's first: a first result lost
     with its worker or cancelled would otherwise leave the worker's later chunks unattributed; the client keeps
@@ -164,7 +169,7 @@ def chunk_task(spec: WorkerSpec, task: Task, topic: str | None = None
     worker = get_worker()  # on Dask's task thread: the Monte Carlo thread is no Dask worker thread
     on_shower = None
     if topic is not None:
-        interval = _backend_class(spec).progress_interval_s
+        interval = max(_backend_class(spec).progress_interval_s, min_interval_s)
         on_shower = _TaskProgress(worker.log_event, topic, task[0], task[1], interval)
     batch, generator, physics, report = _g4_thread.submit(_simulate, spec, task, worker.address, on_shower).result()
     return task[0], batch, generator, physics, report
@@ -311,10 +316,11 @@ def run_chunks(client: Any, spec: WorkerSpec, tasks: Iterable[Task], take: Calla
     losses, counter, topic = _Losses(tag), _Progress(progress), f"fastshower-progress-{tag}"
     client.subscribe_topic(_TOPIC, losses)
     client.subscribe_topic(topic, counter)  # before the tasks: the scheduler takes both in order
+    every_s = len(client.scheduler_info().get("workers", {})) / _PROGRESS_EVENTS_PER_S  # as the cluster is now
     futures: dict[Any, Task] = {}
     for task in tasks:
         key = f"fastshower-chunk-{task[0]}-{tag}"
-        futures[client.submit(chunk_task, spec, task, topic, key=key, pure=False)] = task
+        futures[client.submit(chunk_task, spec, task, topic, every_s, key=key, pure=False)] = task
     running = set(futures)
     failed: int | None = None
     failure: str | None = None
