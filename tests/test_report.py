@@ -157,11 +157,12 @@ def test_per_energy_and_observable_tables(full: tuple[Path, dict[str, Any]]) -> 
     out, result = full
     tables = _parse(out).tables
     per_energy = _as_dicts(tables["Per energy"])
-    assert [r["label"] for r in per_energy] == ["1 GeV", "2 GeV", "5 GeV"]
+    assert [r["energy"] for r in per_energy] == ["1 GeV", "2 GeV", "5 GeV"]
     for shown, row in zip(per_energy, result["per_energy"], strict=True):
-        assert int(shown["n_candidate"]) == row["n_candidate"]
-        assert shown["auc_low"] == _shown(row["auc_low"])
-        assert shown["separation_power_max_observable"] == row["separation_power_max_observable"]
+        assert int(shown["showers cand"]) == row["n_candidate"]
+        assert shown["AUC low-level"] == _shown(row["auc_low"])
+        assert shown["S(E_tot/E_inc)"] == _shown(row["separation_power_E_tot/E_inc"])
+        assert shown["worst observable"] == row["separation_power_max_observable"]
     observables = {r["observable"]: r for r in _as_dicts(tables["Observables"])}
     assert set(observables) == set(result["separation_power"])
     for name, sp in result["separation_power"].items():

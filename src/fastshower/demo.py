@@ -177,14 +177,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     """The closing table: scores of the model and of the Geant4 floor per sample, what is good or
     bad, the verdict of each sample and the reports to open."""
     print("\nfastshower demo: flow matching vs Geant4 on belle2-ecl-5x5 (e-)")
-    print(f"{'sample':20s} {'':9s} {'AUC low':>8s} {'AUC high':>9s} {'FPDx1e3':>8s} {'KPDx1e3':>8s} "
+    print(f"{'sample':20s} {'':12s} {'AUC low':>8s} {'AUC high':>9s} {'FPDx1e3':>8s} {'KPDx1e3':>8s} "
           f"{'S(Evis/E)':>9s}")
     for name, s in summary["scores"].items():
         for who in ("model", "geant4_floor"):
             v = s[who]
             cells = [_fmt(v[k]) for k in ("low_level_auc", "high_level_auc", "fpd_x1e3", "kpd_x1e3",
                                           "separation_power_Evis_over_Einc")]
-            print(f"{name:20s} {who:9s} {cells[0]:>8s} {cells[1]:>9s} {cells[2]:>8s} {cells[3]:>8s} {cells[4]:>9s}")
+            print(f"{name:20s} {who:12s} {cells[0]:>8s} {cells[1]:>9s} {cells[2]:>8s} {cells[3]:>8s} {cells[4]:>9s}")
     t = summary["timings"]
     print(f"time: Geant4 {t['geant4_s']:.0f} s, training {t['train_s']:.0f} s, generation {t['generate_s']:.0f} s, "
           f"evaluation {t['evaluate_s']:.0f} s, total {t['total_s'] / 60:.1f} min")

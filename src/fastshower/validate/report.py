@@ -49,10 +49,12 @@ _STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1300px} table{border
           ".grid figure{margin:0} .grid img{width:100%;border:1px solid #ddd} .wide{grid-column:1/-1}"
           "figcaption{font-size:0.85em;color:#333} .outside{color:#b00;font-weight:bold} .within{color:#070}"
           ".scroll{max-height:480px;overflow-y:auto;display:inline-block} .note{font-size:0.9em;color:#333}")
-#: columns of the Per energy table, in order (those no row has are left out)
-_PER_ENERGY_COLUMNS = ("label", "n_reference", "n_candidate", "separation_power_E_tot/E_inc", "separation_power_mean",
-                       "separation_power_max", "separation_power_max_observable", "auc_low", "auc_high",
-                       "ssim_reference", "ssim_candidate")
+#: columns of the Per energy table, in order (those no row has are left out): metrics.json key -> heading
+_PER_ENERGY_COLUMNS = {"label": "energy", "n_reference": "showers ref", "n_candidate": "showers cand",
+                       "separation_power_E_tot/E_inc": "S(E_tot/E_inc)", "separation_power_mean": "mean S",
+                       "separation_power_max": "worst S", "separation_power_max_observable": "worst observable",
+                       "auc_low": "AUC low-level", "auc_high": "AUC high-level", "ssim_reference": "SSIM ref",
+                       "ssim_candidate": "SSIM cand"}
 
 
 @dataclass(frozen=True)
@@ -238,9 +240,12 @@ def _tables_html(result: dict[str, Any]) -> list[str]:
     rows = result.get("per_energy", [])
     if rows:
         cols = [k for k in _PER_ENERGY_COLUMNS if any(k in r for r in rows)]
-        parts += ["<h2>Per energy</h2>", _table(cols, [[r.get(k) for k in cols] for r in rows]),
-                  "<p class='note'>auc_low / auc_high: the classifier's AUC on the showers of that energy bin, "
-                  "left out (-) below 20 validation showers of either sample.</p>"]
+        parts += ["<h2>Per energy</h2>", _table([_PER_ENERGY_COLUMNS[k] for k in cols],
+                                                [[r.get(k) for k in cols] for r in rows]),
+                  "<p class='note'>S: separation power of that energy bin's histograms (E_tot/E_inc; the mean and "
+                  "the largest over observables, and which); AUC: the classifier's AUC on the showers of that "
+                  "energy bin, left out (-) below 20 validation showers of either sample (metrics.json: "
+                  "per_energy).</p>"]
     sp = result.get("separation_power", {})
     if sp:
         w1 = result.get("w1", {})
