@@ -153,9 +153,13 @@ def test_layer_fm_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
     """layer-fm shares flow's stage 1 and stage-2 variables, so it distils staged as a flow does: the student
     holds the teacher's stage-1 flow bit for bit and, for the same noise, the same layer energies."""
     hp = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
-          "steps": 2, "warmup": 5}
+          "steps": 2, "warmup": 5, "shares": "voxel", "energy_knots": 0}
     teacher = train(tiny_file, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
                     config={"hparams": hp, "train": TRAIN})
+    scaled = train(tiny_file, "layer-fm", tmp_path / "lfm-e", steps=2, batch_size=64, progress=False,
+                   config={"hparams": {**hp, "energy_knots": 3}, "train": TRAIN})
+    with pytest.raises(DistillError, match="scales them by energy"):  # the student has one scaler for all
+        distill(scaled, tmp_path / "no", n_pairs=100, steps=1, progress=False)
     run = distill(teacher, tmp_path / "one", n_pairs=1000, steps=50, batch_size=256,
                   hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 5, "occupancy": False},
                   progress=False)

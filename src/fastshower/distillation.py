@@ -97,10 +97,11 @@ def _check_teacher(run: Run, ode_steps: int | None) -> None:
     if info.model_name not in TEACHERS:
         raise DistillError(f"{info.run_dir}: distillation needs a flow-matching, flow or layer-fm teacher (a "
                            f"deterministic multi-pass noise-to-shower map); this run is {info.model_name!r}")
-    if info.model_name == "layer-fm" and ring_grid(LayerFMConfig.from_saved(info.hparams), info.spec) is not None:
-        # the staged student reuses flow's voxel-share assembly; ring shares would need their own
-        raise DistillError(f"{info.run_dir}: this layer-fm run generates ring shares (shares='ring'); the one-step "
-                           "student supports voxel shares only: train the teacher with shares='voxel'")
+    lfm = LayerFMConfig.from_saved(info.hparams) if info.model_name == "layer-fm" else None
+    if lfm is not None and (ring_grid(lfm, info.spec) is not None or lfm.energy_knots):
+        # the staged student reuses flow's voxel-share assembly with one scaler for all energies
+        raise DistillError(f"{info.run_dir}: this layer-fm run generates ring shares or scales them by energy; the "
+                           "one-step student supports neither: train the teacher with shares='voxel', energy_knots=0")
     if ode_steps is not None and info.model_name != "flow-matching":
         raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
     if not info.finished:
