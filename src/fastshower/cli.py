@@ -27,7 +27,7 @@ __all__ = ["MODEL_NAMES", "build_parser", "main"]
 
 #: the trainable models, the default first, as ``fastshower.models.available_models()`` lists them (a test
 #: checks the two agree); written out so that ``fastshower --help`` does not import torch
-MODEL_NAMES = ("flow-matching", "calogan", "flow", "layer-fm", "vae", "wgan-gp")
+MODEL_NAMES = ("flow-matching", "3dgan", "calogan", "flow", "layer-fm", "vae", "wgan-gp")
 
 #: operating-system errors that mean bad input or a full or read-only disk, not a bug
 _USER_OS_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,

@@ -50,6 +50,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     "flow": "flow",
     "onestep": "one-step",
     "layer_fm": "layer-fm",
+    "gan3d": "3dgan",
 }
 
 _REGISTRY: dict[str, type[ShowerModel]] = {}
