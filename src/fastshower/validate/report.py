@@ -244,8 +244,9 @@ def _tables_html(result: dict[str, Any]) -> list[str]:
                                                 [[r.get(k) for k in cols] for r in rows]),
                   "<p class='note'>S: separation power of that energy bin's histograms (E_tot/E_inc; the mean and "
                   "the largest over observables, and which); AUC: the classifier's AUC on the showers of that "
-                  "energy bin, left out (-) below 20 validation showers of either sample (metrics.json: "
-                  "per_energy).</p>"]
+                  "energy bin, left out (-) below 20 validation showers of either sample; SSIM: the mean structural "
+                  "similarity of pairs of showers within each sample (diversity: a candidate far above the "
+                  "reference's repeats itself) (metrics.json: per_energy).</p>"]
     sp = result.get("separation_power", {})
     if sp:
         w1 = result.get("w1", {})
