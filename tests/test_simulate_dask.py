@@ -64,6 +64,8 @@ def test_dask_worker_tables_name_each_worker(tmp_path: Path) -> None:
     entries, pids = worker_tables(tmp_path / "t.h5")
     assert {e["pid"] for e in entries} == pids and len(entries) == len(pids)  # one entry per producing worker
     assert all(e["worker"].startswith("tcp://") and e["tables"][0]["version"] == "toy-tables-v1" for e in entries)
+    with ShowerFile(tmp_path / "t.h5") as f:  # fastshower info: one line of them
+        assert f"tables:     {len(pids)} worker(s): toy-tables-v1 cache ({len(pids)} worker" in f.describe()
 
 
 def test_airshower_dask_file_is_the_pool_file(tmp_path: Path) -> None:

@@ -800,6 +800,24 @@ def _infer_geometry(n_voxels: int, path: Path) -> Geometry:
     )
 
 
+def _tables_summary(worker_tables: Any) -> str:
+    """One line of a file's ``worker_tables`` (JSON: per worker, the tables it read or built): how many workers
+    used each table version, read from the cache / built, and its content hash."""
+    try:
+        entries = json.loads(worker_tables) if isinstance(worker_tables, (str, bytes)) else list(worker_tables)
+        uses: dict[str, set[str]] = {}
+        for entry in entries:
+            for t in entry.get("tables", []):
+                what = f"{t.get('version', '?')} {t.get('source', '?')}" + (f" sha256 {t['sha256']}" if t.get(
+                    "sha256") else "")
+                uses.setdefault(what, set()).add(str(entry.get("worker")))
+    except (ValueError, TypeError, AttributeError):
+        return "unreadable worker_tables attribute"
+    workers = {str(e.get("worker")) for e in entries}
+    parts = [f"{what} ({len(w)} worker{'s' if len(w) > 1 else ''})" for what, w in sorted(uses.items())]
+    return f"{len(workers)} worker(s): " + ("; ".join(parts) or "none reported") + " (attribute worker_tables)"
+
+
 class ShowerFile:
     """Validated, streaming read access to a shower file.
 
@@ -1000,6 +1018,8 @@ class ShowerFile:
         for key in ("generator", "physics", "seed", "cut_mm", "fastshower_version", "created", "finished"):
             if key in a:
                 lines.append(f"{key + ':':11s} {a[key]}")
+        if "worker_tables" in a:
+            lines.append(f"tables:     {_tables_summary(a['worker_tables'])}")
         return "\n".join(lines)
 
     def close(self) -> None:
