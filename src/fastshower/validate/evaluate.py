@@ -37,6 +37,7 @@ from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, GeometryError, read_calochallenge_binning
 from fastshower.io import ShowerFile, ShowerFileError, convention_clash
 from fastshower.validate import metrics as M
+from fastshower.validate import projections
 from fastshower.validate.observables import (
     compute_observables,
     layer_energies,
@@ -62,6 +63,7 @@ METRICS: tuple[str, ...] = (
     "support_size",
     "multi_peak",
     "response",
+    "projections",
 )
 #: histogram binnings accepted by ``evaluate(binning=...)``: fastshower's quantile rule with
 #: under/overflow bins, or the fixed ranges of the CaloChallenge evaluation (out-of-range dropped)
@@ -795,6 +797,8 @@ def _scores(plan: _Plan, sums_ref: dict[str, _Summary], sub_ref: _Subsample, can
     if "support_size" in which:
         result["support_size"] = _support(sub_ref.raw, sub_cand.raw, plan.geometry, cfg, seed)
     steps.update(1)
+    if "projections" in which and projections.applies(plan.geometry) and plan.geometry.n_layers > 1:
+        result["projections"] = _projections(plan, sums_ref, cand, sub_ref, sub_cand, floor)
     result["per_energy"] = rows
     if floor:
         result["floor"] = _floor_scores(sums_ref["A"], sums_ref["B"], sub_ref, which, cfg, seed, ne)
@@ -802,6 +806,19 @@ def _scores(plan: _Plan, sums_ref: dict[str, _Summary], sub_ref: _Subsample, can
     steps.update(1)
     steps.close()
     return result
+
+
+def _projections(plan: _Plan, sums_ref: dict[str, _Summary], cand: _Summary, sub_ref: _Subsample,
+                 sub_cand: _Subsample, floor: bool) -> dict[str, Any]:
+    """The 3DGAN papers' profile and moment checks (module projections) from the mean images and the
+    subsamples' observables; the floor from the reference's halves."""
+    ref = sums_ref["all"]
+    halves = None
+    if floor:
+        a, b = sums_ref["A"], sums_ref["B"]
+        halves = (a.image_sum / max(a.n, 1), b.image_sum / max(b.n, 1), sub_ref.half)
+    return projections.projection_checks(plan.geometry, observable_names(plan.geometry), ref.image_sum / max(ref.n, 1),
+                                         cand.image_sum / max(cand.n, 1), sub_ref.high, sub_cand.high, halves)
 
 
 def _label_classifier_inputs(result: dict[str, Any], plan: _Plan) -> None:
@@ -1077,6 +1094,10 @@ EvaluationResultSchema: dict[str, str] = {
     "ssim": "[per energy bin: reference, candidate, cross mean SSIM and errors]",
     "support_size": "threshold, reference/candidate: support, error, median_draws, n, censored",
     "multi_peak": "fraction of showers with >= 2 peaks, reference/candidate with errors",
+    "projections": "(uniform cartesian layers) profiles {x, y, z}: reference, candidate (normalised mean-shower "
+    "projections), separation_power, max_rel_dev (bins >= 1 % of the energy) [, floor_*]; moments {x_mean, x_rms, "
+    "y_mean, y_rms, z_mean, z_rms}: separation_power, means, stds [, floor_separation_power]; max_profile_separation, "
+    "max_moment_separation (module projections: the 3DGAN papers' checks)",
     "response": "per_energy linearity/resolution, fit {reference, candidate}: a, b (sigma/E = a/sqrt(E/GeV) (+) b), "
     "at_bound: parameters at the fit's lower bound 0",
     "per_energy": "[rows per energy bin: label, counts, separation powers, per-energy AUCs, SSIM]",

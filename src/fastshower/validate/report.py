@@ -146,12 +146,29 @@ def _distance_rows(result: dict[str, Any]) -> list[list[Any]]:
             rows.append([f"{key.upper()} x1e3", result[key]["value"], result[key]["error"],
                          fl.get(key, {}).get("value"), ("Fréchet" if key == "fpd" else "kernel")
                          + " distance of the high-level observables; 0: same"])
+    rows += _projection_rows(result.get("projections", {}))
     sp = result.get("separation_power", {})
     if sp:
         vals = [v for v in sp.values() if v is not None]
         fsp = [v for v in fl.get("separation_power", {}).values() if v is not None]
         rows.append(["separation power, mean over observables", float(np.mean(vals)), None,
                      float(np.mean(fsp)) if fsp else None, "0: same histograms, 1: disjoint"])
+    return rows
+
+
+def _projection_rows(pr: dict[str, Any]) -> list[list[Any]]:
+    """Summary rows of the 3DGAN papers' projection checks (module projections): the separation power of
+    the x, y and z profiles of the mean shower and of each shower's x, y, z moments, with the floor."""
+    rows: list[list[Any]] = []
+    for ax, p in pr.get("profiles", {}).items():
+        rows.append([f"{ax} profile separation power", p["separation_power"], None, p.get("floor_separation_power"),
+                     f"normalised mean-shower energy along {ax} read as a histogram; largest |cand/ref - 1| in bins "
+                     f"with >= 1 % of the energy: {_fmt(p.get('max_rel_dev'), 3)}"])
+    for k, m in pr.get("moments", {}).items():
+        what = "first moment (mean)" if k.endswith("mean") else "second moment (RMS)"
+        rows.append([f"{k} separation power", m["separation_power"], None, m.get("floor_separation_power"),
+                     f"{what} of each shower's energy along {k[0]}, mm: reference {_fmt(m['reference_mean'], 4)}, "
+                     f"candidate {_fmt(m['candidate_mean'], 4)} on average"])
     return rows
 
 
