@@ -19,7 +19,7 @@ from fastshower.cli import main as cli_main
 from fastshower.deploy import ExportError, bench, export_onnx, format_table, load_onnx
 from fastshower.errors import FastshowerError
 from fastshower.generation import generate
-from fastshower.io import ShowerFile
+from fastshower.io import ShowerBatch, ShowerFile, ShowerWriter
 from fastshower.models import available_models
 from fastshower.runs import RunError, load_run
 from fastshower.sampling import GenerationError, SamplerModule, draw_noise, noise_dim, sample_from_noise
@@ -400,6 +400,12 @@ def test_bench_int8_quality(runs: dict[str, Path], tmp_path: Path, belle_file: P
         bench(run, batch_sizes=[2], quality_showers=-1, print_table=False)
     with pytest.raises(ExportError, match="no such file"):
         bench(run, batch_sizes=[2], reference=tmp_path / "none.h5", print_table=False)
+    far = tmp_path / "far.h5"  # a reference made at 50 GeV: the run knows 1-5 GeV
+    geo = load_run(run)[2].geometry
+    with ShowerWriter(far, geo, "e-", "toy", 4, {"position": 2}, {"energy_spec": "50"}) as w:
+        w.append(ShowerBatch(np.full(4, 5e4), np.ones((4, geo.n_voxels)), {"position": np.zeros((4, 2))}))
+    with pytest.raises(ExportError, match=r"energies 50 GeV, outside the training range 1-5 GeV .* --reference"):
+        bench(run, batch_sizes=[2], reference=far, print_table=False)
     # a run whose training file is gone: skipped, the table says why and names --reference
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)

@@ -10,11 +10,14 @@ and excluded), and the speed-ups.
 
 INT8 change of quality (:func:`_int8_quality`)
 -----------------------------------------------
-With an INT8 backend timed and ``quality_showers`` > 0: the same showers (seed, energies, noise) generated
-with ONNX FP32 and with each INT8 graph, each scored against a reference file (default: the run's training
-file) by :func:`fastshower.validate.evaluate.evaluate`; the report keeps every separation power and the
-low- and high-level classifier AUCs of both and their change INT8 - FP32, the table the change of
-S(E_tot/E_inc), the largest change of any S and the AUCs' changes.
+With an INT8 backend timed and ``quality_showers`` > 0: the same showers (seed, energies, conditions, noise)
+generated with ONNX FP32 and with each INT8 graph, each scored against a reference file (default: the run's
+training file; its energy spec is generated) by :func:`fastshower.validate.evaluate.evaluate`; the table shows
+the change of S(E_tot/E_inc), the largest change of any S and the AUCs' changes. The report's
+``int8_quality``: {"reference", "n_showers", "energy_spec_gev", "seed", "scores": {backend: {"separation_power":
+{observable: S}, "auc_low", "auc_low_error", "auc_high", "auc_high_error"}}, "change": {INT8 backend:
+{"separation_power": {observable: dS}, "max_abs_separation_power", "max_abs_observable", "auc_low",
+"auc_high"}}}; {"skipped": why} when the training file is gone; None when not asked for.
 """
 
 from __future__ import annotations
@@ -73,25 +76,16 @@ def bench(
     geant4: bool | Mapping[str, Any] = False,
     *,
     backends: Sequence[str] = BACKENDS,
-    repeats: int = 5,
-    warmup: int = 1,
-    budget_s: float = 20.0,
-    steps: int | None = None,
-    method: str | None = None,
-    n_geant4: int = 200,
-    n_geant4_startup: int = 10,
-    profile_batch: int | None = None,
-    quality_showers: int = 2000,
-    reference: str | Path | None = None,
-    seed: int = 0,
-    print_table: bool = True,
-    progress: bool = False,
+    repeats: int = 5, warmup: int = 1, budget_s: float = 20.0,
+    steps: int | None = None, method: str | None = None,
+    n_geant4: int = 200, n_geant4_startup: int = 10, profile_batch: int | None = None,
+    quality_showers: int = 2000, reference: str | Path | None = None,
+    seed: int = 0, print_table: bool = True, progress: bool = False,
 ) -> dict[str, Any]:
     """Measure generation speed on this machine; returns (and writes to ``out`` as JSON) the results.
 
     Args:
-        run: finished run folder (or a loaded run).
-        out: JSON file to write (optional).
+        run, out: finished run folder (or a loaded run); JSON file to write (optional).
         batch_sizes: showers per call.
         threads: intra-op threads for torch and ONNX Runtime.
         geant4: also time Geant4 (jobs=1) on the run's geometry, particle and energy spectrum; or the
@@ -109,35 +103,30 @@ def bench(
         reference: the shower file both are scored against (default: the run's training file); its
             ``energy_spec`` (else the training file's) sets the energies generated.
         seed: seeds inputs, noise and the quality's generation and scoring.
-        print_table: print a short table with a legend. progress: say on stderr what is being timed.
+        print_table, progress: print a short table with a legend; say on stderr what is being timed.
 
     Returns:
         {"machine": {...}, "run": {...}, "results": [{"backend", "batch_size", "ms_per_shower", "ms_per_call",
         "repeats"}...], "geant4": {...} | None, "speedup_vs_geant4": {backend: {batch: x}}, "int8_vs_fp32":
-        {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}, "int8_quality":
-        {"reference", "n_showers", "energy_spec_gev", "seed", "scores": {backend: {"separation_power": {obs: S},
-        "auc_low", "auc_low_error", "auc_high", "auc_high_error"}}, "change": {INT8 backend: {"separation_power":
-        {obs: dS}, "max_abs_separation_power": dS, "max_abs_observable", "auc_low", "auc_high"}}} | {"skipped":
-        why} | None (not asked for)}.
+        {batch: x} (dynamic INT8), "int8_static_vs_fp32": {batch: x}, "profile": {...}, "int8_quality": see
+        the module docstring}.
     """
     sizes = _check_request(batch_sizes, threads, backends, n_geant4)
     loaded = as_run(run, require_finished=True)
     opts = sample_options(loaded.model, {"steps": steps, "method": method})
-    ref = _quality_reference(loaded.info, reference, quality_showers, backends)  # before minutes of timing
+    quality_plan = _quality_plan(loaded.info, reference, quality_showers, backends)  # before minutes of timing
     timing = _Timing(repeats, warmup, budget_s, _say if progress else _quiet)
     with tempfile.TemporaryDirectory(prefix="fastshower-bench-") as tmp:
         results, profiles, files = _time_backends(loaded, backends, sizes, threads, timing, opts, seed,
                                                   profile_batch, Path(tmp))
         g4 = _geant4_entry(geant4, loaded.info, n_geant4, min(n_geant4_startup, n_geant4 // 2), seed, timing.say)
-        quality = _int8_quality(loaded, files, opts, quality_showers, ref, seed, Path(tmp), timing.say)
-    report = _report(loaded, opts, threads, timing, results, g4, sizes, profiles)
-    report["int8_quality"] = quality
+        quality = _int8_quality(loaded, files, opts, quality_plan, seed, Path(tmp), timing.say)
+    report = {**_report(loaded, opts, threads, timing, results, g4, sizes, profiles), "int8_quality": quality}
     if print_table:
         print(format_table(report))
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -329,11 +318,21 @@ def _geant4_entry(geant4: bool | Mapping[str, Any], info: RunInfo, n: int, n_sta
 # --- the INT8 change of quality -----------------------------------------------------------------------------
 
 
-def _quality_reference(info: RunInfo, reference: str | Path | None, n: int, backends: Sequence[str]
-                       ) -> Path | str | None:
-    """The quality study's reference file; a string saying why it is skipped (the run's training file gone);
-    None when not asked for (n == 0 or no INT8 backend). ExportError for a bad ``n`` or a ``reference`` that
-    is missing or of another detector or particle (checked before any timing)."""
+@dataclass(frozen=True)
+class _QualityPlan:
+    """The INT8 quality check asked for: ``n`` showers per sampler at the energies ``spec`` (GeV), scored
+    against ``reference``; or ``skipped``, why it cannot run."""
+
+    n: int = 0
+    reference: Path | None = None
+    spec: str = ""
+    skipped: str | None = None
+
+
+def _quality_plan(info: RunInfo, reference: str | Path | None, n: int, backends: Sequence[str]) -> _QualityPlan | None:
+    """The quality check of a request, None when not asked for (``n`` 0 or no INT8 backend). ExportError for a
+    bad ``n`` or a ``reference`` that is missing, of another detector or particle, or of energies outside the
+    run's training range (all before any timing)."""
     from fastshower.io import ShowerFile
 
     if n < 0:
@@ -343,60 +342,84 @@ def _quality_reference(info: RunInfo, reference: str | Path | None, n: int, back
         return None
     if reference is None:
         if not info.training_file or not Path(info.training_file).is_file():
-            return (f"the run's training file {info.training_file or '(not recorded)'} is not here; "
-                    "give a reference shower file (--reference)")
+            return _QualityPlan(skipped=f"the run's training file {info.training_file or '(not recorded)'} is not "
+                                        "here; give a reference shower file (--reference)")
         reference = info.training_file
     path = Path(reference)
     try:
         with ShowerFile(path) as f:
-            geometry, particle = f.geometry.name, f.particle
+            geometry, particle, spec = f.geometry.name, f.particle, f.attrs.get("energy_spec")
     except Exception as exc:  # a missing, unreadable or unfinished file: one line
         raise ExportError(f"reference of the INT8 quality check: {exc}") from None
     if geometry != info.geometry.name or particle not in (info.particle, "unknown"):
         raise ExportError(f"reference {path} holds {particle} showers in {geometry}; the run is {info.particle} in "
                           f"{info.geometry.name}")
-    return path
+    plan = _QualityPlan(n, path, str(spec) if spec else _energy_spec_text(info))
+    _check_quality_energies(plan, info)
+    return plan
 
 
-def _reference_spec(path: Path, info: RunInfo) -> str:
-    """The energy spec to generate for a quality check against ``path``: its own, else the training file's."""
-    from fastshower.io import ShowerFile
+def _check_quality_energies(plan: _QualityPlan, info: RunInfo) -> None:
+    """ExportError when the reference's energies leave the run's training range (the check would extrapolate)."""
+    from fastshower.energy import EnergySpecError, parse_energy
+    from fastshower.runs import training_energy_range_mev
 
-    with ShowerFile(path) as f:
-        spec = f.attrs.get("energy_spec")
-    return str(spec) if spec else _energy_spec_text(info)
+    lo, hi = training_energy_range_mev(info)
+    try:
+        parse_energy(plan.spec).check_range(lo, hi, f"run {info.run_id!r}")
+    except EnergySpecError:
+        raise ExportError(f"reference {plan.reference} was made at energies {plan.spec} GeV, outside the training "
+                          f"range {lo / 1e3:g}-{hi / 1e3:g} GeV of run {info.run_id}; give a --reference inside it"
+                          ) from None
 
 
-def _int8_quality(run: Run, files: dict[str, Path], opts: Mapping[str, Any], n: int, reference: Path | str | None,
-                  seed: int, folder: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
-    """The report's ``int8_quality`` entry (see :func:`bench`): ``n`` showers from ONNX FP32 and from each INT8
-    file of ``files`` with the same seed (same energies and noise), scored against ``reference``."""
-    from fastshower.generation import generate
+def _int8_quality(run: Run, files: dict[str, Path], opts: Mapping[str, Any], plan: _QualityPlan | None, seed: int,
+                  folder: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The report's ``int8_quality`` entry (see the module docstring): ``plan.n`` showers from ONNX FP32 and from
+    each INT8 file of ``files``, of the same energies, conditions and noise, scored against ``plan.reference``."""
     from fastshower.validate.evaluate import evaluate
 
-    if reference is None:
-        return None
-    if isinstance(reference, str):
-        return {"skipped": reference}
+    if plan is None or plan.skipped or plan.reference is None:
+        return None if plan is None else {"skipped": plan.skipped}
     int8 = [be for be in files if "int8" in be]
     if "onnx-fp32" not in files:
         say("exporting the sampler for onnx-fp32 (the INT8 quality check's baseline)")
         files = {**files, "onnx-fp32": export_onnx(run, folder / "onnx-fp32.onnx", **opts)}
-    spec = _reference_spec(reference, run.info)
     scores: dict[str, dict[str, Any]] = {}
     for be in ("onnx-fp32", *int8):
-        say(f"INT8 quality: generating {n} showers with {be} (energies {spec} GeV), scoring them against "
-            f"{reference} (fewer: --quality-showers; none: 0)")
-        gen = generate(run, n, spec, out=folder / f"quality-{be}.h5", seed=seed, backend="onnx",
-                       onnx_path=files[be], sample_options=opts, progress=False)
-        m = evaluate(reference, gen, folder / f"quality-{be}", metrics=QUALITY_METRICS, seed=seed, progress=False,
-                     report=False)
+        say(f"INT8 quality: generating {plan.n} showers with {be} (energies {plan.spec} GeV), scoring them against "
+            f"{plan.reference} (fewer: --quality-showers; none: 0)")
+        gen = _quality_file(load_onnx(files[be], run.info), run.info, plan, seed, folder / f"quality-{be}.h5")
+        m = evaluate(plan.reference, gen, folder / f"quality-{be}", metrics=QUALITY_METRICS, seed=seed,
+                     progress=False, report=False)
         clf = m.get("classifier", {})
         scores[be] = {"separation_power": m.get("separation_power", {}),
                       **{f"auc_{side}{suffix}": clf.get(side, {}).get(f"auc{suffix}")
                          for side in ("low", "high") for suffix in ("", "_error")}}
-    return {"reference": str(reference), "n_showers": n, "energy_spec_gev": spec, "seed": seed, "scores": scores,
-            "change": {be: _change(scores["onnx-fp32"], scores[be]) for be in int8}}
+    return {"reference": str(plan.reference), "n_showers": plan.n, "energy_spec_gev": plan.spec, "seed": seed,
+            "scores": scores, "change": {be: _change(scores["onnx-fp32"], scores[be]) for be in int8}}
+
+
+def _quality_file(sampler: OnnxSampler, info: RunInfo, plan: _QualityPlan, seed: int, path: Path) -> Path:
+    """``plan.n`` showers of ``sampler`` in a new shower file ``path``: energies from ``plan.spec``, the run's
+    conditions over their training range and standard-normal noise, all drawn from ``seed`` alone (so every
+    sampler gets the same), in batches of 1000."""
+    from fastshower.energy import parse_energy
+    from fastshower.io import ShowerBatch, ShowerWriter
+
+    rng = np.random.default_rng(seed)
+    spec = parse_energy(plan.spec)
+    samplers, _ = condition_samplers(info, None)
+    widths = dict(zip(info.cond_names, info.cond_widths, strict=True))
+    with ShowerWriter(path, info.geometry, info.particle, f"{info.model_name} run {info.run_id} [{sampler.backend}]",
+                      plan.n, widths, {"seed": seed, "energy_spec": plan.spec}) as writer:
+        for start in range(0, plan.n, 1000):
+            m = min(1000, plan.n - start)
+            e = spec.sample(rng, m)
+            conds = {k: s(rng, m) for k, s in samplers.items()}
+            z = rng.standard_normal((m, sampler.noise_dim), dtype=np.float32)
+            writer.append(ShowerBatch(e, sampler(z, e, conds), conds))
+    return path
 
 
 def _change(fp32: Mapping[str, Any], int8: Mapping[str, Any]) -> dict[str, Any]:
