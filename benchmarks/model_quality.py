@@ -54,7 +54,7 @@ from fastshower.runs import load_run  # noqa: E402
 from fastshower.training import train  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
 
-ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow", "layer-fm")
+ALL_MODELS = ("flow-matching", "vae", "wgan-gp", "calogan", "flow", "layer-fm", "3dgan")
 #: ``--distill``: teacher -> table key of its one-step student (``fastshower distill``)
 DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow", "layer-fm": "one-step-layer-fm"}
 METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
@@ -119,6 +119,19 @@ DETECTORS: dict[str, dict[str, Any]] = {
         "tests": {"uniform_10-100GeV": ("test", "floor", "10:100")},
         "headline": "uniform_10-100GeV",
         "target_auc": 0.80,
+    },
+    # the 3DGAN papers' CLIC-like Si-W calorimeter (issue 18): 25 layers of 51x51 cells; e- 10-100 GeV (the
+    # papers: 2-500 GeV); Geant4 costs ~0.5-1.3 CPU-s per shower here, hence the small files
+    "siw-51x51x25": {
+        "geometry": "siw-51x51x25",
+        "particle": "e-",
+        "train": ("10:100", 2_000, 331),
+        "files": {"test": ("10:100", 500, 332), "floor": ("10:100", 500, 333)},
+        "tests": {"uniform_10-100GeV": ("test", "floor", "10:100")},
+        "headline": "uniform_10-100GeV",
+        "target_auc": 0.75,
+        # the papers' checks besides the standard scores (E_sum/E_p vs E_p is "response")
+        "extra_metrics": ["projections", "ssim", "support_size", "multi_peak"],
     },
 }
 
@@ -312,15 +325,42 @@ def summarise(m: dict[str, Any], geometry_layers: int) -> dict[str, Any]:
         out["sep_mean"] = float(np.mean([v for v in sp.values() if v is not None]))
         out["sep_max"], out["sep_max_observable"] = sp[worst], worst
     out["separation_power"] = sp
+    out.update(papers_checks(m))
     out["per_energy"] = m.get("per_energy")
     if "response" in m:
         out["response"] = m["response"]
     return out
 
 
-def score(reference: Path, candidate: Path, out: Path, layers: int, seed: int) -> dict[str, Any]:
+def papers_checks(m: dict[str, Any]) -> dict[str, Any]:
+    """The 3DGAN papers' checks of an evaluate() result, where computed: profile and moment separation
+    powers (module projections), SSIM diversity (mean over energy bins), support size and multi-peak fraction."""
+    out: dict[str, Any] = {}
+    pr = m.get("projections")
+    if pr:
+        for ax, p in pr["profiles"].items():
+            out[f"sep_profile_{ax}"], out[f"max_rel_dev_profile_{ax}"] = p["separation_power"], p["max_rel_dev"]
+        for k, v in pr["moments"].items():
+            out[f"sep_{k}"] = v["separation_power"]
+        out["sep_profile_max"], out["sep_moment_max"] = pr["max_profile_separation"], pr["max_moment_separation"]
+    if m.get("ssim"):
+        for side in ("reference", "candidate", "cross"):
+            vals = [r[side] for r in m["ssim"] if r.get(side) is not None]
+            out[f"ssim_{side}"] = float(np.mean(vals)) if vals else None
+    sup = m.get("support_size", {})
+    if "reference" in sup:
+        out["support_reference"], out["support_candidate"] = sup["reference"]["support"], sup["candidate"]["support"]
+    if m.get("multi_peak"):
+        out["multi_peak_reference"] = m["multi_peak"]["reference"]
+        out["multi_peak_candidate"] = m["multi_peak"]["candidate"]
+    return out
+
+
+def score(reference: Path, candidate: Path, out: Path, layers: int, seed: int,
+          extra_metrics: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    m = evaluate(reference, candidate, out, metrics=METRICS, seed=seed, progress=False, report=False)
+    m = evaluate(reference, candidate, out, metrics=METRICS + list(extra_metrics or []), seed=seed, progress=False,
+                 report=False)
     res = summarise(m, layers)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     res["n_reference"], res["n_candidate"] = m["n_reference"], m["n_candidate"]
@@ -567,7 +607,8 @@ def main() -> None:
             result["floor"][test] = json.loads(cache.read_text())
         else:
             log(f"floor {test}: {flo} vs {ref}")
-            result["floor"][test] = score(work / f"{ref}.h5", work / f"{flo}.h5", cache.parent, layers, args.seed)
+            result["floor"][test] = score(work / f"{ref}.h5", work / f"{flo}.h5", cache.parent, layers, args.seed,
+                                          d.get("extra_metrics"))
             cache.write_text(json.dumps(result["floor"][test], default=float))
         f = result["floor"][test]
         log(f"floor {test}: AUC low {f['auc_low']} high {f['auc_high']} FPD {f['fpd_x1e3']} KPD {f['kpd_x1e3']}")
@@ -591,7 +632,8 @@ def main() -> None:
             ginfo = generate_for(run_dir, work / f"{ref}.h5", energy, gen, seed=args.seed + 17)
             log(f"{model}: scoring {test} ({ginfo['ms_per_shower']} ms/shower)")
             try:
-                sc = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed)
+                sc = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed,
+                           d.get("extra_metrics"))
             except Exception as exc:
                 sc = {"error": f"{type(exc).__name__}: {exc}"}
             entry["tests"][test] = {"generation": ginfo, **sc}
