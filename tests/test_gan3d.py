@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,14 +34,35 @@ def _sparse_showers(n: int, v: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_upsampling_plan_lands_on_the_calorimeter_grid() -> None:
-    start, kernels = upsampling_plan((25, 51, 51), 3)
-    assert start == (4, 7, 7) and kernels == [(3, 3, 3), (3, 4, 4), (3, 3, 3)]
+    start, sizes = upsampling_plan((25, 51, 51), 3)
+    assert start == (4, 7, 7) and sizes == [(7, 13, 13), (13, 26, 26), (25, 51, 51)]
     for grid in [(2, 4, 4), (1, 5, 5), (30, 30, 30), (45, 16, 9)]:
-        start, kernels = upsampling_plan(grid, 3)
-        sizes = list(start)
-        for k in kernels:  # stride 2, padding 1: n -> 2n - 4 + k
-            sizes = [2 * n - 4 + kk for n, kk in zip(sizes, k, strict=True)]
-        assert tuple(sizes) == grid
+        start, sizes = upsampling_plan(grid, 3)
+        cur = start
+        for size in sizes:  # kernel 4, stride 2, padding 1: n -> 2n, then cropped
+            assert all(n <= 2 * m for n, m in zip(size, cur, strict=True))
+            cur = size
+        assert sizes[-1] == grid
+        model = build_model("3dgan", ModelSpec.from_geometry(_cartesian(grid)), SMALL)
+        assert model.generate_power(torch.randn(2, 8), torch.randn(2, 1)).shape == (2, 1, *grid)
+
+
+def _cartesian(grid: tuple[int, int, int]) -> Any:
+    from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer
+
+    layer = ReadoutLayer("G4_W", 3.5, "G4_Si", 0.5, 1, CartesianSegmentation(grid[2], grid[1], 5.0, 5.0))
+    return Geometry(name="grid", description="test", source="tests", layers=(layer,) * grid[0], energy="1:10")
+
+
+def test_no_checkerboard_at_initialisation() -> None:
+    """Kernel-4 up-sampling: an untrained generator's mean output varies smoothly from layer to layer (kernel 3
+    made every other layer ~50x brighter after 400 training steps)."""
+    torch.manual_seed(0)
+    model = build_model("3dgan", SIW, SMALL).train()
+    with torch.no_grad():
+        y = model.generate_power(torch.randn(16, 8), torch.zeros(16, 1))
+    z = y.mean(dim=(0, 1, 3, 4))[1:-1]
+    assert float((z[1:] / z[:-1]).max()) < 2.0 and float((z[:-1] / z[1:]).max()) < 2.0
 
 
 def test_shapes_on_the_3dgan_calorimeter() -> None:

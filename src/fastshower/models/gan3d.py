@@ -36,10 +36,14 @@ What differs from the papers, and why:
 - **Size.** The papers' generator up-samples a (8, 9, 9, 8) grid six-fold and convolves at ~54 x 54 x 48
   with 8 channels (of order 10^9 multiply-adds per shower); discriminator convolutions run at full
   resolution with 16 channels. That is far beyond a CPU budget, so the up-sampling is by stride-2 transposed
-  convolutions from a (7, 7, 4) grid (``depth`` stages; the kernel of each stage and axis is 3 or 4 so that
-  the output is exactly the calorimeter's grid, see :func:`upsampling_plan`) and the discriminator
-  down-samples by stride-2 convolutions; ``hidden`` and ``critic_hidden`` set the widths
-  (:func:`fastshower.models.base.model_cost` gives parameters and FLOPs).
+  convolutions (kernel 4, cropped to odd sizes) from a (4, 7, 7) grid (``depth`` stages, see
+  :func:`upsampling_plan`) and the discriminator down-samples by stride-2 convolutions; ``hidden`` and
+  ``critic_hidden`` set the widths (:func:`fastshower.models.base.model_cost` gives parameters and FLOPs).
+  (Kernel-3 transposed convolutions, tried first, printed a period-2 checkerboard into the generated
+  showers: after 400 steps the z profile alternated by a factor ~50 between neighbouring layers.)
+- **Per-voxel scale and bias** before the generator's final ReLU (:class:`Generator3D`): 2 x 65 025
+  parameters that let the generator switch far cells off and sharpen the core, which the papers' much
+  larger convolution stack learns without them.
 - **Energy regression target.** Model space knows only the standardised conditions, not E_p in GeV, so
   the auxiliary head regresses the condition vector c and its loss is ``100 x |c_pred - c|`` averaged:
   for the log-energy column that is ``100 |d ln E| / sigma(ln E)``, the percentage error of E for a
@@ -107,26 +111,25 @@ class PowerTransform(nn.Module):
 
 
 def upsampling_plan(grid: Sequence[int], stages: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """The start grid and per-stage kernels of ``stages`` stride-2 transposed convolutions (padding 1)
-    that end exactly on ``grid`` (one size per axis).
+    """The start grid and the size after each of ``stages`` stride-2 up-samplings that end on ``grid``.
 
-    A transposed convolution of stride 2, padding 1 and kernel k maps n to 2n - 4 + k: kernel 3 gives
-    2n - 1 (odd sizes), kernel 4 gives 2n (even sizes). Walking back from the target, an odd size n comes
-    from (n + 1) / 2 with kernel 3 and an even one from n / 2 with kernel 4; 51 <- 26 <- 13 <- 7 and
-    25 <- 13 <- 7 <- 4 for the 3DGAN calorimeter. Sizes of 1 stay 1 (kernel 3).
+    Each stage is a transposed convolution of kernel 4, stride 2, padding 1 (n -> 2n: every output voxel
+    sums exactly 2 taps per axis, so the up-sampling has no built-in checkerboard, which kernel 3 has),
+    then a crop of the last row where the target size is odd. Walking back from the target: n comes from
+    ceil(n / 2); 51 <- 26 <- 13 <- 7 and 25 <- 13 <- 7 <- 4 for the 3DGAN calorimeter. Sizes of 1 stay 1.
 
     Returns:
-        (start grid, kernels): kernels[i] is the kernel of stage i (coarsest first), one size per axis.
+        (start grid, sizes): sizes[i] is the grid after stage i (coarsest first); sizes[-1] == grid.
     """
-    sizes = [int(n) for n in grid]
-    if any(n < 1 for n in sizes):
+    target = [int(n) for n in grid]
+    if any(n < 1 for n in target):
         raise ValueError(f"grid sizes must be >= 1, got {tuple(grid)}")
-    kernels: list[tuple[int, ...]] = []
+    sizes: list[tuple[int, ...]] = []
+    cur = target
     for _ in range(stages):
-        k = tuple(3 if n % 2 else 4 for n in sizes)
-        sizes = [(n + 1) // 2 if n % 2 else n // 2 for n in sizes]
-        kernels.append(k)
-    return tuple(sizes), kernels[::-1]
+        sizes.append(tuple(cur))
+        cur = [(n + 1) // 2 for n in cur]
+    return tuple(cur), sizes[::-1]
 
 
 def _channels(first: int, stages: int, floor: int) -> list[int]:
@@ -151,20 +154,38 @@ def _init_transposed(conv: nn.ConvTranspose3d, kind: str) -> None:
             conv.bias.zero_()
 
 
+class _Up(nn.Module):
+    """Transposed convolution (kernel 4, stride 2, padding 1: n -> 2n) cropped to ``size``."""
+
+    def __init__(self, c_in: int, c_out: int, size: tuple[int, ...], kind: str) -> None:
+        super().__init__()
+        self.conv = nn.ConvTranspose3d(c_in, c_out, kernel_size=4, stride=2, padding=1)
+        _init_transposed(self.conv, kind)
+        self.size = (int(size[0]), int(size[1]), int(size[2]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        d, h, w = self.size
+        return self.conv(x)[:, :, :d, :h, :w]
+
+
 class Generator3D(nn.Module):
     """``(z (B, Z), c (B, C)) -> y (B, 1, L, rows, cols)`` in power space, >= 0 (final ReLU).
 
-    Dense -> (hidden, start grid) -> ``depth`` stride-2 ConvTranspose3d, channels halved per stage, each but
-    the last followed by BatchNorm and ReLU; the last has one output channel and a ReLU. (The papers put the
-    batch norm after the ReLU; before it, an untrained generator in eval mode, whose running statistics are
-    still 0 and 1, passes half of its activations as in training instead of shutting small grids off.)
+    Dense -> (hidden, start grid) -> ``depth`` stride-2 up-samplings (:func:`upsampling_plan`), channels
+    halved per stage, each but the last followed by BatchNorm and ReLU; the last has one output channel.
+    Before the final ReLU a learned per-voxel scale and bias (``a * scale + bias``, initialised to 1 and 0):
+    the mean image of a calorimeter is anything but translation invariant (on siw-51x51x25 71 % of the
+    energy is in the central column and 99.9 % within 25 x 25 of the 51 x 51 cells), which convolutions
+    alone learn slowly; a negative bias switches far cells off, as the Geant4 images have them (0.8 % of the
+    cells hit). (The papers put the batch norm after the ReLU; before it, an untrained generator in eval
+    mode, whose running statistics are still 0 and 1, passes half of its activations as in training.)
     """
 
     def __init__(self, latent_dim: int, cond_dim: int, grid: tuple[int, int, int], hidden: int, depth: int,
                  min_channels: int, batch_norm: bool) -> None:
         super().__init__()
         self.grid = (int(grid[0]), int(grid[1]), int(grid[2]))
-        start, kernels = upsampling_plan(self.grid, depth)
+        start, sizes = upsampling_plan(self.grid, depth)
         self.start = start
         ch = _channels(hidden, depth, min_channels)
         ch[-1] = 1
@@ -172,19 +193,20 @@ class Generator3D(nn.Module):
         self.ch0 = ch[0]
         layers: list[nn.Module] = [nn.BatchNorm3d(ch[0])] if batch_norm else []
         layers.append(nn.ReLU())
-        for i, k in enumerate(kernels):
-            last = i == len(kernels) - 1
-            conv = nn.ConvTranspose3d(ch[i], ch[i + 1], kernel_size=(k[0], k[1], k[2]), stride=2, padding=1)
-            _init_transposed(conv, "glorot" if last else "he")
-            layers.append(conv)
-            if batch_norm and not last:
-                layers.append(nn.BatchNorm3d(ch[i + 1]))
-            layers.append(nn.ReLU())
+        for i, size in enumerate(sizes):
+            last = i == len(sizes) - 1
+            layers.append(_Up(ch[i], ch[i + 1], size, "glorot" if last else "he"))
+            if not last:
+                if batch_norm:
+                    layers.append(nn.BatchNorm3d(ch[i + 1]))
+                layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
+        self.voxel_scale = nn.Parameter(torch.ones(1, 1, *self.grid))
+        self.voxel_bias = nn.Parameter(torch.zeros(1, 1, *self.grid))
 
     def forward(self, z: Tensor, c: Tensor) -> Tensor:
         h = self.dense(torch.cat([z, c], dim=1)).view(-1, self.ch0, *self.start)
-        return self.net(h)
+        return F.relu(self.net(h) * self.voxel_scale + self.voxel_bias)
 
 
 class Discriminator3D(nn.Module):
