@@ -170,3 +170,25 @@ def test_energy_conditioning_orders_total_energy(belle_file: Path, tmp_path: Pat
         with ShowerFile(out) as f:
             means.append(float(f.read().showers.sum(1).mean()))
     assert means[0] < means[1] < means[2], means
+
+
+def test_switched_off_cells_keep_a_gradient_in_training_only() -> None:
+    torch.manual_seed(0)
+    model = build_model("3dgan", SIW, SMALL)
+    gen = model.generator
+    with torch.no_grad():
+        gen.voxel_bias.fill_(-100.0)  # every cell off
+    z, c = torch.randn(2, 8), torch.zeros(2, 1)
+    gen.train()
+    y = gen(z, c)
+    assert torch.equal(y, torch.zeros_like(y))  # the output is still the ReLU's
+    y.sum().backward()
+    assert gen.voxel_bias.grad is not None and float(gen.voxel_bias.grad.abs().min()) > 0
+    gen.zero_grad()
+    model.eval()
+    torch.testing.assert_close(gen(z, c), torch.zeros_like(y), rtol=0, atol=0)
+    plain = build_model("3dgan", SIW, {**SMALL, "dead_slope": 0.0}).generator
+    with torch.no_grad():
+        plain.voxel_bias.fill_(-100.0)
+    plain(z, c).sum().backward()
+    assert float(plain.voxel_bias.grad.abs().max()) == 0
