@@ -49,7 +49,7 @@ def test_layer_energies_are_stage_one_s() -> None:
     with torch.no_grad():
         g1, g2 = model.sample_latents(z, c)
         e_stage1 = model.stage1_inverse(model.scale1.inverse(g1))
-        x = model.assemble_at(g1, g2, c)
+        x = model.assemble(g1, g2, c)
     e = model.layer_energies(x)
     big = e_stage1 > 1e-6
     assert bool(big.any())

@@ -264,16 +264,27 @@ class CaloFlow(ShowerModel):
         return torch.cat([e[:, i : i + 1].expand(-1, b - a) for i, (a, b) in enumerate(self._layer_bounds)], dim=1)
 
     # -- protocol ------------------------------------------------------------------------
-    def stage_variables(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Showers x (B, V) = voxel / E_inc -> dequantised layer fractions e (B, L) and standardised stage
-        variables g1 (B, L), g2 (B, V); in training the scalers are fitted on the first call."""
+    def stage_variables(self, x: Tensor, c: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Showers x (B, V) = voxel / E_inc (conditions c (B, C), for a stage-2 scaling that depends on them)
+        -> dequantised layer fractions e (B, L) and standardised stage variables g1 (B, L), g2 (B, V); in
+        training the scalers are fitted on the first call."""
         x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
         e = self.layer_energies(x)
         f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
         if self.training:
             self.scale1.fit_once(f1)
-            self.scale2.fit_once(f2)
-        return e, self.scale1(f1), self.scale2(f2)
+            self.fit_scale2(f2, c)
+        return e, self.scale1(f1), self.standardise2(f2, c)
+
+    # stage 2's standardisation; flow's ignores the conditions, layer-fm's may scale by energy
+    def fit_scale2(self, f2: Tensor, c: Tensor | None) -> None:
+        self.scale2.fit_once(f2)
+
+    def standardise2(self, f2: Tensor, c: Tensor | None) -> Tensor:
+        return self.scale2(f2)
+
+    def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
+        return self.scale2.inverse(g2)
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """``nll_stage1 + nll_stage2`` (mean per shower) on x (B, V) = voxel / E_inc, c (B, C)."""
@@ -313,13 +324,14 @@ class CaloFlow(ShowerModel):
         g1 = self.sample_stage1(z1, c)
         return g1, self._flow2()(torch.cat([c, g1], dim=1)).transform.inv(z2)
 
-    def assemble(self, g1: Tensor, g2: Tensor) -> Tensor:
+    def assemble(self, g1: Tensor, g2: Tensor, c: Tensor | None = None) -> Tensor:
         """Standardised stage variables g1 (B, L), g2 (B, V) -> showers (B, V) = voxel / E_inc.
 
-        Layer fractions from g1, voxel shares from g2 renormalised per layer, then the zero threshold.
+        Layer fractions from g1, voxel shares from g2 renormalised per layer, then the zero threshold. ``c``
+        (B, C): the conditions, for a stage-2 scaling that depends on them (:meth:`unstandardise2`).
         """
         e = self.stage1_inverse(self.scale1.inverse(g1))
-        x = self.stage2_inverse(self.scale2.inverse(g2), e)
+        x = self.stage2_inverse(self.unstandardise2(g2, c), e)
         # remove the dequantisation noise: everything below its amplitude is an empty voxel (a 0/1 mask
         # rather than where(..., zeros_like): the latter costs ONNX Runtime 10x more)
         return x * (x >= self.noise).to(x.dtype)

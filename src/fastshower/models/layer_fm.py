@@ -281,42 +281,32 @@ class LayerFlowMatching(CaloFlow):
         """Layer fractions e (B, L) -> standardised log fractions (B, L, 1), the tokens' energy feature."""
         return self.scale_e(torch.log(e.clamp_min(1e-12))).unsqueeze(2)
 
-    def shape_variables(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`stage_variables` with the stage-2 scaling at the showers' energies: x (B, V) = voxel / E_inc,
-        c (B, C) -> layer fractions e (B, L), standardised g1 (B, L) and g2 (B, W); in training the scalers
-        are fitted on the first call."""
-        x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
-        e = self.layer_energies(x)
-        f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
-        if self.training:
-            self.scale1.fit_once(f1)
-            self.scale_e.fit_once(torch.log(e.clamp_min(1e-12)))
-            if isinstance(self.scale2, EnergyScaler):
-                self.scale2.fit_once(f2, c[:, 0])
-            else:
-                self.scale2.fit_once(f2)
-        return e, self.scale1(f1), self._scale2(f2, c)
-
-    def _scale2(self, f: Tensor, c: Tensor) -> Tensor:
-        return self.scale2(f, c[:, 0]) if isinstance(self.scale2, EnergyScaler) else self.scale2(f)
-
-    def _unscale2(self, g: Tensor, c: Tensor) -> Tensor:
-        return self.scale2.inverse(g, c[:, 0]) if isinstance(self.scale2, EnergyScaler) else self.scale2.inverse(g)
-
-    def assemble_at(self, g1: Tensor, g2: Tensor, c: Tensor) -> Tensor:
-        """Standardised g1 (B, L), g2 (B, W) at conditions c (B, C) -> showers (B, V) = voxel / E_inc."""
-        e = self.stage1_inverse(self.scale1.inverse(g1))
-        x = self.stage2_inverse(self._unscale2(g2, c), e)
-        return x * (x >= self.noise).to(x.dtype)  # below the dequantisation noise: empty
-
-    def assemble(self, g1: Tensor, g2: Tensor) -> Tensor:
+    # stage 2's standardisation at the showers' energies c[:, 0] (energy_knots > 0), else flow's
+    def fit_scale2(self, f2: Tensor, c: Tensor | None) -> None:
         if isinstance(self.scale2, EnergyScaler):
-            raise ValueError("this layer-fm scales stage 2 by energy (energy_knots > 0): use assemble_at(g1, g2, c)")
-        return super().assemble(g1, g2)
+            self.scale2.fit_once(f2, self._energy(c))
+        else:
+            self.scale2.fit_once(f2)
+
+    def standardise2(self, f2: Tensor, c: Tensor | None) -> Tensor:
+        return self.scale2(f2, self._energy(c)) if isinstance(self.scale2, EnergyScaler) else self.scale2(f2)
+
+    def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
+        if isinstance(self.scale2, EnergyScaler):
+            return self.scale2.inverse(g2, self._energy(c))
+        return self.scale2.inverse(g2)
+
+    @staticmethod
+    def _energy(c: Tensor | None) -> Tensor:
+        if c is None:
+            raise ValueError("this layer-fm scales stage 2 by energy (energy_knots > 0): pass the conditions c")
+        return c[:, 0]
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """``nll_stage1 + fm_stage2`` on x (B, V) = voxel / E_inc, c (B, C)."""
-        e, g1, g2 = self.shape_variables(x, c)
+        e, g1, g2 = self.stage_variables(x, c)
+        if self.training:
+            self.scale_e.fit_once(torch.log(e.clamp_min(1e-12)))
         nll1 = -self.flow1(c).log_prob(g1).mean()
         z = torch.randn_like(g2)
         t = draw_t(g2.shape[0], g2, self.config.t_dist)
@@ -355,7 +345,7 @@ class LayerFlowMatching(CaloFlow):
         """Showers (B, V) from noise z (B, L + V): flow 1 inverts z[:, :L], the shape ODE carries z[:, L:]."""
         if options:
             raise ValueError(f"model 'layer-fm' takes steps and method, got {sorted(options)}")
-        return self.assemble_at(*self.sample_latents(z, c, steps, method), c)
+        return self.assemble(*self.sample_latents(z, c, steps, method), c)
 
     def sample_latents(self, z: Tensor, c: Tensor, steps: int | None = None,
                        method: str | None = None) -> tuple[Tensor, Tensor]:
