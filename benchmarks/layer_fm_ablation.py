@@ -5,15 +5,18 @@ Arms (``LayerFMConfig`` keys; everything else the defaults):
 - ``voxel``: each voxel's logit share of its layer, one standardisation for all energies (the model before
   ring shares);
 - ``ring``: each ring's share of its layer, then each cell's share of its ring (``shares="ring"``);
-- ``ringk``: ring shares standardised by incident energy (``energy_knots=5``; today's default on polar
-  readouts).
+- ``ringk``: ring shares standardised by incident energy (``energy_knots=5``);
+- ``ringke``: as ``ringk``, each cell written as its log energy instead of its share of the ring
+  (``cells="energy"``; today's default on polar readouts).
 
 Each arm trains ``--steps`` steps (batch 256, one thread, seed 0) on the same training file, generates as many
 showers as the test file over its spectrum, and is scored by :func:`fastshower.validate.evaluate` against it
 (the floor: a second Geant4 file against the same test file). Beside the scores, the shape facts that the
 representation targets, per incident-energy band: the median share of its layer held by the hottest cell, and
-the mean share of the layer in the innermost ring, averaged over layers 4-12 (shower maximum), for Geant4 and
-for the arm. Finished runs and generated files are reused, so a killed benchmark restarts where it stopped::
+the mean share of the layer in the innermost ring, averaged over layers 4-12 (shower maximum), and the median
+energy of a hit in rings 2-8 (single particles crossing the silicon in Geant4), for Geant4 and for the arm.
+Finished runs and generated files are reused, so a killed benchmark restarts where it stopped, and arms not
+asked for keep their entry in an existing ``--out``::
 
     nice .venv/bin/python benchmarks/layer_fm_ablation.py --workdir /work/data/par04-ds2 \\
         --out benchmarks/results/layer_fm_ablation_par04-ds2.json
@@ -41,13 +44,15 @@ import model_quality as mq  # the same generation and scoring as the quality tab
 ARMS: dict[str, dict[str, Any]] = {
     "voxel": {"shares": "voxel", "energy_knots": 0},
     "ring": {"shares": "ring", "energy_knots": 0},
-    "ringk": {"shares": "ring", "energy_knots": 5},
+    "ringk": {"shares": "ring", "energy_knots": 5, "cells": "share"},
+    "ringke": {"shares": "ring", "energy_knots": 5, "cells": "energy"},
 }
 BANDS_GEV = ((1.0, 5.0), (10.0, 30.0), (50.0, 100.0))
 
 
 def shape_facts(path: Path, n_alpha: int = 16, n_r: int = 9, layers: slice = slice(4, 13)) -> dict[str, Any]:
-    """Per energy band: median hottest-cell share of its layer and mean innermost-ring share (layers 4-12)."""
+    """Per energy band: median hottest-cell share of its layer and mean innermost-ring share (layers 4-12), and
+    the median energy (MeV) of a hit in rings 2-8 of those layers."""
     with ShowerFile(path) as f:
         batch = f.read()
     x, e = batch.showers, batch.energies
@@ -56,12 +61,14 @@ def shape_facts(path: Path, n_alpha: int = 16, n_r: int = 9, layers: slice = sli
     ok = layer_e > 0
     hottest = np.where(ok, cells.reshape(*layer_e.shape, -1).max(2) / np.where(ok, layer_e, 1.0), np.nan)
     inner = np.where(ok, cells[..., 0].sum(2) / np.where(ok, layer_e, 1.0), np.nan)
+    outer = cells[..., 2:]
     out = {}
     for lo, hi in BANDS_GEV:
         sel = (e >= lo * 1e3) & (e < hi * 1e3)
         out[f"{lo:g}-{hi:g} GeV"] = {"n": int(sel.sum()),
                                      "hottest_cell_share_median": round(float(np.nanmedian(hottest[sel])), 4),
-                                     "inner_ring_share_mean": round(float(np.nanmean(inner[sel])), 4)}
+                                     "inner_ring_share_mean": round(float(np.nanmean(inner[sel])), 4),
+                                     "outer_hit_median_mev": round(float(np.median(outer[sel][outer[sel] > 0])), 3)}
     return out
 
 
@@ -102,11 +109,14 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.workdir)
     test = work / "test.h5"
+    out = Path(args.out)
+    kept = json.loads(out.read_text())["arms"] if out.exists() else {}
     result: dict[str, Any] = {"detector": "par04-ds2", "machine": mq.machine_info(), "steps": args.steps,
-                              "batch_size": 256, "geant4_shape_facts": shape_facts(test), "arms": {}}
+                              "batch_size": 256, "geant4_shape_facts": shape_facts(test),
+                              "arms": {k: v for k, v in kept.items() if k not in args.arms}}
     for name in args.arms:
         result["arms"][name] = run_arm(work, name, args.steps, test)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+        out.write_text(json.dumps(result, indent=1, default=str))
         s = result["arms"][name]["scores"]
         mq.log(f"{name}: AUC low {s['auc_low']:.3f} high {s['auc_high']:.3f} mean S {s['sep_mean']:.3f}")
 

@@ -119,11 +119,12 @@ def test_ring_shares_chosen_for_polar_readouts_only() -> None:
     assert LayerFMConfig.from_saved(saved).shares == "voxel"
 
 
-def test_ring_shares_invert_exactly() -> None:
-    """Showers -> (ring shares, cell shares of their ring) -> showers returns every cell above the logit
-    regulariser's resolution (alpha = 1e-6 of its ring) to 1e-4 relative."""
+@pytest.mark.parametrize("cells", ["share", "energy"])
+def test_ring_shares_invert_exactly(cells: str) -> None:
+    """Showers -> (ring shares, cells: their share of the ring or their log energy) -> showers returns every
+    cell above the logit regulariser's resolution (alpha = 1e-6 of its ring) to 1e-4 relative."""
     torch.manual_seed(0)
-    model = build_model("layer-fm", _polar_spec(), SMALL)
+    model = build_model("layer-fm", _polar_spec(), {**SMALL, "cells": cells})
     assert isinstance(model, LayerFlowMatching)
     x = torch.rand(32, 36) * (torch.rand(32, 36) < 0.6) + 1e-9 * torch.rand(32, 36)
     e = model.layer_energies(x)
@@ -133,11 +134,12 @@ def test_ring_shares_invert_exactly() -> None:
     assert torch.allclose(model.layer_energies(back), e, rtol=1e-5)
 
 
-def test_cell_noise_cannot_move_energy_between_rings() -> None:
+@pytest.mark.parametrize("cells", ["share", "energy"])
+def test_cell_noise_cannot_move_energy_between_rings(cells: str) -> None:
     """The radial profile is the ring shares alone: any change of the cells' latents leaves every ring's
     energy as it was (with voxel shares a single noisy cell takes energy from the whole layer)."""
     torch.manual_seed(0)
-    model = build_model("layer-fm", _polar_spec(), SMALL)
+    model = build_model("layer-fm", _polar_spec(), {**SMALL, "cells": cells})
     assert isinstance(model, LayerFlowMatching)
     y, e = torch.randn(8, 3 * 3 * 5), torch.rand(8, 3)
     y2 = y.reshape(8, 3, 15).clone()
@@ -161,3 +163,24 @@ def test_energy_scaler_standardises_each_energy() -> None:
         assert abs(float(g[sel].mean())) < 0.2 and 0.7 < float(g[sel].std()) < 1.3, (lo, hi)
     assert float(f[c0 > 1.5].std() / f.std()) < 0.2  # what one global std would have had to resolve
     assert torch.allclose(scaler.inverse(g, c0), f, atol=1e-4)
+
+
+def test_cell_energy_keeps_a_hit_where_it_is_whatever_its_ring_holds() -> None:
+    """cells="energy": a single-particle hit (7 MeV of 50 GeV) is the same stage-2 number whether its ring holds
+    it alone or 20x more (as a share of the ring it moves by log 20); empty cells come back empty."""
+    torch.manual_seed(0)
+    by = {k: build_model("layer-fm", _polar_spec(), {**SMALL, "cells": k}) for k in ("share", "energy")}
+    x = torch.zeros(2, 3, 4, 3)
+    x[:, :, 0, 0] = 0.2  # the core ring
+    x[:, 1, 1, 2] = 1.4e-4  # the hit: 7 MeV / 50 GeV in the outer ring of layer 1
+    x[1, 1, 3, 2] = 20 * 1.4e-4  # shower 2: the outer ring holds 20x more
+    x = x.reshape(2, -1)
+    hit = 3 + 1 * 3 + 2  # layer 1's numbers are 3 rings then the 4 x 3 cells (angle-major)
+    for cells, model in by.items():
+        assert isinstance(model, LayerFlowMatching)
+        e = model.layer_energies(x)
+        f = model.stage2_features(x, e).reshape(2, 3, 15)[:, 1, hit]
+        moved = float(f[1] - f[0])
+        assert (abs(moved) < 1e-4) if cells == "energy" else (abs(moved) > 2.5), (cells, moved)
+        back = model.stage2_inverse(model.stage2_features(x, e), e)
+        assert torch.equal(back == 0, x == 0), cells
