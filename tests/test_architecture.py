@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "fastshower.deploy": 6,
     "fastshower.distillation": 6,
     "fastshower.generation": 7,
+    "fastshower.fastsim_model": 7,
     "fastshower.airshower": 8,
     "fastshower.demo": 9,
     "fastshower.cli": 10,

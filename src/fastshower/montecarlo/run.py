@@ -40,6 +40,7 @@ from fastshower.geometry import Geometry, geometry_from_json, get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, WriteLock
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 from fastshower.montecarlo.dask_run import WorkerSpec, drop_front, worker_report
+from fastshower.montecarlo.fastsim import FastSim
 
 __all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
 
@@ -329,7 +330,8 @@ def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, see
 
 def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: int, out: str | Path, *,
           seed: int | None, jobs: int, cut_mm: float, physics: str, resume: bool, chunk_size: int | None,
-          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None, lock: WriteLock) -> _Plan:
+          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None, lock: WriteLock,
+          fast_sim: FastSim | None = None) -> _Plan:
     """Parse and check a request (arguments as :func:`simulate`'s), in the order its errors are reported.
 
     ``lock`` (of ``out``) is taken before the file is read, so a file another run is writing is refused
@@ -341,6 +343,8 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
     out = Path(out)
     options = BackendOptions(cut_mm=cut_mm, physics=physics, extra=dict(extra or {}))
     cls = backend or backend_class(geo)
+    if fast_sim is not None:
+        options = _with_fast_sim(geo, cls, options, fast_sim, (spec.low, spec.high))
     cls.check_request(geo, particle, options, (spec.low, spec.high))
     lock.acquire()
     start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume, options.extra)
@@ -350,6 +354,20 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
     if geo.kind == "calorimeter":
         attrs.update(cut_mm=cut_mm, physics_choice=physics)
     return _Plan(geo, particle, spec, options, cls, out, n, seed, chunk_size, start, jobs, resume, attrs, lock)
+
+
+def _with_fast_sim(geo: Geometry, cls: type[SimulationBackend], options: BackendOptions, fast_sim: FastSim,
+                   energy_range_mev: tuple[float, float]) -> BackendOptions:
+    """``options`` with the fast simulation checked (SimulationError before Geant4 starts), its extrapolations
+    noted in it as warnings, and the request in ``extra`` (the file's ``option_fast_sim*`` provenance)."""
+    from fastshower.montecarlo.calorimeter import Geant4Backend, fast_sim_warnings
+
+    if geo.kind != "calorimeter" or not issubclass(cls, Geant4Backend):
+        raise SimulationError(f"fast_sim: fast simulation runs inside Geant4, for calorimeters only, not {geo.name!r}")
+    options = dataclasses.replace(options, fast_sim=fast_sim)
+    warnings = fast_sim_warnings(geo, options, energy_range_mev)
+    return dataclasses.replace(options, fast_sim=dataclasses.replace(fast_sim, warnings=tuple(warnings)),
+                               extra={**options.extra, **fast_sim.options()})
 
 
 # --- workers --------------------------------------------------------------------------
@@ -641,7 +659,7 @@ def simulate(
     extra: dict[str, Any] | None = None,
     backend: type[SimulationBackend] | None = None,
     executor: str = "pool",
-    scheduler: str | None = None,
+    scheduler: str | None = None, fast_sim: FastSim | None = None,
     angle: str | None = None, phi: str | None = None, position: str | None = None, upstream: str | None = None,
 ) -> SimulationResult:
     """Produce ``n`` reference showers into ``out`` (see the module docstring).
@@ -665,6 +683,7 @@ def simulate(
             by module path, since workers are fresh processes.
         executor: "pool" (``jobs`` worker processes) or "dask" (a task per chunk; the same file, see .dask_run).
         scheduler: for "dask", ``tcp://host:port`` or a scheduler file (default: a LocalCluster of ``jobs``).
+        fast_sim: a trained run replacing e+/e-/gamma showers inside Geant4 (``fastshower.fast_sim_model``, .fastsim).
 
     Raises:
         SimulationError, ShowerFileError, EnergySpecError, GeometryError, Geant4DataError: bad requests, with a
@@ -675,7 +694,7 @@ def simulate(
     lock = WriteLock(out)
     try:
         plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
-                     resume=resume, chunk_size=chunk_size, backend=backend, lock=lock,
+                     resume=resume, chunk_size=chunk_size, backend=backend, lock=lock, fast_sim=fast_sim,
                      extra=_with_incidence(extra, angle=angle, phi=phi, position=position, upstream=upstream))
         plan = dataclasses.replace(plan, executor=executor, scheduler=scheduler)
         if plan.start >= plan.n:
