@@ -25,6 +25,7 @@ FLOORS: dict[str, int] = {
     "fastshower.config": 1,
     "fastshower.energy": 1,
     "fastshower.geometry": 1,
+    "fastshower.domain": 2,
     "fastshower.io": 2,
     "fastshower.montecarlo": 3,
     "fastshower.data": 3,

@@ -134,9 +134,7 @@ def _fast_sim(args: argparse.Namespace) -> Any:
     from fastshower.errors import ConfigError
 
     if args.fast_sim is None:
-        options = {"--fast-sim-threshold": args.fast_sim_threshold, "--fast-sim-onnx": args.fast_sim_onnx,
-                   "--fast-sim-batch": args.fast_sim_batch, "--allow-extrapolation": args.allow_extrapolation}
-        given = [flag for flag, value in options.items() if value]
+        given = [flag for flag, _ in _FAST_SIM_OPTIONS if getattr(args, flag[2:].replace("-", "_"))]
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) --fast-sim RUN")
         return None
@@ -301,6 +299,20 @@ def _add_files(sub: argparse._SubParsersAction) -> None:
                    help="air showers: also continue below-ground bins smoothly for training (undone on generation)")
 
 
+#: simulate's options that qualify --fast-sim RUN, each (flag, add_argument keywords); given without --fast-sim
+#: they are refused (:func:`_fast_sim`)
+_FAST_SIM_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--fast-sim-threshold", {"metavar": "ENERGY", "help": "with --fast-sim: replace particles at or above this "
+     "kinetic energy, e.g. 1GeV or 500MeV (GeV without a unit; default: the run's lowest training energy)"}),
+    ("--fast-sim-batch", {"choices": ["event", "particle"], "help": "with --fast-sim: one model call per event for "
+     "all its particles, or one per particle (default: event)"}),
+    ("--fast-sim-onnx", {"metavar": "FILE", "help": "with --fast-sim: infer with ONNX Runtime on this export of the "
+     "run (default: torch)"}),
+    ("--allow-extrapolation", {"action": "store_true", "help": "with --fast-sim: also replace particles outside the "
+     "run's trained angles, entry points or energies (a warning in the file's provenance; default: off)"}),
+)
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s = _verb(sub, "simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
     s.add_argument("--geometry", required=True, help="detector name (see `fastshower geometries`)")
@@ -342,17 +354,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="calorimeters: full Geant4 tracking, but each e+/e-/gamma entering the front face above "
                         "--fast-sim-threshold is killed there and replaced by this run's shower (docs/integration.md; "
                         "default: none, full simulation)")
-    s.add_argument("--fast-sim-threshold", default=None, metavar="ENERGY",
-                   help="with --fast-sim: replace particles at or above this kinetic energy, e.g. 1GeV or 500MeV "
-                        "(GeV without a unit; default: the run's lowest training energy)")
-    s.add_argument("--fast-sim-batch", choices=["event", "particle"], default=None,
-                   help="with --fast-sim: one model call per event for all its particles, or one per particle "
-                        "(default: event)")
-    s.add_argument("--fast-sim-onnx", default=None, metavar="FILE",
-                   help="with --fast-sim: infer with ONNX Runtime on this export of the run (default: torch)")
-    s.add_argument("--allow-extrapolation", action="store_true",
-                   help="with --fast-sim: also replace particles outside the run's trained angles, entry points or "
-                        "energies (a warning in the file's provenance)")
+    for flag, keywords in _FAST_SIM_OPTIONS:
+        s.add_argument(flag, **keywords)
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
 

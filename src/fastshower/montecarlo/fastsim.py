@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from fastshower.domain import TrainedDomain
 from fastshower.geometry import CartesianSegmentation, Geometry, PolarSegmentation, convention_difference
 from fastshower.montecarlo.backend import SimulationError
 from fastshower.montecarlo.incidence import Incidence
@@ -75,17 +76,15 @@ ShowerGenerator = Callable[[np.ndarray, dict[str, np.ndarray], np.ndarray], np.n
 
 
 @dataclass(frozen=True)
-class FastSim:
+class FastSim(TrainedDomain):
     """A trained run as Geant4's fast simulation: its facts (checked against a request before Geant4 starts) and
     how a worker gets its model. Built by ``fastshower.fastsim_model.fast_sim_model``.
 
     Attributes:
+        geometry, particle, cond_names, cond_widths, cond_ranges, energy_range_mev: the run's trained domain
+            (:class:`~fastshower.domain.TrainedDomain`); the geometry must be the simulated calorimeter, the
+            particle e-, e+ or gamma, the conditions of :data:`SUPPORTED_CONDITIONS`.
         run: the run folder (resolved path). run_id, model: its name and "model step N" for provenance.
-        geometry: the run's geometry; it must be the simulated calorimeter.
-        particle: the run's training particle (e-, e+ or gamma).
-        cond_names, cond_widths: the run's extra conditions (of :data:`SUPPORTED_CONDITIONS`).
-        cond_ranges: per condition, (min per column, max per column) in training.
-        energy_range_mev: the run's training energies, MeV.
         threshold_mev: particles at or above this kinetic energy are replaced, MeV.
         batch: one of :data:`FAST_SIM_BATCHES`. inference: one of :data:`FAST_SIM_INFERENCE`.
         onnx_path: the exported file ONNX inference runs (``inference == "onnx"``).
@@ -98,12 +97,6 @@ class FastSim:
     run: str
     run_id: str
     model: str
-    geometry: Geometry
-    particle: str
-    cond_names: tuple[str, ...]
-    cond_widths: tuple[int, ...]
-    cond_ranges: dict[str, tuple[list[float], list[float]]]
-    energy_range_mev: tuple[float, float]
     threshold_mev: float
     batch: str = "event"
     inference: str = "torch"
