@@ -22,7 +22,13 @@ from fastshower.montecarlo import dask_run
 from fastshower.montecarlo.backend import SimulationBackend, SimulationError
 from fastshower.montecarlo.g4data import SUBSTITUTE_VERSION
 from fastshower.montecarlo.run import chunk_seed, simulate
-from test_simulate import TablesBackend, ToyBackend, worker_tables
+from test_simulate import (
+    GrowingTablesBackend,
+    TablesBackend,
+    ToyBackend,
+    assert_tables_cover_every_chunk,
+    worker_tables,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -66,6 +72,14 @@ def test_dask_worker_tables_name_each_worker(tmp_path: Path) -> None:
     assert all(e["worker"].startswith("tcp://") and e["tables"][0]["version"] == "toy-tables-v1" for e in entries)
     with ShowerFile(tmp_path / "t.h5") as f:  # fastshower info: one line of them
         assert f"tables:     {len(pids)} worker(s): toy-tables-v1 cache ({len(pids)} worker" in f.describe()
+
+
+def test_dask_worker_tables_merge_a_workers_later_tables(tmp_path: Path) -> None:
+    """Reports come with every chunk and grow as a worker extends its tables: one entry per worker, holding all."""
+    out = tmp_path / "g.h5"
+    simulate("belle2-ecl-5x5", "e-", "1:2", 40, out, seed=3, chunk_size=5, jobs=2, progress=False, executor="dask",
+             backend=GrowingTablesBackend)
+    assert_tables_cover_every_chunk(out)
 
 
 def test_airshower_dask_file_is_the_pool_file(tmp_path: Path) -> None:

@@ -76,7 +76,8 @@ class SimulationBackend(ABC):
         """What this worker built or loaded for its physics tables, for the file's ``worker_tables`` provenance:
         one dict per table (``table``, ``version``, ``source`` "built"/"cache"/..., ``sha256`` where known).
 
-        Asked after the worker's first chunk, so a backend that loads its tables lazily reports them too.
+        Asked after each chunk, so a backend that gets its tables lazily, or extends them for a later chunk,
+        reports them too; what it returns may only grow.
         """
         return []  # a backend without tables of its own has nothing to report
 

@@ -165,7 +165,8 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
            results: Any) -> None:
     """Worker loop: build the backend once, say "ready", then simulate each task received until a None one,
     reporting its showers as they finish ("progress", see :class:`_Reporter`) and the chunk at its end ("done");
-    before its first "done", the worker's tables ("tables", see :func:`~.dask_run.worker_report`).
+    before a chunk's "done", the worker's tables ("tables", see :func:`~.dask_run.worker_report`) after its first
+    chunk and after each one that got or extended tables (the air-shower tables grow with the energy).
 
     ``tasks`` and ``results`` are this worker's ends of two pipes: ``send`` returns only once the data is in
     the pipe, so a chunk reported before an abort is never lost (a Queue's feeder thread would die with the
@@ -180,7 +181,7 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         results.send(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     results.send(("ready", -1, backend.generator, backend.physics))
-    reported = False
+    reported: dict[str, Any] | None = None
     while True:
         task = tasks.recv()
         if task is None:
@@ -192,9 +193,10 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         except BaseException as exc:
             results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-        if not reported:  # after the first chunk: a backend may load its tables lazily, on its first run
-            results.send(("tables", -1, worker_report(backend), None))
-            reported = True
+        report = worker_report(backend)  # after each chunk: a backend may get or extend its tables on any run
+        if report != reported:
+            results.send(("tables", -1, report, None))
+            reported = report
         results.send(("done", index, drop_front(batch, skip), None))  # skip: a resumed chunk's showers in the file
 
 
@@ -524,15 +526,25 @@ class _ChunkWriter:
         return None
 
     def _record_tables(self, report: dict[str, Any]) -> None:
-        """Add a worker's report (see :func:`~.dask_run.worker_report`) to the file's ``worker_tables`` (JSON),
-        once per worker; a resumed file's earlier entries are kept, so the file names every worker that built
-        or read tables for it. Written with the next chunk (the writer commits all attributes each time)."""
+        """Add a worker's report (see :func:`~.dask_run.worker_report`) to the file's ``worker_tables`` (JSON):
+        one entry per worker process (address and pid), whose ``tables`` gain what a later report adds (a
+        worker's reports only grow, but Dask's may come out of order); a resumed file's earlier entries are kept,
+        so the file names every worker that built or read tables for it. Written with the next chunk (the writer
+        commits all attributes each time)."""
         if self.writer is None:  # cannot happen: a worker's "ready" opens the file before its report
             return
         old = self.writer.attrs.get("worker_tables", [])
         entries = json.loads(old) if isinstance(old, (str, bytes)) else list(old)
-        if report not in entries:
+        who = (report["worker"], report["pid"])
+        same = [k for k, e in enumerate(entries) if (e.get("worker"), e.get("pid")) == who]
+        if not same:
             self.writer.set_attrs({"worker_tables": [*entries, report]})
+            return
+        known = entries[same[0]].get("tables", [])
+        new = [t for t in report["tables"] if t not in known]
+        if new:
+            entries[same[0]] = {**entries[same[0]], "tables": [*known, *new]}
+            self.writer.set_attrs({"worker_tables": entries})
 
     def close(self) -> None:
         """Close the file (complete when it reached its target)."""
