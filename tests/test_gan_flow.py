@@ -6,10 +6,12 @@ Tiny networks on a 2-layer 3x3 + 2x2 geometry and on belle2-ecl-5x5 with a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastshower.errors import ConfigError
@@ -18,7 +20,7 @@ from fastshower.models import get_model_class
 from fastshower.models.base import ModelSpec, ShowerModel
 from fastshower.models.calogan import CaloGAN, CaloGANConfig, MinibatchDiscrimination
 from fastshower.models.flow import CaloFlow, FlowConfig
-from fastshower.models.wgan import WGANGP, AdversarialConfig, WGANConfig, position_columns
+from fastshower.models.wgan import WGANGP, AdversarialConfig, WGANConfig, position_columns, shower_features
 
 TINY_HP: dict[str, dict[str, Any]] = {
     "wgan-gp": {"hidden": 32, "depth": 2, "latent_dim": 8, "constrainer_hidden": 16,
@@ -217,6 +219,76 @@ def test_calogan_energy_term_and_mbd() -> None:
     assert torch.allclose(dup, torch.ones_like(dup))
 
 
+def _fractions(n: int, seed: int, spec: ModelSpec) -> tuple[Tensor, Tensor]:
+    """Showers as fractions of E_inc (>= 0, sums ~0.95, empty corners) whose centre follows the position columns."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, spec.cond_dim, generator=g)
+    v = torch.arange(spec.n_voxels, dtype=torch.float32)
+    logits = -0.5 * (v - spec.n_voxels / 2 - c[:, 1:2] if spec.cond_dim > 1 else v - spec.n_voxels / 2) ** 2
+    x = torch.softmax(logits + 0.2 * torch.randn(n, spec.n_voxels, generator=g), 1) * (0.95 + 0.01 * c[:, :1])
+    return torch.where(x < 1e-4, torch.zeros_like(x), x), c
+
+
+def test_fraction_output_with_conv_critic_and_features() -> None:
+    """The Belle II design: energy x shape generator, conv critic/constrainers, observables beside the cells."""
+    spec = SPECS["belle2"]
+    torch.manual_seed(0)
+    model = WGANGP(spec, TINY_HP["wgan-gp"], output="fraction", net="conv", conv_channels=4)
+    assert model.net_kind == "conv" and model.n_features == 4  # E_tot, E_max share, E1/E9, E9/E25
+    assert not bool(model.scaler_ready)
+    opts = model.configure_optimizers()
+    for step in range(2):
+        x, c = _fractions(32, step, spec)
+        logs = model.training_step(x, c, opts, step)
+        assert all(math.isfinite(v) for v in logs.values())
+    assert bool(model.scaler_ready)
+    x, c = _fractions(64, 5, spec)
+    h = model.critic_input(x)
+    assert h.shape == (64, 2 * spec.n_voxels + 4) and torch.isfinite(h).all()  # log cells, cells, features
+    for name in ("generator", "critic", "energy_constrainer", "position_constrainer"):
+        _assert_all_grads(getattr(model, name), name)
+    model.eval()
+    y = model.sample(c, torch.Generator().manual_seed(1))
+    assert (y >= 0).all() and (y.sum(1) < 1).all() and (y.sum(1) > 0).all()
+    other = WGANGP(spec, TINY_HP["wgan-gp"], output="fraction", net="conv", conv_channels=4)
+    other.load_state_dict(model.state_dict())  # the fitted scaler travels with the weights
+    assert torch.equal(other.critic_input(x), h) and bool(other.scaler_ready)
+
+
+def test_shower_features_are_the_evaluation_observables() -> None:
+    from fastshower.validate.observables import e1_e9_e25
+
+    spec, geo = SPECS["belle2"], get_geometry("belle2-ecl-5x5")
+    x, _ = _fractions(50, 3, spec)
+    x = x * torch.rand(50, 25, generator=torch.Generator().manual_seed(4))  # off-centre maxima too
+    f = shower_features(x, spec)
+    e19, e925 = e1_e9_e25(x.double(), geo)
+    assert torch.allclose(f[:, 0], torch.log(x.sum(1) + 1e-6))
+    assert torch.allclose(f[:, 1], torch.log(x.max(1).values / x.sum(1)), atol=1e-5)
+    assert torch.allclose(f[:, 2].double(), e19, atol=1e-5) and torch.allclose(f[:, 3].double(), e925, atol=1e-5)
+    two = shower_features(torch.tensor([[0.1] * 9 + [0.05] * 4]), SPECS["tiny2"])  # layer shares for 2 layers
+    assert torch.allclose(two[0, 2:].exp(), torch.tensor([0.9 / 1.1, 0.2 / 1.1]), atol=1e-5)
+
+
+def test_fraction_output_refuses_other_spaces_and_geometries() -> None:
+    spec = SPECS["belle2"]
+    model = WGANGP(spec, TINY_HP["wgan-gp"], output="fraction")
+    assert model.net_kind == "mlp" and model.n_features == 4
+    x, c = _data(model, 16, seed=0)  # a standardised-log batch: negative values
+    with pytest.raises(ValueError, match=r"fractions of E_inc \(train with transform"):
+        model.training_step(x, c, model.configure_optimizers(), 0)
+    with pytest.raises(ValueError, match="one-layer image"):
+        WGANGP(SPECS["tiny2"], net="conv")
+    with pytest.raises(ValueError, match="not 'layers'"):
+        WGANGP(spec, output="fraction", net="layers")
+    with pytest.raises(ConfigError, match="log_eps must be > 0"):
+        WGANGP(spec, output="fraction", log_eps=0.0)
+    # the default is the model of earlier releases: free output, no scaler, MLP critic
+    plain = WGANGP(spec, TINY_HP["wgan-gp"])
+    assert plain.config.output == "free" and plain.n_features == 0 and "h_shift" not in plain.state_dict()
+    assert torch.equal(plain.critic_input(x), x)
+
+
 def test_one_layer_calogan_and_layerwise_wgan() -> None:
     one = _build("calogan", "belle2")
     assert isinstance(one, CaloGAN) and len(one.generator.layers) == 1
@@ -230,17 +302,59 @@ def test_one_layer_calogan_and_layerwise_wgan() -> None:
     _assert_all_grads(model.critic, "layerwise critic")
     with pytest.raises(ValueError, match="equal-sized"):
         WGANGP(SPECS["tiny2"], net="layers")
-    bce = _build("calogan", "tiny2", gan_loss="bce", n_critic=1)  # the paper's original GAN loss
+    bce = _build("calogan", "tiny2", loss="bce", n_critic=1)  # the paper's original GAN loss
     logs = _step(bce, bce.configure_optimizers(), 0, seed=0)
     assert "gp" not in logs and "loss_generator" in logs
     _assert_all_grads(bce.generator, "bce generator")
 
 
+@pytest.mark.parametrize("name", ["wgan-gp", "calogan"])
+def test_bce_loss_is_the_cross_entropy(name: str) -> None:
+    """loss="bce": discriminator BCE with real = 1 and fake = 0, non-saturating generator BCE(fake, 1)."""
+    model = _build(name, "belle2", loss="bce")
+    assert isinstance(model, WGANGP | CaloGAN)
+    d_real = torch.tensor([2.0, -0.5, 0.0, 7.5, -3.0])
+    d_fake = torch.tensor([-1.0, 0.3, -6.0, 1.5, 0.0])
+    d_loss, g_loss = model._adversarial_losses(d_real, d_fake)
+    assert d_loss is not None
+    want_d = (F.binary_cross_entropy_with_logits(torch.cat([d_real, d_fake]),
+                                                 torch.cat([torch.ones(5), torch.zeros(5)])) * 2)
+    assert torch.allclose(d_loss, want_d, atol=1e-6)
+    assert torch.allclose(g_loss, F.binary_cross_entropy_with_logits(d_fake, torch.ones(5)), atol=1e-6)
+    # by hand: -log sigmoid(r) - log(1 - sigmoid(f)), and the non-saturating -log sigmoid(f)
+    p_r, p_f = torch.sigmoid(d_real), torch.sigmoid(d_fake)
+    assert torch.allclose(d_loss, -(torch.log(p_r).mean() + torch.log1p(-p_f).mean()), atol=1e-5)
+    assert torch.allclose(g_loss, -torch.log(p_f).mean(), atol=1e-6)
+    wgan = _build(name, "belle2")
+    w_d, w_g = wgan._adversarial_losses(d_real, d_fake)
+    assert w_d is not None and torch.allclose(w_d, d_fake.mean() - d_real.mean())
+    assert torch.allclose(w_g, -d_fake.mean())
+
+
+@pytest.mark.parametrize("loss", ["wgan-gp", "bce"])
+@pytest.mark.parametrize("name", ["wgan-gp", "calogan"])
+def test_both_losses_train_without_nan(name: str, loss: str) -> None:
+    model = _build(name, "belle2", loss=loss, n_critic=1)
+    opts = model.configure_optimizers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(3):
+        logs = _step(model, opts, step, seed=step)
+        assert all(math.isfinite(v) for v in logs.values()), logs
+        assert "loss_generator" in logs and ("gp" in logs) == (loss == "wgan-gp")
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    for net in ("generator", "critic"):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(net + ".")), net
+    x, c = _data(model, 16, seed=9)
+    assert all(torch.isfinite(v).all() for v in model.loss(x, c).values())
+    assert torch.isfinite(model.sample(c)).all()
+
+
 def test_hparam_and_size_errors() -> None:
     with pytest.raises(ConfigError, match=r"model 'wgan-gp': unknown key\(s\) \['not_a_knob'\]; known: .*n_critic"):
         _build("wgan-gp", "tiny2", not_a_knob=1)
-    with pytest.raises(ConfigError, match="gan_loss must be one of 'wgan-gp', 'bce'"):
-        _build("calogan", "tiny2", gan_loss="hinge")
+    with pytest.raises(ConfigError, match="loss must be one of 'wgan-gp', 'bce'"):
+        _build("calogan", "tiny2", loss="hinge")
     with pytest.raises(ConfigError, match="n_critic must be >= 1"):
         _build("wgan-gp", "tiny2", n_critic=0)
     with pytest.raises(ConfigError, match="betas must be two numbers"):
@@ -257,7 +371,7 @@ def test_adversarial_configs_share_the_schedule() -> None:
     for cls in (WGANConfig, CaloGANConfig):
         assert issubclass(cls, AdversarialConfig)
         cfg = cls()
-        assert (cfg.lr, cfg.betas, cfg.gp_weight, cfg.drift, cfg.n_critic, cfg.gan_loss) == (
+        assert (cfg.lr, cfg.betas, cfg.gp_weight, cfg.drift, cfg.n_critic, cfg.loss) == (
             1e-4, (0.5, 0.9), 10.0, 1e-3, 5, "wgan-gp")
     assert (WGANConfig().depth, CaloGANConfig().depth) == (3, 2)
 
@@ -269,8 +383,9 @@ def test_configs_of_the_previous_release_still_load() -> None:
     new_wgan = {"latent_dim": 8, "hidden": 32, "depth": 1, "net": "mlp", "mlp_max_voxels": 2000, "layer_dim": 16}
     assert WGANConfig.from_dict(old_wgan) == WGANConfig.from_dict(new_wgan)
     assert WGANConfig.from_dict({"arch": "layerwise"}).net == "layers"
-    old_calogan = {"n_hidden": 1, "layer_features": 8}
-    assert CaloGANConfig.from_dict(old_calogan) == CaloGANConfig(depth=1, layer_dim=8)
+    old_calogan = {"n_hidden": 1, "layer_features": 8, "gan_loss": "bce"}
+    assert CaloGANConfig.from_dict(old_calogan) == CaloGANConfig(depth=1, layer_dim=8, loss="bce")
+    assert WGANConfig.from_saved({"gan_loss": "wgan-gp"}).loss == "wgan-gp"
     model = _build("wgan-gp", "tiny2")
     old = get_model_class("wgan-gp")(SPECS["tiny2"], {**old_wgan, "constrainer_hidden": 16})
     assert old.config == model.config.replace(depth=1, layer_dim=16, net="mlp", n_critic=5, constrainer_warmup=1000)

@@ -42,6 +42,7 @@ def _x_centres(path: Path) -> list[float]:
 
 @pytest.mark.parametrize("args, message", [
     (["--upstream", "G4_Unobtainium:5mm"], "unknown --upstream material 'G4_Unobtainium'"),
+    (["--upstream", "G4_Pb"], "bad --upstream 'G4_Pb': expected MATERIAL:THICKNESS"),
     (["--upstream", "G4_Pb:5.6"], "bad --upstream thickness '5.6'"),
     (["--upstream", "G4_Pb:-1mm"], "bad --upstream thickness '-1mm'"),
     (["--angle", "95"], "--angle '95' must lie in [0, 90) degrees"),

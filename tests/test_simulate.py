@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,6 +75,42 @@ class TablesBackend(ToyBackend):
         batch = super().run(energies_mev, conditions, seed)
         return ShowerBatch(batch.energies, batch.showers, batch.conditions,
                            {"pid": np.full((len(energies_mev), 1), float(os.getpid()))})
+
+
+class GrowingTablesBackend(TablesBackend):
+    """As :class:`TablesBackend`, but each chunk extends the worker's tables (as a higher-energy chunk extends the
+    air-shower tables): one table entry per chunk run, keyed by the chunk's first energy (truth ``first``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.log: list[dict[str, object]] = []
+
+    @classmethod
+    def truth_widths(cls, geometry, options):  # type: ignore[no-untyped-def]
+        return {"pid": 1, "first": 1}
+
+    def tables(self) -> list[dict[str, object]]:
+        return list(self.log)
+
+    def run(self, energies_mev: np.ndarray, conditions: dict[str, np.ndarray], seed: int) -> ShowerBatch:
+        batch = super().run(energies_mev, conditions, seed)
+        self.log.append({"table": "toy", "version": "toy-tables-v1", "source": "extended",
+                         "first_mev": float(energies_mev[0])})
+        first = np.full((len(energies_mev), 1), float(energies_mev[0]))
+        return ShowerBatch(batch.energies, batch.showers, batch.conditions, {**batch.truth, "first": first})
+
+
+def assert_tables_cover_every_chunk(path: Path) -> None:
+    """Each worker that made showers of a GrowingTablesBackend file has one entry, whose tables name exactly the
+    chunks it made (its first chunk's and all later ones)."""
+    entries, pids = worker_tables(path)
+    with ShowerFile(path) as f:
+        truth = f.read().truth
+    assert sorted(e["pid"] for e in entries) == sorted(pids)  # one entry per producing worker
+    for e in entries:
+        made = {float(x) for x, p in zip(truth["first"].ravel(), truth["pid"].ravel(), strict=True) if p == e["pid"]}
+        listed = [t["first_mev"] for t in e["tables"]]
+        assert len(listed) == len(set(listed)) and set(listed) == made
 
 
 def worker_tables(path: Path) -> tuple[list[dict[str, object]], set[int]]:
@@ -368,6 +405,17 @@ def test_worker_tables_name_each_worker_and_survive_resume(tmp_path: Path) -> No
         assert e["worker"] == f"{e['host']}:{e['pid']}"
         assert e["tables"] == [{"table": "toy", "version": "toy-tables-v1", "source": "cache"}]
     np.testing.assert_array_equal(_read(out).showers, _read(_plain(tmp_path, kw)).showers)
+
+
+def test_worker_tables_include_tables_extended_after_the_first_chunk(tmp_path: Path) -> None:
+    """A pool worker that extends its tables on later chunks (the air-shower tables grow with the energy) has
+    them all in the file, not only those of its first chunk."""
+    out = tmp_path / "g.h5"
+    simulate("belle2-ecl-5x5", "e-", "1:2", 40, out, seed=3, chunk_size=5, jobs=2, progress=False,
+             backend=GrowingTablesBackend)
+    assert_tables_cover_every_chunk(out)
+    entries, _ = worker_tables(out)
+    assert sum(len(e["tables"]) for e in entries) == 8  # 40 showers in chunks of 5, each chunk one extension
 
 
 def _plain(tmp_path: Path, kw: dict[str, object]) -> Path:

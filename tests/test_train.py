@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -198,7 +199,7 @@ def test_generate_conditions_and_errors(belle_run: Path, tmp_path: Path) -> None
     with pytest.raises(GenerationError, match=r"energy 10 outside the training range 0\.5-2\.5 GeV of run belle; "
                        r"pass extrapolate=True to generate there anyway"):
         generate(run, 5, "10", None, tmp_path / "x.h5", progress=False)
-    run.info.options = run.info.options.replace(condition_defaults="none")
+    run = run._replace(info=dataclasses.replace(run.info, options=run.info.options.replace(condition_defaults="none")))
     with pytest.raises(GenerationError, match="condition 'position' is required"):
         generate(run, 5, "2", None, tmp_path / "x.h5", progress=False)
 

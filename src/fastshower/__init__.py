@@ -28,6 +28,7 @@ _API: dict[str, str] = {
     "train": "fastshower.training",
     "distill": "fastshower.distillation",
     "generate": "fastshower.generation",
+    "fast_sim_model": "fastshower.fastsim_model",
     "evaluate": "fastshower.validate.evaluate",
     "export_onnx": "fastshower.deploy.export",
     "load_onnx": "fastshower.deploy.export",
@@ -61,6 +62,7 @@ __all__ = [
     "distill",
     "evaluate",
     "export_onnx",
+    "fast_sim_model",
     "generate",
     "get_geometry",
     "list_geometries",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
     from fastshower.distillation import distill
     from fastshower.energy import parse_energy
     from fastshower.errors import FastshowerError
+    from fastshower.fastsim_model import fast_sim_model
     from fastshower.generation import generate
     from fastshower.geometry import Geometry, get_geometry, list_geometries
     from fastshower.io import ShowerBatch, ShowerFile, ShowerWriter

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastshower._version import __version__
 from fastshower.config import default_threads
@@ -117,6 +118,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         args.geometry, args.particle, args.energy, args.n, args.out, seed=args.seed, jobs=args.jobs,
         cut_mm=args.cut, physics=args.physics, resume=args.resume, chunk_size=args.chunk_size,
         progress=not args.quiet, extra=extra, executor=args.executor, scheduler=args.scheduler,
+        fast_sim=_fast_sim(args),
     )
     print(f"wrote {res.n_written} showers to {res.path} ({res.n_new} new in {res.seconds:.1f} s, "
           f"{1e3 * res.seconds_per_shower:.1f} ms/shower with {args.jobs} job(s)); generator: {res.generator}")
@@ -125,6 +127,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
         print(physics_summary(res.path))
     return 0
+
+
+def _fast_sim(args: argparse.Namespace) -> Any:
+    """simulate's ``fast_sim`` from --fast-sim and its options (None without --fast-sim)."""
+    from fastshower.errors import ConfigError
+
+    if args.fast_sim is None:
+        given = [flag for flag, _ in _FAST_SIM_OPTIONS if getattr(args, flag[2:].replace("-", "_"))]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) --fast-sim RUN")
+        return None
+    from fastshower.fastsim_model import fast_sim_model
+
+    return fast_sim_model(args.fast_sim, args.fast_sim_threshold, batch=args.fast_sim_batch or "event",
+                          onnx_path=args.fast_sim_onnx, allow_extrapolation=args.allow_extrapolation)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -282,6 +299,20 @@ def _add_files(sub: argparse._SubParsersAction) -> None:
                    help="air showers: also continue below-ground bins smoothly for training (undone on generation)")
 
 
+#: simulate's options that qualify --fast-sim RUN, each (flag, add_argument keywords); given without --fast-sim
+#: they are refused (:func:`_fast_sim`)
+_FAST_SIM_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--fast-sim-threshold", {"metavar": "ENERGY", "help": "with --fast-sim: replace particles at or above this "
+     "kinetic energy, e.g. 1GeV or 500MeV (GeV without a unit; default: the run's lowest training energy)"}),
+    ("--fast-sim-batch", {"choices": ["event", "particle"], "help": "with --fast-sim: one model call per event for "
+     "all its particles, or one per particle (default: event)"}),
+    ("--fast-sim-onnx", {"metavar": "FILE", "help": "with --fast-sim: infer with ONNX Runtime on this export of the "
+     "run (default: torch)"}),
+    ("--allow-extrapolation", {"action": "store_true", "help": "with --fast-sim: also replace particles outside the "
+     "run's trained angles, entry points or energies (a warning in the file's provenance; default: off)"}),
+)
+
+
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s = _verb(sub, "simulate", _cmd_simulate, "produce reference showers with Geant4 (or the air-shower hybrid)")
     s.add_argument("--geometry", required=True, help="detector name (see `fastshower geometries`)")
@@ -319,6 +350,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--upstream", default=None, metavar="MATERIAL:THICKNESS",
                    help="calorimeters: a slab 20 mm before the front face, e.g. G4_Pb:5.6mm (1 X0) or G4_Al:2cm "
                         "(default: none)")
+    s.add_argument("--fast-sim", default=None, metavar="RUN",
+                   help="calorimeters: full Geant4 tracking, but each e+/e-/gamma entering the front face above "
+                        "--fast-sim-threshold is killed there and replaced by this run's shower (docs/integration.md; "
+                        "default: none, full simulation)")
+    for flag, keywords in _FAST_SIM_OPTIONS:
+        s.add_argument(flag, **keywords)
     s.add_argument("--quiet", action="store_true", help="no progress bar and no physics summary")
 
 

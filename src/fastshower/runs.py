@@ -33,6 +33,7 @@ import torch
 
 from fastshower.config import Config, TrainConfig
 from fastshower.data import ShowerTransform
+from fastshower.domain import TrainedDomain
 from fastshower.energy import parse_energy
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry, geometry_from_json
@@ -174,21 +175,20 @@ def write_config(folder: RunFolder, model_name: str, model_config: Config | Mapp
 # --- the Run object ------------------------------------------------------------------------------
 
 
-@dataclass
-class RunInfo:
+@dataclass(frozen=True)
+class RunInfo(TrainedDomain):
     """What a run folder says about itself.
 
     Attributes:
+        geometry, particle, cond_names, cond_widths, cond_ranges, energy_range_mev: the domain it was trained
+            on (:class:`~fastshower.domain.TrainedDomain`): condition ranges as seen in training, the training
+            file's (min, max) incident energy, MeV (for the range it was made with,
+            :func:`training_energy_range_mev`).
         run_dir: the folder.
         model_name: registered model name.
         hparams: resolved model config as a dict (``model.config.to_dict()``).
         options: the training config.
         spec: the networks' ModelSpec.
-        geometry: training geometry.
-        particle: particle of the training file.
-        cond_names, cond_widths: extra conditions generation needs (without log_energy).
-        cond_ranges: per condition, (min per column, max per column) seen in training.
-        energy_range_mev: (min, max) incident energy of the training file, MeV.
         threshold_mev: readout threshold applied to generated voxels, MeV.
         step: training step of the loaded weights.
         meta: meta.json (versions, data provenance, status).
@@ -199,12 +199,6 @@ class RunInfo:
     hparams: dict[str, Any]
     options: TrainConfig
     spec: ModelSpec
-    geometry: Geometry
-    particle: str
-    cond_names: tuple[str, ...]
-    cond_widths: tuple[int, ...]
-    cond_ranges: dict[str, tuple[list[float], list[float]]]
-    energy_range_mev: tuple[float, float]
     threshold_mev: float
     step: int
     meta: dict[str, Any] = field(default_factory=dict)

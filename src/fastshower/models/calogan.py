@@ -35,14 +35,14 @@ fraction and the cap rarely binds, which is harmless). Do not combine this model
 ``log``/``standardize`` transform: the positive output and the energy term assume the
 plain ratio.
 
-Loss: WGAN-GP by default (``gan_loss="wgan-gp"``; Gulrajani et al., arXiv:1704.00028),
+Loss: WGAN-GP by default (``loss="wgan-gp"``; Gulrajani et al., arXiv:1704.00028),
 because it trains more stably than the original GAN loss at the small batches and step
-counts affordable on CPU. ``gan_loss="bce"`` gives the paper's non-saturating GAN loss
-(set ``n_critic=1`` with it). The critic, and its gradient penalty, work on
-``h = log1p(x / x_scale)``: in raw ``x`` most voxels are ~1e-4-1e-3 and a 1-Lipschitz
-critic could barely tell showers apart. With minibatch discrimination the critic's output
-depends on the whole batch; the penalty is then taken on the batch of interpolates as a
-whole, which is the usual practical compromise.
+counts affordable on CPU. ``loss="bce"`` gives the paper's non-saturating GAN loss
+(set ``n_critic=1`` with it; see :meth:`~.wgan.AdversarialShowerModel._adversarial_losses`).
+The critic, and its gradient penalty, work on ``h = log1p(x / x_scale)``: in raw ``x`` most
+voxels are ~1e-4-1e-3 and a 1-Lipschitz critic could barely tell showers apart. With
+minibatch discrimination the critic's output depends on the whole batch; the penalty is
+then taken on the batch of interpolates as a whole, which is the usual practical compromise.
 
 With one layer (``belle2-ecl-5x5``) the model is a single conditional generator with a
 ReLU output, the energy-conservation term and a minibatch-discrimination critic.
@@ -228,7 +228,8 @@ class CaloGANConfig(AdversarialConfig):
     energy_weight: float = 1.0
     energy_cap: float = 1.0
 
-    renamed: ClassVar[dict[str, str]] = {"n_hidden": "depth", "layer_features": "layer_dim"}
+    renamed: ClassVar[dict[str, str]] = {**AdversarialConfig.renamed, "n_hidden": "depth",
+                                         "layer_features": "layer_dim"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {
         **AdversarialConfig.choices,
         "condition_on": ("auto", "all", "previous"),

@@ -4,7 +4,10 @@ Objective (Gulrajani et al., arXiv:1704.00028): the critic ``D`` minimises
 ``E[D(G(z, c), c)] - E[D(x, c)] + lambda * E[(|grad D(x_hat, c)| - 1)^2]`` on random
 interpolates ``x_hat`` of real and generated showers; the generator minimises
 ``-E[D(G(z, c), c)]``. Adam with betas (0.5, 0.9) and ``n_critic = 5`` critic updates
-per generator update are the paper's settings.
+per generator update are the paper's settings. ``loss="bce"`` replaces the Wasserstein game by
+the original GAN's (Goodfellow et al., arXiv:1406.2661): the critic's score is a logit, trained by
+binary cross entropy (real 1, generated 0), and the generator minimises the non-saturating
+``-log sigmoid(D(G(z, c), c))``; no gradient penalty.
 
 Constrainers (the design of the Belle II ECL fast-simulation GAN studies, H. Hashemi et
 al.; the idea of 3DGAN's auxiliary energy regression, Khattak et al., arXiv:2103.10142,
@@ -15,12 +18,21 @@ showers, against the conditions the showers were generated for, is added to the
 generator loss, which pushes the generator to respect the conditioning that a
 critic alone enforces only weakly.
 
-Model space. The default preprocessing is ``("per_incident", "log", "standardize")``:
-the networks see standardised ``log(voxel / E_inc)``. The constrainers see that same
-model-space shower; since every transform is invertible no information is lost,
-and predicting the (standardised log) energy from model space is as well posed as
-from MeV. Targets are the standardised conditions themselves, so the regression
-error is dimensionless (units of one standard deviation of the condition).
+Model space. ``output="free"`` (the default) works in the default preprocessing
+``("per_incident", "log", "standardize")``: the networks see standardised ``log(voxel / E_inc)``
+and the generator's output is linear. The constrainers see that same model-space shower.
+Targets are the standardised conditions themselves, so the regression error is dimensionless
+(units of one standard deviation of the condition). Note that ``per_incident`` divides the
+incident energy out: an energy constrainer can only read it from the shower's shape.
+
+``output="fraction"`` (with ``transform = ["per_incident"]``) is the Belle II design of this
+module: the generator writes each shower as its visible energy fraction times a softmax shape
+(:class:`FractionGenerator`), and the critic (and the constrainers) see the cells as
+``log(x + log_eps)`` together with the shower observables of :func:`shower_features` (total
+energy, largest cell, E1/E9, E9/E25), each standardised on the first real batch. The gradient
+penalty then measures a total-energy difference in units of the real showers' spread of it,
+rather than as the small change of a few cells' logs that it is in the default space; with
+``net="conv"`` critic and constrainers are 3x3 convolutions over the crystal array.
 
 Training schedule (one call of :meth:`training_step` per real batch; ``step`` is the
 global step counter, so a resumed run repeats exactly the same schedule):
@@ -56,6 +68,9 @@ __all__ = [
     "WGANGP",
     "AdversarialConfig",
     "AdversarialShowerModel",
+    "ConvCritic",
+    "ConvRegressor",
+    "FractionGenerator",
     "LayerwiseCritic",
     "LayerwiseGenerator",
     "WGANConfig",
@@ -63,6 +78,7 @@ __all__ = [
     "gradient_penalty",
     "mlp",
     "position_columns",
+    "shower_features",
 ]
 
 
@@ -177,10 +193,15 @@ class AdversarialConfig(ModelConfig):
     Attributes:
         latent_dim: width of the Gaussian latent z.
         lr, betas: Adam learning rate and (beta1, beta2) of generator and critic.
-        gp_weight: gradient-penalty weight lambda (``gan_loss="wgan-gp"``).
-        drift: weight of the drift term ``E[D(real)^2]`` in the critic loss (Karras et al.).
+        gp_weight: gradient-penalty weight lambda (``loss="wgan-gp"`` only).
+        drift: weight of the drift term ``E[D(real)^2]`` in the critic loss (Karras et al.; ``loss="wgan-gp"`` only).
         n_critic: critic updates per generator update (>= 1).
-        gan_loss: "wgan-gp", or "bce": the non-saturating GAN loss of Goodfellow et al., arXiv:1406.2661.
+        loss: the adversarial loss (``gan_loss`` before). "wgan-gp": Wasserstein critic with gradient
+            penalty (Gulrajani et al.). "bce": the original GAN's cross entropy (Goodfellow et al.,
+            arXiv:1406.2661): the critic becomes a discriminator whose score is a logit, trained with
+            binary cross entropy on real showers labelled 1 and generated ones labelled 0; the generator
+            minimises the non-saturating ``-log sigmoid(D(G(z)))``; no gradient penalty, no drift term.
+            Goodfellow et al. used one discriminator step per generator step (``n_critic=1``).
         grad_clip: gradient-norm clip of each network (None: off).
     """
 
@@ -190,9 +211,10 @@ class AdversarialConfig(ModelConfig):
     gp_weight: float = 10.0
     drift: float = 1e-3
     n_critic: int = 5
-    gan_loss: str = "wgan-gp"
+    loss: str = "wgan-gp"
 
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"gan_loss": ("wgan-gp", "bce")}
+    renamed: ClassVar[dict[str, str]] = {"gan_loss": "loss"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"loss": ("wgan-gp", "bce")}
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -259,11 +281,18 @@ class AdversarialShowerModel(ShowerModel):
         return torch.randn(n, self.latent_dim, generator=generator, dtype=like.dtype, device=like.device)
 
     def _adversarial_losses(self, d_real: Tensor | None, d_fake: Tensor) -> tuple[Tensor | None, Tensor]:
-        """(critic loss without GP, generator adversarial loss) for the configured GAN loss."""
-        if self.config.gan_loss == "bce":
-            # non-saturating generator loss, as recommended by Goodfellow et al. and used by CaloGAN
-            d_loss = None if d_real is None else F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            return d_loss, F.softplus(-d_fake).mean()
+        """(critic loss without GP, generator adversarial loss) for the configured ``loss``.
+
+        ``d_real``, ``d_fake``: critic scores (B,) of real and generated showers (``d_real`` None: the
+        generator's loss only). "wgan-gp": ``E[D(fake)] - E[D(real)]`` and ``-E[D(fake)]``. "bce": the scores
+        are logits; ``BCE(D(real), 1) + BCE(D(fake), 0)`` and the non-saturating ``BCE(D(fake), 1)``, each
+        BCE the batch mean of :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+        """
+        if self.config.loss == "bce":
+            bce = F.binary_cross_entropy_with_logits
+            d_loss = None if d_real is None else (bce(d_real, torch.ones_like(d_real))
+                                                   + bce(d_fake, torch.zeros_like(d_fake)))
+            return d_loss, bce(d_fake, torch.ones_like(d_fake))
         d_loss = None if d_real is None else d_fake.mean() - d_real.mean()
         return d_loss, -d_fake.mean()
 
@@ -331,7 +360,7 @@ class AdversarialShowerModel(ShowerModel):
         d_loss, _ = self._adversarial_losses(d_real, d_fake)
         assert d_loss is not None
         logs = {"wasserstein": float((d_real.mean() - d_fake.mean()).detach())}
-        if self.config.gan_loss == "wgan-gp":
+        if self.config.loss == "wgan-gp":
             gp = gradient_penalty(self.critic_score, h_real, h_fake, c)
             # drift term (Karras et al., arXiv:1710.10196): the WGAN loss is blind to a constant
             # offset of the critic; a small penalty on D(real)^2 keeps the scores anchored near 0
@@ -448,6 +477,101 @@ class LayerwiseCritic(nn.Module):
         return self.head(torch.cat([F.leaky_relu(codes, 0.2).flatten(1), c], dim=1)).squeeze(1)
 
 
+class ConvCritic(nn.Module):
+    """Critic of convolutions over a one-layer image (the Belle II crystal array), then an MLP head.
+
+    Input ``h`` (B, n_images * R*C + K): ``n_images`` (R, C) images, row-major, one after the other
+    (the convolutions' input channels), followed by K extra features (the standardised shower
+    observables of ``output="fraction"``, or none). Three 3x3 convolutions
+    (``channels``, ``2 channels``, ``2 channels``; the first two keep the size, the third has no
+    padding) with LeakyReLU, flattened, concatenated with the features and the conditions, then an
+    MLP of ``depth`` hidden layers to one score. No normalisation layers (the gradient penalty is
+    per sample).
+    """
+
+    def __init__(self, shape: tuple[int, int], n_extra: int, cond_dim: int, channels: int, hidden: int,
+                 depth: int, out_dim: int = 1, n_images: int = 1) -> None:
+        super().__init__()
+        self.shape, self.n_extra, self.n_images = (int(shape[0]), int(shape[1])), int(n_extra), int(n_images)
+        r, c = self.shape
+        ch = int(channels)
+        self.conv = nn.Sequential(
+            nn.Conv2d(self.n_images, ch, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(ch, 2 * ch, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * ch, 2 * ch, 3, padding=0 if min(r, c) >= 3 else 1), nn.LeakyReLU(0.2),
+        )
+        n_conv = 2 * ch * (max(r - 2, 1) * max(c - 2, 1) if min(r, c) >= 3 else r * c)
+        self.head = mlp(n_conv + self.n_extra + cond_dim, hidden, depth, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        r, cc = self.shape
+        n_img = self.n_images * r * cc
+        img = h[:, :n_img].reshape(-1, self.n_images, r, cc)
+        feats = [self.conv(img).flatten(1), h[:, n_img:], c]
+        out = self.head(torch.cat(feats, dim=1))
+        return out.squeeze(1) if self.out_dim == 1 else out
+
+
+class ConvRegressor(nn.Module):
+    """A constrainer of convolutions: :class:`ConvCritic`'s layout regressing ``out_dim`` values from ``h``
+    alone (no conditions: it predicts them)."""
+
+    def __init__(self, shape: tuple[int, int], n_extra: int, channels: int, hidden: int, out_dim: int,
+                 n_images: int = 1) -> None:
+        super().__init__()
+        self.net = ConvCritic(shape, n_extra, 0, channels, hidden, 1, out_dim=out_dim, n_images=n_images)
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.net(h, h[:, :0])
+        return out.unsqueeze(1) if out.dim() == 1 else out
+
+
+class FractionGenerator(nn.Module):
+    """``[z, c] -> MLP -> (B, V)`` fractions of E_inc, factorised as energy x shape.
+
+    The MLP's V + 1 outputs ``a`` give ``x = softmax(a[:V]) * sigmoid(a[V] + bias)``: the shower's
+    visible fraction ``sum_v x_v = sigmoid(a[V] + bias)`` (in (0, 1): a shower cannot deposit more
+    than it brought) under one output, and the shape as a softmax, whose logits are log cell
+    fractions, so that cells from 1e-6 to 1 of the energy are equally easy to produce. ``bias``
+    (3.0) starts the visible fraction near 0.95, where a contained electromagnetic shower is.
+    """
+
+    def __init__(self, latent_dim: int, cond_dim: int, n_voxels: int, hidden: int, depth: int,
+                 bias: float = 3.0) -> None:
+        super().__init__()
+        self.net = mlp(latent_dim + cond_dim, hidden, depth, n_voxels + 1)
+        self.bias = float(bias)
+
+    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+        a = self.net(torch.cat([z, c], dim=1))
+        return torch.softmax(a[:, :-1], dim=1) * torch.sigmoid(a[:, -1:] + self.bias)
+
+
+def shower_features(x: Tensor, spec: ModelSpec) -> Tensor:
+    """Observables of showers given as fractions of E_inc, x (B, V) -> (B, K), differentiable in x.
+
+    Always ``log(E_tot / E_inc)`` and ``log(E_max / E_tot)`` (the largest cell's share). One layer of at
+    least 3x3 cells (a crystal array): also E1/E9 and E9/E25 around the largest cell, as
+    :func:`fastshower.validate.observables.e1_e9_e25` defines them. Several layers: each layer's
+    ``log(E_layer / E_tot)``. The small offsets keep empty showers finite.
+    """
+    tot = x.sum(1)
+    out = [torch.log(tot + 1e-6), torch.log(x.max(1).values + 1e-9) - torch.log(tot + 1e-9)]
+    if len(spec.layer_sizes) == 1 and min(spec.layer_shapes[0]) >= 3:
+        r, c = spec.layer_shapes[0]
+        img = x.reshape(-1, 1, r, c)
+        e9 = F.avg_pool2d(img, 3, stride=1, padding=1, count_include_pad=True, divisor_override=1).flatten(1)
+        e25 = F.avg_pool2d(img, 5, stride=1, padding=2, count_include_pad=True, divisor_override=1).flatten(1)
+        idx = x.argmax(1, keepdim=True)
+        e1, e9m, e25m = x.gather(1, idx)[:, 0], e9.gather(1, idx)[:, 0], e25.gather(1, idx)[:, 0]
+        out += [e1 / (e9m + 1e-9), e9m / (e25m + 1e-9)]
+    elif len(spec.layer_sizes) > 1:
+        for part in torch.split(x, list(spec.layer_sizes), dim=1):
+            out.append(torch.log(part.sum(1) + 1e-9) - torch.log(tot + 1e-9))
+    return torch.stack(out, dim=1)
+
+
 # --- the model ------------------------------------------------------------------------
 
 
@@ -462,10 +586,28 @@ class WGANConfig(AdversarialConfig):
     Attributes:
         hidden, depth: width and number of hidden layers of generator and critic MLPs (``n_hidden`` before).
         net: "mlp" (MLPs over all V voxels), "layers" (shared per-layer decoder/encoder; needs
-            equal-sized layers) or "auto" (layers when V > ``mlp_max_voxels`` and all layers have the
-            same size). Before: ``arch`` = "dense", "layerwise", "auto" (still accepted).
+            equal-sized layers), "conv" (critic and constrainers of 3x3 convolutions over the image of a
+            one-layer geometry, the Belle II crystal array; the generator stays an MLP) or "auto" (layers
+            when V > ``mlp_max_voxels`` and all layers have the same size, else mlp). Before: ``arch`` =
+            "dense", "layerwise", "auto" (still accepted).
         mlp_max_voxels: the largest V for which ``net="auto"`` picks "mlp" (``dense_max_voxels`` before).
         layer_dim: per-layer code width of the "layers" variant (``layer_code`` before).
+        conv_channels: channels of the first convolution of "conv" (then twice as many).
+        output: what model space holds. "free": any unbounded per-voxel space (the default transform,
+            standardised ``log(voxel / E_inc)``), generated by a linear output. "fraction": the fraction
+            of E_inc per voxel (train with ``transform = ["per_incident"]``), generated as energy x shape
+            (:class:`FractionGenerator`); the critic and the constrainers then see ``log(x + log_eps)``
+            per voxel and, with ``critic_features``, the shower observables of :func:`shower_features`,
+            each standardised on the first real batch.
+        critic_features: with ``output="fraction"``, show the critic the observables (total energy,
+            largest cell, E1/E9, E9/E25) beside the cells, so that its gradient penalty measures them in
+            their own standard deviations.
+        linear_cells: with ``output="fraction"``, show the critic the cells also as fractions of E_inc
+            (standardised), beside their logs: the logs resolve the smallest deposits and the empty
+            crystals, the linear values the large ones (what a classifier on the cells sees).
+        log_eps: offset of the critic's ``log(x + log_eps)`` in ``output="fraction"``, a fraction of E_inc;
+            below the readout threshold (Belle II: 0.009 MeV, 4e-6 of 2 GeV), so that the critic tells an
+            empty crystal from the smallest real hits and the generator learns to leave crystals empty.
         energy_constrainer: train an incident-energy regressor and use it.
         position_constrainer: same for the entry position (only when the conditions
             have position columns, see :func:`position_columns`).
@@ -481,6 +623,11 @@ class WGANConfig(AdversarialConfig):
     net: str = "auto"
     mlp_max_voxels: int = 2000
     layer_dim: int = 32
+    conv_channels: int = 16
+    output: str = "free"
+    critic_features: bool = True
+    linear_cells: bool = True
+    log_eps: float = 1e-7
     energy_constrainer: bool = True
     position_constrainer: bool = True
     energy_weight: float = 1.0
@@ -489,20 +636,28 @@ class WGANConfig(AdversarialConfig):
     constrainer_lr: float = 1e-3
     constrainer_warmup: int = 1000
 
-    renamed: ClassVar[dict[str, str]] = {"n_hidden": "depth", "arch": "net", "dense_max_voxels": "mlp_max_voxels",
-                                         "layer_code": "layer_dim"}
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {**AdversarialConfig.choices, "net": ("auto", "mlp", "layers")}
+    renamed: ClassVar[dict[str, str]] = {**AdversarialConfig.renamed, "n_hidden": "depth", "arch": "net",
+                                         "dense_max_voxels": "mlp_max_voxels", "layer_code": "layer_dim"}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {**AdversarialConfig.choices,
+                                                     "net": ("auto", "mlp", "layers", "conv"),
+                                                     "output": ("free", "fraction")}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "net", _OLD_NETS.get(self.net, self.net))
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if not self.log_eps > 0:
+            raise ConfigError(f"{where}: log_eps must be > 0, got {self.log_eps}")
 
 
 @register
 class WGANGP(AdversarialShowerModel):
     """Conditional WGAN-GP with optional energy/position constrainers ("wgan-gp").
 
-    Shapes: showers x (B, V) in model space (standardised log of voxel / E_inc);
-    conditions c (B, C), column 0 the standardised log incident energy.
+    Shapes: showers x (B, V) in model space (``output="free"``: standardised log of voxel / E_inc,
+    the default transform; ``output="fraction"``: voxel / E_inc); conditions c (B, C), column 0 the
+    standardised log incident energy.
 
     Hyper-parameters: :class:`WGANConfig`.
 
@@ -514,6 +669,9 @@ class WGANGP(AdversarialShowerModel):
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident", "log", "standardize")
     config_class: ClassVar[type[ModelConfig]] = WGANConfig
     config: WGANConfig
+    h_shift: Tensor
+    h_scale: Tensor
+    scaler_ready: Tensor
 
     def __init__(self, spec: ModelSpec, config: WGANConfig | Mapping[str, Any] | None = None, **overrides: Any) -> None:
         super().__init__(spec, config, **overrides)
@@ -524,6 +682,18 @@ class WGANGP(AdversarialShowerModel):
         net = cfg.net
         if net == "auto":
             net = "layers" if V > cfg.mlp_max_voxels and len(sizes) == 1 else "mlp"
+        fraction = cfg.output == "fraction"
+        #: observables shown to the critic beside the cells (output="fraction" with critic_features)
+        self.n_features = 0
+        if fraction and cfg.critic_features:
+            self.n_features = int(shower_features(torch.full((1, V), 1.0 / V), spec).shape[1])
+        #: cell images in the critic's input: log cells, and the linear cells with ``linear_cells``
+        self.n_images = 2 if fraction and cfg.linear_cells else 1
+        H = self.n_images * V + self.n_features  # width of the critic's input h
+        if net == "conv" and (len(spec.layer_sizes) != 1 or spec.layer_shapes[0][0] * spec.layer_shapes[0][1] != V):
+            raise ValueError(f"net='conv' needs a one-layer image geometry, got layer shapes {spec.layer_shapes}")
+        if fraction and net == "layers":
+            raise ValueError("output='fraction' works with net 'mlp' or 'conv', not 'layers'")
         if net == "layers":
             if len(sizes) != 1:
                 raise ValueError(f"net='layers' needs equal-sized layers, got sizes {spec.layer_sizes}")
@@ -531,16 +701,71 @@ class WGANGP(AdversarialShowerModel):
             self.generator = LayerwiseGenerator(self.latent_dim, C, L, cells, hidden, depth, d)
             self.critic = LayerwiseCritic(L, cells, C, hidden, depth, d)
         else:
-            self.generator = DenseGenerator(self.latent_dim, C, V, hidden, depth)
-            self.critic = DenseCritic(V, C, hidden, depth)
-        #: the network kind in use: "mlp" or "layers" (``net`` with "auto" resolved)
+            self.generator = (FractionGenerator(self.latent_dim, C, V, hidden, depth) if fraction
+                              else DenseGenerator(self.latent_dim, C, V, hidden, depth))
+            self.critic = (ConvCritic(spec.layer_shapes[0], self.n_features, C, cfg.conv_channels, hidden, depth,
+                                      n_images=self.n_images)
+                           if net == "conv" else DenseCritic(H, C, hidden, depth))
+        #: the network kind in use: "mlp", "layers" or "conv" (``net`` with "auto" resolved)
         self.net_kind: str = net
 
         ch = cfg.constrainer_hidden
         self.pos_cols: list[int] = position_columns(spec) if cfg.position_constrainer else []
-        # Two separate regressors, as in the Belle II design: each is a small MLP on the shower.
-        self.energy_constrainer: nn.Module | None = mlp(V, ch, 2, 1) if cfg.energy_constrainer else None
-        self.position_constrainer: nn.Module | None = mlp(V, ch, 2, len(self.pos_cols)) if self.pos_cols else None
+
+        def regressor(out_dim: int) -> nn.Module:
+            # separate regressors, as in the Belle II design; convolutional with net="conv"
+            if net == "conv":
+                return ConvRegressor(spec.layer_shapes[0], self.n_features, max(cfg.conv_channels // 2, 1), ch, out_dim,
+                                     n_images=self.n_images)
+            return mlp(H, ch, 2, out_dim)
+
+        self.energy_constrainer: nn.Module | None = regressor(1) if cfg.energy_constrainer else None
+        self.position_constrainer: nn.Module | None = regressor(len(self.pos_cols)) if self.pos_cols else None
+        if fraction:
+            # standardisation of the critic's input, fitted on the first real batch (saved with the weights)
+            self.register_buffer("h_shift", torch.zeros(H))
+            self.register_buffer("h_scale", torch.ones(H))
+            self.register_buffer("scaler_ready", torch.zeros(()))
+
+    # -- the critic's space (output="fraction") --
+    def critic_input(self, x: Tensor) -> Tensor:
+        """``output="free"``: x itself. ``"fraction"``: ``[log(x + log_eps), x, shower_features(x)]``, standardised
+        (x only with ``linear_cells``, the features only with ``critic_features``)."""
+        if self.config.output != "fraction":
+            return x
+        parts = [torch.log(x.clamp_min(0.0) + self.config.log_eps)]
+        if self.n_images == 2:
+            parts.append(x)
+        if self.n_features:
+            parts.append(shower_features(x.clamp_min(0.0), self.spec))
+        return (torch.cat(parts, dim=1) - self.h_shift) / self.h_scale
+
+    @torch.no_grad()
+    def fit_scaler(self, x: Tensor) -> None:
+        """Fit the critic-input standardisation on real showers x (B, V), fractions of E_inc.
+
+        Raises:
+            ValueError: x is not a fraction of E_inc (negative values, or sums far above 1): the run's
+                transform is not ``["per_incident"]``.
+        """
+        if float(x.min()) < -1e-6 or float(x.sum(1).max()) > 1.5:
+            raise ValueError("wgan-gp with output='fraction' needs showers as fractions of E_inc "
+                             "(train with transform = [\"per_incident\"]); got values "
+                             f"in [{float(x.min()):.3g}, {float(x.max()):.3g}], sums up to {float(x.sum(1).max()):.3g}")
+        self.h_shift.zero_()
+        self.h_scale.fill_(1.0)
+        h = self.critic_input(x)
+        self.h_shift.copy_(h.mean(0))
+        self.h_scale.copy_(h.std(0).clamp_min(1e-5))
+        self.scaler_ready.fill_(1.0)
+
+    def training_step(
+        self, x: Tensor, c: Tensor, optimizers: list[torch.optim.Optimizer], step: int
+    ) -> dict[str, float]:
+        """:meth:`AdversarialShowerModel.training_step`, after fitting the critic's scaler on the first batch."""
+        if self.config.output == "fraction" and not bool(self.scaler_ready):
+            self.fit_scaler(x)
+        return super().training_step(x, c, optimizers, step)
 
     # -- networks --
     def generate(self, z: Tensor, c: Tensor) -> Tensor:
@@ -554,13 +779,17 @@ class WGANGP(AdversarialShowerModel):
         """Mean squared errors of the constrainers on showers x (B, V) against conditions c (B, C).
 
         Keys ``energy_constraint`` and ``position_constraint`` (present only for the
-        constrainers that exist); units: squared standard deviations of the condition.
+        constrainers that exist); units: squared standard deviations of the condition. The
+        constrainers see the critic's input (:meth:`critic_input`).
         """
         out: dict[str, Tensor] = {}
+        if self.energy_constrainer is None and self.position_constrainer is None:
+            return out
+        h = self.critic_input(x)
         if self.energy_constrainer is not None:
-            out["energy_constraint"] = F.mse_loss(self.energy_constrainer(x).squeeze(1), c[:, 0])
+            out["energy_constraint"] = F.mse_loss(self.energy_constrainer(h).squeeze(1), c[:, 0])
         if self.position_constrainer is not None:
-            out["position_constraint"] = F.mse_loss(self.position_constrainer(x), c[:, self.pos_cols])
+            out["position_constraint"] = F.mse_loss(self.position_constrainer(h), c[:, self.pos_cols])
         return out
 
     def generator_penalties(self, fake: Tensor, c: Tensor, step: int) -> dict[str, Tensor]:

@@ -12,13 +12,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerBatch
+
+if TYPE_CHECKING:
+    from fastshower.montecarlo.fastsim import FastSim
 
 __all__ = ["BackendOptions", "SimulationBackend", "SimulationError"]
 
@@ -35,11 +38,13 @@ class BackendOptions:
         cut_mm: Geant4 production cut, mm.
         physics: "auto", "official" or "substitute" (Geant4 data choice).
         extra: backend-specific options (air showers: zenith/azimuth specs, ...).
+        fast_sim: a trained run replacing the e+/e-/gamma showers in Geant4 (:mod:`.fastsim`); None: full simulation.
     """
 
     cut_mm: float = 0.7
     physics: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    fast_sim: FastSim | None = None
 
 
 class SimulationBackend(ABC):
@@ -71,7 +76,8 @@ class SimulationBackend(ABC):
         """What this worker built or loaded for its physics tables, for the file's ``worker_tables`` provenance:
         one dict per table (``table``, ``version``, ``source`` "built"/"cache"/..., ``sha256`` where known).
 
-        Asked after the worker's first chunk, so a backend that loads its tables lazily reports them too.
+        Asked after each chunk, so a backend that gets its tables lazily, or extends them for a later chunk,
+        reports them too; what it returns may only grow.
         """
         return []  # a backend without tables of its own has nothing to report
 

@@ -18,6 +18,10 @@ axis, its layers by depth along that axis.
 The gun enters the front face at a given (x, y) along a given direction; it starts 1 mm before the
 first material on that line (the front face, or an optional upstream slab
 :data:`~fastshower.montecarlo.incidence.UPSTREAM_GAP_MM` before it).
+
+With a :class:`~fastshower.montecarlo.fastsim.FastSimHook` the world volume gets a Python sensitive detector
+that kills the e+/e-/gamma a trained run replaces where they cross the front face, and at the end of each
+event the run's showers join the event's deposits, scored by the same readout (:mod:`.fastsim`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fastshower.geometry import (
     ReadoutLayer,
     Segmentation,
 )
+from fastshower.montecarlo.fastsim import FastSimHook, cartesian_cells, readout_layer
 from fastshower.montecarlo.g4data import G4DataInfo, Geant4DataError, apply_environment, elements_of, resolve_data
 from fastshower.montecarlo.incidence import UPSTREAM_GAP_MM, polar_radius
 
@@ -205,6 +210,7 @@ class Geant4Session:
         physics: ``"auto"`` (EM list for e/gamma, FTFP_BERT for pions), ``"em"`` or ``"ftfp_bert"``.
         upstream: (NIST material, thickness mm) of a slab before the calorimeter, or None.
         max_angle_deg: largest polar angle :meth:`run` will be given, degrees (sizes the world).
+        fastsim: fast simulation by a trained run (:mod:`.fastsim`); None: full simulation.
     """
 
     #: called after each simulated event (the driver's per-shower progress); None: nothing is called
@@ -218,7 +224,7 @@ class Geant4Session:
         data: G4DataInfo | None = None,
         physics: str = "auto",
         upstream: tuple[str, float] | None = None,
-        max_angle_deg: float = 0.0,
+        max_angle_deg: float = 0.0, fastsim: FastSimHook | None = None,
     ) -> None:
         global _SESSION_OPEN
         if _SESSION_OPEN:
@@ -252,6 +258,7 @@ class Geant4Session:
         self.data = data
         self.physics = physics
         self.upstream = upstream
+        self.fastsim = fastsim
         # the gun starts this far before the front face (mm along z): the upstream slab and its gap
         self._lead_mm = upstream[1] + UPSTREAM_GAP_MM if upstream is not None else 0.0
         self._tan_max = math.tan(math.radians(max_angle_deg))
@@ -329,6 +336,7 @@ class Geant4Session:
         world_l = g4.G4LogicalVolume(world_s, self._material(g4, "G4_Galactic"), "World")
         world_p = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_l, "World", None, False, 0, False)
         self._keep += [world_s, world_l, world_p]
+        self._world_l = world_l
         self._z0 = z = -0.5 * depth
         if self.upstream is not None:
             self._place_upstream(g4, world_l, half - 1.0)
@@ -444,6 +452,11 @@ class Geant4Session:
                     lv.SetSensitiveDetector(sd)
                 self._keep.append(sd)
                 self._py_layers.append(li)
+        if self.fastsim is not None:  # the world's steps: the e+/e-/gamma the run replaces die on the front face
+            sd = self.fastsim.sensitive_detector(g4, self._z0)
+            sdm.AddNewDetector(sd)
+            self._world_l.SetSensitiveDetector(sd)
+            self._keep.append(sd)
         self._hc_resolved = False
 
     # --- per event ----------------------------------------------------------------------------
@@ -472,8 +485,32 @@ class Geant4Session:
                 off = geo.layer_offsets[li]
                 for idx, val in hmap:
                     row[off + idx] += val
+        if self.fastsim is not None:
+            self._add_fast_showers(row, i)
         if self._py_layers:
             self._bin_polar(row, i)
+
+    def _add_fast_showers(self, row: np.ndarray, i: int) -> None:
+        """Event ``i``'s showers from the fast simulation, scored as the readout scores Geant4's steps: a point in
+        a cartesian layer adds to the cell under it in ``row``; a point in a polar layer joins that layer's steps
+        (binned with them in the primary's mesh by :meth:`_bin_polar`)."""
+        pts, e = self.fastsim.end_of_event(i)  # type: ignore[union-attr]
+        layer = readout_layer(self.geometry, pts[:, 2] - self._z0)
+        for li, lay in enumerate(self.geometry.layers):
+            m = layer == li
+            if not m.any():
+                continue
+            seg = lay.segmentation
+            if isinstance(seg, CartesianSegmentation):
+                cells = cartesian_cells(seg, pts[m, 0], pts[m, 1])
+                ok = cells >= 0
+                row[self.geometry.layer_slice(li)] += np.bincount(cells[ok], weights=e[m][ok],
+                                                                  minlength=seg.n_cells).astype(np.float32)
+            else:
+                buf = self._steps[li]
+                for k in range(3):
+                    buf[k].extend(pts[m, k].tolist())
+                buf[3].extend(e[m].tolist())
 
     def _polar_steps(self) -> tuple[np.ndarray, np.ndarray]:
         """This event's polar-layer steps, emptying the buffers: (x, y, z) mm (3, m) and [energy MeV, layer] (2, m)."""
@@ -537,6 +574,8 @@ class Geant4Session:
         for buf in self._steps.values():
             for b in buf:
                 b.clear()
+        if self.fastsim is not None:
+            self.fastsim.begin_run(n, seed)
         if n == 0:
             return self._out
         g4 = self._g4

@@ -51,7 +51,9 @@ def parse_upstream(text: str) -> tuple[str, float]:
     """``"G4_Pb:5.6mm"`` -> ("G4_Pb", 5.6): a NIST material fastshower can simulate and a thickness in mm (> 0)."""
     from fastshower.montecarlo.g4data import Geant4DataError, elements_of
 
-    material, _, thickness = str(text).partition(":")
+    material, colon, thickness = str(text).partition(":")
+    if not colon:
+        raise SimulationError(f"bad --upstream {text!r}: expected MATERIAL:THICKNESS, e.g. G4_Pb:5.6mm or G4_Al:2cm")
     try:
         elements_of([material])
     except Geant4DataError:

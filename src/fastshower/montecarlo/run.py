@@ -40,6 +40,7 @@ from fastshower.geometry import Geometry, geometry_from_json, get_geometry
 from fastshower.io import ShowerBatch, ShowerFile, ShowerFileError, ShowerWriter, WriteLock
 from fastshower.montecarlo.backend import BackendOptions, SimulationBackend, SimulationError
 from fastshower.montecarlo.dask_run import WorkerSpec, drop_front, worker_report
+from fastshower.montecarlo.fastsim import FastSim
 
 __all__ = ["SimulationResult", "backend_class", "chunk_plan", "simulate"]
 
@@ -164,7 +165,8 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
            results: Any) -> None:
     """Worker loop: build the backend once, say "ready", then simulate each task received until a None one,
     reporting its showers as they finish ("progress", see :class:`_Reporter`) and the chunk at its end ("done");
-    before its first "done", the worker's tables ("tables", see :func:`~.dask_run.worker_report`).
+    before a chunk's "done", the worker's tables ("tables", see :func:`~.dask_run.worker_report`) after its first
+    chunk and after each one that got or extended tables (the air-shower tables grow with the energy).
 
     ``tasks`` and ``results`` are this worker's ends of two pipes: ``send`` returns only once the data is in
     the pipe, so a chunk reported before an abort is never lost (a Queue's feeder thread would die with the
@@ -179,7 +181,7 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         results.send(("error", -1, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     results.send(("ready", -1, backend.generator, backend.physics))
-    reported = False
+    reported: dict[str, Any] | None = None
     while True:
         task = tasks.recv()
         if task is None:
@@ -191,9 +193,10 @@ def _serve(cls_path: tuple[str, str], geometry_json: str, particle: str, options
         except BaseException as exc:
             results.send(("error", index, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-        if not reported:  # after the first chunk: a backend may load its tables lazily, on its first run
-            results.send(("tables", -1, worker_report(backend), None))
-            reported = True
+        report = worker_report(backend)  # after each chunk: a backend may get or extend its tables on any run
+        if report != reported:
+            results.send(("tables", -1, report, None))
+            reported = report
         results.send(("done", index, drop_front(batch, skip), None))  # skip: a resumed chunk's showers in the file
 
 
@@ -329,7 +332,8 @@ def _resume_point(out: Path, geo: Geometry, particle: str, spec: EnergySpec, see
 
 def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: int, out: str | Path, *,
           seed: int | None, jobs: int, cut_mm: float, physics: str, resume: bool, chunk_size: int | None,
-          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None, lock: WriteLock) -> _Plan:
+          extra: dict[str, Any] | None, backend: type[SimulationBackend] | None, lock: WriteLock,
+          fast_sim: FastSim | None = None) -> _Plan:
     """Parse and check a request (arguments as :func:`simulate`'s), in the order its errors are reported.
 
     ``lock`` (of ``out``) is taken before the file is read, so a file another run is writing is refused
@@ -341,6 +345,8 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
     out = Path(out)
     options = BackendOptions(cut_mm=cut_mm, physics=physics, extra=dict(extra or {}))
     cls = backend or backend_class(geo)
+    if fast_sim is not None:
+        options = _with_fast_sim(geo, cls, options, fast_sim, (spec.low, spec.high))
     cls.check_request(geo, particle, options, (spec.low, spec.high))
     lock.acquire()
     start, seed, chunk_size = _resume_point(out, geo, particle, spec, seed, chunk_size, resume, options.extra)
@@ -350,6 +356,20 @@ def _plan(geometry: str | Geometry, particle: str, energy: str | EnergySpec, n: 
     if geo.kind == "calorimeter":
         attrs.update(cut_mm=cut_mm, physics_choice=physics)
     return _Plan(geo, particle, spec, options, cls, out, n, seed, chunk_size, start, jobs, resume, attrs, lock)
+
+
+def _with_fast_sim(geo: Geometry, cls: type[SimulationBackend], options: BackendOptions, fast_sim: FastSim,
+                   energy_range_mev: tuple[float, float]) -> BackendOptions:
+    """``options`` with the fast simulation checked (SimulationError before Geant4 starts), its extrapolations
+    noted in it as warnings, and the request in ``extra`` (the file's ``option_fast_sim*`` provenance)."""
+    from fastshower.montecarlo.calorimeter import Geant4Backend, fast_sim_warnings
+
+    if geo.kind != "calorimeter" or not issubclass(cls, Geant4Backend):
+        raise SimulationError(f"fast_sim: fast simulation runs inside Geant4, for calorimeters only, not {geo.name!r}")
+    options = dataclasses.replace(options, fast_sim=fast_sim)
+    warnings = fast_sim_warnings(geo, options, energy_range_mev)
+    return dataclasses.replace(options, fast_sim=dataclasses.replace(fast_sim, warnings=tuple(warnings)),
+                               extra={**options.extra, **fast_sim.options()})
 
 
 # --- workers --------------------------------------------------------------------------
@@ -506,15 +526,25 @@ class _ChunkWriter:
         return None
 
     def _record_tables(self, report: dict[str, Any]) -> None:
-        """Add a worker's report (see :func:`~.dask_run.worker_report`) to the file's ``worker_tables`` (JSON),
-        once per worker; a resumed file's earlier entries are kept, so the file names every worker that built
-        or read tables for it. Written with the next chunk (the writer commits all attributes each time)."""
+        """Add a worker's report (see :func:`~.dask_run.worker_report`) to the file's ``worker_tables`` (JSON):
+        one entry per worker process (address and pid), whose ``tables`` gain what a later report adds (a
+        worker's reports only grow, but Dask's may come out of order); a resumed file's earlier entries are kept,
+        so the file names every worker that built or read tables for it. Written with the next chunk (the writer
+        commits all attributes each time)."""
         if self.writer is None:  # cannot happen: a worker's "ready" opens the file before its report
             return
         old = self.writer.attrs.get("worker_tables", [])
         entries = json.loads(old) if isinstance(old, (str, bytes)) else list(old)
-        if report not in entries:
+        who = (report["worker"], report["pid"])
+        same = [k for k, e in enumerate(entries) if (e.get("worker"), e.get("pid")) == who]
+        if not same:
             self.writer.set_attrs({"worker_tables": [*entries, report]})
+            return
+        known = entries[same[0]].get("tables", [])
+        new = [t for t in report["tables"] if t not in known]
+        if new:
+            entries[same[0]] = {**entries[same[0]], "tables": [*known, *new]}
+            self.writer.set_attrs({"worker_tables": entries})
 
     def close(self) -> None:
         """Close the file (complete when it reached its target)."""
@@ -641,7 +671,7 @@ def simulate(
     extra: dict[str, Any] | None = None,
     backend: type[SimulationBackend] | None = None,
     executor: str = "pool",
-    scheduler: str | None = None,
+    scheduler: str | None = None, fast_sim: FastSim | None = None,
     angle: str | None = None, phi: str | None = None, position: str | None = None, upstream: str | None = None,
 ) -> SimulationResult:
     """Produce ``n`` reference showers into ``out`` (see the module docstring).
@@ -665,6 +695,7 @@ def simulate(
             by module path, since workers are fresh processes.
         executor: "pool" (``jobs`` worker processes) or "dask" (a task per chunk; the same file, see .dask_run).
         scheduler: for "dask", ``tcp://host:port`` or a scheduler file (default: a LocalCluster of ``jobs``).
+        fast_sim: a trained run replacing e+/e-/gamma showers inside Geant4 (``fastshower.fast_sim_model``, .fastsim).
 
     Raises:
         SimulationError, ShowerFileError, EnergySpecError, GeometryError, Geant4DataError: bad requests, with a
@@ -675,7 +706,7 @@ def simulate(
     lock = WriteLock(out)
     try:
         plan = _plan(geometry, particle, energy, n, out, seed=seed, jobs=jobs, cut_mm=cut_mm, physics=physics,
-                     resume=resume, chunk_size=chunk_size, backend=backend, lock=lock,
+                     resume=resume, chunk_size=chunk_size, backend=backend, lock=lock, fast_sim=fast_sim,
                      extra=_with_incidence(extra, angle=angle, phi=phi, position=position, upstream=upstream))
         plan = dataclasses.replace(plan, executor=executor, scheduler=scheduler)
         if plan.start >= plan.n:
