@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +14,9 @@ from fastshower.models import build_model
 from fastshower.models.base import ModelSpec, model_cost
 from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig
 from fastshower.models.nets import LayerTransformer
+from fastshower.runs import load_run
+from fastshower.training import calibrate_run, train
+from fastshower.validate.synthetic import write_synthetic
 
 SMALL = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 32, "depth": 2, "heads": 2, "emb_dim": 16, "steps": 2}
 
@@ -184,3 +191,62 @@ def test_cell_energy_keeps_a_hit_where_it_is_whatever_its_ring_holds() -> None:
         assert (abs(moved) < 1e-4) if cells == "energy" else (abs(moved) > 2.5), (cells, moved)
         back = model.stage2_inverse(model.stage2_features(x, e), e)
         assert torch.equal(back == 0, x == 0), cells
+
+
+def test_cell_map_matches_the_hit_rate_and_spectrum_and_keeps_ring_energies() -> None:
+    """After calibrate on showers whose outer cells are hit 30 % of the time with energies uniform in (0, 1) x
+    E_inc (the core ring: always), the model at fresh noise hits 30 % +- 5 % of the outer cells (uncalibrated:
+    nearly all) with the data's median hit energy, every ring holds what its share gave it and keeps at least
+    one hit, and a checkpoint saved before the map existed loads with the identity map."""
+    torch.manual_seed(0)
+    model = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), SMALL)
+    assert isinstance(model, LayerFlowMatching)
+    n = 1200
+    x = torch.rand(n, 3, 8, 3) * (torch.rand(n, 3, 8, 3) < 0.3)
+    x[:, :, :, 0] = torch.rand(n, 3, 8) + 0.5
+    x = x.reshape(n, -1)
+    c = torch.rand(n, 1) * 3 - 1.5
+    model.eval()
+    old_state = {k: v.clone() for k, v in model.state_dict().items() if k != "cell_map"}
+    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
+    assert stats["hit_fraction_model_before"] > 0.9
+    with torch.no_grad():
+        g1, g2 = model.sample_latents(model.draw_noise(n, torch.Generator().manual_seed(2)), c)
+        mapped = model._cells(model.unstandardise2(g2, c))[..., 1:]
+    hit = mapped >= math.log(11 * model.noise)
+    assert abs(float(hit.float().mean()) - 0.3) < 0.05
+    data = x.reshape(n, 3, 8, 3)[..., 1:]
+    assert abs(float(mapped[hit].median()) - float(torch.log(data[data > 0]).median())) < 0.15
+    with torch.no_grad():
+        out = model.assemble(g1, g2, c).reshape(n, 3, 8, 3)
+        e = model.stage1_inverse(model.scale1.inverse(g1))
+        unmapped = model.stage2_inverse(model.scale2.inverse(g2, c[:, 0]), e)
+    assert bool(((out > 0).sum(2) >= 1).all())  # every ring keeps at least its hottest cell
+    assert torch.allclose(out.sum(2), unmapped.reshape(n, 3, 8, 3).sum(2), rtol=1e-4, atol=1e-7)
+    fresh = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), SMALL)
+    fresh.load_state_dict(old_state)
+    assert isinstance(fresh, LayerFlowMatching)
+    with torch.no_grad():
+        assert torch.allclose(fresh.unstandardise2(g2, c), model.scale2.inverse(g2, c[:, 0]), atol=1e-4)
+
+
+def test_training_ends_calibrated_and_old_runs_can_be_calibrated(tmp_path: Path) -> None:
+    """A par04-ds2 layer-fm run is calibrated at the end of training (meta.json: the data's and the model's hit
+    fractions, the model's now closer to the data's); calibrate_run repeats it on a finished run and saves the
+    map in its checkpoint."""
+    import numpy as np
+
+    data = write_synthetic(tmp_path / "ds2.h5", get_geometry("par04-ds2"), np.resize([2e3, 8e3, 3e4], 240), seed=1)
+    run = train(data, "layer-fm", tmp_path / "run", steps=2, batch_size=32, progress=False,
+                config={"hparams": {**SMALL, "hidden": 16, "depth": 1, "head_dim": 2}})
+    cal = json.loads((run / "meta.json").read_text())["calibration"]
+    assert set(cal) == {"hit_fraction_data", "hit_fraction_model_before", "hit_fraction_model_after"}
+    def gap(stats: dict[str, float], when: str) -> float:
+        return abs(stats[f"hit_fraction_model_{when}"] - stats["hit_fraction_data"])
+
+    assert gap(cal, "after") < gap(cal, "before")
+    stats = calibrate_run(run, n=200)
+    model = load_run(run).model
+    assert isinstance(model, LayerFlowMatching)
+    assert not torch.equal(model.cell_map[:, :, :, 0], model.cell_map[:, :, :, 1])
+    assert gap(stats, "after") < gap(stats, "before")

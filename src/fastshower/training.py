@@ -56,6 +56,7 @@ from fastshower.runs import (
     atomic_save,
     data_provenance,
     load_checkpoint,
+    load_run,
     load_weights,
     read_json,
     run_geometry,
@@ -63,7 +64,10 @@ from fastshower.runs import (
     write_json,
 )
 
-__all__ = ["TrainingError", "load_config", "torch_threads", "train"]
+__all__ = ["TrainingError", "calibrate_run", "load_config", "torch_threads", "train"]
+
+#: training showers that a post-training calibration (layer-fm's cell map) sees
+CALIBRATION_SHOWERS = 2000
 
 #: steps when neither steps nor epochs is given
 DEFAULT_STEPS = 2000
@@ -528,6 +532,61 @@ def _run_loop(loop: _Loop, progress: bool, callback: Callable[[int, dict[str, fl
         bar.close()
 
 
+def _calibrate(loop: _Loop) -> dict[str, float] | None:
+    """Post-training calibration of a model that has one (``calibrate``) on CALIBRATION_SHOWERS showers
+    of the training stream, seeded by the run's seed; the checkpoint is written again with it (every rank
+    calibrates on its own showers, rank 0's is saved)."""
+    net = loop.state.net
+    fit = getattr(net, "calibrate", None)
+    if fit is None:
+        return None
+    xs, cs, n = [], [], 0
+    for x, c in _batches(loop.state.stream, loop.dev):
+        xs.append(x)
+        cs.append(c)
+        n += x.shape[0]
+        if n >= CALIBRATION_SHOWERS:
+            break
+    net.eval()
+    gen = torch.Generator(device=loop.dev).manual_seed(int(loop.plan.options.seed or 0))
+    stats: dict[str, float] = fit(torch.cat(xs)[:CALIBRATION_SHOWERS], torch.cat(cs)[:CALIBRATION_SHOWERS], gen)
+    loop.checkpoint()
+    return stats
+
+
+def calibrate_run(run_dir: str | Path, n: int = CALIBRATION_SHOWERS, seed: int = 0) -> dict[str, float]:
+    """Calibrate a finished run after its training, as ``train`` now does at its end (layer-fm's cell map;
+    runs trained before it generate uncalibrated): on the first ``n`` showers of its training file (named in
+    meta.json). The checkpoint is rewritten atomically and meta.json records the result, which is returned.
+
+    Raises:
+        TrainingError: the model has no calibration, or the training file cannot be read.
+    """
+    model, transform, info = load_run(run_dir, require_finished=True)
+    fit = getattr(model, "calibrate", None)
+    if fit is None:
+        raise TrainingError(f"{run_dir}: model {info.model_name!r} has no post-training calibration")
+    try:
+        with ShowerFile(info.training_file or "") as f:
+            batch = f.read(0, min(n, f.n))
+    except (ShowerFileError, OSError) as exc:
+        raise TrainingError(f"{run_dir}: its training file {info.training_file!r} cannot be read ({exc})") from None
+    e = torch.from_numpy(batch.energies.reshape(-1))
+    with torch.no_grad():
+        x = transform(torch.from_numpy(batch.showers), e).float()
+        c = transform.conditions(e, {k: torch.from_numpy(v) for k, v in batch.conditions.items()
+                                     if k in transform.cond.names}).float()
+    stats: dict[str, float] = fit(x, c, torch.Generator().manual_seed(seed))
+    folder = RunFolder(Path(run_dir))
+    ckpt = load_checkpoint(folder.checkpoint)
+    ckpt["model"] = model.state_dict()
+    atomic_save(ckpt, folder.checkpoint)
+    meta = read_json(folder.meta)
+    meta["calibration"] = stats
+    write_json(folder.meta, meta)
+    return stats
+
+
 # --- the verb --------------------------------------------------------------------------------------
 
 
@@ -636,7 +695,10 @@ def _train(plan: _Plan, data: _Data, config: Any, rank: int, world: int, dev: to
     with (plan.folder.train_log.open("a") if rank == 0 else open(os.devnull, "w")) as log_file:
         loop.log_file = log_file
         _run_loop(loop, progress, callback)
+    calibration = _calibrate(loop)
     if rank == 0:
         meta.update(status="finished", step=state.step, train_seconds=round(time.perf_counter() - loop.t0, 3),
                     train_cpu_seconds=round(time.process_time() - loop.cpu0, 3), peak_rss_mb=_peak_rss_mb())
+        if calibration:
+            meta["calibration"] = calibration
         write_json(plan.folder.meta, meta)
