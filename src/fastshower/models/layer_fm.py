@@ -229,8 +229,10 @@ class LayerFlowMatching(CaloFlow):
     config_class: ClassVar[type[ModelConfig]] = LayerFMConfig
     config: LayerFMConfig  # type: ignore[assignment]
 
-    def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
+                 with_velocity: bool = True, **overrides: Any) -> None:
+        """``with_velocity=False`` builds stage 1, the scalers and the stage-2 variables without the shape ODE's
+        nets: what a staged one-step student (:class:`fastshower.models.onestep.OneStep`) keeps of a trained run."""
         super().__init__(spec, config, with_stage2=False, **overrides)
         cfg = self.config
         self.rings = ring_grid(cfg, spec)
@@ -242,14 +244,21 @@ class LayerFlowMatching(CaloFlow):
                   FeatureScaler(self.stage2_width, min_std=1.0))
         self.scale2: FeatureScaler | EnergyScaler = scale2  # type: ignore[assignment]
         self.scale_e = FeatureScaler(self.n_layers)  # log layer fractions -> the tokens' energy feature
-        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
         self.ema_velocity: ShapeVelocity | None = None
+        if not with_velocity:
+            return
+        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
 
     def noise_dim(self) -> int:
         """Stage-1 latents (one per layer), then one per stage-2 number (V, or V + L x R with ring shares)."""
         return self.n_layers + self.stage2_width
+
+    def _velocity(self) -> ShapeVelocity:
+        if "velocity" not in self._modules:
+            raise RuntimeError("this layer-fm was built without the shape ODE's nets (with_velocity=False)")
+        return self.velocity
 
     # -- ring shares (polar readouts) ------------------------------------------------------
     def stage2_features(self, x: Tensor, e: Tensor) -> Tensor:
@@ -276,6 +285,27 @@ class LayerFlowMatching(CaloFlow):
         cell = share[:, :, r:].reshape(-1, self.n_layers, a, r)
         cell = cell / cell.sum(2, keepdim=True).clamp_min(_TINY)
         return (cell * (ring * e.unsqueeze(2)).unsqueeze(2)).reshape(y.shape[0], -1)
+
+    def stage2_hits(self, hit: Tensor) -> Tensor:
+        """Hit voxels (B, V) bool -> hit stage-2 numbers (B, W): with ring shares a ring is hit when any of its
+        cells is, a cell share when its cell is (a share below ``zero_share`` feeds no voxel: never hit)."""
+        if self.rings is None:
+            return super().stage2_hits(hit)
+        a, r = self.rings
+        cells = hit.reshape(-1, self.n_layers, a, r)
+        return torch.cat([cells.any(2), cells.reshape(-1, self.n_layers, a * r)], dim=2).reshape(hit.shape[0], -1)
+
+    def stage2_empty(self, empty: Tensor) -> Tensor:
+        """0/1 mask (B, W) of stage-2 numbers set to share 0 -> the numbers that are then empty: with ring shares
+        also each ring whose cells are all empty, so that its share of the layer goes to the layer's other
+        rings (renormalised) rather than vanishing with the cells, and the layer keeps stage 1's energy."""
+        if self.rings is None:
+            return super().stage2_empty(empty)
+        a, r = self.rings
+        per_layer = empty.reshape(-1, self.n_layers, r * (a + 1))
+        all_cells = per_layer[:, :, r:].reshape(-1, self.n_layers, a, r).amin(2)  # (B, L, R): 1 where all empty
+        rings = torch.maximum(per_layer[:, :, :r], all_cells)
+        return torch.cat([rings, per_layer[:, :, r:]], dim=2).reshape(empty.shape)
 
     def _layer_features(self, e: Tensor) -> Tensor:
         """Layer fractions e (B, L) -> standardised log fractions (B, L, 1), the tokens' energy feature."""
@@ -310,7 +340,7 @@ class LayerFlowMatching(CaloFlow):
         nll1 = -self.flow1(c).log_prob(g1).mean()
         z = torch.randn_like(g2)
         t = draw_t(g2.shape[0], g2, self.config.t_dist)
-        v = self.velocity((1 - t) * z + t * g2, t, c, g1, self._layer_features(e))
+        v = self._velocity()((1 - t) * z + t * g2, t, c, g1, self._layer_features(e))
         fm = ((v - (g2 - z)) ** 2).mean()
         return {"loss": nll1 + fm, "nll_stage1": nll1, "fm_stage2": fm}
 
@@ -364,5 +394,5 @@ class LayerFlowMatching(CaloFlow):
 
     def _shape_ode(self, z2: Tensor, c: Tensor, g1: Tensor, feats: Tensor, steps: int, method: str) -> Tensor:
         """The shape ODE from noise z2 (B, V) at t = 0 to standardised g2 (B, V) at t = 1 (EMA net if any)."""
-        net = self.ema_velocity if self.ema_velocity is not None else self.velocity
+        net = self.ema_velocity if self.ema_velocity is not None else self._velocity()
         return odeint(lambda g, t: net(g, t, c, g1, feats), z2, steps, method)
