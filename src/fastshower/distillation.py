@@ -78,8 +78,9 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
 @torch.no_grad()
 def teacher_pairs(model: ShowerModel, student: OneStep, c: Tensor, generator: torch.Generator,
                   ode_steps: int | None, chunk: int = 4096, progress: bool = False) -> Tensor:
-    """Pair rows (n, W + D): the student's regression target for each condition row (the teacher's model-space
-    shower, W = V, or a staged teacher's stage-2 latents), then the noise (D) it came from."""
+    """Pair rows (n, W [+ L] + D): the student's regression target for each condition row (the teacher's
+    model-space shower, W = V, or a staged teacher's stage-2 latents and then its stage-1 latents), then the
+    noise (D) it came from (see :meth:`OneStep.split_pairs`)."""
     from tqdm.auto import tqdm
 
     opts: dict[str, Any] = {} if ode_steps is None else {"steps": int(ode_steps)}

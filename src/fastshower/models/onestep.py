@@ -288,10 +288,10 @@ class OneStep(ShowerModel):
         """
         stage1 = self.stage1
         assert stage1 is not None and self.occupancy
-        w, n_l = self.target_width(), stage1.n_layers
-        target, z = x[:, :w], x[:, w:]
+        w = self.target_width()
+        target, g1, z = self.split_pairs(x)
+        assert g1 is not None
         knots = _knots_over(c[:, 0], self.occ_knots.numel())
-        g1 = stage1.sample_stage1(z[:, :n_l], c)
         g2, logits = self.stage2_heads(z, c, g1)
         assert logits is not None
         hit_t = self.stage2_hits(g1, target, c).float()
@@ -326,29 +326,36 @@ class OneStep(ShowerModel):
         return self.stage1.stage2_hits(self.stage1.assemble(g1, g2, c) > 0)
 
     def regression_target(self, teacher: ShowerModel, z: Tensor, c: Tensor, **options: Any) -> Tensor:
-        """What the student regresses for noise z (B, D) and conditions c (B, C), (B, W): the teacher's
-        model-space shower (W = V; ``options`` go to its sampler), or (staged) the teacher's standardised
-        stage-2 latents g2 (flow 2's output, or the end of layer-fm's shape ODE at the teacher's own steps)."""
+        """What the student learns from for noise z (B, D) and conditions c (B, C): the teacher's model-space
+        shower (B, V) (``options`` go to its sampler), or (staged) the teacher's standardised stage-2 latents g2
+        (B, W) (flow 2's output, or the end of layer-fm's shape ODE at the teacher's own steps) followed by its
+        stage-1 latents g1 (B, L), which the student's stage 1 would compute alike from z and c: carried so
+        that training does not invert the autoregressive stage-1 flow at every step (par04-ds2: 1 CPU-s of a
+        1.2 CPU-s step)."""
         if self.stage1 is not None:
             if not isinstance(teacher, type(self.stage1)) or options:
                 raise TypeError(f"a staged student needs a {self.stage1.name!r} teacher, without sampler options")
-            return teacher.sample_latents(z, c)[1]
+            g1, g2 = teacher.sample_latents(z, c)
+            return torch.cat([g2, g1], dim=1)
         return teacher.sample_from_noise(z, c, **options)
+
+    def split_pairs(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Pair rows x (B, W [+ L] + D) = [:meth:`regression_target`, its noise] -> the regressed target (B, W),
+        the teacher's stage-1 latents g1 (B, L) (staged; else None) and the noise z (B, D)."""
+        w, n_l = self.target_width(), self.stage1.n_layers if self.stage1 is not None else 0
+        if x.shape[1] != w + n_l + self.noise_dim():
+            raise ValueError(f"one-step pair rows must be {w} + {n_l} + {self.noise_dim()} wide (teacher target, "
+                             f"stage-1 latents, noise), got {x.shape[1]}")
+        return x[:, :w], (x[:, w : w + n_l] if n_l else None), x[:, w + n_l :]
 
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return self.sample_from_noise(self.draw_noise(c.shape[0], generator, c.dtype, c.device), c)
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
-        """MSE to the teacher on pair rows x (B, W + D) = [:meth:`regression_target` (W), its noise (D)], c (B, C)."""
-        w = self.target_width()
-        if x.shape[1] != w + self.noise_dim():
-            raise ValueError(f"one-step loss expects pair rows of width {w} + {self.noise_dim()} (teacher target, "
-                             f"noise), got {x.shape[1]}")
-        target, z = x[:, :w], x[:, w:]
-        if self.stage1 is not None:
-            with torch.no_grad():
-                g1 = self.stage1.sample_stage1(z[:, : self.stage1.n_layers], c)
+        """MSE to the teacher on pair rows x (B, W [+ L] + D) (see :meth:`split_pairs`), conditions c (B, C)."""
+        target, g1, z = self.split_pairs(x)
+        if g1 is not None:
             g2, logits = self.stage2_heads(z, c, g1)
             if logits is None:
                 return {"loss": ((g2 - target) ** 2).mean()}
