@@ -296,16 +296,19 @@ class LayerFlowMatching(CaloFlow):
         return torch.cat([cells.any(2), cells.reshape(-1, self.n_layers, a * r)], dim=2).reshape(hit.shape[0], -1)
 
     def stage2_empty(self, empty: Tensor) -> Tensor:
-        """0/1 mask (B, W) of stage-2 numbers set to share 0 -> the numbers that are then empty: with ring shares
-        also each ring whose cells are all empty, so that its share of the layer goes to the layer's other
-        rings (renormalised) rather than vanishing with the cells, and the layer keeps stage 1's energy."""
+        """0/1 mask (B, W) of stage-2 numbers to set to share 0 -> the numbers that are then empty. With ring
+        shares: also each ring whose cells are all empty, so that its share of the layer goes to the layer's
+        other rings (renormalised) rather than vanishing with the cells; and none of a layer's numbers when
+        that would empty all its rings, so that every layer keeps stage 1's energy (the mask comes from a
+        one-step student's hit heads, which are not trained to keep a layer alive)."""
         if self.rings is None:
             return super().stage2_empty(empty)
         a, r = self.rings
         per_layer = empty.reshape(-1, self.n_layers, r * (a + 1))
         all_cells = per_layer[:, :, r:].reshape(-1, self.n_layers, a, r).amin(2)  # (B, L, R): 1 where all empty
         rings = torch.maximum(per_layer[:, :, :r], all_cells)
-        return torch.cat([rings, per_layer[:, :, r:]], dim=2).reshape(empty.shape)
+        keep = 1.0 - rings.amin(2, keepdim=True)  # (B, L, 1): 0 where every ring of the layer would be empty
+        return (torch.cat([rings, per_layer[:, :, r:]], dim=2) * keep).reshape(empty.shape)
 
     def _layer_features(self, e: Tensor) -> Tensor:
         """Layer fractions e (B, L) -> standardised log fractions (B, L, 1), the tokens' energy feature."""
