@@ -8,17 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from fastshower.cli import main as cli_main
 from fastshower.deploy import export_onnx, load_onnx
 from fastshower.distillation import DistillError, distill
 from fastshower.generation import generate
+from fastshower.geometry import Geometry, PolarSegmentation, ReadoutLayer
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
 from fastshower.models.flow import CaloFlow
-from fastshower.models.onestep import OneStep
+from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig
+from fastshower.models.onestep import OneStep, OneStepConfig
 from fastshower.runs import load_run
+from fastshower.sampling import SamplerModule
 from fastshower.training import TrainingError, train
+from fastshower.validate.synthetic import write_synthetic
 
 TEACHER_HP = {"hidden": 32, "depth": 1, "emb_dim": 16, "steps": 4, "warmup": 5}
 TRAIN = {"chunk_rows": 128, "shuffle_chunks": 2}
@@ -151,15 +156,19 @@ def test_flow_teacher_staged(tmp_path: Path, tiny_file: Path, capsys: pytest.Cap
 
 def test_layer_fm_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
     """layer-fm shares flow's stage 1 and stage-2 variables, so it distils staged as a flow does: the student
-    holds the teacher's stage-1 flow bit for bit and, for the same noise, the same layer energies."""
+    holds the teacher's stage-1 flow bit for bit and, for the same noise, the same layer energies; students
+    written before the student held a layer-fm stage 1 load and behave as before."""
     hp = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
           "steps": 2, "warmup": 5, "shares": "voxel", "energy_knots": 0}
     teacher = train(tiny_file, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
                     config={"hparams": hp, "train": TRAIN})
     scaled = train(tiny_file, "layer-fm", tmp_path / "lfm-e", steps=2, batch_size=64, progress=False,
                    config={"hparams": {**hp, "energy_knots": 3}, "train": TRAIN})
-    with pytest.raises(DistillError, match="scales them by energy"):  # the student has one scaler for all
-        distill(scaled, tmp_path / "no", n_pairs=100, steps=1, progress=False)
+    # energy-dependent stage-2 scaling was refused before the student held the teacher's own scaler
+    distilled = distill(scaled, tmp_path / "scaled", n_pairs=100, steps=1, progress=False)
+    s_scaled = load_run(distilled)[0]
+    assert isinstance(s_scaled, OneStep) and isinstance(s_scaled.stage1, LayerFlowMatching)
+    assert isinstance(s_scaled.stage1.scale2, EnergyScaler) and s_scaled.stage1.scale2.mean.shape == (3, 32)
     run = distill(teacher, tmp_path / "one", n_pairs=1000, steps=50, batch_size=256,
                   hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 5, "occupancy": False},
                   progress=False)
@@ -176,3 +185,117 @@ def test_layer_fm_teacher_staged(tmp_path: Path, tiny_file: Path) -> None:
     kept = (e_s > 0) & (e_t > 0)
     assert float(kept.float().mean()) > 0.9
     assert torch.allclose(e_s[kept], e_t[kept], rtol=1e-4, atol=1e-6)
+    # a student saved before layer-fm stage 1s (stage1 = flow keys, no stage1_model) still loads as a flow's
+    # stage 1 and gives the same showers: the voxel-share layer-fm's stage-2 variables are flow's
+    old_hp = {**{k: v for k, v in model.hparams.items() if k != "stage1_model"},
+              "stage1": LayerFMConfig.from_saved(t_model.hparams).stage1_config()}
+    old = OneStep(model.spec, OneStepConfig.from_saved(old_hp))
+    assert type(old.stage1) is CaloFlow and isinstance(model.stage1, LayerFlowMatching)
+    old.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("stage1.scale_e.")})
+    with torch.no_grad():
+        torch.testing.assert_close(old.sample_from_noise(z, c), model.sample_from_noise(z, c), rtol=0.0, atol=0.0)
+
+
+# --- layer-fm with ring shares and energy-scaled stage 2 (a tiny polar detector) ---------------------------
+
+POLAR = Geometry(name="polar-3x3x4", description="test", source="tests", energy="10:100",
+                 layers=tuple(ReadoutLayer("G4_W", 3.5, "G4_Si", 0.5, 2, PolarSegmentation((0.0, 3.0, 8.0, 20.0), 4))
+                              for _ in range(3)))
+RING_HP = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
+           "steps": 3, "warmup": 5, "energy_knots": 3}
+
+
+@pytest.fixture(scope="module")
+def ring_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(teacher, student): a layer-fm on 600 synthetic showers of POLAR (ring shares by "auto", stage 2 scaled
+    at 3 energy knots), and its staged one-step student."""
+    d = tmp_path_factory.mktemp("ring")
+    e = np.exp(np.random.default_rng(0).uniform(np.log(1e4), np.log(1e5), 600))
+    data = write_synthetic(d / "polar.h5", POLAR, e, seed=1, zero_suppression=100.0)  # 89 % of cells hit
+    teacher = train(data, "layer-fm", d / "lfm", steps=60, batch_size=64, progress=False,
+                    config={"hparams": RING_HP, "train": TRAIN})
+    student = distill(teacher, d / "one", n_pairs=2000, steps=300, batch_size=256, seed=1, progress=False,
+                      hparams={"hidden": 32, "depth": 1, "emb_dim": 16, "warmup": 20, "occupancy_knots": 3})
+    return teacher, student
+
+
+def _ring_inputs(n: int, seed: int, model: OneStep) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return model.draw_noise(n, g), torch.rand(n, 1, generator=g) * 3.4 - 1.7
+
+
+def test_ring_share_teacher_staged(ring_runs: tuple[Path, Path]) -> None:
+    """The student of a ring-share, energy-scaled layer-fm holds the teacher's stage 1 and scalers bit for bit,
+    regresses its W = V + L x R stage-2 numbers, and assembles with the teacher's code: each layer's energy is
+    stage 1's, each ring's energy is its (renormalised) ring share of that layer."""
+    teacher, student = ring_runs
+    model, _, _ = load_run(student)
+    t_model, _, _ = load_run(teacher)
+    assert isinstance(model, OneStep) and isinstance(model.stage1, LayerFlowMatching) and model.occupancy
+    stage1 = model.stage1
+    assert stage1.rings == (4, 3) and "velocity" not in stage1._modules and model.skip
+    assert model.target_width() == 36 + 3 * 3 and model.noise_dim() == 3 + 45 == t_model.noise_dim()
+    assert model.occ_cuts.shape == (3, 45) and isinstance(stage1.scale2, EnergyScaler)
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(v, t_model.state_dict()[k]), k
+    log = [json.loads(line) for line in (student / "distill_log.jsonl").read_text().splitlines()]
+    assert log[-1]["relative_val_mse"] < 0.8 * log[0]["relative_val_mse"]
+    meta = json.loads((student / "meta.json").read_text())["distilled"]
+    assert meta["hit_rate_error_calibrated"] <= meta["hit_rate_error_uncalibrated"] + 1e-6
+    z, c = _ring_inputs(1000, 5, model)
+    with torch.no_grad():
+        x = model.sample_from_noise(z, c)
+        g1 = stage1.sample_stage1(z[:, :3], c)
+        e = stage1.stage1_inverse(stage1.scale1.inverse(g1))  # (B, L) stage 1's layer fractions
+        share = stage1._expit(stage1.unstandardise2(model.stage2_latents(z, c, g1), c)).reshape(-1, 3, 15)
+    layer = stage1.layer_energies(x)
+    kept = layer > 0
+    assert float(kept.float().mean()) > 0.95
+    torch.testing.assert_close(layer[kept], e[kept], rtol=1e-5, atol=0.0)
+    rings = share[:, :, :3] * (share[:, :, :3] >= stage1.config.zero_share)
+    rings = rings / rings.sum(2, keepdim=True)
+    got = x.reshape(-1, 3, 4, 3).sum(2) / layer.unsqueeze(2)  # each ring's fraction of its layer
+    torch.testing.assert_close(got[kept], rings[kept], rtol=1e-4, atol=1e-6)
+    # and the radial profile is the teacher's: mean ring fractions per layer within a few per cent
+    with torch.no_grad():
+        x_t = t_model.sample_from_noise(z, c)
+    prof_s = got[kept.all(1)].mean(0)
+    prof_t = (x_t.reshape(-1, 3, 4, 3).sum(2) / t_model.layer_energies(x_t).unsqueeze(2).clamp_min(1e-12)).mean(0)
+    assert float((prof_s - prof_t).abs().max()) < 0.05, (prof_s, prof_t)
+    # occupancy (the data's zero suppression empties 11 % of the cells, outer rings of the last layer most):
+    # the calibrated ring and cell hits give each cell about the teacher's hit rate
+    rate_s, rate_t = (x > 0).float().mean(0), (x_t > 0).float().mean(0)
+    assert float(rate_t.min()) < 0.6 and abs(float(rate_s.mean() - rate_t.mean())) < 0.03
+    assert float((rate_s - rate_t).abs().max()) < 0.1
+
+
+def test_identity_student_is_the_teachers_assembly(ring_runs: tuple[Path, Path]) -> None:
+    """With its net's output zeroed and every stage-2 number let through, the student's latents are its noise
+    (the skip connection), and its showers are the teacher's assembly of that noise, up to float rounding."""
+    teacher, student = ring_runs
+    model, _, _ = load_run(student)
+    t_model, _, _ = load_run(teacher)
+    assert isinstance(model, OneStep) and isinstance(t_model, LayerFlowMatching)
+    with torch.no_grad():
+        model.body.out.weight.zero_()
+        model.body.out.bias.zero_()
+        model.occ_cuts.fill_(-1e4)  # logits 0 are above every cut: nothing dropped
+        z, c = _ring_inputs(500, 6, model)
+        x = model.sample_from_noise(z, c)
+        want = t_model.assemble(t_model.sample_stage1(z[:, :3], c), z[:, 3:], c)
+    torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-9)
+    assert float((want > 0).float().mean()) > 0.5
+
+
+def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """ONNX FP32 of the ring-share student gives the torch sampler's showers (MeV) for the same noise."""
+    _, student = ring_runs
+    run = load_run(student)
+    sampler = load_onnx(export_onnx(student, tmp_path / "ring.onnx"), student)
+    z = run[0].draw_noise(64, torch.Generator().manual_seed(7))
+    e = np.exp(np.random.default_rng(7).uniform(np.log(1e4), np.log(1e5), 64))
+    got = sampler(z.numpy(), e, {})
+    with torch.no_grad():
+        want = SamplerModule(run)(z, torch.as_tensor(e, dtype=torch.float32).reshape(-1, 1)).numpy()
+    assert got.shape == (64, 36) and (got > 0).any(1).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.max()))

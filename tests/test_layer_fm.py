@@ -156,6 +156,30 @@ def test_cell_noise_cannot_move_energy_between_rings(cells: str) -> None:
     assert torch.allclose(rings[0].sum(2), e, rtol=1e-5)
 
 
+def test_stage2_hits_and_empties_of_rings() -> None:
+    """In the W = V + L x R stage-2 space a ring is hit when any of its cells is, and emptying every cell of a
+    ring empties the ring, whose energy then goes to the layer's other rings; a mask that would empty every
+    ring of a layer empties nothing there: each layer keeps its energy."""
+    torch.manual_seed(0)
+    model = build_model("layer-fm", _polar_spec(), SMALL)
+    assert isinstance(model, LayerFlowMatching) and model.stage2_width == 45
+    hit = torch.zeros(2, 36, dtype=torch.bool)
+    hit[0, 2 * 3 + 1] = True  # layer 0, angular bin 2, ring 1
+    got = model.stage2_hits(hit).reshape(2, 3, 15)
+    assert got[0, 0, :3].tolist() == [False, True, False] and int(got.sum()) == 2 and bool(got[0, 0, 3 + 7])
+    y, e = torch.randn(2, 45), torch.tensor([[1.0, 0.5, 0.25], [0.3, 0.2, 0.1]])
+    empty = torch.zeros(2, 3, 15)
+    empty[:, 1, 3:].reshape(2, 4, 3)[:, :, 2] = 1.0  # layer 1: every cell of ring 2
+    empty[:, 2, 3 + 4] = 1.0  # layer 2: one cell of ring 1 (angular bin 1)
+    empty[1, 0, :3] = 1.0  # shower 1, layer 0: every ring
+    out = model.stage2_empty(empty.reshape(2, 45)).reshape(2, 3, 15)
+    assert out[:, 1, :3].tolist() == [[0.0, 0.0, 1.0]] * 2 and float(out[1, 0].abs().sum()) == 0.0
+    assert float(out.sum() - empty.sum()) == 2.0 - 3.0
+    x = model.stage2_inverse(y - 1e4 * out.reshape(2, 45), e)
+    assert torch.allclose(model.layer_energies(x), e, rtol=1e-5)
+    assert float(x.reshape(2, 3, 4, 3)[:, 1, :, 2].abs().sum()) == 0.0 and float(x[:, 2 * 12 + 4].abs().sum()) == 0.0
+
+
 def test_energy_scaler_standardises_each_energy() -> None:
     """Features whose mean and spread change with energy come out with mean ~0 and std ~1 at every knot (one
     scaler for all energies would leave the high-energy ones at std 0.1), and the inverse is exact."""

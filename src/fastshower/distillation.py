@@ -1,4 +1,4 @@
-"""Distil a flow-matching (or two-stage flow) run into a one-step generator (``fastshower distill``).
+"""Distil a flow-matching, flow or layer-fm run into a one-step generator (``fastshower distill``).
 
 The teacher's ODE sampler costs 2 x ``steps`` passes of its velocity net per shower; the
 student (:class:`fastshower.models.onestep.OneStep`) costs one pass of a much smaller net.
@@ -8,9 +8,12 @@ Procedure (Luhman & Luhman 2021, arXiv:2101.02388):
    so the student learns where the showers are, in the run's own condition transform;
 2. pairs: noise z ~ N(0, I) per row, carried through the teacher's ODE (``ode_steps``,
    default the teacher's own) to its model-space shower x; 10 % of the pairs are held out.
-   A two-stage ``flow`` teacher is distilled *staged*: the student keeps its stage-1 flow and
-   scalers, and x is flow 2's output, the standardised logit voxel shares (see
-   :mod:`fastshower.models.onestep`);
+   A two-stage teacher (``flow``, ``layer-fm``) is distilled *staged*: the student keeps its stage-1
+   flow, scalers and stage-2 variables, and x is the teacher's standardised stage-2 latents g2 (B, W):
+   flow 2's output or the end of layer-fm's shape ODE, one logit share per voxel (W = V) or, for a
+   layer-fm with ring shares (polar readouts), each ring's share of its layer then each cell's share
+   of its ring (W = V + L x R), standardised per incident energy when the teacher's ``energy_knots``
+   are set; the student assembles them with the teacher's own code (see :mod:`fastshower.models.onestep`);
 3. regression: the student minimises the mean squared error to x on the other 90 % with the
    generic one-optimizer step (AdamW, warm-up, cosine decay); the held-out MSE, relative to
    the variance of x, is recorded as the distillation error;
@@ -36,7 +39,7 @@ from fastshower._version import __version__
 from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFileError
 from fastshower.models.base import ShowerModel
-from fastshower.models.layer_fm import LayerFMConfig, ring_grid
+from fastshower.models.layer_fm import LayerFMConfig
 from fastshower.models.onestep import OneStep
 from fastshower.runs import (
     CHECKPOINT_FORMAT,
@@ -75,8 +78,9 @@ def teacher_conditions(run: Run, n: int, rng: np.random.Generator) -> Tensor:
 @torch.no_grad()
 def teacher_pairs(model: ShowerModel, student: OneStep, c: Tensor, generator: torch.Generator,
                   ode_steps: int | None, chunk: int = 4096, progress: bool = False) -> Tensor:
-    """Pair rows (n, V + D): the student's regression target for each condition row (the teacher's model-space
-    shower, or a flow teacher's stage-2 latents), then the noise (D) it came from."""
+    """Pair rows (n, W [+ L] + D): the student's regression target for each condition row (the teacher's
+    model-space shower, W = V, or a staged teacher's stage-2 latents and then its stage-1 latents), then the
+    noise (D) it came from (see :meth:`OneStep.split_pairs`)."""
     from tqdm.auto import tqdm
 
     opts: dict[str, Any] = {} if ode_steps is None else {"steps": int(ode_steps)}
@@ -97,11 +101,6 @@ def _check_teacher(run: Run, ode_steps: int | None) -> None:
     if info.model_name not in TEACHERS:
         raise DistillError(f"{info.run_dir}: distillation needs a flow-matching, flow or layer-fm teacher (a "
                            f"deterministic multi-pass noise-to-shower map); this run is {info.model_name!r}")
-    lfm = LayerFMConfig.from_saved(info.hparams) if info.model_name == "layer-fm" else None
-    if lfm is not None and (ring_grid(lfm, info.spec) is not None or lfm.energy_knots):
-        # the staged student reuses flow's voxel-share assembly with one scaler for all energies
-        raise DistillError(f"{info.run_dir}: this layer-fm run generates ring shares or scales them by energy; the "
-                           "one-step student supports neither: train the teacher with shares='voxel', energy_knots=0")
     if ode_steps is not None and info.model_name != "flow-matching":
         raise DistillError(f"ode_steps applies to a flow-matching teacher only; this run is {info.model_name!r}")
     if not info.finished:
@@ -120,10 +119,15 @@ def distill(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Make a one-step run at ``out`` from the flow-matching (or flow) run ``teacher``; returns ``out``.
+    """Make a one-step run at ``out`` from the flow-matching, flow or layer-fm run ``teacher``; returns ``out``.
+
+    Every layer-fm teacher distils (voxel or ring shares, with or without energy-dependent stage-2 scaling): the
+    student's stage 1 is the teacher's own class without the shape ODE's nets, so it assembles the showers
+    exactly as the teacher does. par04-ds2 layer-fm (ring shares, energy_knots 5), a small-budget student: see
+    docs/model_quality.md.
 
     Args:
-        teacher: finished flow-matching or flow run folder.
+        teacher: finished flow-matching, flow or layer-fm run folder.
         out: new run folder (must not hold a run already).
         n_pairs: teacher (noise, shower) pairs to learn from (10 % held out).
         steps: student optimisation steps; batch_size: pairs per step.
@@ -171,8 +175,9 @@ def _make_student(run: Run, teacher: str | Path, ode_steps: int | None, hparams:
           "teacher_method": str(info.hparams.get("method", "")), "noise_dim": model.noise_dim()}
     if info.model_name == "flow":
         hp["stage1"] = dict(info.hparams)
-    elif info.model_name == "layer-fm":  # the same stage 1 and stage-2 variables as a flow: staged as well
-        hp["stage1"] = LayerFMConfig.from_dict(info.hparams).stage1_config()
+    elif info.model_name == "layer-fm":  # staged as well, on the teacher's own stage-2 variables and scalers
+        hp["stage1"] = LayerFMConfig.from_saved(info.hparams).to_dict()
+        hp["stage1_model"] = "layer-fm"
     torch.manual_seed(seed)
     try:
         student = OneStep(info.spec, **hp)
@@ -185,19 +190,19 @@ def _make_student(run: Run, teacher: str | Path, ode_steps: int | None, hparams:
     return student
 
 
-def _held_out(student: ShowerModel, x: Tensor, c: Tensor) -> dict[str, float]:
+def _held_out(student: OneStep, x: Tensor, c: Tensor) -> dict[str, float]:
     """Held-out MSE to the teacher divided by the teacher targets' variance (0 = exact, 1 = mean only), and
-    (staged students with an occupancy head) the hit classification's cross-entropy."""
-    v = student.spec.n_voxels
+    (staged students with an occupancy head) the hit classification's cross-entropy; x: pair rows (N, W + D)."""
+    w = student.target_width()
     with torch.no_grad():
         losses = student.loss(x, c)
-    out = {"relative_val_mse": float(losses.get("mse_hit", losses["loss"])) / float(x[:, :v].var(dim=0).mean())}
+    out = {"relative_val_mse": float(losses.get("mse_hit", losses["loss"])) / float(x[:, :w].var(dim=0).mean())}
     if "bce_hit" in losses:
         out["val_bce_hit"] = float(losses["bce_hit"])
     return out
 
 
-def _fit_student(student: ShowerModel, x: Tensor, c: Tensor, x_val: Tensor, c_val: Tensor, steps: int,
+def _fit_student(student: OneStep, x: Tensor, c: Tensor, x_val: Tensor, c_val: Tensor, steps: int,
                  batch_size: int, gen: torch.Generator, progress: bool) -> list[dict[str, float]]:
     from tqdm.auto import tqdm
 

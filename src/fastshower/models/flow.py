@@ -179,6 +179,7 @@ class CaloFlow(ShowerModel):
             raise ValueError("model 'flow' needs at least 2 voxels per layer (a 1-voxel layer has no shape to learn)")
         self.noise, self.alpha = cfg.noise, cfg.alpha
         self.n_layers = L
+        self.stage2_width = V  # stage-2 numbers per shower: one logit share per voxel
         self.register_buffer("layer_index", torch.repeat_interleave(torch.arange(L), torch.tensor(spec.layer_sizes)))
         # [start, stop) voxel range of each layer: layers are contiguous blocks in the voxel order
         ends = torch.cumsum(torch.tensor(spec.layer_sizes), 0).tolist()
@@ -254,6 +255,21 @@ class CaloFlow(ShowerModel):
             share = share * (share >= self.config.zero_share).to(share.dtype)
         factor = e / self.layer_energies(share).clamp_min(_TINY)  # (B, L): layer energy over share sum
         return share * self.per_voxel(factor)
+
+    def stage2_hits(self, hit: Tensor) -> Tensor:
+        """Hit voxels (B, V) bool -> hit stage-2 numbers (B, V): here one per voxel, the same mask (a model
+        whose stage-2 numbers are not one per voxel maps the mask onto them)."""
+        return hit
+
+    def stage2_empty(self, empty: Tensor) -> Tensor:
+        """0/1 mask (B, V) of stage-2 numbers set to share 0 -> the numbers that are then empty: here the same
+        (a voxel's share feeds only that voxel)."""
+        return empty
+
+    def stage2_dead(self, y: Tensor) -> Tensor:
+        """0/1 mask (B, V) of the unstandardised stage-2 numbers y (B, V) that :meth:`stage2_inverse` leaves
+        empty by their value alone: logit shares below ``zero_share``."""
+        return (self._expit(y) < self.config.zero_share).to(y.dtype)
 
     def per_voxel(self, e: Tensor) -> Tensor:
         """Per-layer values e (B, L) -> (B, V), each voxel given its layer's value.

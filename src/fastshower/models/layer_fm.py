@@ -286,8 +286,10 @@ class LayerFlowMatching(CaloFlow):
     map_knots: Tensor  # (_MAP_KNOTS,) standardised log incident energies of the cell map's tables (ring shares)
     cell_map: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the map's points (in, out)
 
-    def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None,
-                 **overrides: Any) -> None:
+    def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
+                 with_velocity: bool = True, **overrides: Any) -> None:
+        """``with_velocity=False`` builds stage 1, the scalers and the stage-2 variables without the shape ODE's
+        nets: what a staged one-step student (:class:`fastshower.models.onestep.OneStep`) keeps of a trained run."""
         super().__init__(spec, config, with_stage2=False, **overrides)
         cfg = self.config
         self.rings = ring_grid(cfg, spec)
@@ -302,14 +304,21 @@ class LayerFlowMatching(CaloFlow):
         if self.rings is not None:  # per energy knot, layer and ring: see calibrate
             self.register_buffer("map_knots", torch.linspace(-2.0, 2.0, _MAP_KNOTS), persistent=False)
             self.register_buffer("cell_map", _identity_map((_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)))
-        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
         self.ema_velocity: ShapeVelocity | None = None
+        if not with_velocity:
+            return
+        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
 
     def noise_dim(self) -> int:
         """Stage-1 latents (one per layer), then one per stage-2 number (V, or V + L x R with ring shares)."""
         return self.n_layers + self.stage2_width
+
+    def _velocity(self) -> ShapeVelocity:
+        if "velocity" not in self._modules:
+            raise RuntimeError("this layer-fm was built without the shape ODE's nets (with_velocity=False)")
+        return self.velocity
 
     # -- ring shares (polar readouts) ------------------------------------------------------
     def stage2_features(self, x: Tensor, e: Tensor) -> Tensor:
@@ -349,6 +358,42 @@ class LayerFlowMatching(CaloFlow):
         cell = cell.reshape(-1, self.n_layers, a, r)
         cell = cell / cell.sum(2, keepdim=True).clamp_min(_TINY)
         return (cell * (ring * e.unsqueeze(2)).unsqueeze(2)).reshape(y.shape[0], -1)
+
+    def stage2_hits(self, hit: Tensor) -> Tensor:
+        """Hit voxels (B, V) bool -> hit stage-2 numbers (B, W): with ring shares a ring is hit when any of its
+        cells is, a cell share when its cell is (a share below ``zero_share`` feeds no voxel: never hit)."""
+        if self.rings is None:
+            return super().stage2_hits(hit)
+        a, r = self.rings
+        cells = hit.reshape(-1, self.n_layers, a, r)
+        return torch.cat([cells.any(2), cells.reshape(-1, self.n_layers, a * r)], dim=2).reshape(hit.shape[0], -1)
+
+    def stage2_empty(self, empty: Tensor) -> Tensor:
+        """0/1 mask (B, W) of stage-2 numbers to set to share 0 -> the numbers that are then empty. With ring
+        shares: also each ring whose cells are all empty, so that its share of the layer goes to the layer's
+        other rings (renormalised) rather than vanishing with the cells; and none of a layer's numbers when
+        that would empty all its rings, so that every layer keeps stage 1's energy (the mask comes from a
+        one-step student's hit heads, which are not trained to keep a layer alive)."""
+        if self.rings is None:
+            return super().stage2_empty(empty)
+        a, r = self.rings
+        per_layer = empty.reshape(-1, self.n_layers, r * (a + 1))
+        all_cells = per_layer[:, :, r:].reshape(-1, self.n_layers, a, r).amin(2)  # (B, L, R): 1 where all empty
+        rings = torch.maximum(per_layer[:, :, :r], all_cells)
+        keep = 1.0 - rings.amin(2, keepdim=True)  # (B, L, 1): 0 where every ring of the layer would be empty
+        return (torch.cat([rings, per_layer[:, :, r:]], dim=2) * keep).reshape(empty.shape)
+
+    def stage2_dead(self, y: Tensor) -> Tensor:
+        """As flow's, with cells="energy" (ring shares): a cell is dead below ``_CELL_CUT`` x noise, its number
+        being log(cell / E_inc + noise) rather than a logit share."""
+        dead = super().stage2_dead(y)
+        if self.rings is None or self.config.cells != "energy":
+            return dead
+        a, r = self.rings
+        per_layer = dead.reshape(-1, self.n_layers, r * (a + 1))
+        cells = (torch.exp(y.reshape(per_layer.shape)[:, :, r:].clamp(max=0.0)) - self.noise
+                 < _CELL_CUT * self.noise).to(y.dtype)
+        return torch.cat([per_layer[:, :, :r], cells], dim=2).reshape(y.shape)
 
     def _layer_features(self, e: Tensor) -> Tensor:
         """Layer fractions e (B, L) -> standardised log fractions (B, L, 1), the tokens' energy feature."""
@@ -444,7 +489,7 @@ class LayerFlowMatching(CaloFlow):
         nll1 = -self.flow1(c).log_prob(g1).mean()
         z = torch.randn_like(g2)
         t = draw_t(g2.shape[0], g2, self.config.t_dist)
-        v = self.velocity((1 - t) * z + t * g2, t, c, g1, self._layer_features(e))
+        v = self._velocity()((1 - t) * z + t * g2, t, c, g1, self._layer_features(e))
         fm = ((v - (g2 - z)) ** 2).mean()
         return {"loss": nll1 + fm, "nll_stage1": nll1, "fm_stage2": fm}
 
@@ -498,5 +543,5 @@ class LayerFlowMatching(CaloFlow):
 
     def _shape_ode(self, z2: Tensor, c: Tensor, g1: Tensor, feats: Tensor, steps: int, method: str) -> Tensor:
         """The shape ODE from noise z2 (B, V) at t = 0 to standardised g2 (B, V) at t = 1 (EMA net if any)."""
-        net = self.ema_velocity if self.ema_velocity is not None else self.velocity
+        net = self.ema_velocity if self.ema_velocity is not None else self._velocity()
         return odeint(lambda g, t: net(g, t, c, g1, feats), z2, steps, method)
