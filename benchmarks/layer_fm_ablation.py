@@ -5,9 +5,10 @@ Arms (``LayerFMConfig`` keys; everything else the defaults):
 - ``voxel``: each voxel's logit share of its layer, one standardisation for all energies (the model before
   ring shares);
 - ``ring``: each ring's share of its layer, then each cell's share of its ring (``shares="ring"``);
-- ``ringk``: ring shares standardised by incident energy (``energy_knots=5``);
+- ``ringk``: ring shares standardised by incident energy (``energy_knots=5``; today's default on polar
+  readouts);
 - ``ringke``: as ``ringk``, each cell written as its log energy instead of its share of the ring
-  (``cells="energy"``; today's default on polar readouts).
+  (``cells="energy"``).
 
 Each arm trains ``--steps`` steps (batch 256, one thread, seed 0) on the same training file, generates as many
 showers as the test file over its spectrum, and is scored by :func:`fastshower.validate.evaluate` against it

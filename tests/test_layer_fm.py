@@ -223,7 +223,7 @@ def test_cell_map_matches_the_hit_rate_and_spectrum_and_keeps_ring_energies() ->
     nearly all) with the data's median hit energy, every ring holds what its share gave it and keeps at least
     one hit, and a checkpoint saved before the map existed loads with the identity map."""
     torch.manual_seed(0)
-    model = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), SMALL)
+    model = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), {**SMALL, "cells": "energy"})
     assert isinstance(model, LayerFlowMatching)
     n = 1200
     x = torch.rand(n, 3, 8, 3) * (torch.rand(n, 3, 8, 3) < 0.3)
@@ -247,7 +247,7 @@ def test_cell_map_matches_the_hit_rate_and_spectrum_and_keeps_ring_energies() ->
         unmapped = model.stage2_inverse(model.scale2.inverse(g2, c[:, 0]), e)
     assert bool(((out > 0).sum(2) >= 1).all())  # every ring keeps at least its hottest cell
     assert torch.allclose(out.sum(2), unmapped.reshape(n, 3, 8, 3).sum(2), rtol=1e-4, atol=1e-7)
-    fresh = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), SMALL)
+    fresh = build_model("layer-fm", _polar_spec(n_layers=3, n_alpha=8, n_r=3), {**SMALL, "cells": "energy"})
     fresh.load_state_dict(old_state)
     assert isinstance(fresh, LayerFlowMatching)
     with torch.no_grad():
@@ -255,14 +255,14 @@ def test_cell_map_matches_the_hit_rate_and_spectrum_and_keeps_ring_energies() ->
 
 
 def test_training_ends_calibrated_and_old_runs_can_be_calibrated(tmp_path: Path) -> None:
-    """A par04-ds2 layer-fm run is calibrated at the end of training (meta.json: the data's and the model's hit
-    fractions, the model's now closer to the data's); calibrate_run repeats it on a finished run and saves the
-    map in its checkpoint."""
+    """A par04-ds2 layer-fm run with cells="energy" is calibrated at the end of training (meta.json: the data's
+    and the model's hit fractions, the model's now closer to the data's); calibrate_run repeats it on a finished
+    run and saves the map in its checkpoint."""
     import numpy as np
 
     data = write_synthetic(tmp_path / "ds2.h5", get_geometry("par04-ds2"), np.resize([2e3, 8e3, 3e4], 240), seed=1)
     run = train(data, "layer-fm", tmp_path / "run", steps=2, batch_size=32, progress=False,
-                config={"hparams": {**SMALL, "hidden": 16, "depth": 1, "head_dim": 2}})
+                config={"hparams": {**SMALL, "hidden": 16, "depth": 1, "head_dim": 2, "cells": "energy"}})
     cal = json.loads((run / "meta.json").read_text())["calibration"]
     assert set(cal) == {"hit_fraction_data", "hit_fraction_model_before", "hit_fraction_model_after"}
     def gap(stats: dict[str, float], when: str) -> float:

@@ -123,11 +123,12 @@ class LayerFMConfig(ModelConfig):
             radial profile cannot be spoilt by noise in single cells. "auto": "ring" for polar readouts.
         cells: with ring shares, how a cell is written. "share": the logit of its share of its ring.
             "energy": log(cell / E_inc + noise), renormalised to the ring's energy on sampling (a cell below
-            ``_CELL_CUT`` x noise is empty). Why: Geant4's hits outside the core are single particles
-            crossing the silicon, ~7 MeV each on the CaloChallenge scale whatever the ring holds (par04-ds2,
-            20-40 GeV: median hit 6.5-7.9 MeV in rings 2-8); as a share of the ring that peak moves with the
-            ring's energy, and the 60-min "share" run put a ring's energy into one hot cell plus 1-2 MeV dust
-            (median hit 1.0-2.0 MeV there, the hottest cell 2x Geant4's at 1-5 GeV).
+            ``_CELL_CUT`` x noise is empty), and :meth:`LayerFlowMatching.calibrate` fits a cell map after
+            training. Why it exists: Geant4's hits outside the core are single particles crossing the silicon,
+            ~7 MeV each on the CaloChallenge scale whatever the ring holds (par04-ds2, 20-40 GeV: median hit
+            6.5-7.9 MeV in rings 2-8), a peak that moves with the ring's energy when written as a share. Why it
+            is not the default (par04-ds2, docs/model_quality.md): better at 1000 steps (low-level AUC 0.803
+            against 0.844) but not after 60 CPU-minutes (0.723, 0.786 with the cell map, against 0.652).
     """
 
     stage1_transforms: int = 4
@@ -155,7 +156,7 @@ class LayerFMConfig(ModelConfig):
     zero_share: float = 1e-5
     shares: str = "auto"
     energy_knots: int = 5
-    cells: str = "energy"
+    cells: str = "share"
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,

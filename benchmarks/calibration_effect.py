@@ -1,0 +1,90 @@
+"""What layer-fm's post-training cell map buys on a finished run: the same run scored without and with it.
+
+``train`` now fits the map at the end of training (:meth:`~fastshower.models.layer_fm.LayerFlowMatching.calibrate`);
+runs trained before it generate without one. This script takes such a run, copies it to ``<run>-calibrated``,
+fits the map there with :func:`fastshower.training.calibrate_run` (CPU-seconds recorded), and generates and
+scores both the same way as ``model_quality.py`` (same seed, the test file's spectrum ``--energy``, the floor
+beside them).
+The uncalibrated scores are read from ``model_quality.py``'s JSON for that run when given, else computed.
+Finished steps are reused, so a killed benchmark restarts where it stopped::
+
+    nice .venv/bin/python benchmarks/calibration_effect.py --workdir /work/data/par04-ds2-v4 \\
+        --run layer-fm-60min --quality /work/data/par04-ds2-v4/mq.json \\
+        --out benchmarks/results/calibration_effect_par04-ds2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastshower.io import ShowerFile
+from fastshower.runs import read_json
+from fastshower.training import calibrate_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import model_quality as mq  # the same generation and scoring as the quality table
+
+
+def calibrated_copy(run: Path) -> tuple[Path, dict[str, Any]]:
+    """``<run>-calibrated`` with the cell map fitted (reused when its meta.json records one)."""
+    dst = run.with_name(run.name + "-calibrated")
+    if dst.exists() and "calibration" in read_json(dst / "meta.json"):
+        return dst, dict(read_json(dst / "meta.json")["calibration"])
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(run, dst)
+    c0 = time.process_time()
+    stats: dict[str, Any] = dict(calibrate_run(dst))
+    stats["cpu_seconds"] = round(time.process_time() - c0, 1)
+    return dst, stats
+
+
+def scored(work: Path, run: Path, test: Path, energy: str, n_layers: int, seed: int) -> dict[str, Any]:
+    """Generate (unless done) as many showers as ``test`` over ``energy`` (its spectrum) and score them."""
+    gen = work / "gen" / f"{run.name}.h5"
+    gen.parent.mkdir(exist_ok=True)
+    with ShowerFile(test) as f:
+        n = f.n
+    out: dict[str, Any] = {}
+    if not mq.complete(gen, n):
+        out["generation"] = mq.generate_for(run, test, energy, gen, seed=seed + 17)
+    out["scores"] = mq.score(test, gen, work / "eval" / f"{run.name}-cal", n_layers, seed)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="holds test.h5, floor.h5 and runs/RUN (model_quality.py's)")
+    ap.add_argument("--run", required=True, help="run folder name under WORKDIR/runs")
+    ap.add_argument("--quality", default=None, help="model_quality.py's JSON holding this run's uncalibrated scores")
+    ap.add_argument("--energy", default="1:100:log", help="the test file's spectrum (default: par04-ds2's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work, run = Path(args.workdir), Path(args.workdir) / "runs" / args.run
+    test = work / "test.h5"
+    with ShowerFile(test) as f:
+        n_layers = f.geometry.n_layers
+    result: dict[str, Any] = {"machine": mq.machine_info(), "run": str(run), "test": str(test)}
+    if args.quality:
+        q = json.loads(Path(args.quality).read_text())
+        result["floor"], result["uncalibrated"] = q.get("floor"), q.get("models")
+    else:
+        result["uncalibrated"] = scored(work, run, test, args.energy, n_layers, args.seed)
+    cal, result["calibration"] = calibrated_copy(run)
+    result["calibrated"] = scored(work, cal, test, args.energy, n_layers, args.seed)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    s = result["calibrated"]["scores"]
+    mq.log(f"calibrated: AUC low {s['auc_low']:.3f} high {s['auc_high']:.3f} mean S {s['sep_mean']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
