@@ -106,8 +106,9 @@ def quality(run_dir: str, files: dict[str, Path], reference: Path, n: int, seed:
     from fastshower.io import ShowerFile
     from fastshower.validate.evaluate import evaluate
 
-    with ShowerFile(reference) as f:
-        spec = str(f.attrs.get("energy_spec"))
+    with ShowerFile(reference) as f:  # the file's energy spec, else the range of its energies
+        e = f.energies()
+        spec = str(f.attrs.get("energy_spec") or f"{float(e.min()) / 1e3:g}:{float(e.max()) / 1e3:g}")
     scores: dict[str, dict[str, float]] = {}
     for prec, path in files.items():
         gen = generate(run_dir, n, spec, out=tmp / f"q-{prec}.h5", seed=seed, progress=False, backend="onnx",
