@@ -9,7 +9,11 @@ This script measures the same things in CPU time of the process that does the wo
   smaller, over the difference of counts, removes start-up, geometry and physics tables;
 - the run's sampler exported to ONNX FP32, dynamic INT8 and static INT8 (:func:`fastshower.deploy.export_onnx`),
   ONNX Runtime on one thread, ``process_time`` per call at each batch size (median of repeats after a
-  warm-up), inputs as :func:`fastshower.deploy.bench` draws them (noise, energies over the training range).
+  warm-up), inputs as :func:`fastshower.deploy.bench` draws them (noise, energies over the training range);
+- with ``--reference``: the INT8 change of quality, ``--quality-showers`` showers from each ONNX file (the same
+  seed: the same energies and noise) scored against the Geant4 reference: every separation power of
+  :func:`fastshower.validate.evaluate` and the 3DGAN papers' x/y/z profile and moment separations
+  (``projections``), each precision's value and INT8 - FP32.
 
 Example::
 
@@ -90,7 +94,39 @@ def time_onnx(path: Path, run: Any, batch: int, repeats: int, budget_s: float, s
         if time.perf_counter() - t_start > budget_s:
             break
     return {"batch_size": batch, "cpu_ms_per_shower": 1e3 * statistics.median(cpu) / batch,
-            "wall_ms_per_shower": 1e3 * statistics.median(wall) / batch, "repeats": len(cpu)}
+            "wall_ms_per_shower": 1e3 * statistics.median(wall) / batch, "repeats": len(cpu),
+            "process_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def quality(run_dir: str, files: dict[str, Path], reference: Path, n: int, seed: int, tmp: Path) -> dict[str, Any]:
+    """Separation powers (all observables, and the papers' profiles and moments as ``profile_x``, ``mean_x`` ...)
+    of ``n`` showers of each ONNX file against ``reference`` (energies: the reference's spectrum), and the
+    change INT8 - FP32 of each."""
+    from fastshower.generation import generate
+    from fastshower.io import ShowerFile
+    from fastshower.validate.evaluate import evaluate
+
+    with ShowerFile(reference) as f:  # the file's energy spec, else the range of its energies
+        e = f.energies()
+        spec = str(f.attrs.get("energy_spec") or f"{float(e.min()) / 1e3:g}:{float(e.max()) / 1e3:g}")
+    scores: dict[str, dict[str, float]] = {}
+    for prec, path in files.items():
+        gen = generate(run_dir, n, spec, out=tmp / f"q-{prec}.h5", seed=seed, progress=False, backend="onnx",
+                       onnx_path=path, batch_size=100)
+        m = evaluate(reference, gen, tmp / f"eval-{prec}", metrics=["separation_power", "projections"], seed=seed,
+                     progress=False, report=False)
+        sp = {k: float(v) for k, v in m["separation_power"].items() if v is not None}
+        pr = m["projections"]
+        sp.update({f"profile_{ax}": float(v["separation_power"]) for ax, v in pr["profiles"].items()})
+        sp.update({k: float(v["separation_power"]) for k, v in pr["moments"].items()})
+        scores[prec] = sp
+        print(prec, "quality:", {k: round(sp[k], 4) for k in sp if k.startswith(("profile_", "E_tot"))}, flush=True)
+    change = {p: {k: scores[p][k] - v for k, v in scores["fp32"].items() if k in scores[p]}
+              for p in scores if p != "fp32"}
+    worst = {p: max(d, key=lambda k: abs(d[k])) for p, d in change.items()}
+    return {"reference": str(reference), "energy_spec_gev": spec, "n_showers": n, "seed": seed,
+            "separation_power": scores, "int8_minus_fp32": change,
+            "largest_change": {p: [k, change[p][k]] for p, k in worst.items()}}
 
 
 def main() -> None:
@@ -103,6 +139,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference", default=None, help="Geant4 file for the INT8 change of quality (default: none)")
+    ap.add_argument("--quality-showers", type=int, default=500)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     run = load_run(args.run)
@@ -116,6 +154,10 @@ def main() -> None:
             export_onnx(args.run, path, int8=int8, int8_mode=prec.split("-")[1] if int8 else None)
             result["onnx"][prec] = [time_onnx(path, run, b, args.repeats, args.budget_s, args.seed) for b in sizes]
             print(prec, json.dumps(result["onnx"][prec]), flush=True)
+        if args.reference:
+            files = {p: Path(tmp) / f"{p}.onnx" for p in result["onnx"]}
+            result["int8_quality"] = quality(args.run, files, Path(args.reference), args.quality_showers, args.seed,
+                                             Path(tmp))
     g4 = geant4_cpu(run[2], args.g4_startup, args.g4_showers, args.seed)
     result["geant4"] = g4
     print("geant4", json.dumps(g4), flush=True)
