@@ -262,9 +262,20 @@ def _check_against_torch(module: torch.nn.Module, path: Path, example: tuple[Ten
     got = sess.run([output], {n: t.numpy() for n, t in zip(names, example, strict=True)})[0]
     with torch.no_grad():
         want = module(*example).numpy()
-    scale = max(float(np.abs(want).max()), 1.0)
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-4 * scale):
+    if not graphs_agree(got, want):
         raise ExportError(f"the exported graph disagrees with torch (max |diff| {np.abs(got - want).max():.3g} MeV)")
+
+
+def graphs_agree(got: np.ndarray, want: np.ndarray, max_flips: float = 1e-3) -> bool:
+    """Whether showers ``got`` (B, V) MeV from an exported graph reproduce ``want`` (B, V) from torch: equal to
+    1e-3 relative (1e-4 of the largest cell absolute), except that a fraction ``max_flips`` of the cells may be
+    zero on one side only. Why: a cell whose value sits at a readout threshold or zero-share cut lands on either
+    side of it in float32 depending on the order of operations (a par04-ds2 export failed on one 0.045 MeV cell,
+    the readout threshold, next to 400 MeV ones)."""
+    scale = max(float(np.abs(want).max()), 1.0)
+    off = ~np.isclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+    flips = off & ((got == 0) | (want == 0))
+    return not (off & ~flips).any() and float(flips.mean()) <= max_flips
 
 
 # --- the graph's example inputs, metadata and docs ------------------------------------------------
@@ -281,7 +292,7 @@ def _example_inputs(info: RunInfo, d: int, batch: int = 2) -> tuple[Tensor, ...]
                          .reshape(1, width).repeat(batch, 1))
         else:
             conds.append(torch.zeros(batch, width))
-    return (torch.randn(batch, d), e, *conds)
+    return (torch.randn(batch, d, generator=torch.Generator().manual_seed(0)), e, *conds)
 
 
 def _metadata(info: RunInfo, module: SamplerModule, d: int, precision: str, opset: int) -> dict[str, str]:
