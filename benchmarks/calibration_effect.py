@@ -55,7 +55,7 @@ def scored(work: Path, run: Path, test: Path, energy: str, n_layers: int, seed: 
     out: dict[str, Any] = {}
     if not mq.complete(gen, n):
         out["generation"] = mq.generate_for(run, test, energy, gen, seed=seed + 17)
-    out["scores"] = mq.score(test, gen, work / "eval" / f"{run.name}-cal", n_layers, seed)
+    out["scores"] = mq.score(test, gen, work / "eval" / run.name, n_layers, seed)
     return out
 
 

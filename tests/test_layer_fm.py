@@ -15,7 +15,7 @@ from fastshower.models.base import ModelSpec, model_cost
 from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig
 from fastshower.models.nets import LayerTransformer
 from fastshower.runs import load_run
-from fastshower.training import calibrate_run, train
+from fastshower.training import TrainingError, calibrate_run, train
 from fastshower.validate.synthetic import write_synthetic
 
 SMALL = {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 32, "depth": 2, "heads": 2, "emb_dim": 16, "steps": 2}
@@ -257,7 +257,7 @@ def test_cell_map_matches_the_hit_rate_and_spectrum_and_keeps_ring_energies() ->
 def test_training_ends_calibrated_and_old_runs_can_be_calibrated(tmp_path: Path) -> None:
     """A par04-ds2 layer-fm run with cells="energy" is calibrated at the end of training (meta.json: the data's
     and the model's hit fractions, the model's now closer to the data's); calibrate_run repeats it on a finished
-    run and saves the map in its checkpoint."""
+    run and saves the map in its checkpoint; a cells="share" run has nothing to calibrate and says so."""
     import numpy as np
 
     data = write_synthetic(tmp_path / "ds2.h5", get_geometry("par04-ds2"), np.resize([2e3, 8e3, 3e4], 240), seed=1)
@@ -274,3 +274,8 @@ def test_training_ends_calibrated_and_old_runs_can_be_calibrated(tmp_path: Path)
     assert isinstance(model, LayerFlowMatching)
     assert not torch.equal(model.cell_map[:, :, :, 0], model.cell_map[:, :, :, 1])
     assert gap(stats, "after") < gap(stats, "before")
+    plain = train(data, "layer-fm", tmp_path / "plain", steps=1, batch_size=32, progress=False,
+                  config={"hparams": {**SMALL, "hidden": 16, "depth": 1, "head_dim": 2, "cells": "share"}})
+    assert "calibration" not in json.loads((plain / "meta.json").read_text())
+    with pytest.raises(TrainingError, match="no post-training calibration"):
+        calibrate_run(plain)

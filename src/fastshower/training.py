@@ -532,12 +532,19 @@ def _run_loop(loop: _Loop, progress: bool, callback: Callable[[int, dict[str, fl
         bar.close()
 
 
+def _calibrator(model: ShowerModel) -> Callable[..., dict[str, float]] | None:
+    """The model's post-training calibration (``calibrate(x, c, generator)``), or None when it has nothing to
+    fit (no such method, or ``has_calibration`` false: e.g. layer-fm with cells="share")."""
+    fit = getattr(model, "calibrate", None)
+    return fit if fit is not None and getattr(model, "has_calibration", True) else None
+
+
 def _calibrate(loop: _Loop) -> dict[str, float] | None:
-    """Post-training calibration of a model that has one (``calibrate``) on CALIBRATION_SHOWERS showers
+    """Post-training calibration of a model that has one (:func:`_calibrator`) on CALIBRATION_SHOWERS showers
     of the training stream, seeded by the run's seed; the checkpoint is written again with it (every rank
-    calibrates on its own showers, rank 0's is saved)."""
+    calibrates on its own showers, rank 0's is saved). Models without one read no showers and write nothing."""
     net = loop.state.net
-    fit = getattr(net, "calibrate", None)
+    fit = _calibrator(net)
     if fit is None:
         return None
     xs, cs, n = [], [], 0
@@ -563,7 +570,7 @@ def calibrate_run(run_dir: str | Path, n: int = CALIBRATION_SHOWERS, seed: int =
         TrainingError: the model has no calibration, or the training file cannot be read.
     """
     model, transform, info = load_run(run_dir, require_finished=True)
-    fit = getattr(model, "calibrate", None)
+    fit = _calibrator(model)
     if fit is None:
         raise TrainingError(f"{run_dir}: model {info.model_name!r} has no post-training calibration")
     try:

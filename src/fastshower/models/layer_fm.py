@@ -443,6 +443,11 @@ class LayerFlowMatching(CaloFlow):
             state_dict[prefix + "cell_map"] = self.cell_map.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def has_calibration(self) -> bool:
+        """Whether :meth:`calibrate` fits anything: the cell map exists for ring shares with cells="energy"."""
+        return self.rings is not None and self.config.cells == "energy"
+
     @torch.no_grad()
     def calibrate(self, x: Tensor, c: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
         """Fit the cells' map on showers x (B, V) = voxel / E_inc at conditions c (B, C), the model's showers
@@ -456,7 +461,7 @@ class LayerFlowMatching(CaloFlow):
         ~7 MeV (hit fraction 10 % above Geant4's; sparsity alone told them apart, AUC 0.99 per layer). A no-op
         unless cells="energy" (with ring shares), where a cell's number is its energy, comparable across showers.
         """
-        if self.rings is None or self.config.cells != "energy":
+        if not self.has_calibration:
             return {}
         self.cell_map.copy_(_identity_map(self.cell_map.shape))
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
