@@ -8,7 +8,9 @@ Arms (``LayerFMConfig`` keys; everything else the defaults):
 - ``ringk``: ring shares standardised by incident energy (``energy_knots=5``; today's default on polar
   readouts);
 - ``ringke``: as ``ringk``, each cell written as its log energy instead of its share of the ring
-  (``cells="energy"``).
+  (``cells="energy"``);
+- ``ringkc``: as ``ringk``, with each ring's number of hit cells generated beside its share and the ring's
+  largest cells kept (``occupancy="count"``); ``ringkec``: the same on ``ringke``.
 
 Each arm trains ``--steps`` steps (batch 256, one thread, seed 0) on the same training file, generates as many
 showers as the test file over its spectrum, and is scored by :func:`fastshower.validate.evaluate` against it
@@ -47,6 +49,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ring": {"shares": "ring", "energy_knots": 0},
     "ringk": {"shares": "ring", "energy_knots": 5, "cells": "share"},
     "ringke": {"shares": "ring", "energy_knots": 5, "cells": "energy"},
+    "ringkc": {"shares": "ring", "energy_knots": 5, "cells": "share", "occupancy": "count"},
+    "ringkec": {"shares": "ring", "energy_knots": 5, "cells": "energy", "occupancy": "count"},
 }
 BANDS_GEV = ((1.0, 5.0), (10.0, 30.0), (50.0, 100.0))
 

@@ -200,3 +200,29 @@ def test_unknown_binning_is_one_line_and_status_2(files: dict[str, Path], tmp_pa
     assert main([*base, "--binning", "binning_dataset_2.xml"]) == 2
     assert "--binning-xml" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_calochallenge_high_level_classifier_sees_the_challenge_s_features(files: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """The CaloChallenge's high-level classifier input: per layer log10(E_layer + 1e-8) and the x/y centres and
+    widths in units of 100 mm (a single-cell shower: its layer energy, its cell's centre, zero width); MC vs MC
+    gives AUC near 0.5 and the scaled copy near 1; one-layer detectors have no such set."""
+    s = np.zeros((1, POLAR.n_voxels), np.float32)
+    s[0, 2 * 60 + 3 * 5 + 4] = 250.0  # layer 2, angular bin 3, ring 4
+    names = O.observable_names(POLAR)
+    obs = O.compute_observables(s, np.array([1e4]), POLAR)
+    feats = O.challenge_high_level(np.stack([obs[k] for k in names], 1), names, np.array([4.0]))
+    assert feats is not None and feats.shape == (1, 1 + 5 * 6)
+    assert feats[0, 0] == 4.0 and math.isclose(feats[0, 1 + 2], math.log10(250.0), rel_tol=1e-6)
+    assert feats[0, 1] == -8.0  # an empty layer
+    x, y = feats[0, 1 + 6 + 2] * 100, feats[0, 1 + 12 + 2] * 100
+    phi = math.radians(-180.0 + 3.5 * 30.0)  # bin 3 of 12 from -180 degrees (binning_dataset_2.xml)
+    assert np.allclose([x, y], [30.0 * math.cos(phi), 30.0 * math.sin(phi)], atol=1e-3)  # ring 4: 20-40 mm
+    assert np.all(feats[0, 1 + 18 :] == 0.0)
+    one = get_geometry("belle2-ecl-5x5")
+    one_names = O.observable_names(one)
+    assert O.challenge_high_level(np.zeros((1, len(one_names))), one_names, np.zeros(1)) is None
+    kw = {"metrics": ["classifier_challenge"], "progress": False, "config": POOLED, "report": False}
+    same = E.evaluate(files["a"], files["b"], tmp_path / "same", **kw)["classifier"]["challenge"]
+    assert abs(same["auc"] - 0.5) < 0.07 and same["input"].startswith("the CaloChallenge's high-level set")
+    assert E.evaluate(files["a"], files["scaled"], tmp_path / "scaled", **kw)["classifier"]["challenge"]["auc"] > 0.95

@@ -279,3 +279,48 @@ def test_training_ends_calibrated_and_old_runs_can_be_calibrated(tmp_path: Path)
     assert "calibration" not in json.loads((plain / "meta.json").read_text())
     with pytest.raises(TrainingError, match="no post-training calibration"):
         calibrate_run(plain)
+
+
+@pytest.mark.parametrize("cells", ["share", "energy"])
+def test_hit_counts_invert_exactly(cells: str) -> None:
+    """occupancy="count": showers -> (ring shares, ring hit counts, cells) -> showers gives back exactly the hit
+    cells (the n largest of each ring are its n hits) and their energies."""
+    torch.manual_seed(0)
+    model = build_model("layer-fm", _polar_spec(), {**SMALL, "cells": cells, "occupancy": "count"})
+    assert isinstance(model, LayerFlowMatching) and model.stage2_width == 3 * (3 * 2 + 12)
+    x = torch.rand(32, 36) * (torch.rand(32, 36) < 0.5)
+    xd = x + 1e-9 * torch.rand(32, 36)  # the dequantisation noise of training
+    e = model.layer_energies(xd)
+    back = model.stage2_inverse(model.stage2_features(xd, e), e)
+    assert torch.equal(back > 0, x > 0)
+    assert torch.allclose(back, x, atol=1e-6)
+
+
+def test_a_ring_keeps_as_many_cells_as_it_counts() -> None:
+    """Counts n per ring decide the hits: a ring keeps exactly its n largest cells (all of its energy), a ring
+    counted empty has none and its share goes to the layer's other rings, a layer whose rings all count 0 keeps
+    one hit in its largest ring; every layer keeps stage 1's energy. An emptied count empties its ring."""
+    torch.manual_seed(1)
+    model = build_model("layer-fm", _polar_spec(), {**SMALL, "occupancy": "count"})
+    assert isinstance(model, LayerFlowMatching)
+    n = torch.tensor([[[2.0, 0.0, 4.0], [0.0, 0.0, 0.0], [1.0, 3.0, 1.0]]] * 4)  # (B, L, R)
+    y = torch.randn(4, 3, 18)
+    y[:, :, 3:6] = torch.log1p(n + torch.rand(4, 3, 3))
+    e = torch.rand(4, 3) + 0.1
+    x = model.stage2_inverse(y.reshape(4, -1), e).reshape(4, 3, 4, 3)
+    hits = (x > 0).sum(2).float()
+    ring = y[:, :, :3]
+    largest = torch.nn.functional.one_hot(ring.argmax(2), 3).float()
+    assert torch.equal(hits[:, 0], n[:, 0]) and torch.equal(hits[:, 2], n[:, 2])
+    assert torch.equal(hits[:, 1], largest[:, 1])
+    assert torch.allclose(x.sum((2, 3)), e, rtol=1e-5)
+    cells = model._cell_values(y[:, :, 6:]).reshape(4, 3, 4, 3)  # the kept cells are the largest of their ring
+    kept_min = torch.where(x > 0, cells, torch.inf).amin(2)
+    dropped_max = torch.where(x > 0, -torch.inf, cells).amax(2)
+    assert bool((kept_min[n > 0] > dropped_max[n > 0]).all())
+    empty = torch.zeros(4, 3, 18)
+    empty[:, 2, 3 + 1] = 1.0  # layer 2: ring 1's count
+    out = model.stage2_empty(empty.reshape(4, -1)).reshape(4, 3, 18)
+    assert out[:, 2, :6].tolist() == [[0.0, 1.0, 0.0, 0.0, 1.0, 0.0]] * 4
+    with pytest.raises(ValueError, match="ring shares"):
+        build_model("layer-fm", _spec(2, 8), {**SMALL, "occupancy": "count"})

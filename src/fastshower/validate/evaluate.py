@@ -39,6 +39,7 @@ from fastshower.io import ShowerFile, ShowerFileError, convention_clash
 from fastshower.validate import metrics as M
 from fastshower.validate import projections
 from fastshower.validate.observables import (
+    challenge_high_level,
     compute_observables,
     layer_energies,
     observable_names,
@@ -57,6 +58,7 @@ METRICS: tuple[str, ...] = (
     "chi2",
     "classifier_low",
     "classifier_high",
+    "classifier_challenge",
     "fpd",
     "kpd",
     "ssim",
@@ -290,6 +292,7 @@ class _Subsample:
     half: np.ndarray  # (m,) bool: reference half B (floor)
     raw: np.ndarray  # (r, V) float32 voxels / E_inc (SSIM, support size); a view into low when not pooled
     raw_ebin: np.ndarray  # (r,) energy-bin index of the raw rows
+    names: tuple[str, ...] = ()  # the observables' names, the columns of high
 
 
 def _energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -325,7 +328,8 @@ class _Rows:
         self.keep, self.dest = keep, _shuffled_positions(m)
         low = np.empty((m, 1 + pooled_size(g, plan.pool)), np.float32)
         ebin = np.empty(m, dtype=np.int64)
-        self.sub = _Subsample(low, np.empty((m, len(observable_names(g)))), ebin, np.empty(m, bool), low[:, 1:], ebin)
+        names = tuple(observable_names(g))
+        self.sub = _Subsample(low, np.empty((m, len(names))), ebin, np.empty(m, bool), low[:, 1:], ebin, names)
         self.keep_raw = keep_raw
         if keep_raw is not None:
             self.dest_raw = _shuffled_positions(len(keep_raw))
@@ -710,6 +714,9 @@ def _score_pair(a: _Summary, b: _Summary, sub_a: _Subsample, sub_b: _Subsample, 
     steps.update(1)
     if "classifier_high" in which:
         clf["high"] = _classifier(sub_a.high, sub_a.ebin, sub_b.high, sub_b.ebin, seed, n_ebins)
+    ca, cb = (challenge_high_level(s.high, s.names, s.low[:, 0]) for s in (sub_a, sub_b))
+    if "classifier_challenge" in which and ca is not None and cb is not None:
+        clf["challenge"] = _classifier(ca, sub_a.ebin, cb, sub_b.ebin, seed, n_ebins)
     steps.update(1)
     if clf:
         out["classifier"] = clf
@@ -722,8 +729,8 @@ def _split_halves(sub: _Subsample) -> tuple[_Subsample, _Subsample]:
     """The reference subsample's rows of half A and of half B (the floor's two samples)."""
     a, b = ~sub.half, sub.half
     no_raw, no_bins = sub.raw[:0], sub.raw_ebin[:0]  # the floor has no SSIM or support size
-    return (_Subsample(sub.low[a], sub.high[a], sub.ebin[a], sub.half[a], no_raw, no_bins),
-            _Subsample(sub.low[b], sub.high[b], sub.ebin[b], sub.half[b], no_raw, no_bins))
+    return (_Subsample(sub.low[a], sub.high[a], sub.ebin[a], sub.half[a], no_raw, no_bins, sub.names),
+            _Subsample(sub.low[b], sub.high[b], sub.ebin[b], sub.half[b], no_raw, no_bins, sub.names))
 
 
 def _floor_scores(half_a: _Summary, half_b: _Summary, sub_ref: _Subsample, which: set[str], cfg: EvaluationConfig,
@@ -824,8 +831,10 @@ def _projections(plan: _Plan, sums_ref: dict[str, _Summary], cand: _Summary, sub
 def _label_classifier_inputs(result: dict[str, Any], plan: _Plan) -> None:
     """Write into each classifier result (and the floor's) what it saw: ``input``, in words."""
     high = f"log10(E_inc) and {len(observable_names(plan.geometry))} observables"
+    challenge = ("the CaloChallenge's high-level set: log10 E_inc, log10 E_layer, x/y centres and widths per layer "
+                 f"({1 + 5 * plan.geometry.n_layers} features)")
     for part in (result, result.get("floor", {})):
-        for side, text in (("low", plan.low_input), ("high", high)):
+        for side, text in (("low", plan.low_input), ("high", high), ("challenge", challenge)):
             if side in part.get("classifier", {}):
                 part["classifier"][side]["input"] = text
 
@@ -1088,7 +1097,8 @@ EvaluationResultSchema: dict[str, str] = {
     "chi2_ndf / ndf": "{observable: two-sample chi2 / ndf}",
     "histogram_binning": "quantile or calochallenge (see evaluate's binning)",
     "classifier_low_input": "what the low-level classifier saw: every voxel, or k x k pooled cells per layer",
-    "classifier.low / classifier.high": "auc, auc_error, jsd, jsd_error, best_epoch, n_train, n_test, n_validation, "
+    "classifier.low / classifier.high / classifier.challenge": "auc, auc_error, jsd, jsd_error, best_epoch, "
+    "n_train, n_test, n_validation, "
     "per_energy_auc (null below 20 validation showers of a class in the bin), per_energy_n_validation, input",
     "fpd / kpd": "value, error, scale (=1000: values are x1e3)",
     "ssim": "[per energy bin: reference, candidate, cross mean SSIM and errors]",

@@ -21,6 +21,7 @@ crystal-calorimeter shower-shape variables (E1/E9, E9/E25) otherwise.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from fastshower.geometry import CartesianSegmentation, Geometry, PolarSegmentati
 __all__ = [
     "Array",
     "centre_of_energy",
+    "challenge_high_level",
     "compute_observables",
     "e1_e9_e25",
     "energy_ratio",
@@ -478,6 +480,32 @@ def observable_names(geometry: Geometry) -> list[str]:
         if geometry.n_layers > 1:
             names.append(f"sparsity_{i}")
     return names
+
+
+def challenge_high_level(high: np.ndarray, names: Sequence[str], log10_e_inc: np.ndarray) -> np.ndarray | None:
+    """The CaloChallenge's high-level classifier input from fastshower's observables, or None where the
+    detector has no per-layer x/y centres (one layer, or no angular bins).
+
+    Args:
+        high: (m, n_obs) observables in the order ``names`` (:func:`observable_names`), MeV and mm.
+        log10_e_inc: (m,) log10(E_inc / MeV).
+
+    Returns (m, 1 + 5 L): log10(E_inc), log10(E_layer + 1e-8), then x centres, y centres, x widths and
+    y widths (mm / 100) of every layer: the features and scalings of ``prepare_high_data_for_classifier``
+    in the challenge's evaluation script (its eta and phi are this x and y). fastshower's own high-level
+    classifier sees every observable (also sparsity, hottest cell, hits, radial moments): a stricter test.
+    """
+    col = {n: i for i, n in enumerate(names)}
+    n_layers = sum(1 for n in names if n.startswith("E_layer_"))
+    if n_layers < 2 or any(f"x_centre_{i}" not in col for i in range(n_layers)):
+        return None
+
+    def take(key: str) -> np.ndarray:  # (m, L)
+        return high[:, [col[f"{key}_{i}"] for i in range(n_layers)]]
+
+    parts = [log10_e_inc.reshape(-1, 1), np.log10(np.clip(take("E_layer"), 0.0, None) + 1e-8)]
+    parts += [take(k) / 1e2 for k in ("x_centre", "y_centre", "x_width", "y_width")]
+    return np.concatenate(parts, axis=1).astype(np.float64)
 
 
 def _is_crystal_array(geometry: Geometry) -> bool:

@@ -31,7 +31,15 @@ import numpy as np
 
 from fastshower.validate import plots as P
 from fastshower.validate.plots import PlotData
-from fastshower.validate.verdict import N_SIGMA, STATUS_TEXT, Verdict, headline, observable_verdicts, score_verdicts
+from fastshower.validate.verdict import (
+    CLASSIFIER_SIDES,
+    N_SIGMA,
+    STATUS_TEXT,
+    Verdict,
+    headline,
+    observable_verdicts,
+    score_verdicts,
+)
 
 __all__ = ["LAYERS_PER_GRID", "LAYERS_PER_IMAGE", "Figure", "PlotData", "write_report"]
 
@@ -133,13 +141,13 @@ def _distance_rows(result: dict[str, Any]) -> list[list[Any]]:
     classifier AUC and JSD, FPD and KPD (x1e3), and the separation power averaged over observables."""
     fl = result.get("floor", {})
     rows: list[list[Any]] = []
-    for side in ("low", "high"):
+    for side, label in CLASSIFIER_SIDES.items():
         c = result.get("classifier", {}).get(side)
         if c:
             f = fl.get("classifier", {}).get(side, {})
-            rows.append([f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc"),
+            rows.append([f"classifier AUC ({label})", c.get("auc"), c.get("auc_error"), f.get("auc"),
                          f"0.5: cannot tell the samples apart; 1: always can. Input: {c.get('input', '-')}"])
-            rows.append([f"classifier JSD ({side}-level)", _raw_jsd(c.get("jsd")), c.get("jsd_error"),
+            rows.append([f"classifier JSD ({label})", _raw_jsd(c.get("jsd")), c.get("jsd_error"),
                          _raw_jsd(f.get("jsd")), "bits; 0: same, 1: disjoint (from the calibrated classifier)"])
     for key in ("fpd", "kpd"):
         if key in result:

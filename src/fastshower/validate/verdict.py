@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["N_SIGMA", "Verdict", "format_score_table", "observable_verdicts", "score_verdicts"]
+__all__ = ["CLASSIFIER_SIDES", "N_SIGMA", "Verdict", "format_score_table", "observable_verdicts", "score_verdicts"]
 
 #: combined standard errors a score must exceed its floor by to be flagged
 N_SIGMA = 3.0
@@ -81,16 +81,21 @@ def observable_verdicts(result: dict[str, Any]) -> list[Verdict]:
                                       -(x.value or 0.0)))
 
 
+#: the classifier results' keys, in the report's order, and what the report calls each: fastshower's own
+#: high-level set (every observable) and the CaloChallenge's (layer energies, centres, widths) side by side
+CLASSIFIER_SIDES = {"low": "low-level", "high": "high-level", "challenge": "CaloChallenge high-level"}
+
+
 def score_verdicts(result: dict[str, Any]) -> list[Verdict]:
     """Verdicts of the sample-level scores present in ``result``: classifier AUCs (low, high) and
     FPD, KPD (x1e3), each against the floor's."""
     floor = result.get("floor", {})
     out: list[Verdict] = []
-    for side in ("low", "high"):
+    for side, label in CLASSIFIER_SIDES.items():
         c = result.get("classifier", {}).get(side)
         if c:
             f = floor.get("classifier", {}).get(side, {})
-            out.append(judge(f"classifier AUC ({side}-level)", c.get("auc"), c.get("auc_error"), f.get("auc"),
+            out.append(judge(f"classifier AUC ({label})", c.get("auc"), c.get("auc_error"), f.get("auc"),
                              f.get("auc_error")))
     for key in ("fpd", "kpd"):
         if key in result:
