@@ -1,10 +1,12 @@
-"""What layer-fm's post-training cell map buys on a finished run: the same run scored without and with it.
+"""What layer-fm's post-training maps buy on a finished run: the same run scored without and with them.
 
 ``train`` now fits the map at the end of training (:meth:`~fastshower.models.layer_fm.LayerFlowMatching.calibrate`);
 runs trained before it generate without one. This script takes such a run, copies it to ``<run>-calibrated``,
 fits the map there with :func:`fastshower.training.calibrate_run` (CPU-seconds recorded), and generates and
 scores both the same way as ``model_quality.py`` (same seed, the test file's spectrum ``--energy``, the floor
 beside them).
+``--layer-map`` also turns on the layer map (``layer_map``, an option that acts only after training) in the
+copy's config before calibrating, so a run trained without it can be measured with it.
 The uncalibrated scores are read from ``model_quality.py``'s JSON for that run when given, else computed.
 Finished steps are reused, so a killed benchmark restarts where it stopped::
 
@@ -33,13 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality as mq  # the same generation and scoring as the quality table
 
 
-def calibrated_copy(run: Path) -> tuple[Path, dict[str, Any]]:
-    """``<run>-calibrated`` with the cell map fitted (reused when its meta.json records one)."""
-    dst = run.with_name(run.name + "-calibrated")
+def calibrated_copy(run: Path, layer_map: bool = False) -> tuple[Path, dict[str, Any]]:
+    """``<run>-calibrated`` (``-layer-map`` with ``layer_map``) with its maps fitted (reused when its meta.json
+    records them)."""
+    dst = run.with_name(run.name + ("-layer-map" if layer_map else "-calibrated"))
     if dst.exists() and "calibration" in read_json(dst / "meta.json"):
         return dst, dict(read_json(dst / "meta.json")["calibration"])
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(run, dst)
+    if layer_map:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["hparams"]["layer_map"] = True
+        (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     c0 = time.process_time()
     stats: dict[str, Any] = dict(calibrate_run(dst))
     stats["cpu_seconds"] = round(time.process_time() - c0, 1)
@@ -65,6 +72,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="run folder name under WORKDIR/runs")
     ap.add_argument("--quality", default=None, help="model_quality.py's JSON holding this run's uncalibrated scores")
     ap.add_argument("--energy", default="1:100:log", help="the test file's spectrum (default: par04-ds2's)")
+    ap.add_argument("--layer-map", action="store_true", help="also fit the layer map (layer_map) in the copy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -79,11 +87,14 @@ def main() -> None:
         result["floor"], result["uncalibrated"] = q.get("floor"), q.get("models")
     else:
         result["uncalibrated"] = scored(work, run, test, args.energy, n_layers, args.seed)
-    cal, result["calibration"] = calibrated_copy(run)
+        if (work / "floor.h5").exists():  # a second Geant4 file against the same test file
+            result["floor"] = mq.score(test, work / "floor.h5", work / "eval" / "floor", n_layers, args.seed)
+    cal, result["calibration"] = calibrated_copy(run, args.layer_map)
     result["calibrated"] = scored(work, cal, test, args.energy, n_layers, args.seed)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     s = result["calibrated"]["scores"]
-    mq.log(f"calibrated: AUC low {s['auc_low']:.3f} high {s['auc_high']:.3f} mean S {s['sep_mean']:.3f}")
+    mq.log(f"calibrated: AUC low {s['auc_low']:.3f} high {s['auc_high']:.3f} "
+           f"(CaloChallenge set {s.get('auc_high_calochallenge')}) mean S {s['sep_mean']:.3f}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "wgan-gp-kit-conv-log-cells": _kit(net="conv", linear_cells=False),
     "wgan-gp-kit-no-features": _kit(critic_features=False),
 }
-METRICS = ["separation_power", "classifier_low", "classifier_high", "fpd", "kpd", "response"]
+METRICS = ["separation_power", "classifier_low", "classifier_high", "classifier_challenge", "fpd", "kpd", "response"]
 
 #: detector presets: geometry, particle, Geant4 files {name: (energy spec, n, seed)}, test sets
 DETECTORS: dict[str, dict[str, Any]] = {
@@ -335,6 +335,8 @@ def summarise(m: dict[str, Any], geometry_layers: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "auc_low": clf.get("low", {}).get("auc"),
         "auc_high": clf.get("high", {}).get("auc"),
+        # the CaloChallenge's own high-level set (layer energies, centres, widths); absent for one-layer detectors
+        "auc_high_calochallenge": clf.get("challenge", {}).get("auc"),
         "fpd_x1e3": m.get("fpd", {}).get("value"),
         "fpd_error_x1e3": m.get("fpd", {}).get("error"),
         "kpd_x1e3": m.get("kpd", {}).get("value"),
