@@ -299,3 +299,39 @@ def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path
         want = SamplerModule(run)(z, torch.as_tensor(e, dtype=torch.float32).reshape(-1, 1)).numpy()
     assert got.shape == (64, 36) and (got > 0).any(1).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.max()))
+
+
+def test_counting_teacher_with_layer_map_distils_and_exports(tmp_path: Path) -> None:
+    """A layer-fm that generates hit counts (occupancy="count") and maps stage 1 (layer_map, fitted at the end of
+    training) distils: the student keeps the teacher's stage 1 with its map, its rings hold the hits its count
+    numbers say, and its ONNX export gives the torch sampler's showers."""
+    e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
+    data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
+    teacher = train(data, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
+                    config={"hparams": {**RING_HP, "occupancy": "count", "layer_map": True}, "train": TRAIN})
+    t_model = load_run(teacher)[0]
+    assert isinstance(t_model, LayerFlowMatching) and not torch.equal(t_model.layer_table[..., 0, :],
+                                                                     t_model.layer_table[..., 1, :])
+    student = distill(teacher, tmp_path / "one", n_pairs=500, steps=40, batch_size=128, seed=1, progress=False,
+                      hparams={"hidden": 16, "depth": 1, "emb_dim": 16, "warmup": 5, "occupancy_knots": 3})
+    run = load_run(student)
+    model = run[0]
+    assert isinstance(model, OneStep) and isinstance(model.stage1, LayerFlowMatching)
+    assert torch.equal(model.stage1.layer_table, t_model.layer_table)
+    z, c = _ring_inputs(300, 4, model)
+    with torch.no_grad():
+        x = model.sample_from_noise(z, c).reshape(-1, 3, 4, 3)
+        g1 = model.stage1.sample_stage1(z[:, :3], c)
+        y = model.stage1.unstandardise2(model.stage2_latents(z, c, g1), c).reshape(-1, 3, 3 * 2 + 12)
+    n = model.stage1._counts(y[:, :, 3:6])
+    layer_alive = (n.amax(2) >= 1).unsqueeze(2)  # a layer counted empty keeps one hit in its largest ring
+    counted, n = (x > 0).sum(2).float(), n.clamp(max=4.0)
+    alive = layer_alive.expand_as(n)
+    # never more hits than counted; fewer only where a kept cell falls below the noise cut (1e-9 E_inc)
+    assert bool((counted[alive] <= n[alive]).all()) and float((counted[alive] == n[alive]).float().mean()) > 0.9
+    sampler = load_onnx(export_onnx(student, tmp_path / "count.onnx"), student)
+    zz = model.draw_noise(32, torch.Generator().manual_seed(7))
+    ee = np.exp(np.random.default_rng(7).uniform(np.log(1e4), np.log(1e5), 32))
+    with torch.no_grad():
+        want = SamplerModule(run)(zz, torch.as_tensor(ee, dtype=torch.float32).reshape(-1, 1)).numpy()
+    np.testing.assert_allclose(sampler(zz.numpy(), ee, {}), want, rtol=1e-3, atol=1e-4 * float(want.max()))

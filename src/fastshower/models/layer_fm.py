@@ -438,7 +438,8 @@ class LayerFlowMatching(CaloFlow):
         shares: also each ring whose cells are all empty, so that its share of the layer goes to the layer's
         other rings (renormalised) rather than vanishing with the cells; and none of a layer's numbers when
         that would empty all its rings, so that every layer keeps stage 1's energy (the mask comes from a
-        one-step student's hit heads, which are not trained to keep a layer alive)."""
+        one-step student's hit heads, which are not trained to keep a layer alive). With occupancy="count" no
+        cell is emptied by the mask: its ring's count chooses the ring's cells."""
         if self.rings is None:
             return super().stage2_empty(empty)
         a, r = self.rings
@@ -446,10 +447,11 @@ class LayerFlowMatching(CaloFlow):
         per_layer = empty.reshape(-1, self.n_layers, k + a * r)
         all_cells = per_layer[:, :, k:].reshape(-1, self.n_layers, a, r).amin(2)  # (B, L, R): 1 where all empty
         rings = torch.maximum(per_layer[:, :, :r], all_cells)
-        if self.per_ring == 2:  # an empty count empties its ring, and an empty ring has count 0
-            rings = torch.maximum(rings, per_layer[:, :, r:k])
+        cells = per_layer[:, :, k:]
+        if self.per_ring == 2:  # an empty count empties its ring, an empty ring has count 0, and counts pick cells
+            rings, cells = torch.maximum(rings, per_layer[:, :, r:k]), torch.zeros_like(cells)
         keep = 1.0 - rings.amin(2, keepdim=True)  # (B, L, 1): 0 where every ring of the layer would be empty
-        return (torch.cat([rings] * self.per_ring + [per_layer[:, :, k:]], dim=2) * keep).reshape(empty.shape)
+        return (torch.cat([rings] * self.per_ring + [cells], dim=2) * keep).reshape(empty.shape)
 
     def stage2_dead(self, y: Tensor) -> Tensor:
         """As flow's (a logit share below ``zero_share``); with ring shares and cells="energy" a cell is dead
