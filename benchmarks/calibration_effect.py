@@ -5,8 +5,8 @@ runs trained before it generate without one. This script takes such a run, copie
 fits the map there with :func:`fastshower.training.calibrate_run` (CPU-seconds recorded), and generates and
 scores both the same way as ``model_quality.py`` (same seed, the test file's spectrum ``--energy``, the floor
 beside them).
-``--layer-map`` also turns on the layer map (``layer_map``, an option that acts only after training) in the
-copy's config before calibrating, so a run trained without it can be measured with it.
+``--maps layers|all`` also turns on layer-fm's layer (and ring) maps (``maps``, an option that acts only after
+training) in the copy's config before calibrating, so a run trained without them can be measured with them.
 The uncalibrated scores are read from ``model_quality.py``'s JSON for that run when given, else computed.
 Finished steps are reused, so a killed benchmark restarts where it stopped::
 
@@ -35,17 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality as mq  # the same generation and scoring as the quality table
 
 
-def calibrated_copy(run: Path, layer_map: bool = False) -> tuple[Path, dict[str, Any]]:
-    """``<run>-calibrated`` (``-layer-map`` with ``layer_map``) with its maps fitted (reused when its meta.json
+def calibrated_copy(run: Path, maps: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """``<run>-calibrated`` (``<run>-maps-<maps>`` with ``maps``) with its maps fitted (reused when its meta.json
     records them)."""
-    dst = run.with_name(run.name + ("-layer-map" if layer_map else "-calibrated"))
+    dst = run.with_name(run.name + (f"-maps-{maps}" if maps else "-calibrated"))
     if dst.exists() and "calibration" in read_json(dst / "meta.json"):
         return dst, dict(read_json(dst / "meta.json")["calibration"])
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(run, dst)
-    if layer_map:
+    if maps:
         cfg = json.loads((dst / "config.json").read_text())
-        cfg["hparams"]["layer_map"] = True
+        cfg["hparams"]["maps"] = maps
         (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     c0 = time.process_time()
     stats: dict[str, Any] = dict(calibrate_run(dst))
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="run folder name under WORKDIR/runs")
     ap.add_argument("--quality", default=None, help="model_quality.py's JSON holding this run's uncalibrated scores")
     ap.add_argument("--energy", default="1:100:log", help="the test file's spectrum (default: par04-ds2's)")
-    ap.add_argument("--layer-map", action="store_true", help="also fit the layer map (layer_map) in the copy")
+    ap.add_argument("--maps", choices=("layers", "all"), default=None, help="also fit layer-fm's maps in the copy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -89,7 +89,7 @@ def main() -> None:
         result["uncalibrated"] = scored(work, run, test, args.energy, n_layers, args.seed)
         if (work / "floor.h5").exists():  # a second Geant4 file against the same test file
             result["floor"] = mq.score(test, work / "floor.h5", work / "eval" / "floor", n_layers, args.seed)
-    cal, result["calibration"] = calibrated_copy(run, args.layer_map)
+    cal, result["calibration"] = calibrated_copy(run, args.maps)
     result["calibrated"] = scored(work, cal, test, args.energy, n_layers, args.seed)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     s = result["calibrated"]["scores"]

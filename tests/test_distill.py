@@ -301,14 +301,14 @@ def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.max()))
 
 
-def test_counting_teacher_with_layer_map_distils_and_exports(tmp_path: Path) -> None:
-    """A layer-fm that generates hit counts (occupancy="count") and maps stage 1 (layer_map, fitted at the end of
-    training) distils: the student keeps the teacher's stage 1 with its map, its rings hold the hits its count
+def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path) -> None:
+    """A layer-fm that generates hit counts (occupancy="count") with layer and ring maps (maps="all", fitted at the
+    end of training) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count
     numbers say, and its ONNX export gives the torch sampler's showers."""
     e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
     teacher = train(data, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
-                    config={"hparams": {**RING_HP, "occupancy": "count", "layer_map": True}, "train": TRAIN})
+                    config={"hparams": {**RING_HP, "occupancy": "count", "maps": "all"}, "train": TRAIN})
     t_model = load_run(teacher)[0]
     assert isinstance(t_model, LayerFlowMatching) and not torch.equal(t_model.layer_table[..., 0, :],
                                                                      t_model.layer_table[..., 1, :])
@@ -318,6 +318,7 @@ def test_counting_teacher_with_layer_map_distils_and_exports(tmp_path: Path) -> 
     model = run[0]
     assert isinstance(model, OneStep) and isinstance(model.stage1, LayerFlowMatching)
     assert torch.equal(model.stage1.layer_table, t_model.layer_table)
+    assert torch.equal(model.stage1.ring_table, t_model.ring_table)
     z, c = _ring_inputs(300, 4, model)
     with torch.no_grad():
         x = model.sample_from_noise(z, c).reshape(-1, 3, 4, 3)

@@ -326,14 +326,15 @@ def test_a_ring_keeps_as_many_cells_as_it_counts() -> None:
         build_model("layer-fm", _spec(2, 8), {**SMALL, "occupancy": "count"})
 
 
-def test_layer_map_steps_from_empty_to_hit_at_the_data_s_rate() -> None:
-    """layer_map: showers whose last layer is empty 70 % of the time and otherwise holds 1-2 % of E_inc; after
+def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> None:
+    """maps="all": showers whose last layer is empty 70 % of the time and otherwise holds 1-2 % of E_inc; after
     calibrate, stage 1 at fresh noise gives that layer energy in 30 % +- 5 % of showers, almost none in the gap
     between (1e-6 to 0.5 % of E_inc), and the sampled layer energies are the ones the shapes are assembled with;
-    a checkpoint saved without the map loads with the identity map."""
+    each ring's share of the first layer has the data's median and 99th percentile (the untrained ODE's spread
+    far wider); a checkpoint saved without the maps loads with identity maps."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
-    model = build_model("layer-fm", spec, {**SMALL, "layer_map": True, "occupancy": "count"})
+    model = build_model("layer-fm", spec, {**SMALL, "maps": "all"})
     assert isinstance(model, LayerFlowMatching) and model.has_calibration
     n = 1500
     x = torch.rand(n, 3, 4, 3) * 0.05
@@ -342,7 +343,7 @@ def test_layer_map_steps_from_empty_to_hit_at_the_data_s_rate() -> None:
     model.train()
     model.loss(x, c)  # fits the scalers, as the first training step does
     model.eval()
-    old_state = {k: v.clone() for k, v in model.state_dict().items() if k != "layer_table"}
+    old_state = {k: v.clone() for k, v in model.state_dict().items() if k not in ("layer_table", "ring_table")}
     stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
     assert abs(stats["layer_hit_fraction_data"] - (2 + 0.3) / 3) < 0.02
     with torch.no_grad():
@@ -353,10 +354,16 @@ def test_layer_map_steps_from_empty_to_hit_at_the_data_s_rate() -> None:
     assert abs(float((last > 1e-3).float().mean()) - 0.3) < 0.05
     assert float(((last > 1e-6) & (last < 5e-3)).float().mean()) < 0.02
     assert torch.allclose(shower[:, 2].sum(1), last, rtol=1e-3, atol=1e-7)
-    fresh = build_model("layer-fm", spec, {**SMALL, "layer_map": True, "occupancy": "count"})
+    fresh = build_model("layer-fm", spec, {**SMALL, "maps": "all"})
     fresh.load_state_dict(old_state)
     assert isinstance(fresh, LayerFlowMatching)
     assert torch.equal(fresh.layer_table, _identity_tables(fresh.layer_table.shape))
+    assert torch.equal(fresh.ring_table, _identity_tables(fresh.ring_table.shape))
+    ring = shower[:, 0].reshape(n, 4, 3).sum(1) / shower[:, 0].sum(1, keepdim=True)
+    want = x.reshape(n, 3, 4, 3)[:, 0].sum(1) / x.reshape(n, 3, 12)[:, 0].sum(1, keepdim=True)
+    for q in (0.5, 0.99):
+        got_q, want_q = ring.quantile(q, dim=0), want.quantile(q, dim=0)
+        assert float((got_q - want_q).abs().max()) < 0.03, (q, got_q, want_q)
 
 
 def _identity_tables(shape: torch.Size) -> torch.Tensor:

@@ -143,11 +143,14 @@ class LayerFMConfig(ModelConfig):
             step from empty to hit; par04-ds2's 60-min run (cells="share") had the ring energies right but,
             in the late sparse layers where Geant4 has one or two ~7 MeV hits (lateral width 0), spread them
             over many cells: the per-layer widths alone told it from Geant4 with AUC 0.90, sparsity 0.99.
-        layer_map: after training (:meth:`LayerFlowMatching.calibrate`), a monotone map per incident-energy
-            knot and layer sends stage 1's log layer fractions to the data's at the same quantiles, stepping
-            from empty to hit at the data's rate. Why: a late layer in Geant4 is empty or holds a particle's
-            ~1-10 MeV, and the spline flow fills the gap between (par04-ds2, 60-min run, layer 40: 262 of 2500
-            showers at 0.1-1 MeV against Geant4's 12).
+        maps: post-training quantile maps (:meth:`LayerFlowMatching.calibrate`, fitted on training showers):
+            "layers": per incident-energy knot and layer, a monotone map sends stage 1's log layer fractions to
+            the data's at the same quantiles, stepping from empty to hit at the data's rate; "all": also each
+            ring's logit share of its layer (ring shares), per knot, layer and ring; "none". Why: a late layer in
+            Geant4 is empty or holds a particle's ~1-10 MeV, and the spline flow fills the gap between
+            (par04-ds2, 60-min run, layer 40: 262 of 2500 showers at 0.1-1 MeV against Geant4's 12); and the
+            ODE's outer-ring shares have tails Geant4 lacks (layer 15, ring 8, 10-30 GeV: 99th percentile 0.27
+            of the layer against 0.085), which the r^2-weighted widths feel.
     """
 
     stage1_transforms: int = 4
@@ -177,13 +180,14 @@ class LayerFMConfig(ModelConfig):
     energy_knots: int = 5
     cells: str = "share"
     occupancy: str = "none"
-    layer_map: bool = False
+    maps: str = "none"
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
-                                          "occupancy": "none", "layer_map": False}
+                                          "occupancy": "none", "maps": "none"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
-                                                     "cells": ("share", "energy"), "occupancy": ("none", "count")}
+                                                     "cells": ("share", "energy"), "occupancy": ("none", "count"),
+                                                     "maps": ("none", "layers", "all")}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
@@ -308,7 +312,8 @@ class LayerFlowMatching(CaloFlow):
     config: LayerFMConfig  # type: ignore[assignment]
     map_knots: Tensor  # (_MAP_KNOTS,) standardised log incident energies of the cell map's tables (ring shares)
     cell_map: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the map's points (in, out)
-    layer_table: Tensor  # (_MAP_KNOTS, L, 1, 2, _MAP_POINTS) per knot and layer: stage 1's map (layer_map)
+    layer_table: Tensor  # (_MAP_KNOTS, L, 1, 2, _MAP_POINTS) per knot and layer: stage 1's map (maps)
+    ring_table: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the ring shares' (maps="all")
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -334,8 +339,11 @@ class LayerFlowMatching(CaloFlow):
         self.register_buffer("map_knots", torch.linspace(-2.0, 2.0, _MAP_KNOTS), persistent=False)
         if self.rings is not None:  # per energy knot, layer and ring: see calibrate
             self.register_buffer("cell_map", _identity_map((_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)))
-        if cfg.layer_map:
+        if cfg.maps != "none":
             self.register_buffer("layer_table", _identity_map((_MAP_KNOTS, self.n_layers, 1, 2, _MAP_POINTS)))
+        if cfg.maps == "all" and self.rings is not None:
+            shape = (_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)
+            self.register_buffer("ring_table", _identity_map(shape))
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
             return
@@ -484,13 +492,27 @@ class LayerFlowMatching(CaloFlow):
         return self.scale2(f2, self._energy(c)) if isinstance(self.scale2, EnergyScaler) else self.scale2(f2)
 
     def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
-        """Stage-2 numbers (B, W) from g2 (B, W); with ring shares, cells="energy" and conditions c, the cells
-        go through the calibrated map (:meth:`calibrate`)."""
+        """Stage-2 numbers (B, W) from g2 (B, W); with conditions c and ring shares, the ring shares (maps="all")
+        and with cells="energy" the cells go through their calibrated maps (:meth:`calibrate`)."""
         if isinstance(self.scale2, EnergyScaler):
             y = self.scale2.inverse(g2, self._energy(c))
         else:
             y = self.scale2.inverse(g2)
-        return y if self.rings is None or c is None or self.config.cells != "energy" else self.map_cells(y, c)
+        if self.rings is None or c is None:
+            return y
+        if "ring_table" in self._buffers:
+            y = self.map_rings(y, c)
+        return self.map_cells(y, c) if self.config.cells == "energy" else y
+
+    def map_rings(self, y: Tensor, c: Tensor) -> Tensor:
+        """Stage-2 numbers y (B, W) with every ring's logit share moved by the calibrated map of its layer and ring
+        (tables interpolated at c[:, 0])."""
+        r = self.rings[1] if self.rings else 1
+        w = hat_weights(c[:, 0].to(y.dtype), self.map_knots.to(y.dtype))
+        tab = (w @ self.ring_table.to(y.dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, self.n_layers, r, 2, _MAP_POINTS)
+        y = y.reshape(y.shape[0], self.n_layers, -1)
+        rings = _piecewise_linear(y[:, :, :r], tab[..., 0, :], tab[..., 1, :])
+        return torch.cat([rings, y[:, :, r:]], dim=2).reshape(y.shape[0], -1)
 
     def _cells(self, y: Tensor) -> Tensor:
         """The cells' numbers (B, L, A, R) of stage-2 numbers y (B, W) with ring shares."""
@@ -514,16 +536,16 @@ class LayerFlowMatching(CaloFlow):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
-        for name in ("cell_map", "layer_table"):
+        for name in ("cell_map", "layer_table", "ring_table"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def has_calibration(self) -> bool:
-        """Whether :meth:`calibrate` fits anything: the cell map (ring shares with cells="energy"), the layer map
-        (layer_map)."""
-        return self._has_cell_map or self.config.layer_map
+        """Whether :meth:`calibrate` fits anything: the cell map (ring shares with cells="energy"), the layer and
+        ring maps (``maps``)."""
+        return self._has_cell_map or self.config.maps != "none"
 
     @property
     def _has_cell_map(self) -> bool:
@@ -531,12 +553,13 @@ class LayerFlowMatching(CaloFlow):
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, c: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
-        """Fit the layer map (layer_map), then the cells' map (cells="energy") on showers x (B, V) = voxel / E_inc
-        at conditions c (B, C), the model's showers drawn at the same conditions; returns the fraction of layers
-        hit in x, and of cells hit in x and in the model before and after the cell map.
+        """Fit the layer map, the ring map (``maps``), then the cells' map (cells="energy"), each on the model's
+        showers after the maps before it, against showers x (B, V) = voxel / E_inc at conditions c (B, C);
+        returns the fraction of layers hit in x, and of cells hit in x and in the model before and after.
 
-        The layer map: per energy knot and layer, stage 1's log layer fraction onto the data's at the same
-        quantiles, with a step at the data's empty fraction (see ``layer_map``).
+        The layer and ring maps: per energy knot and layer (and ring), stage 1's log layer fraction (a ring's
+        logit share of its layer) onto the data's at the same quantiles, with a step at the data's empty
+        fraction (see ``maps``).
 
         Per energy knot (the showers nearest to it), layer and ring: the monotone piecewise-linear map that sends
         the model's cell numbers to the data's at the same quantiles: one at the minimum, the rest spread over
@@ -548,15 +571,10 @@ class LayerFlowMatching(CaloFlow):
         """
         out: dict[str, float] = {}
         xd = x.clamp_min(0.0) + self.noise * torch.rand(x.shape, generator=generator, device=x.device)
-        if self.config.layer_map:
-            self.layer_table.copy_(_identity_map(self.layer_table.shape))
-            z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
-            model = torch.log(self.stage1_inverse(self.scale1.inverse(self.sample_stage1(z1, c))).clamp_min(_TINY))
-            data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
-            hit = self.layer_energies(x.clamp_min(0.0)) > 0
-            self._fit_tables(self.layer_table, model.float()[..., None, None], data.float()[..., None, None],
-                             hit[..., None, None], c, gap=1e-3)
-            out["layer_hit_fraction_data"] = float(hit.float().mean())
+        if self.config.maps != "none":
+            out.update(self._fit_layer_map(x, xd, c, generator))
+        if "ring_table" in self._buffers:
+            self._fit_ring_map(x, xd, c, generator)
         if not self._has_cell_map:
             return out
         self.cell_map.copy_(_identity_map(self.cell_map.shape))
@@ -568,6 +586,35 @@ class LayerFlowMatching(CaloFlow):
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
+
+    def _fit_layer_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None
+                       ) -> dict[str, float]:
+        """The layer map from showers x (B, V), dequantised xd (B, V), at conditions c (B, C)."""
+        self.layer_table.copy_(_identity_map(self.layer_table.shape))
+        z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
+        model = torch.log(self.stage1_inverse(self.scale1.inverse(self.sample_stage1(z1, c))).clamp_min(_TINY))
+        data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
+        hit = self.layer_energies(x.clamp_min(0.0)) > 0
+        self._fit_tables(self.layer_table, model.float()[..., None, None], data.float()[..., None, None],
+                         hit[..., None, None], c, gap=1e-3)
+        return {"layer_hit_fraction_data": float(hit.float().mean())}
+
+    def _fit_ring_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None) -> None:
+        """The ring map from showers x (B, V), dequantised xd (B, V), at conditions c (B, C); with
+        occupancy="count" a ring the model counts empty is at the share floor, as an empty ring of the data."""
+        a, r = self.rings or (1, 1)
+        k = self.per_ring * r
+        self.ring_table.copy_(_identity_map(self.ring_table.shape))
+        _, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
+        y = self.unstandardise2(g2, c).reshape(-1, self.n_layers, k + a * r)
+        model = y[:, :, :r]
+        if self.per_ring == 2:
+            floor = self._logit(torch.zeros(()))
+            model = torch.where(self._counts(y[:, :, r:k]) >= 1, model, floor)
+        data = self.stage2_features(xd, self.layer_energies(xd)).reshape(y.shape)[:, :, :r]
+        hit = (x > 0).reshape(-1, self.n_layers, a, r).any(2)
+        self._fit_tables(self.ring_table, model.float()[:, :, None], data.float()[:, :, None], hit[:, :, None], c,
+                         gap=1e-3)
 
     def _fit_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor, gap: float = 0.0
                     ) -> None:
@@ -584,10 +631,10 @@ class LayerFlowMatching(CaloFlow):
                 tables[k] = tables[min(fitted, key=lambda j: abs(j - k))]
 
     def sample_stage1(self, z1: Tensor, c: Tensor) -> Tensor:
-        """As flow's; with layer_map each layer's energy then goes through its calibrated map (identity until
+        """As flow's; with ``maps`` each layer's energy then goes through its calibrated map (identity until
         :meth:`calibrate`), so that the shape ODE, the assembly and a staged student all see the mapped ones."""
         g1 = super().sample_stage1(z1, c)
-        if not self.config.layer_map:
+        if self.config.maps == "none":
             return g1
         w = hat_weights(c[:, 0].to(g1.dtype), self.map_knots.to(g1.dtype))
         tab = (w @ self.layer_table.to(g1.dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, self.n_layers, 2, _MAP_POINTS)
