@@ -331,7 +331,7 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
     calibrate, stage 1 at fresh noise gives that layer energy in 30 % +- 5 % of showers, almost none in the gap
     between (1e-6 to 0.5 % of E_inc), and the sampled layer energies are the ones the shapes are assembled with;
     each ring's share of the first layer has the data's median and 99th percentile (the untrained ODE's spread
-    far wider); a checkpoint saved without the maps loads with identity maps."""
+    far wider), and the hottest cell of each ring the data's median share of it; a checkpoint saved without the maps loads with identity maps."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
     model = build_model("layer-fm", spec, {**SMALL, "maps": "all"})
@@ -364,6 +364,10 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
     for q in (0.5, 0.99):
         got_q, want_q = ring.quantile(q, dim=0), want.quantile(q, dim=0)
         assert float((got_q - want_q).abs().max()) < 0.03, (q, got_q, want_q)
+    cells = shower[:, 0].reshape(n, 4, 3)  # and the hottest cell of each ring holds the data's share of it
+    hottest = (cells.amax(1) / cells.sum(1).clamp_min(1e-12)).median(0).values
+    want_hot = x.reshape(n, 3, 4, 3)[:, 0].amax(1) / x.reshape(n, 3, 4, 3)[:, 0].sum(1)
+    assert float((hottest - want_hot.median(0).values).abs().max()) < 0.03
 
 
 def _identity_tables(shape: torch.Size) -> torch.Tensor:
