@@ -5,7 +5,7 @@ runs trained before it generate without one. This script takes such a run, copie
 fits the map there with :func:`fastshower.training.calibrate_run` (CPU-seconds recorded), and generates and
 scores both the same way as ``model_quality.py`` (same seed, the test file's spectrum ``--energy``, the floor
 beside them).
-``--maps layers|all`` also turns on layer-fm's layer (and ring) maps (``maps``, an option that acts only after
+``--maps layers|rings|all`` also turns on layer-fm's layer (and ring) maps (``maps``, an option that acts only after
 training) in the copy's config before calibrating, so a run trained without them can be measured with them.
 The uncalibrated scores are read from ``model_quality.py``'s JSON for that run when given, else computed.
 Finished steps are reused, so a killed benchmark restarts where it stopped::
@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="run folder name under WORKDIR/runs")
     ap.add_argument("--quality", default=None, help="model_quality.py's JSON holding this run's uncalibrated scores")
     ap.add_argument("--energy", default="1:100:log", help="the test file's spectrum (default: par04-ds2's)")
-    ap.add_argument("--maps", choices=("layers", "all"), default=None, help="also fit layer-fm's maps in the copy")
+    ap.add_argument("--maps", choices=("layers", "rings", "all"), default=None,
+                    help="also fit layer-fm's maps in the copy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

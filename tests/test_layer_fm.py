@@ -331,7 +331,8 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
     calibrate, stage 1 at fresh noise gives that layer energy in 30 % +- 5 % of showers, almost none in the gap
     between (1e-6 to 0.5 % of E_inc), and the sampled layer energies are the ones the shapes are assembled with;
     each ring's share of the first layer has the data's median and 99th percentile (the untrained ODE's spread
-    far wider), and the hottest cell of each ring the data's median share of it; a checkpoint saved without the maps loads with identity maps."""
+    far wider), and the hottest cell of each ring the data's median share of it; a checkpoint saved without the
+    maps loads with identity maps."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
     model = build_model("layer-fm", spec, {**SMALL, "maps": "all"})

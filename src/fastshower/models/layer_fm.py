@@ -145,9 +145,9 @@ class LayerFMConfig(ModelConfig):
             over many cells: the per-layer widths alone told it from Geant4 with AUC 0.90, sparsity 0.99.
         maps: post-training quantile maps (:meth:`LayerFlowMatching.calibrate`, fitted on training showers):
             "layers": per incident-energy knot and layer, a monotone map sends stage 1's log layer fractions to
-            the data's at the same quantiles, stepping from empty to hit at the data's rate; "all": also each
-            ring's logit share of its layer and each cell's number (ring shares), per knot, layer and ring (the
-            cells pooled over angle); "none". Why: a late layer in
+            the data's at the same quantiles, stepping from empty to hit at the data's rate; "rings": also each
+            ring's logit share of its layer (ring shares), per knot, layer and ring; "all": also each cell's
+            number, per knot, layer and ring (the cells pooled over angle); "none". Why: a late layer in
             Geant4 is empty or holds a particle's ~1-10 MeV, and the spline flow fills the gap between
             (par04-ds2, 60-min run, layer 40: 262 of 2500 showers at 0.1-1 MeV against Geant4's 12); and the
             ODE's outer-ring shares have tails Geant4 lacks (layer 15, ring 8, 10-30 GeV: 99th percentile 0.27
@@ -189,7 +189,7 @@ class LayerFMConfig(ModelConfig):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
-                                                     "maps": ("none", "layers", "all")}
+                                                     "maps": ("none", "layers", "rings", "all")}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
@@ -315,7 +315,7 @@ class LayerFlowMatching(CaloFlow):
     map_knots: Tensor  # (_MAP_KNOTS,) standardised log incident energies of the cell map's tables (ring shares)
     cell_map: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the map's points (in, out)
     layer_table: Tensor  # (_MAP_KNOTS, L, 1, 2, _MAP_POINTS) per knot and layer: stage 1's map (maps)
-    ring_table: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the ring shares' (maps="all")
+    ring_table: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the ring shares' map
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -343,7 +343,7 @@ class LayerFlowMatching(CaloFlow):
             self.register_buffer("cell_map", _identity_map((_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)))
         if cfg.maps != "none":
             self.register_buffer("layer_table", _identity_map((_MAP_KNOTS, self.n_layers, 1, 2, _MAP_POINTS)))
-        if cfg.maps == "all" and self.rings is not None:
+        if cfg.maps in ("rings", "all") and self.rings is not None:
             shape = (_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)
             self.register_buffer("ring_table", _identity_map(shape))
         self.ema_velocity: ShapeVelocity | None = None
@@ -494,8 +494,8 @@ class LayerFlowMatching(CaloFlow):
         return self.scale2(f2, self._energy(c)) if isinstance(self.scale2, EnergyScaler) else self.scale2(f2)
 
     def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
-        """Stage-2 numbers (B, W) from g2 (B, W); with conditions c and ring shares, the ring shares (maps="all")
-        and with cells="energy" the cells go through their calibrated maps (:meth:`calibrate`)."""
+        """Stage-2 numbers (B, W) from g2 (B, W); with conditions c and ring shares, the ring shares (maps "rings",
+        "all") and the cells (cells="energy", maps "all") go through their calibrated maps (:meth:`calibrate`)."""
         if isinstance(self.scale2, EnergyScaler):
             y = self.scale2.inverse(g2, self._energy(c))
         else:
