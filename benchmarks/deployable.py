@@ -38,7 +38,7 @@ from fastshower.io import ShowerFile  # noqa: E402
 from fastshower.runs import load_run  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
 
-METRICS = ["separation_power", "classifier_low", "classifier_high", "response"]
+METRICS = ["separation_power", "classifier_low", "classifier_high", "classifier_challenge", "response"]
 
 
 def score(reference: Path, candidate: Path, out: Path, seed: int) -> dict[str, Any]:
@@ -48,6 +48,7 @@ def score(reference: Path, candidate: Path, out: Path, seed: int) -> dict[str, A
     worst = max(sp, key=lambda k: sp[k])
     return {
         "auc_low": m["classifier"]["low"]["auc"], "auc_high": m["classifier"]["high"]["auc"],
+        "auc_high_calochallenge": m["classifier"].get("challenge", {}).get("auc"),
         "sep_E_tot/E_inc": sp.get("E_tot/E_inc"), "sep_mean": sum(sp.values()) / len(sp),
         "sep_max": sp[worst], "sep_max_observable": worst, "n_candidate": m["n_candidate"],
     }
