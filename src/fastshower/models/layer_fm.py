@@ -577,16 +577,22 @@ class LayerFlowMatching(CaloFlow):
         xd = x.clamp_min(0.0) + self.noise * torch.rand(x.shape, generator=generator, device=x.device)
         if self.config.maps != "none":
             out.update(self._fit_layer_map(x, xd, c, generator))
-        if "ring_table" in self._buffers:
-            self._fit_ring_map(x, xd, c, generator)
-        if not self._has_cell_map:
+        rings = "ring_table" in self._buffers
+        if not (rings or self._has_cell_map):
             return out
-        self.cell_map.copy_(_identity_map(self.cell_map.shape))
+        for table in (self.ring_table if rings else None, self.cell_map):
+            if table is not None:
+                table.copy_(_identity_map(table.shape))
+        # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
-        model = self._cells(self.unstandardise2(g2, c)).float()  # the identity map now
-        data = self._cells(self.stage2_features(xd, self.layer_energies(xd))).float()
-        self._fit_tables(self.cell_map, model, data, (x > 0).reshape(model.shape), c)
+        data = self.stage2_features(xd, self.layer_energies(xd))
+        if rings:
+            self._fit_ring_map(x, data, self.unstandardise2(g2, c), c)
+        if not self._has_cell_map:
+            return out
+        model = self._cells(self.unstandardise2(g2, c)).float()  # the cells' identity map now
+        self._fit_tables(self.cell_map, model, self._cells(data).float(), (x > 0).reshape(model.shape), c)
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
@@ -603,19 +609,18 @@ class LayerFlowMatching(CaloFlow):
                          hit[..., None, None], c, gap=1e-3)
         return {"layer_hit_fraction_data": float(hit.float().mean())}
 
-    def _fit_ring_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None) -> None:
-        """The ring map from showers x (B, V), dequantised xd (B, V), at conditions c (B, C); with
-        occupancy="count" a ring the model counts empty is at the share floor, as an empty ring of the data."""
+    def _fit_ring_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor) -> None:
+        """The ring map from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the model's ``y`` (B, W)
+        at conditions c (B, C); with occupancy="count" a ring the model counts empty is at the share floor, as an
+        empty ring of the data."""
         a, r = self.rings or (1, 1)
         k = self.per_ring * r
-        self.ring_table.copy_(_identity_map(self.ring_table.shape))
-        _, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
-        y = self.unstandardise2(g2, c).reshape(-1, self.n_layers, k + a * r)
+        y = y.reshape(-1, self.n_layers, k + a * r)
         model = y[:, :, :r]
         if self.per_ring == 2:
             floor = self._logit(torch.zeros(()))
             model = torch.where(self._counts(y[:, :, r:k]) >= 1, model, floor)
-        data = self.stage2_features(xd, self.layer_energies(xd)).reshape(y.shape)[:, :, :r]
+        data = data.reshape(y.shape)[:, :, :r]
         hit = (x > 0).reshape(-1, self.n_layers, a, r).any(2)
         self._fit_tables(self.ring_table, model.float()[:, :, None], data.float()[:, :, None], hit[:, :, None], c,
                          gap=1e-3)
