@@ -183,7 +183,7 @@ class CaloGANGenerator(nn.Module):
             e_l, leak = self.energies(z, c)
             base += [torch.log(e_l + _ENERGY_EPS), torch.log(leak + _ENERGY_EPS).unsqueeze(1)]
         prev: Tensor | None = None
-        for i, (net, size) in enumerate(zip(self.layers, self.layer_sizes, strict=True)):
+        for i, net in enumerate(self.layers):
             inp = list(base)
             if i > 0:
                 if self.condition_on == "all":
