@@ -164,6 +164,7 @@ class CaloGANGenerator(nn.Module):
         last.weight.mul_(0.1)
         last.bias.copy_(torch.cat([torch.logit(leak).reshape(1) + 4.0, torch.log(shares.mean(0) + 1e-7)]))
         for net, part in zip(self.layers, torch.split(x, list(self.layer_sizes), dim=1), strict=True):
+            assert isinstance(net, nn.Sequential)
             out = net[-1]
             assert isinstance(out, nn.Linear)
             mean = (part / (part.sum(1, keepdim=True) + 1e-12)).mean(0)
@@ -259,6 +260,9 @@ class CaloGANCritic(nn.Module):
     energies are replaced by :func:`shower_features` (leak, layer shares, sparsity, centres and
     widths per layer), and the minibatch discrimination sees those.
     """
+
+    feat_shift: Tensor
+    feat_scale: Tensor
 
     def __init__(self, layer_sizes: tuple[int, ...], cond_dim: int, hidden: int, depth: int, layer_dim: int,
                  mbd_kernels: int, mbd_dim: int, x_scale: float,
@@ -383,6 +387,9 @@ class CaloGAN(AdversarialShowerModel):
     default_transform: ClassVar[tuple[str, ...]] = ("per_incident",)
     config_class: ClassVar[type[ModelConfig]] = CaloGANConfig
     config: CaloGANConfig
+    data_ready: Tensor
+    generator: CaloGANGenerator
+    critic: CaloGANCritic
 
     def __init__(self, spec: ModelSpec, config: CaloGANConfig | Mapping[str, Any] | None = None,
                  **overrides: Any) -> None:
