@@ -236,6 +236,15 @@ def test_calogan_energies_first_generator_conserves_energy_and_sets_layer_energi
     torch.testing.assert_close(torch.stack([x[:, :9].sum(1), x[:, 9:].sum(1)], 1), e_l, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(x.sum(1), 1.0 - leak, rtol=1e-5, atol=1e-7)
     assert float(model.energy_excess(x).max()) == 0.0
+    # started from real showers: the leak is bounded to leak0 e^(+-leak_range), leak0 their geometric mean
+    real, _ = _data(model, 64, 3)
+    model.fit_to_data(real)
+    leak0 = float(torch.exp(torch.log(1 - real.sum(1)).mean()))
+    assert math.isclose(float(torch.exp(gen.log_leak0)), leak0, rel_tol=1e-5)
+    with torch.no_grad():
+        _, leak = gen.energies(z * 100, c)
+    r = model.config.leak_range
+    assert float(leak.min()) >= leak0 * math.exp(-r) * (1 - 1e-5) and float(leak.max()) <= leak0 * math.exp(r) * 1.00001
     _step(model, model.configure_optimizers(), 1, seed=0)  # a generator step: attention and energy net train
     _assert_all_grads(model.generator, "energies-first generator with attention")
 
