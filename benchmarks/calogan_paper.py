@@ -83,6 +83,25 @@ def particle_table(work: Path, mq_json: Path) -> dict[str, Any]:
     }
 
 
+def continued_run(work: Path, run_dir: Path, cpu_minutes: float) -> dict[str, Any]:
+    """Score a run trained on past its benchmark budget (``fastshower train --resume --steps N`` on a copy of
+    the benchmark's run folder) exactly as ``model_quality.py`` scores: as many showers as the test file, at
+    its energy range, the same seeds; {observable: S} for the paper's observables, the AUCs, the steps."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from model_quality import generate_for, score
+
+    gen = run_dir / "gen-uniform_1-100GeV.h5"
+    generate_for(run_dir, work / "test.h5", "1:100", gen, seed=17)
+    res = score(work / "test.h5", gen, run_dir / "eval", 3, 0)
+    sp = {**res["separation_power"], **fraction_scores(work / "test.h5", gen)}
+    steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line]
+    return {"run": str(run_dir), "steps": max(steps), "cpu_minutes_training": cpu_minutes,
+            "auc_low": res["auc_low"], "auc_high": res["auc_high"],
+            "separation_power": {k: sp.get(k) for k in PAPER + EXTRA}}
+
+
 def markdown(result: dict[str, Any]) -> str:
     """Observable rows, one (calogan, floor) column pair per particle; AUCs and costs at the bottom."""
     parts = result["particles"]
@@ -117,6 +136,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--particle", nargs=3, action="append", required=True, metavar=("NAME", "WORKDIR", "MQ_JSON"),
                     help="a particle, the model_quality.py workdir of its run and that run's results JSON")
+    ap.add_argument("--continued", nargs=4, action="append", default=[],
+                    metavar=("PARTICLE", "WORKDIR", "RUN_DIR", "CPU_MINUTES"),
+                    help="also score a run trained on past the budget (its total training CPU-minutes)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     result: dict[str, Any] = {
@@ -126,9 +148,14 @@ def main() -> None:
         "notes": "f_layer_l = E_l / E_tot scored here (50 quantile bins of the reference); the others are "
                  "fastshower evaluate's separation powers; floor: a second independent Geant4 file vs the test file",
         "particles": {name: particle_table(Path(w), Path(j)) for name, w, j in args.particle},
+        "continued_training": {p: continued_run(Path(w), Path(r), float(m)) for p, w, r, m in args.continued},
     }
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(markdown(result))
+    for p, c in result["continued_training"].items():
+        vals = ", ".join(f"{k} {v:.3f}" for k, v in c["separation_power"].items() if v is not None)
+        print(f"\n{p}, trained on to {c['steps']} steps ({c['cpu_minutes_training']} CPU-min): AUC low "
+              f"{c['auc_low']:.3f} high {c['auc_high']:.3f}; {vals}")
 
 
 if __name__ == "__main__":
