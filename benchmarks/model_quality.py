@@ -118,6 +118,19 @@ DETECTORS: dict[str, dict[str, Any]] = {
         "headline": "uniform_1-100GeV",
         "target_auc": 0.80,
     },
+    # issue 20 item 2: CaloGAN's second particle, one model per particle as the paper (e+: the preset above)
+    "calogan-gamma": {
+        "geometry": "calogan-3layer",
+        "particle": "gamma",
+        "train": ("1:100", 600, 211),
+        "files": {
+            "test": ("1:100", 250, 212),
+            "floor": ("1:100", 250, 213),
+        },
+        "tests": {"uniform_1-100GeV": ("test", "floor", "1:100")},
+        "headline": "uniform_1-100GeV",
+        "target_auc": 0.80,
+    },
     # CaloChallenge dataset-2 geometry (Geant4 Par04 binning, CaloChallenge energy scale), 1-100 GeV where the
     # challenge goes to 1 TeV
     "par04-ds2": {

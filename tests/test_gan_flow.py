@@ -19,6 +19,7 @@ from fastshower.geometry import CartesianSegmentation, Geometry, ReadoutLayer, g
 from fastshower.models import get_model_class
 from fastshower.models.base import ModelSpec, ShowerModel
 from fastshower.models.calogan import CaloGAN, CaloGANConfig, MinibatchDiscrimination
+from fastshower.models.calogan import shower_features as calogan_features
 from fastshower.models.flow import CaloFlow, FlowConfig
 from fastshower.models.wgan import WGANGP, AdversarialConfig, WGANConfig, position_columns, shower_features
 
@@ -167,12 +168,14 @@ def test_wgan_constrainers_learn() -> None:
 def test_calogan_critic_separates_real_from_untrained_generator() -> None:
     # n_critic larger than the number of steps: the generator stays fixed, the critic learns
     model = _build("calogan", "tiny2", n_critic=1000, lr=1e-3)
+    assert isinstance(model, CaloGAN)
     opts = model.configure_optimizers()
     x_eval, c_eval = _data(model, 128, 99)
+    model.fit_to_data(x_eval)  # what the first training step does: the generator starts at the mean shower
     torch.manual_seed(0)
     with torch.no_grad():
         w0 = float(model.loss(x_eval, c_eval)["wasserstein"])
-    for s in range(25):
+    for s in range(60):
         _step(model, opts, s, seed=s)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -217,6 +220,59 @@ def test_calogan_energy_term_and_mbd() -> None:
     assert o.shape == (5, 3) and (o >= 0).all()
     dup = mbd(torch.cat([f[:1], f[:1]]))  # two identical samples: each sees the other with weight 1
     assert torch.allclose(dup, torch.ones_like(dup))
+
+
+def test_calogan_energies_first_generator_conserves_energy_and_sets_layer_energies() -> None:
+    """``output_param="energies"``: every layer holds exactly the energy the energy network drew, and
+    E_tot / E_inc = cap (1 - leak) <= cap for any latent (no penalty needed)."""
+    model = _build("calogan", "tiny2", energy_cap=1.0)
+    assert isinstance(model, CaloGAN) and model.config.output_param == "energies" and model.config.attention
+    gen = model.generator
+    z, c = torch.randn(64, 8) * 3, torch.randn(64, 1)
+    with torch.no_grad():
+        x = gen(z, c)
+        e_l, leak = gen.energies(z, c)
+    assert (x >= 0).all() and (x.sum(1) <= 1.0 + 1e-6).all()
+    torch.testing.assert_close(torch.stack([x[:, :9].sum(1), x[:, 9:].sum(1)], 1), e_l, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.sum(1), 1.0 - leak, rtol=1e-5, atol=1e-7)
+    assert float(model.energy_excess(x).max()) == 0.0
+    # started from real showers: the leak is bounded to leak0 e^(+-leak_range), leak0 their geometric mean
+    real, _ = _data(model, 64, 3)
+    model.fit_to_data(real)
+    leak0 = float(torch.exp(torch.log(1 - real.sum(1)).mean()))
+    assert math.isclose(float(torch.exp(gen.log_leak0)), leak0, rel_tol=1e-5)
+    with torch.no_grad():
+        _, leak = gen.energies(z * 100, c)
+    r = model.config.leak_range
+    assert float(leak.min()) >= leak0 * math.exp(-r) * (1 - 1e-5) and float(leak.max()) <= leak0 * math.exp(r) * 1.00001
+    _step(model, model.configure_optimizers(), 1, seed=0)  # a generator step: attention and energy net train
+    _assert_all_grads(model.generator, "energies-first generator with attention")
+
+
+def test_calogan_critic_features_are_the_papers_observables() -> None:
+    """Leak, layer shares, sparsity and lateral centre/width per layer, on hand-made showers."""
+    shapes = ((3, 3), (2, 2))
+    x = torch.zeros(2, 13)
+    x[0, 4], x[0, 9] = 0.6, 0.39  # one centre cell in layer 0, one corner cell in layer 1: E_tot 0.99
+    x[1, :9], x[1, 9:] = 0.05, 0.1375  # uniform layers: E_tot 0.45 + 0.55 = 1.0
+    f = calogan_features(x, shapes, energy_cap=1.0, occupancy_eps=1e-9, leak_floor=1e-5)
+    assert f.shape == (2, 2 + 6 * 2)
+    assert math.isclose(float(f[0, 0]), math.log(0.01), rel_tol=1e-4)  # leak 1 %
+    assert math.isclose(float(f[1, 0]), math.log(1e-5), rel_tol=1e-4)  # no leak: the floor
+    lay0, lay1 = f[:, 2:8], f[:, 8:14]  # log share, occupancy, row centre, row width, column centre, width
+    assert math.isclose(float(lay0[0, 0]), math.log(0.6 / 0.99), rel_tol=1e-4)
+    assert math.isclose(float(lay0[0, 1]), 1 / 9, rel_tol=1e-4) and math.isclose(float(lay1[1, 1]), 1.0, rel_tol=1e-4)
+    torch.testing.assert_close(lay0[0, 2:], torch.tensor([0.5, 1e-4, 0.5, 1e-4]), atol=2e-4, rtol=0)  # a point
+    torch.testing.assert_close(lay1[0, 2:], torch.tensor([0.25, 1e-4, 0.25, 1e-4]), atol=2e-4, rtol=0)
+    # uniform 3 rows at (i + 0.5) / 3: centre 1/2, width sqrt(2/27)
+    assert math.isclose(float(lay0[1, 3]), math.sqrt(2 / 27), rel_tol=1e-3)
+
+
+def test_calogan_runs_saved_before_the_paper_design_load_as_they_were() -> None:
+    old = {"output_param": "factorised", "x_scale": 1e-3, "n_hidden": 1}
+    cfg = CaloGANConfig.from_saved(old)
+    assert (cfg.attention, cfg.critic_features, cfg.output_param) == (False, False, "factorised")
+    assert CaloGANConfig().output_param == "energies" and CaloGANConfig().critic_features
 
 
 def _fractions(n: int, seed: int, spec: ModelSpec) -> tuple[Tensor, Tensor]:
@@ -371,8 +427,9 @@ def test_adversarial_configs_share_the_schedule() -> None:
     for cls in (WGANConfig, CaloGANConfig):
         assert issubclass(cls, AdversarialConfig)
         cfg = cls()
-        assert (cfg.lr, cfg.betas, cfg.gp_weight, cfg.drift, cfg.n_critic, cfg.loss) == (
-            1e-4, (0.5, 0.9), 10.0, 1e-3, 5, "wgan-gp")
+        assert (cfg.betas, cfg.gp_weight, cfg.drift, cfg.loss) == ((0.5, 0.9), 10.0, 1e-3, "wgan-gp")
+    assert (WGANConfig().lr, WGANConfig().n_critic) == (1e-4, 5)
+    assert (CaloGANConfig().lr, CaloGANConfig().n_critic) == (3e-4, 2)  # measured faster on calogan-3layer
     assert (WGANConfig().depth, CaloGANConfig().depth) == (3, 2)
 
 
