@@ -324,18 +324,19 @@ def test_a_ring_keeps_as_many_cells_as_it_counts() -> None:
     assert out[:, 2, :6].tolist() == [[0.0, 1.0, 0.0, 0.0, 1.0, 0.0]] * 4
     with pytest.raises(ValueError, match="ring shares"):
         build_model("layer-fm", _spec(2, 8), {**SMALL, "occupancy": "count"})
+    with pytest.raises(ValueError, match="needs occupancy='count'"):
+        build_model("layer-fm", _polar_spec(), {**SMALL, "maps": "all"})
 
 
 def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> None:
-    """maps="all": showers whose last layer is empty 70 % of the time and otherwise holds 1-2 % of E_inc; after
+    """maps="rings": showers whose last layer is empty 70 % of the time and otherwise holds 1-2 % of E_inc; after
     calibrate, stage 1 at fresh noise gives that layer energy in 30 % +- 5 % of showers, almost none in the gap
     between (1e-6 to 0.5 % of E_inc), and the sampled layer energies are the ones the shapes are assembled with;
     each ring's share of the first layer has the data's median and 99th percentile (the untrained ODE's spread
-    far wider), and the hottest cell of each ring the data's median share of it; a checkpoint saved without the
-    maps loads with identity maps."""
+    far wider); a checkpoint saved without the maps loads with identity maps."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
-    model = build_model("layer-fm", spec, {**SMALL, "maps": "all"})
+    model = build_model("layer-fm", spec, {**SMALL, "maps": "rings"})
     assert isinstance(model, LayerFlowMatching) and model.has_calibration
     n = 1500
     x = torch.rand(n, 3, 4, 3) * 0.05
@@ -355,7 +356,7 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
     assert abs(float((last > 1e-3).float().mean()) - 0.3) < 0.05
     assert float(((last > 1e-6) & (last < 5e-3)).float().mean()) < 0.02
     assert torch.allclose(shower[:, 2].sum(1), last, rtol=1e-3, atol=1e-7)
-    fresh = build_model("layer-fm", spec, {**SMALL, "maps": "all"})
+    fresh = build_model("layer-fm", spec, {**SMALL, "maps": "rings"})
     fresh.load_state_dict(old_state)
     assert isinstance(fresh, LayerFlowMatching)
     assert torch.equal(fresh.layer_table, _identity_tables(fresh.layer_table.shape))
@@ -365,10 +366,7 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
     for q in (0.5, 0.99):
         got_q, want_q = ring.quantile(q, dim=0), want.quantile(q, dim=0)
         assert float((got_q - want_q).abs().max()) < 0.03, (q, got_q, want_q)
-    cells = shower[:, 0].reshape(n, 4, 3)  # and the hottest cell of each ring holds the data's share of it
-    hottest = (cells.amax(1) / cells.sum(1).clamp_min(1e-12)).median(0).values
-    want_hot = x.reshape(n, 3, 4, 3)[:, 0].amax(1) / x.reshape(n, 3, 4, 3)[:, 0].sum(1)
-    assert float((hottest - want_hot.median(0).values).abs().max()) < 0.03
+
 
 
 def _identity_tables(shape: torch.Size) -> torch.Tensor:

@@ -147,7 +147,8 @@ class LayerFMConfig(ModelConfig):
             "layers": per incident-energy knot and layer, a monotone map sends stage 1's log layer fractions to
             the data's at the same quantiles, stepping from empty to hit at the data's rate; "rings": also each
             ring's logit share of its layer (ring shares), per knot, layer and ring; "all": also each cell's
-            number, per knot, layer and ring (the cells pooled over angle); "none". Why: a late layer in
+            number, per knot, layer and ring (the cells pooled over angle; with cells="share" it needs
+            occupancy="count"); "none". Why: a late layer in
             Geant4 is empty or holds a particle's ~1-10 MeV, and the spline flow fills the gap between
             (par04-ds2, 60-min run, layer 40: 262 of 2500 showers at 0.1-1 MeV against Geant4's 12); and the
             ODE's outer-ring shares have tails Geant4 lacks (layer 15, ring 8, 10-30 GeV: 99th percentile 0.27
@@ -327,6 +328,9 @@ class LayerFlowMatching(CaloFlow):
         if cfg.occupancy == "count" and self.rings is None:
             raise ValueError("layer-fm occupancy='count' counts the hit cells of each ring: it needs ring shares "
                              "(a polar readout); use occupancy='none' here")
+        if cfg.maps == "all" and self.rings is not None and cfg.cells == "share" and cfg.occupancy != "count":
+            raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
+                             "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
