@@ -514,8 +514,7 @@ class LayerFlowMatching(CaloFlow):
         """Stage-2 numbers y (B, W) with every ring's logit share (and count) moved by the calibrated map of its
         layer and ring (tables interpolated at c[:, 0])."""
         k = self.per_ring * (self.rings[1] if self.rings else 1)
-        w = hat_weights(c[:, 0].to(y.dtype), self.map_knots.to(y.dtype))
-        tab = (w @ self.ring_table.to(y.dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, self.n_layers, k, 2, _MAP_POINTS)
+        tab = self._tables_at(self.ring_table, c, y.dtype)  # (B, L, k, 2, Q)
         y = y.reshape(y.shape[0], self.n_layers, -1)
         rings = _piecewise_linear(y[:, :, :k], tab[..., 0, :], tab[..., 1, :])
         return torch.cat([rings, y[:, :, k:]], dim=2).reshape(y.shape[0], -1)
@@ -530,8 +529,7 @@ class LayerFlowMatching(CaloFlow):
         """Stage-2 numbers y (B, W) with every cell moved by the calibrated monotone map of its layer and ring
         (tables interpolated at c[:, 0]); a ring's hottest cell stays hit, as its ring's share says it is."""
         a, r = self.rings or (1, 1)
-        w = hat_weights(c[:, 0].to(y.dtype), self.map_knots.to(y.dtype))
-        tab = (w @ self.cell_map.to(y.dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, self.n_layers, 1, r, 2, _MAP_POINTS)
+        tab = self._tables_at(self.cell_map, c, y.dtype).unsqueeze(2)  # (B, L, 1, R, 2, Q)
         cells = self._cells(y)
         out = _piecewise_linear(cells, tab[..., 0, :], tab[..., 1, :])
         hot = (cells >= cells.amax(dim=2, keepdim=True)).to(y.dtype)
@@ -638,6 +636,11 @@ class LayerFlowMatching(CaloFlow):
         self._fit_tables(self.ring_table[:, :, :r], model.float()[:, :, None], data[:, :, None, :r].float(),
                          hit[:, :, None], c, gap=1e-3)
 
+    def _tables_at(self, tables: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
+        """Map tables (K, ...) of the energy knots -> (B, ...) interpolated at each shower's c[:, 0]."""
+        w = hat_weights(c[:, 0].to(dtype), self.map_knots.to(dtype))
+        return (w @ tables.to(dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, *tables.shape[1:])
+
     def _fit_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor, gap: float = 0.0
                     ) -> None:
         """Fill ``tables`` (K, L, R, 2, Q) in place: per energy knot (the showers nearest to it) the quantile map
@@ -658,8 +661,7 @@ class LayerFlowMatching(CaloFlow):
         g1 = super().sample_stage1(z1, c)
         if self.config.maps == "none":
             return g1
-        w = hat_weights(c[:, 0].to(g1.dtype), self.map_knots.to(g1.dtype))
-        tab = (w @ self.layer_table.to(g1.dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, self.n_layers, 2, _MAP_POINTS)
+        tab = self._tables_at(self.layer_table, c, g1.dtype)[:, :, 0]  # (B, L, 2, Q)
         v = torch.log(self.stage1_inverse(self.scale1.inverse(g1)).clamp_min(_TINY))
         return self.scale1(self.stage1_features(torch.exp(_piecewise_linear(v, tab[:, :, 0], tab[:, :, 1]))))
 

@@ -714,9 +714,10 @@ def _score_pair(a: _Summary, b: _Summary, sub_a: _Subsample, sub_b: _Subsample, 
     steps.update(1)
     if "classifier_high" in which:
         clf["high"] = _classifier(sub_a.high, sub_a.ebin, sub_b.high, sub_b.ebin, seed, n_ebins)
-    ca, cb = (challenge_high_level(s.high, s.names, s.low[:, 0]) for s in (sub_a, sub_b))
-    if "classifier_challenge" in which and ca is not None and cb is not None:
-        clf["challenge"] = _classifier(ca, sub_a.ebin, cb, sub_b.ebin, seed, n_ebins)
+    if "classifier_challenge" in which:
+        ca, cb = (challenge_high_level(s.high, s.names, s.low[:, 0]) for s in (sub_a, sub_b))
+        if ca is not None and cb is not None:
+            clf["challenge"] = _classifier(ca, sub_a.ebin, cb, sub_b.ebin, seed, n_ebins)
     steps.update(1)
     if clf:
         out["classifier"] = clf
