@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality as mq  # the same generation and scoring as the quality table
 
 
-def calibrated_copy(run: Path, maps: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """``<run>-calibrated`` (``<run>-maps-<maps>`` with ``maps``) with its maps fitted (reused when its meta.json
-    records them)."""
-    dst = run.with_name(run.name + (f"-maps-{maps}" if maps else "-calibrated"))
+def calibrated_copy(run: Path, maps: str | None = None, suffix: str = "") -> tuple[Path, dict[str, Any]]:
+    """``<run>-calibrated`` (``<run>-maps-<maps>`` with ``maps``), then ``suffix``, with its maps fitted (reused
+    when its meta.json records them)."""
+    dst = run.with_name(run.name + (f"-maps-{maps}" if maps else "-calibrated") + suffix)
     if dst.exists() and "calibration" in read_json(dst / "meta.json"):
         return dst, dict(read_json(dst / "meta.json")["calibration"])
     shutil.rmtree(dst, ignore_errors=True)
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--energy", default="1:100:log", help="the test file's spectrum (default: par04-ds2's)")
     ap.add_argument("--maps", choices=("layers", "rings", "all"), default=None,
                     help="also fit layer-fm's maps in the copy")
+    ap.add_argument("--suffix", default="", help="appended to the calibrated copy's name (a refit beside another)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -90,7 +91,7 @@ def main() -> None:
         result["uncalibrated"] = scored(work, run, test, args.energy, n_layers, args.seed)
         if (work / "floor.h5").exists():  # a second Geant4 file against the same test file
             result["floor"] = mq.score(test, work / "floor.h5", work / "eval" / "floor", n_layers, args.seed)
-    cal, result["calibration"] = calibrated_copy(run, args.maps)
+    cal, result["calibration"] = calibrated_copy(run, args.maps, args.suffix)
     result["calibrated"] = scored(work, cal, test, args.energy, n_layers, args.seed)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     s = result["calibrated"]["scores"]

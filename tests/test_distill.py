@@ -336,3 +336,26 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         want = SamplerModule(run)(zz, torch.as_tensor(ee, dtype=torch.float32).reshape(-1, 1)).numpy()
     np.testing.assert_allclose(sampler(zz.numpy(), ee, {}), want, rtol=1e-3, atol=1e-4 * float(want.max()))
+
+
+def test_fourier_teacher_exports_and_distils(tmp_path: Path) -> None:
+    """A layer-fm whose velocity net sees the rings' angular Fourier modes (angular="fourier") exports to ONNX
+    with the torch sampler's showers, and distils into a student that samples showers of the right size."""
+    e = np.exp(np.random.default_rng(4).uniform(np.log(1e4), np.log(1e5), 300))
+    data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=5, zero_suppression=100.0)
+    teacher = train(data, "layer-fm", tmp_path / "lfm", steps=5, batch_size=64, progress=False,
+                    config={"hparams": {**RING_HP, "occupancy": "count", "angular": "fourier"}, "train": TRAIN})
+    run = load_run(teacher)
+    sampler = load_onnx(export_onnx(teacher, tmp_path / "fourier.onnx"), teacher)
+    zz = run[0].draw_noise(16, torch.Generator().manual_seed(3))
+    ee = np.exp(np.random.default_rng(3).uniform(np.log(1e4), np.log(1e5), 16))
+    with torch.no_grad():
+        want = SamplerModule(run)(zz, torch.as_tensor(ee, dtype=torch.float32).reshape(-1, 1)).numpy()
+    assert (want > 0).any(1).all()
+    np.testing.assert_allclose(sampler(zz.numpy(), ee, {}), want, rtol=1e-3, atol=1e-4 * float(want.max()))
+    student = distill(teacher, tmp_path / "one", n_pairs=200, steps=5, batch_size=64, seed=1, progress=False,
+                      hparams={"hidden": 16, "depth": 1, "emb_dim": 16, "warmup": 2})
+    model = load_run(student)[0]
+    z, c = _ring_inputs(8, 4, model)
+    with torch.no_grad():
+        assert model.sample_from_noise(z, c).shape == (8, 36)

@@ -48,7 +48,7 @@ from fastshower.models.flow import _TINY, CaloFlow, FeatureScaler
 from fastshower.models.flow_matching import ODE_METHODS, draw_t, ema_update, odeint
 from fastshower.models.nets import MLP, LayerTransformer, SinusoidalEmbedding
 
-__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "ring_grid"]
+__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "angular_basis", "ring_grid"]
 
 #: cells="energy": a cell below this many times the dequantisation noise is empty. Empty cells train at
 #: log(noise) to log(2 noise) and the faintest real hits (15.15 keV at 100 GeV) at log(150 noise): the cut
@@ -56,6 +56,8 @@ __all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity"
 _CELL_CUT = 10.0
 #: incident-energy knots (standardised log energy on [-2, 2]) and quantiles per table of the calibrated cell map
 _MAP_KNOTS, _MAP_POINTS = 5, 24
+#: the highest level of a map sits at the _TAIL_VALUES-th largest value of its sample
+_TAIL_VALUES = 5
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -76,7 +78,22 @@ def _piecewise_linear(y: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
     return out
 
 
-def _quantile_tables(model: Tensor, data: Tensor, rate: Tensor, gap: float = 0.0) -> Tensor:
+def _hit_quantiles(m: int, start: float, device: torch.device, tail: bool = False) -> Tensor:
+    """m quantile levels (m,) of the hits from ``start`` up, evenly spaced to 1 - 1/(m + 1) (m + 2 with a
+    start); with ``tail`` the last three at 0.99, 0.996 and 0.999 of the way instead.
+
+    Why the tail levels (the cell map): a tail left beyond the last point moves with slope 1; with evenly
+    spaced levels the 60-min par04-ds2 run kept its hottest 4 % of ring-0 cells as the ODE drew them, 1.6 times
+    Geant4's at the 99th percentile, and the hottest cell alone told it from Geant4 (AUC 0.82; 0.62 with
+    them). Why not for ring shares: those are renormalised over a layer's rings after the map, which squashes
+    a matched tail (a ring's 99th-percentile share came out 0.033 low against 0.02 without them)."""
+    v = torch.linspace(start, 1.0 - 1.0 / (m + (2 if start else 1)), m, device=device)
+    if tail:
+        v[-3:] = start + (1.0 - start) * torch.tensor([0.99, 0.996, 0.999], device=device)
+    return v
+
+
+def _quantile_tables(model: Tensor, data: Tensor, rate: Tensor, gap: float = 0.0, tail: bool = False) -> Tensor:
     """Map tables (L, R, 2, Q) from cell numbers of the model and the data (n, L, A, R) each and the data's hit
     fraction (L, R): both samples' values at the minimum and at Q - 1 quantiles over the top ``rate``; with
     ``gap`` > 0, at the minimum, at 1 - rate - gap (the top of the data's empty band) and at Q - 2 quantiles from
@@ -85,11 +102,13 @@ def _quantile_tables(model: Tensor, data: Tensor, rate: Tensor, gap: float = 0.0
     n_layers, n_r, q = model.shape[1], model.shape[3], _MAP_POINTS
     lo = torch.zeros(n_layers, n_r, 1, device=rate.device)
     if gap > 0:
-        u = torch.linspace(gap, 1.0 - 1.0 / q, q - 2, device=rate.device)
+        u = _hit_quantiles(q - 2, gap, rate.device, tail)
         lo = torch.cat([lo, (1.0 - rate - gap).clamp_min(0.0).unsqueeze(2)], dim=2)
     else:
-        u = torch.linspace(0.0, 1.0 - 1.0 / q, q - 1, device=rate.device)
-    p = torch.cat([lo, (1.0 - rate).unsqueeze(2) + rate.unsqueeze(2) * u], dim=2).clamp(max=1.0)  # (L, R, Q)
+        u = _hit_quantiles(q - 1, 0.0, rate.device, tail)
+    # no level above the 5th largest value: beyond it an empirical quantile is the noise of a few showers
+    top = 1.0 - _TAIL_VALUES / (model.shape[0] * model.shape[2])
+    p = torch.cat([lo, (1.0 - rate).unsqueeze(2) + rate.unsqueeze(2) * u], dim=2).clamp(max=max(top, 0.0))
     out = []
     for v in (model, data):
         srt = v.permute(1, 3, 0, 2).reshape(n_layers, n_r, -1).sort(dim=2).values
@@ -154,6 +173,17 @@ class LayerFMConfig(ModelConfig):
             ODE's outer-ring shares have tails Geant4 lacks (layer 15, ring 8, 10-30 GeV: 99th percentile 0.27
             of the layer against 0.085), which the r^2-weighted widths feel, and one hot cell where Geant4
             spreads the core over its 16 angular cells (hottest cell, 10-30 GeV: 1.75 % of E_inc against 0.95 %).
+        angular: with ring shares, the coordinates in which the velocity net sees each ring's cells: "cells",
+            or "fourier", their orthonormal angular Fourier modes (:func:`angular_basis`; the ODE, the maps and
+            the students are unchanged: the net is wrapped in the rotation). Why: the voxel head gives every
+            number a unit that sees its own value, a bias towards independent numbers; Geant4's cells in a
+            ring are not independent (the core sits off the axis by a fraction of a cell, in the same
+            direction through the layers), and the 60-min par04-ds2 run drew ring 0 as white noise: the dipole
+            of the depth-summed ring 0 carried 5.3e-3 of its power against Geant4's 25.9e-3, the phase
+            coherence of the dipole over layers 5-15 was 0.26 against 0.44, and the summed image had 1.5
+            local maxima too many (n_peaks, the strongest single high-level observable after the cell maps).
+            A ring's angular covariance is circulant (Geant4's showers have no preferred angle), and the
+            Fourier modes are the eigenvectors of every circulant matrix: in them the numbers are uncorrelated.
     """
 
     stage1_transforms: int = 4
@@ -184,13 +214,15 @@ class LayerFMConfig(ModelConfig):
     cells: str = "share"
     occupancy: str = "none"
     maps: str = "none"
+    angular: str = "cells"
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
-                                          "occupancy": "none", "maps": "none"}
+                                          "occupancy": "none", "maps": "none", "angular": "cells"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
-                                                     "maps": ("none", "layers", "rings", "all")}
+                                                     "maps": ("none", "layers", "rings", "all"),
+                                                     "angular": ("cells", "fourier")}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
@@ -283,21 +315,52 @@ class EnergyScaler(torch.nn.Module):
         return g * (w @ self.std) + w @ self.mean
 
 
+def angular_basis(n: int) -> Tensor:
+    """The orthonormal real Fourier basis (n, n) over n angular bins: row 0 the mean, then cos and sin of
+    each frequency k = 1 .. (n - 1) // 2 at the bins' angles 2 pi a / n, and for even n the alternating row."""
+    a = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
+    rows = [torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)]
+    for k in range(1, (n - 1) // 2 + 1):
+        rows += [math.sqrt(2.0 / n) * torch.cos(k * a), math.sqrt(2.0 / n) * torch.sin(k * a)]
+    if n % 2 == 0:
+        rows.append(torch.cos(n // 2 * a) / math.sqrt(n))
+    return torch.stack(rows).float()
+
+
 class ShapeVelocity(torch.nn.Module):
     """v(g2_t (B, W), t (B, 1) | c (B, C), g1 (B, L), layer features (B, L, 1)) -> (B, W); ``sizes``: the
-    stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W."""
+    stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W; ``rings``: (A, R) when
+    the net sees each ring's cells as angular Fourier modes (``angular="fourier"``), else None."""
 
-    def __init__(self, spec: ModelSpec, cfg: LayerFMConfig, sizes: tuple[int, ...]) -> None:
+    def __init__(self, spec: ModelSpec, cfg: LayerFMConfig, sizes: tuple[int, ...],
+                 rings: tuple[int, int] | None = None) -> None:
         super().__init__()
         n_layers = len(spec.layer_sizes)
         self.time = SinusoidalEmbedding(cfg.time_freqs)
         self.embed = MLP([2 * cfg.time_freqs + spec.cond_dim + n_layers, cfg.emb_dim, cfg.emb_dim])
         self.net = LayerTransformer(sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
                                     _group(cfg.group, sizes), cfg.head_dim)
+        self.n_layers, self.rings = n_layers, rings
+        if rings is not None:
+            self.register_buffer("basis", angular_basis(rings[0]), persistent=False)
+
+    def rotate(self, g: Tensor, inverse: bool = False) -> Tensor:
+        """Stage-2 numbers g (B, W) with each ring's A cells replaced by their angular Fourier modes (or back):
+        the basis is orthonormal, so with isotropic noise the flow in these coordinates is the same flow, only
+        the net's voxel head now sees one mode, where it saw one cell, as "its own value"."""
+        if self.rings is None:
+            return g
+        a, r = self.rings
+        y = g.reshape(g.shape[0], self.n_layers, -1)
+        k = y.shape[2] - a * r
+        cells = y[:, :, k:].reshape(g.shape[0], self.n_layers, a, r)
+        q = self.basis.t() if inverse else self.basis
+        modes = torch.einsum("ma,blar->blmr", q, cells).reshape(g.shape[0], self.n_layers, a * r)
+        return torch.cat([y[:, :, :k], modes], dim=2).reshape(g.shape)
 
     def forward(self, g: Tensor, t: Tensor, c: Tensor, g1: Tensor, feats: Tensor) -> Tensor:
         emb = self.embed(torch.cat([self.time(t), c, g1], dim=1))
-        return self.net(g, feats, emb)
+        return self.rotate(self.net(self.rotate(g), feats, emb), inverse=True)
 
 
 @register
@@ -331,6 +394,9 @@ class LayerFlowMatching(CaloFlow):
         if cfg.maps == "all" and self.rings is not None and cfg.cells == "share" and cfg.occupancy != "count":
             raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
                              "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
+        if cfg.angular == "fourier" and self.rings is None:
+            raise ValueError("layer-fm angular='fourier' turns each ring's angular cells into Fourier modes: it needs "
+                             "ring shares (a polar readout); use angular='cells' here")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
@@ -353,7 +419,7 @@ class LayerFlowMatching(CaloFlow):
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
             return
-        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes))
+        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes), self.rings if cfg.angular == "fourier" else None)
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
 
@@ -600,7 +666,8 @@ class LayerFlowMatching(CaloFlow):
         if self.per_ring == 2:  # the cells a count leaves out sit at the floor, as the data's empty cells
             floor = math.log(self.noise) if self.config.cells == "energy" else float(self._logit(torch.zeros(())))
             model = torch.where((self.assemble(g1, g2, c) > 0).reshape(model.shape), model, floor)
-        self._fit_tables(self.cell_map, model, self._cells(data).float(), (x > 0).reshape(model.shape), c, gap)
+        self._fit_tables(self.cell_map, model, self._cells(data).float(), (x > 0).reshape(model.shape), c, gap,
+                         tail=True)
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
@@ -641,16 +708,16 @@ class LayerFlowMatching(CaloFlow):
         w = hat_weights(c[:, 0].to(dtype), self.map_knots.to(dtype))
         return (w @ tables.to(dtype).reshape(_MAP_KNOTS, -1)).reshape(-1, *tables.shape[1:])
 
-    def _fit_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor, gap: float = 0.0
-                    ) -> None:
+    def _fit_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor, gap: float = 0.0,
+                    tail: bool = False) -> None:
         """Fill ``tables`` (K, L, R, 2, Q) in place: per energy knot (the showers nearest to it) the quantile map
-        of the model's values (n, L, A, R) onto the data's (n, L, A, R), hit (n, L, A, R) bool; knots with fewer
-        than 20 showers take the nearest fitted knot's tables."""
+        of the model's values (n, L, A, R) onto the data's (n, L, A, R), hit (n, L, A, R) bool (``tail``: see
+        :func:`_hit_quantiles`); knots with fewer than 20 showers take the nearest fitted knot's tables."""
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
         fitted = [k for k in range(_MAP_KNOTS) if int((near == k).sum()) >= 20]
         for k in fitted:
             rate = hit[near == k].float().mean(dim=(0, 2))  # (L, R)
-            tables[k] = _quantile_tables(model[near == k], data[near == k], rate, gap)
+            tables[k] = _quantile_tables(model[near == k], data[near == k], rate, gap, tail)
         for k in set(range(_MAP_KNOTS)) - set(fitted):
             if fitted:
                 tables[k] = tables[min(fitted, key=lambda j: abs(j - k))]
