@@ -332,6 +332,8 @@ class ShapeVelocity(torch.nn.Module):
     stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W; ``rings``: (A, R) when
     the net sees each ring's cells as angular Fourier modes (``angular="fourier"``), else None."""
 
+    basis: Tensor  # (A, A) with rings: angular_basis(A)
+
     def __init__(self, spec: ModelSpec, cfg: LayerFMConfig, sizes: tuple[int, ...],
                  rings: tuple[int, int] | None = None) -> None:
         super().__init__()
