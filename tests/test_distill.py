@@ -339,12 +339,12 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path) -> None:
 
 
 def test_fourier_teacher_exports_and_distils(tmp_path: Path) -> None:
-    """A layer-fm whose velocity net sees the rings' angular Fourier modes (angular="fourier") exports to ONNX
+    """A layer-fm whose velocity net sees the inner ring's angular Fourier modes (fourier_rings=1) exports to ONNX
     with the torch sampler's showers, and distils into a student that samples showers of the right size."""
     e = np.exp(np.random.default_rng(4).uniform(np.log(1e4), np.log(1e5), 300))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=5, zero_suppression=100.0)
     teacher = train(data, "layer-fm", tmp_path / "lfm", steps=5, batch_size=64, progress=False,
-                    config={"hparams": {**RING_HP, "occupancy": "count", "angular": "fourier"}, "train": TRAIN})
+                    config={"hparams": {**RING_HP, "occupancy": "count", "fourier_rings": 1}, "train": TRAIN})
     run = load_run(teacher)
     sampler = load_onnx(export_onnx(teacher, tmp_path / "fourier.onnx"), teacher)
     zz = run[0].draw_noise(16, torch.Generator().manual_seed(3))

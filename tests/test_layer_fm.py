@@ -392,12 +392,12 @@ def test_angular_basis_is_orthonormal_and_diagonalises_a_rotation_invariant_cova
 
 
 def test_fourier_velocity_is_the_same_flow_in_rotated_coordinates() -> None:
-    """angular="fourier": the net sees each ring's cells as modes and returns cells; the rotation round-trips
-    exactly, rings and counts pass untouched, and a ring of equal cells is one mode (the mean); refused
-    without ring shares."""
+    """fourier_rings=2: the net sees the two inner rings' cells as modes and returns cells; the rotation
+    round-trips exactly, rings, counts and the outer ring pass untouched, and an inner ring of equal cells is one
+    mode (the mean); refused without ring shares or beyond the number of rings."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
-    model = build_model("layer-fm", spec, {**SMALL, "occupancy": "count", "angular": "fourier"})
+    model = build_model("layer-fm", spec, {**SMALL, "occupancy": "count", "fourier_rings": 2})
     assert isinstance(model, LayerFlowMatching)
     vel = model.velocity
     g = torch.randn(5, model.stage2_width)
@@ -408,9 +408,10 @@ def test_fourier_velocity_is_the_same_flow_in_rotated_coordinates() -> None:
     modes = vel.rotate(flat.reshape(1, -1)).reshape(1, 3, -1)
     assert torch.allclose(modes[:, :, :6], flat[:, :, :6])
     cells = modes[:, :, 6:].reshape(1, 3, 4, 3)
-    assert torch.allclose(cells[:, :, 0], 2.0 * torch.tensor([1.0, 2.0, 3.0]).expand(1, 3, 3))  # sqrt(4) x value
-    assert float(cells[:, :, 1:].abs().max()) < 1e-6
-    c = torch.zeros(2, 1)
-    assert model.sample(c, torch.Generator().manual_seed(0)).shape == (2, spec.n_voxels)
-    with pytest.raises(ValueError, match="angular='fourier'"):
-        build_model("layer-fm", _spec(3, 8), {**SMALL, "angular": "fourier"})
+    assert torch.allclose(cells[:, :, 0, :2], 2.0 * torch.tensor([1.0, 2.0]).expand(1, 3, 2))  # sqrt(4) x value
+    assert float(cells[:, :, 1:, :2].abs().max()) < 1e-6
+    assert torch.equal(cells[..., 2], torch.full((1, 3, 4), 3.0))  # the outer ring stays in cells
+    assert model.sample(torch.zeros(2, 1), torch.Generator().manual_seed(0)).shape == (2, spec.n_voxels)
+    for bad, hp in (("_spec", 1), ("polar", 4)):
+        with pytest.raises(ValueError, match="fourier_rings"):
+            build_model("layer-fm", _spec(3, 8) if bad == "_spec" else spec, {**SMALL, "fourier_rings": hp})

@@ -173,17 +173,19 @@ class LayerFMConfig(ModelConfig):
             ODE's outer-ring shares have tails Geant4 lacks (layer 15, ring 8, 10-30 GeV: 99th percentile 0.27
             of the layer against 0.085), which the r^2-weighted widths feel, and one hot cell where Geant4
             spreads the core over its 16 angular cells (hottest cell, 10-30 GeV: 1.75 % of E_inc against 0.95 %).
-        angular: with ring shares, the coordinates in which the velocity net sees each ring's cells: "cells",
-            or "fourier", their orthonormal angular Fourier modes (:func:`angular_basis`; the ODE, the maps and
-            the students are unchanged: the net is wrapped in the rotation). Why: the voxel head gives every
-            number a unit that sees its own value, a bias towards independent numbers; Geant4's cells in a
-            ring are not independent (the core sits off the axis by a fraction of a cell, in the same
-            direction through the layers), and the 60-min par04-ds2 run drew ring 0 as white noise: the dipole
-            of the depth-summed ring 0 carried 5.3e-3 of its power against Geant4's 25.9e-3, the phase
-            coherence of the dipole over layers 5-15 was 0.26 against 0.44, and the summed image had 1.5
-            local maxima too many (n_peaks, the strongest single high-level observable after the cell maps).
-            A ring's angular covariance is circulant (Geant4's showers have no preferred angle), and the
-            Fourier modes are the eigenvectors of every circulant matrix: in them the numbers are uncorrelated.
+        fourier_rings: with ring shares, how many inner rings the velocity net sees as their cells' orthonormal
+            angular Fourier modes (:func:`angular_basis`) rather than as cells; 0: none. The ODE, the maps and
+            the students are unchanged (the net is wrapped in the rotation, the same flow in other
+            coordinates). Why: the voxel head gives every number a unit that sees its own value, a bias towards
+            independent numbers, and Geant4's core cells are not independent (the core sits off the axis by a
+            fraction of a cell, in the same direction through the layers): the 60-min par04-ds2 run drew ring 0
+            as white noise (dipole of the depth-summed ring 0: 5.3e-3 of its power against Geant4's 25.9e-3;
+            phase coherence of the dipole over layers 5-15: 0.26 against 0.44; the summed image 1.5 local maxima
+            too many, n_peaks the strongest single high-level observable once the cell maps were fitted). A
+            ring's angular covariance is circulant (no preferred angle), and Fourier modes diagonalise every
+            circulant matrix. Only inner rings: every ring in modes (measured, par04-ds2) trained to a 13 %
+            higher flow-matching loss at 1000 steps (1.34 against 1.18), worst in the sparse outer rings, where
+            a few hit cells among empty ones are no smooth angular pattern.
     """
 
     stage1_transforms: int = 4
@@ -214,15 +216,14 @@ class LayerFMConfig(ModelConfig):
     cells: str = "share"
     occupancy: str = "none"
     maps: str = "none"
-    angular: str = "cells"
+    fourier_rings: int = 0
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
-                                          "occupancy": "none", "maps": "none", "angular": "cells"}
+                                          "occupancy": "none", "maps": "none", "fourier_rings": 0}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
-                                                     "maps": ("none", "layers", "rings", "all"),
-                                                     "angular": ("cells", "fourier")}
+                                                     "maps": ("none", "layers", "rings", "all")}
 
     def stage1_config(self) -> dict[str, Any]:
         """The keys of :class:`~fastshower.models.flow.FlowConfig` that build this model's stage 1."""
@@ -329,36 +330,37 @@ def angular_basis(n: int) -> Tensor:
 
 class ShapeVelocity(torch.nn.Module):
     """v(g2_t (B, W), t (B, 1) | c (B, C), g1 (B, L), layer features (B, L, 1)) -> (B, W); ``sizes``: the
-    stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W; ``rings``: (A, R) when
-    the net sees each ring's cells as angular Fourier modes (``angular="fourier"``), else None."""
+    stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W; ``rings``: (A, R) with
+    ring shares; ``fourier_rings``: how many inner rings the net sees as angular Fourier modes."""
 
-    basis: Tensor  # (A, A) with rings: angular_basis(A)
+    basis: Tensor  # (A, A) with fourier_rings: angular_basis(A)
 
     def __init__(self, spec: ModelSpec, cfg: LayerFMConfig, sizes: tuple[int, ...],
-                 rings: tuple[int, int] | None = None) -> None:
+                 rings: tuple[int, int] | None = None, fourier_rings: int = 0) -> None:
         super().__init__()
         n_layers = len(spec.layer_sizes)
         self.time = SinusoidalEmbedding(cfg.time_freqs)
         self.embed = MLP([2 * cfg.time_freqs + spec.cond_dim + n_layers, cfg.emb_dim, cfg.emb_dim])
         self.net = LayerTransformer(sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
                                     _group(cfg.group, sizes), cfg.head_dim)
-        self.n_layers, self.rings = n_layers, rings
-        if rings is not None:
+        self.n_layers, self.rings, self.fourier_rings = n_layers, rings, fourier_rings
+        if rings is not None and fourier_rings:
             self.register_buffer("basis", angular_basis(rings[0]), persistent=False)
 
     def rotate(self, g: Tensor, inverse: bool = False) -> Tensor:
-        """Stage-2 numbers g (B, W) with each ring's A cells replaced by their angular Fourier modes (or back):
-        the basis is orthonormal, so with isotropic noise the flow in these coordinates is the same flow, only
-        the net's voxel head now sees one mode, where it saw one cell, as "its own value"."""
-        if self.rings is None:
+        """Stage-2 numbers g (B, W) with the A cells of each of the ``fourier_rings`` inner rings replaced by
+        their angular Fourier modes (or back); the basis is orthonormal, so with isotropic noise the flow in
+        these coordinates is the same flow: only the voxel head now sees a mode as "its own value"."""
+        if self.rings is None or not self.fourier_rings:
             return g
         a, r = self.rings
         y = g.reshape(g.shape[0], self.n_layers, -1)
         k = y.shape[2] - a * r
         cells = y[:, :, k:].reshape(g.shape[0], self.n_layers, a, r)
         q = self.basis.t() if inverse else self.basis
-        modes = torch.einsum("ma,blar->blmr", q, cells).reshape(g.shape[0], self.n_layers, a * r)
-        return torch.cat([y[:, :, :k], modes], dim=2).reshape(g.shape)
+        inner = torch.einsum("ma,blar->blmr", q, cells[..., : self.fourier_rings])
+        cells = torch.cat([inner, cells[..., self.fourier_rings :]], dim=3).reshape(g.shape[0], self.n_layers, a * r)
+        return torch.cat([y[:, :, :k], cells], dim=2).reshape(g.shape)
 
     def forward(self, g: Tensor, t: Tensor, c: Tensor, g1: Tensor, feats: Tensor) -> Tensor:
         emb = self.embed(torch.cat([self.time(t), c, g1], dim=1))
@@ -396,9 +398,10 @@ class LayerFlowMatching(CaloFlow):
         if cfg.maps == "all" and self.rings is not None and cfg.cells == "share" and cfg.occupancy != "count":
             raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
                              "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
-        if cfg.angular == "fourier" and self.rings is None:
-            raise ValueError("layer-fm angular='fourier' turns each ring's angular cells into Fourier modes: it needs "
-                             "ring shares (a polar readout); use angular='cells' here")
+        if cfg.fourier_rings and (self.rings is None or not 0 < cfg.fourier_rings <= self.rings[1]):
+            raise ValueError(f"layer-fm fourier_rings={cfg.fourier_rings} sees that many inner rings as angular "
+                             "Fourier modes: it needs ring shares (a polar readout) and at most its rings; use "
+                             "fourier_rings=0 here")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
@@ -421,7 +424,7 @@ class LayerFlowMatching(CaloFlow):
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
             return
-        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes), self.rings if cfg.angular == "fourier" else None)
+        self.velocity = ShapeVelocity(spec, cfg, tuple(sizes), self.rings, cfg.fourier_rings)
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
 
