@@ -64,8 +64,9 @@ DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow", "layer-fm": "
 #: 5 critic steps per generator step (the defaults). MLP critic and constrainers: at an equal 5 CPU-minute budget
 #: the talk's convolutions ("-conv", 2.4x the cost per step) scored worse (docs/model_quality.md). The others change
 #: one thing each: the loss (item 3), a constrainer left out (the ablation), the critic's inputs. The run that meets
-#: the targets is "wgan-gp-kit-no-energy-constrainer" at 25 CPU-minutes: with fractions of E_inc the energy
-#: constrainer reads E_inc from the shape alone and its regression to the mean biases the energy response.
+#: the targets (at their edge) is "wgan-gp-kit-no-energy-constrainer" at 25 CPU-minutes (a second run of it at 40,
+#: ``--key-prefix 40min/``, did not). It leaves the energy constrainer out: with fractions of E_inc that constrainer
+#: reads E_inc from the shape alone and its regression to the mean biases the energy response.
 _KIT: dict[str, Any] = {"hparams": {"output": "fraction", "net": "mlp"}, "train": {"transform": ["per_incident"]}}
 
 
