@@ -64,8 +64,9 @@ DISTILLED = {"flow-matching": "one-step", "flow": "one-step-flow", "layer-fm": "
 #: 5 critic steps per generator step (the defaults). MLP critic and constrainers: at an equal 5 CPU-minute budget
 #: the talk's convolutions ("-conv", 2.4x the cost per step) scored worse (docs/model_quality.md). The others change
 #: one thing each: the loss (item 3), a constrainer left out (the ablation), the critic's inputs. The run that meets
-#: the targets is "wgan-gp-kit-no-energy-constrainer" at 25 CPU-minutes: with fractions of E_inc the energy
-#: constrainer reads E_inc from the shape alone and its regression to the mean biases the energy response.
+#: the targets (at their edge) is "wgan-gp-kit-no-energy-constrainer" at 25 CPU-minutes (a second run of it at 40,
+#: ``--key-prefix 40min/``, did not). It leaves the energy constrainer out: with fractions of E_inc that constrainer
+#: reads E_inc from the shape alone and its regression to the mean biases the energy response.
 _KIT: dict[str, Any] = {"hparams": {"output": "fraction", "net": "mlp"}, "train": {"transform": ["per_incident"]}}
 
 
@@ -215,7 +216,9 @@ def complete(path: Path, n: int) -> bool:
 def ensure_reference(path: Path, geometry: str, particle: str, energy: str, n: int, seed: int,
                      chunk_size: int) -> dict[str, Any]:
     """Simulate ``path`` with Geant4 unless a complete file is there; returns its description."""
-    info: dict[str, Any] = {"path": str(path), "energy": energy, "n": n, "seed": seed, "chunk_size": chunk_size}
+    # the real file: a workdir of symlinks to existing Geant4 files records where the files are
+    info: dict[str, Any] = {"path": str(path.resolve()), "energy": energy, "n": n, "seed": seed,
+                            "chunk_size": chunk_size}
     if not complete(path, n):
         log(f"Geant4: {n} x {particle} {energy} GeV in {geometry} -> {path}")
         res = simulate(geometry, particle, energy, n, path, seed=seed, jobs=1, chunk_size=chunk_size,
@@ -506,6 +509,19 @@ def markdown_tables(result: dict[str, Any]) -> str:
 # --- driver ---------------------------------------------------------------------------------------------
 
 
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the models and floors of ``old`` (the --out already there) it does not score again.
+
+    A row of ``new`` replaces the row of the same table key; every other row of ``old`` stays. Results of
+    another detector are not merged.
+    """
+    if old.get("detector") != new.get("detector"):
+        return new
+    return {**new, "models": {**old.get("models", {}), **new.get("models", {})},
+            "floor": {**old.get("floor", {}), **new.get("floor", {})}}
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detector", choices=sorted(DETECTORS), required=True)
@@ -516,6 +532,9 @@ def main() -> None:
     ap.add_argument("--variant-json", type=json.loads, default={},
                     help='ad hoc rows: \'{"LABEL": {"model": "wgan-gp", "hparams": {...}, "train": {...}}}\'')
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget per model, minutes")
+    ap.add_argument("--key-prefix", default="",
+                    help="prepended to the models' table keys in --out, e.g. '45min/': a second budget of a row "
+                         "--out already holds (the runs in --workdir are named by model and minutes anyway)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="budget clock: CPU time of the (1-thread) training process, or wall time")
     ap.add_argument("--n-train", type=int, default=None, help="Geant4 training showers (default: the preset's)")
@@ -615,10 +634,8 @@ def main() -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if out_json.exists():
                 try:
-                    old = json.loads(out_json.read_text())
-                    if old.get("detector") == d["geometry"]:
-                        result["models"] = {**old.get("models", {}), **result["models"]}
-                        result["floor"] = {**old.get("floor", {}), **result["floor"]}
+                    merged = merge_results(json.loads(out_json.read_text()), result)
+                    result["models"], result["floor"] = merged["models"], merged["floor"]
                 except json.JSONDecodeError:
                     pass
             tmp = out_json.with_name(out_json.name + f".{os.getpid()}.tmp")
@@ -639,7 +656,7 @@ def main() -> None:
                                     args.seed, args.probe_steps, args.clock, args.deadline, config)
             except Exception as exc:  # a model that cannot train here is a table row, not a crash
                 log(f"{model}: training failed: {type(exc).__name__}: {exc}")
-                result["models"][model] = {"error": f"{type(exc).__name__}: {exc}"}
+                result["models"][args.key_prefix + model] = {"error": f"{type(exc).__name__}: {exc}"}
                 write()
                 continue
             tinfo["model"], tinfo["train_config"] = family, config or {}
@@ -678,8 +695,9 @@ def main() -> None:
     if args.skip_scored and out_json.exists():
         scored = {k for k, v in json.loads(out_json.read_text()).get("models", {}).items() if v.get("tests")}
     for model, tinfo in tinfos.items():
-        if model in scored:
-            log(f"{model}: already scored in {out_json}, skipped")
+        key = args.key_prefix + model  # the table key; runs and generated files are named by model and minutes
+        if key in scored:
+            log(f"{key}: already scored in {out_json}, skipped")
             continue
         tag = f"{model}-{args.minutes:g}min"
         run_dir = work / "runs" / tag
@@ -699,7 +717,7 @@ def main() -> None:
             h = entry["tests"][test]
             log(f"{model} {test}: AUC low {h.get('auc_low')} high {h.get('auc_high')} FPD {h.get('fpd_x1e3')} "
                 f"KPD {h.get('kpd_x1e3')} sep E_tot/E_inc {h.get('sep_E_tot/E_inc')}")
-        result["models"][model] = entry
+        result["models"][key] = entry
         write()
     log(f"done in {(time.perf_counter() - t_all) / 60:.1f} min -> {out_json}")
 
