@@ -84,7 +84,7 @@ def _hit_quantiles(m: int, start: float, device: torch.device, tail: bool = Fals
 
     Why the tail levels (the cell map): a tail left beyond the last point moves with slope 1; with evenly
     spaced levels the 60-min par04-ds2 run kept its hottest 4 % of ring-0 cells as the ODE drew them, 1.6 times
-    Geant4's at the 99th percentile, and the hottest cell alone told it from Geant4 (AUC 0.82; 0.62 with
+    Geant4's at the 99th percentile, and the hottest cell alone told it from Geant4 (AUC 0.82; 0.65 with
     them). Why not for ring shares: those are renormalised over a layer's rings after the map, which squashes
     a matched tail (in the unit test a ring's 99th-percentile share came out 0.033 low with them, within the
     test's 0.03 without)."""
@@ -181,7 +181,7 @@ class LayerFMConfig(ModelConfig):
             independent numbers, and Geant4's core cells are not independent (the core sits off the axis by a
             fraction of a cell, in the same direction through the layers): the 60-min par04-ds2 run drew ring 0
             as white noise (dipole of the depth-summed ring 0: 5.3e-3 of its power against Geant4's 25.9e-3;
-            phase coherence of the dipole over layers 5-15: 0.26 against 0.44; the summed image 1.5 local maxima
+            phase coherence of the dipole over layers 5-15: 0.26 against 0.44; the summed image 1.5-1.9 local maxima
             too many, n_peaks the strongest single high-level observable once the cell maps were fitted). A
             ring's angular covariance is circulant (no preferred angle), and Fourier modes diagonalise every
             circulant matrix. Only inner rings: every ring in modes (measured, par04-ds2) trained to a 13 %
