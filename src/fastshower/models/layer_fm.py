@@ -410,9 +410,9 @@ class LayerFlowMatching(CaloFlow):
             raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
                              "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
         if cfg.fourier_rings and (self.rings is None or not 0 < cfg.fourier_rings <= self.rings[1]):
+            have = f"this readout has {self.rings[1]} rings" if self.rings else "this readout has no ring shares"
             raise ValueError(f"layer-fm fourier_rings={cfg.fourier_rings} sees that many inner rings as angular "
-                             "Fourier modes: it needs ring shares (a polar readout) and at most its rings; use "
-                             "fourier_rings=0 here")
+                             f"Fourier modes: it needs ring shares (a polar readout) and at most its rings; {have}")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
