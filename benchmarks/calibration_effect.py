@@ -29,26 +29,28 @@ import torch
 
 from fastshower.io import ShowerFile
 from fastshower.runs import read_json
-from fastshower.training import calibrate_run
+from fastshower.training import CALIBRATION_SHOWERS, calibrate_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_quality as mq  # the same generation and scoring as the quality table
 
 
-def calibrated_copy(run: Path, maps: str | None = None, suffix: str = "") -> tuple[Path, dict[str, Any]]:
-    """``<run>-calibrated`` (``<run>-maps-<maps>`` with ``maps``), then ``suffix``, with its maps fitted (reused
-    when its meta.json records them)."""
+def calibrated_copy(run: Path, maps: str | None = None, suffix: str = "", hparams: dict[str, Any] | None = None,
+                    showers: int = CALIBRATION_SHOWERS) -> tuple[Path, dict[str, Any]]:
+    """``<run>-calibrated`` (``<run>-maps-<maps>`` with ``maps``), then ``suffix``, with its maps fitted on
+    ``showers`` training showers (reused when its meta.json records them); ``hparams``: other post-training options
+    set in the copy's config (layer-fm's ``layer_knots``)."""
     dst = run.with_name(run.name + (f"-maps-{maps}" if maps else "-calibrated") + suffix)
     if dst.exists() and "calibration" in read_json(dst / "meta.json"):
         return dst, dict(read_json(dst / "meta.json")["calibration"])
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(run, dst)
-    if maps:
+    if maps or hparams:
         cfg = json.loads((dst / "config.json").read_text())
-        cfg["hparams"]["maps"] = maps
+        cfg["hparams"].update({**({"maps": maps} if maps else {}), **(hparams or {})})
         (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     c0 = time.process_time()
-    stats: dict[str, Any] = dict(calibrate_run(dst))
+    stats: dict[str, Any] = dict(calibrate_run(dst, n=showers))
     stats["cpu_seconds"] = round(time.process_time() - c0, 1)
     return dst, stats
 
@@ -75,6 +77,10 @@ def main() -> None:
     ap.add_argument("--maps", choices=("layers", "rings", "all"), default=None,
                     help="also fit layer-fm's maps in the copy")
     ap.add_argument("--suffix", default="", help="appended to the calibrated copy's name (a refit beside another)")
+    ap.add_argument("--hparams", type=json.loads, default=None,
+                    help='other post-training options set in the copy\'s config, e.g. \'{"layer_knots": 5}\'')
+    ap.add_argument("--showers", type=int, default=CALIBRATION_SHOWERS,
+                    help=f"training showers the maps are fitted on (default: train's {CALIBRATION_SHOWERS})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -91,7 +97,7 @@ def main() -> None:
         result["uncalibrated"] = scored(work, run, test, args.energy, n_layers, args.seed)
         if (work / "floor.h5").exists():  # a second Geant4 file against the same test file
             result["floor"] = mq.score(test, work / "floor.h5", work / "eval" / "floor", n_layers, args.seed)
-    cal, result["calibration"] = calibrated_copy(run, args.maps, args.suffix)
+    cal, result["calibration"] = calibrated_copy(run, args.maps, args.suffix, args.hparams, args.showers)
     result["calibrated"] = scored(work, cal, test, args.energy, n_layers, args.seed)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     s = result["calibrated"]["scores"]

@@ -301,14 +301,16 @@ def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.max()))
 
 
-def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layer_knots", [0, 3])
+def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_knots: int) -> None:
     """A layer-fm that generates hit counts (occupancy="count") with layer and ring maps (maps="all", fitted at the
-    end of training) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count
-    numbers say, and its ONNX export gives the torch sampler's showers."""
+    end of training; with layer_knots also per layer energy) distils: the student keeps the teacher's stage 1 with its
+    maps, its rings hold the hits its count numbers say, and its ONNX export gives the torch sampler's showers."""
     e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
+    hp = {**RING_HP, "occupancy": "count", "maps": "all", "layer_knots": layer_knots}
     teacher = train(data, "layer-fm", tmp_path / "lfm", steps=20, batch_size=64, progress=False,
-                    config={"hparams": {**RING_HP, "occupancy": "count", "maps": "all"}, "train": TRAIN})
+                    config={"hparams": hp, "train": TRAIN})
     t_model = load_run(teacher)[0]
     assert isinstance(t_model, LayerFlowMatching) and not torch.equal(t_model.layer_table[..., 0, :],
                                                                      t_model.layer_table[..., 1, :])
@@ -323,7 +325,8 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         x = model.sample_from_noise(z, c).reshape(-1, 3, 4, 3)
         g1 = model.stage1.sample_stage1(z[:, :3], c)
-        y = model.stage1.unstandardise2(model.stage2_latents(z, c, g1), c).reshape(-1, 3, 3 * 2 + 12)
+        e_layers = model.stage1.stage1_inverse(model.stage1.scale1.inverse(g1))
+        y = model.stage1.unstandardise2(model.stage2_latents(z, c, g1), c, e_layers).reshape(-1, 3, 3 * 2 + 12)
     n = model.stage1._counts(y[:, :, 3:6])
     layer_alive = (n.amax(2) >= 1).unsqueeze(2)  # a layer counted empty keeps one hit in its largest ring
     counted, n = (x > 0).sum(2).float(), n.clamp(max=4.0)

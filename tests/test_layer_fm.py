@@ -373,6 +373,44 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
 
 
 
+def _sparse_last_layer(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Showers (n, 3 x 4 x 3) whose last layer holds k = 1..10 hits of 0.1 % of E_inc each (k uniform): its hit
+    count is fixed by its energy, as for ~7 MeV particles in a late Si-W layer; conditions (n, 1)."""
+    x = torch.rand(n, 3, 4, 3) * 0.05
+    k = torch.randint(1, 11, (n,))
+    cells = torch.rand(n, 12).argsort(1) < k.unsqueeze(1)  # k distinct cells of the 12
+    x[:, 2] = (cells.float() * 1e-3).reshape(n, 4, 3)
+    return x.reshape(n, -1), torch.rand(n, 1) * 3 - 1.5
+
+
+@pytest.mark.parametrize("layer_knots", [0, 5])
+def test_layer_knots_tie_a_late_layer_s_hit_count_to_its_energy(layer_knots: int) -> None:
+    """A late layer whose hit count is fixed by its energy (data: corr(log energy, count) 0.95): after calibrate,
+    the untrained model's count follows the sampled layer energy with layer_knots=5 (corr > 0.6; each ring's count
+    is drawn within a knot's group, independently of the other rings'), not with the ring map per incident energy
+    alone (corr < 0.3: the untrained ODE's counts are blind to it); both keep the data's mean count (5.5) within
+    0.6; refused without ring maps."""
+    torch.manual_seed(0)
+    spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
+    hp = {**SMALL, "occupancy": "count", "maps": "rings", "layer_knots": layer_knots}
+    model = build_model("layer-fm", spec, hp)
+    assert isinstance(model, LayerFlowMatching)
+    x, c = _sparse_last_layer(3000)
+    model.train()
+    model.loss(x, c)  # fits the scalers, as the first training step does
+    model.eval()
+    model.calibrate(x, c, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        shower = model.sample(c, torch.Generator().manual_seed(2)).reshape(-1, 3, 12)[:, 2]
+    energy, count = shower.sum(1), (shower > 0).sum(1).float()
+    corr = float(torch.corrcoef(torch.stack([energy.clamp_min(1e-9).log(), count]))[0, 1])
+    assert (corr > 0.6) if layer_knots else (corr < 0.3), corr
+    assert abs(float(count.mean()) - 5.5) < 0.6, float(count.mean())
+    if layer_knots:
+        with pytest.raises(ValueError, match="layer_knots"):
+            build_model("layer-fm", spec, {**SMALL, "occupancy": "count", "maps": "layers", "layer_knots": 5})
+
+
 def _identity_tables(shape: torch.Size) -> torch.Tensor:
     return torch.linspace(-30.0, 0.0, shape[-1]).expand(*shape[:-2], 2, shape[-1])
 

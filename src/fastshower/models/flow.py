@@ -299,7 +299,8 @@ class CaloFlow(ShowerModel):
     def standardise2(self, f2: Tensor, c: Tensor | None) -> Tensor:
         return self.scale2(f2)
 
-    def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
+    def unstandardise2(self, g2: Tensor, c: Tensor | None, e: Tensor | None = None) -> Tensor:
+        """Stage-2 numbers (B, W) from g2 (B, W); layer-fm's maps also read the conditions c and layer fractions e."""
         return self.scale2.inverse(g2)
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
@@ -347,7 +348,7 @@ class CaloFlow(ShowerModel):
         (B, C): the conditions, for a stage-2 scaling that depends on them (:meth:`unstandardise2`).
         """
         e = self.stage1_inverse(self.scale1.inverse(g1))
-        x = self.stage2_inverse(self.unstandardise2(g2, c), e)
+        x = self.stage2_inverse(self.unstandardise2(g2, c, e), e)
         # remove the dequantisation noise: everything below its amplitude is an empty voxel (a 0/1 mask
         # rather than where(..., zeros_like): the latter costs ONNX Runtime 10x more)
         return x * (x >= self.noise).to(x.dtype)

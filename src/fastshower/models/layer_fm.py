@@ -58,6 +58,8 @@ _CELL_CUT = 10.0
 _MAP_KNOTS, _MAP_POINTS = 5, 24
 #: the highest level of a map sits at the _TAIL_VALUES-th largest value of its sample
 _TAIL_VALUES = 5
+#: fewest showers of the model and of the data behind one (incident knot, layer knot, layer) table of the ring map
+_MIN_GROUP = 40
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -187,6 +189,13 @@ class LayerFMConfig(ModelConfig):
             circulant matrix. Only inner rings: every ring in modes (measured, par04-ds2) trained to a 13 %
             higher flow-matching loss at 1000 steps (1.34 against 1.18), worst in the sparse outer rings, where
             a few hit cells among empty ones are no smooth angular pattern.
+        layer_knots: with the ring map (maps "rings", "all"), K > 0 fits it per incident-energy knot and per knot
+            of the layer's own energy (K knots on stage 1's standardised log layer fraction, [-2, 2]), so that each
+            ring's share and count follow the data's at that layer energy; 0: per incident-energy knot only. Why:
+            a map per incident energy keeps the ODE's ranks, and with them its coupling of a late layer's hit
+            count to the layer's energy, which was too loose (par04-ds2 60-min run, layer 20: correlation 0.68
+            against Geant4's 0.89; per-layer sparsity alone told the samples apart with AUC 0.73). A hit there is
+            a ~7 MeV particle, so the count is nearly fixed by the layer energy.
     """
 
     stage1_transforms: int = 4
@@ -218,9 +227,11 @@ class LayerFMConfig(ModelConfig):
     occupancy: str = "none"
     maps: str = "none"
     fourier_rings: int = 0
+    layer_knots: int = 0
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
-                                          "occupancy": "none", "maps": "none", "fourier_rings": 0}
+                                          "occupancy": "none", "maps": "none", "fourier_rings": 0,
+                                          "layer_knots": 0}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -394,7 +405,8 @@ class LayerFlowMatching(CaloFlow):
     map_knots: Tensor  # (_MAP_KNOTS,) standardised log incident energies of the cell map's tables (ring shares)
     cell_map: Tensor  # (_MAP_KNOTS, L, R, 2, _MAP_POINTS) per knot, layer and ring: the map's points (in, out)
     layer_table: Tensor  # (_MAP_KNOTS, L, 1, 2, _MAP_POINTS) per knot and layer: stage 1's map (maps)
-    ring_table: Tensor  # (_MAP_KNOTS, L, per_ring x R, 2, _MAP_POINTS) per knot, layer, ring: shares' (counts') map
+    ring_table: Tensor  # (_MAP_KNOTS [x layer_knots], L, per_ring x R, 2, _MAP_POINTS): shares' (counts') map
+    layer_knots: Tensor  # (layer_knots,) standardised log layer fractions of the ring map's second axis
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -413,6 +425,9 @@ class LayerFlowMatching(CaloFlow):
             have = f"this readout has {self.rings[1]} rings" if self.rings else "this readout has no ring shares"
             raise ValueError(f"layer-fm fourier_rings={cfg.fourier_rings} sees that many inner rings as angular "
                              f"Fourier modes: it needs ring shares (a polar readout) and at most its rings; {have}")
+        if cfg.layer_knots and (cfg.layer_knots < 2 or cfg.maps not in ("rings", "all") or self.rings is None):
+            raise ValueError(f"layer-fm layer_knots={cfg.layer_knots} sets the ring map's knots in the layer energy: "
+                             "it needs at least 2, maps='rings' or 'all' and ring shares (a polar readout); use 0 here")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
@@ -430,8 +445,10 @@ class LayerFlowMatching(CaloFlow):
         if cfg.maps != "none":
             self.register_buffer("layer_table", _identity_map((_MAP_KNOTS, self.n_layers, 1, 2, _MAP_POINTS)))
         if cfg.maps in ("rings", "all") and self.rings is not None:
-            shape = (_MAP_KNOTS, self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
+            # with layer_knots K: row k1 * K + k2 holds incident-energy knot k1 and layer-energy knot k2
+            shape = (_MAP_KNOTS * max(cfg.layer_knots, 1), self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
             self.register_buffer("ring_table", _identity_map(shape))
+            self.register_buffer("layer_knots", torch.linspace(-2.0, 2.0, max(cfg.layer_knots, 2)), persistent=False)
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
             return
@@ -579,9 +596,10 @@ class LayerFlowMatching(CaloFlow):
     def standardise2(self, f2: Tensor, c: Tensor | None) -> Tensor:
         return self.scale2(f2, self._energy(c)) if isinstance(self.scale2, EnergyScaler) else self.scale2(f2)
 
-    def unstandardise2(self, g2: Tensor, c: Tensor | None) -> Tensor:
+    def unstandardise2(self, g2: Tensor, c: Tensor | None, e: Tensor | None = None) -> Tensor:
         """Stage-2 numbers (B, W) from g2 (B, W); with conditions c and ring shares, the ring shares (maps "rings",
-        "all") and the cells (cells="energy", maps "all") go through their calibrated maps (:meth:`calibrate`)."""
+        "all") and the cells (cells="energy", maps "all") go through their calibrated maps (:meth:`calibrate`);
+        e (B, L): the layer fractions, which the ring map reads with ``layer_knots``."""
         if isinstance(self.scale2, EnergyScaler):
             y = self.scale2.inverse(g2, self._energy(c))
         else:
@@ -589,14 +607,14 @@ class LayerFlowMatching(CaloFlow):
         if self.rings is None or c is None:
             return y
         if "ring_table" in self._buffers:
-            y = self.map_rings(y, c)
+            y = self.map_rings(y, c, e)
         return self.map_cells(y, c) if self._has_cell_map else y
 
-    def map_rings(self, y: Tensor, c: Tensor) -> Tensor:
+    def map_rings(self, y: Tensor, c: Tensor, e: Tensor | None = None) -> Tensor:
         """Stage-2 numbers y (B, W) with every ring's logit share (and count) moved by the calibrated map of its
-        layer and ring (tables interpolated at c[:, 0])."""
+        layer and ring (tables interpolated at c[:, 0], and with ``layer_knots`` at the layer fractions e (B, L))."""
         k = self.per_ring * (self.rings[1] if self.rings else 1)
-        tab = self._tables_at(self.ring_table, c, y.dtype)  # (B, L, k, 2, Q)
+        tab = self._ring_tables_at(c, e, y.dtype)  # (B, L, k, 2, Q)
         y = y.reshape(y.shape[0], self.n_layers, -1)
         rings = _piecewise_linear(y[:, :, :k], tab[..., 0, :], tab[..., 1, :])
         return torch.cat([rings, y[:, :, k:]], dim=2).reshape(y.shape[0], -1)
@@ -664,12 +682,13 @@ class LayerFlowMatching(CaloFlow):
         # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
-        data = self.stage2_features(xd, self.layer_energies(xd))
+        e_model, e_data = self.stage1_inverse(self.scale1.inverse(g1)), self.layer_energies(xd)
+        data = self.stage2_features(xd, e_data)
         if rings:
-            self._fit_ring_map(x, data, self.unstandardise2(g2, c), c)
+            self._fit_ring_map(x, data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data))
         if not self._has_cell_map:
             return out
-        model = self._cells(self.unstandardise2(g2, c)).float()  # the cells' identity map now
+        model = self._cells(self.unstandardise2(g2, c, e_model)).float()  # the cells' identity map now
         # a step at the data's empty fraction, as for layers and rings; cells="energy" alone keeps the measured
         # map of its introduction (no step: calibration_effect_par04-ds2.json)
         gap = 0.0 if self.config.cells == "energy" and self.per_ring == 1 else 1e-3
@@ -694,24 +713,69 @@ class LayerFlowMatching(CaloFlow):
                          hit[..., None, None], c, gap=1e-3)
         return {"layer_hit_fraction_data": float(hit.float().mean())}
 
-    def _fit_ring_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor) -> None:
+    def _fit_ring_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> None:
         """The ring map from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the model's ``y`` (B, W)
-        at conditions c (B, C). With occupancy="count" the counts' map comes first (every value, no step: the
-        ODE's counts came out 7-9 % low on par04-ds2), then a ring the mapped count leaves empty is at the share
-        floor, as an empty ring of the data."""
+        at conditions c (B, C); e: the model's and the data's layer fractions (B, L) each. With occupancy="count"
+        the counts' map comes first (every value, no step: the ODE's counts came out 7-9 % low on par04-ds2),
+        then a ring the mapped count leaves empty is at the share floor, as an empty ring of the data."""
         a, r = self.rings or (1, 1)
         k = self.per_ring * r
         y, data = y.reshape(-1, self.n_layers, k + a * r), data.reshape(-1, self.n_layers, k + a * r)
         model = y[:, :, :r]
         if self.per_ring == 2:
             every = torch.ones(y.shape[0], self.n_layers, 1, r, dtype=torch.bool)
-            self._fit_tables(self.ring_table[:, :, r:], y[:, :, None, r:k].float(), data[:, :, None, r:k].float(),
-                             every, c)
-            counts = self._counts(self.map_rings(y.reshape(y.shape[0], -1), c).reshape(y.shape)[:, :, r:k])
+            self._fit_ring_tables(self.ring_table[:, :, r:], y[:, :, None, r:k].float(),
+                                  data[:, :, None, r:k].float(), every, c, e)
+            counts = self._counts(self.map_rings(y.reshape(y.shape[0], -1), c, e[0]).reshape(y.shape)[:, :, r:k])
             model = torch.where(counts >= 1, model, self._logit(torch.zeros(())))
         hit = (x > 0).reshape(-1, self.n_layers, a, r).any(2)
-        self._fit_tables(self.ring_table[:, :, :r], model.float()[:, :, None], data[:, :, None, :r].float(),
-                         hit[:, :, None], c, gap=1e-3)
+        self._fit_ring_tables(self.ring_table[:, :, :r], model.float()[:, :, None], data[:, :, None, :r].float(),
+                              hit[:, :, None], c, e, gap=1e-3)
+
+    def _fit_ring_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor,
+                         e: tuple[Tensor, Tensor], gap: float = 0.0) -> None:
+        """As :meth:`_fit_tables` for the ring map; with ``layer_knots`` K also per knot of each layer's energy,
+        the model's showers grouped by the model's layer fraction e[0] (B, L), the data's by theirs e[1]. A
+        (knot, knot, layer) cell with fewer than ``_MIN_GROUP`` showers of either keeps its incident-energy knot's
+        map over all layer energies."""
+        k2 = self.config.layer_knots
+        if not k2:
+            return self._fit_tables(tables, model, data, hit, c, gap)
+        marginal = tables[::k2].clone()
+        self._fit_tables(marginal, model, data, hit, c, gap)
+        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        groups = [hat_weights(self._layer_features(f)[..., 0].reshape(-1).float(), self.layer_knots).argmax(1)
+                  .reshape(f.shape) for f in e]  # (B, L) each: the nearest layer-energy knot
+        for k in range(tables.shape[0]):
+            tables[k] = marginal[k // k2]
+            for layer in range(self.n_layers):
+                sm, sd = ((near == k // k2) & (g[:, layer] == k % k2) for g in groups)
+                if min(int(sm.sum()), int(sd.sum())) < _MIN_GROUP:
+                    continue
+                rate = hit[sd, layer : layer + 1].float().mean(dim=(0, 2))
+                tables[k, layer] = _quantile_tables(model[sm, layer : layer + 1], data[sd, layer : layer + 1],
+                                                    rate, gap)[0]
+        return None
+
+    def _ring_tables_at(self, c: Tensor, e: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """The ring map's tables (B, L, per_ring x R, 2, Q) interpolated at each shower's c[:, 0] and, with
+        ``layer_knots``, bilinearly at each layer's fraction e (B, L) as well."""
+        if not self.config.layer_knots:
+            return self._tables_at(self.ring_table, c, dtype)
+        if e is None:
+            raise ValueError("this layer-fm maps its rings by layer energy (layer_knots > 0): pass the layer fractions")
+        w = self._map_weights(c, e, dtype)  # (B, L, K1 x K2)
+        tables = self.ring_table.to(dtype)
+        out = torch.einsum("blk,klm->blm", w, tables.reshape(tables.shape[0], self.n_layers, -1))
+        return out.reshape(-1, *tables.shape[1:])
+
+    def _map_weights(self, c: Tensor, e: Tensor, dtype: torch.dtype) -> Tensor:
+        """Bilinear weights (B, L, K1 x K2) over (incident-energy knot, layer-energy knot) of conditions c (B, C)
+        and layer fractions e (B, L), each row summing to 1."""
+        w1 = hat_weights(c[:, 0].to(dtype), self.map_knots.to(dtype))  # (B, K1)
+        f = self._layer_features(e)[..., 0].to(dtype)  # (B, L)
+        w2 = hat_weights(f.reshape(-1), self.layer_knots.to(dtype)).reshape(*f.shape, -1)  # (B, L, K2)
+        return (w1[:, None, :, None] * w2[:, :, None, :]).reshape(*f.shape, -1)
 
     def _tables_at(self, tables: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
         """Map tables (K, ...) of the energy knots -> (B, ...) interpolated at each shower's c[:, 0]."""

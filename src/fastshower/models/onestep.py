@@ -67,15 +67,16 @@ __all__ = ["OneStep", "OneStepConfig"]
 _EMPTY = 1e4
 
 
-def _drop_misses(stage1: CaloFlow, g2: Tensor, logits: Tensor, cuts: Tensor, c: Tensor) -> Tensor:
-    """Latents g2 (B, W) at conditions c (B, C) with the stage-2 numbers whose hit logit (B, W) is below its cut
-    (B, W) pushed to share 0, and with those that ``stage1.stage2_empty`` empties as a consequence of these and
-    of the numbers whose value is below the teacher's ``zero_share`` (a ring whose cells all are empty: else
-    its energy would vanish; par04-ds2: 2.9 % of E_tot).
+def _drop_misses(stage1: CaloFlow, g2: Tensor, logits: Tensor, cuts: Tensor, c: Tensor, g1: Tensor) -> Tensor:
+    """Latents g2 (B, W) at conditions c (B, C) and stage-1 variables g1 (B, L) with the stage-2 numbers whose hit
+    logit (B, W) is below its cut (B, W) pushed to share 0, and with those that ``stage1.stage2_empty`` empties as
+    a consequence of these and of the numbers whose value is below the teacher's ``zero_share`` (a ring whose cells
+    all are empty: else its energy would vanish; par04-ds2: 2.9 % of E_tot). g1 gives the layer energies that
+    layer-fm's ring map reads (``layer_knots``).
 
     A 0/1 mask and a subtraction rather than where(): cheaper in ONNX Runtime.
     """
-    dead = stage1.stage2_dead(stage1.unstandardise2(g2, c))
+    dead = stage1.stage2_dead(stage1.unstandardise2(g2, c, stage1.stage1_inverse(stage1.scale1.inverse(g1))))
     return g2 - stage1.stage2_empty(torch.maximum((logits < cuts).to(g2.dtype), dead)) * _EMPTY
 
 
@@ -265,7 +266,7 @@ class OneStep(ShowerModel):
         if logits is None:
             return g2
         assert self.stage1 is not None
-        return _drop_misses(self.stage1, g2, logits, self.occupancy_cuts(c), c)
+        return _drop_misses(self.stage1, g2, logits, self.occupancy_cuts(c), c, g1)
 
     def occupancy_cuts(self, c: Tensor) -> Tensor:
         """Hit-logit cut per shower and stage-2 number (B, W): the calibrated cuts, linear in c[:, 0] (standardised
@@ -302,7 +303,7 @@ class OneStep(ShowerModel):
         groups = [nearest == k for k in range(knots.numel())]
 
         def student_hits(cuts: Tensor) -> Tensor:  # (N, W) bool: stage-2 numbers hit with these cuts
-            return self.stage2_hits(g1, _drop_misses(stage1, g2, logits, cuts[nearest], c), c)
+            return self.stage2_hits(g1, _drop_misses(stage1, g2, logits, cuts[nearest], c, g1), c)
 
         def hit_error(cuts: Tensor) -> float:
             hit_s = student_hits(cuts)
