@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -341,13 +342,15 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_kn
     np.testing.assert_allclose(sampler(zz.numpy(), ee, {}), want, rtol=1e-3, atol=1e-4 * float(want.max()))
 
 
-def test_fourier_teacher_exports_and_distils(tmp_path: Path) -> None:
-    """A layer-fm whose velocity net sees the inner ring's angular Fourier modes (fourier_rings=1) exports to ONNX
-    with the torch sampler's showers, and distils into a student that samples showers of the right size."""
+@pytest.mark.parametrize("option", [{"fourier_rings": 1}, {"stencil": True}])
+def test_fourier_or_stencil_teacher_exports_and_distils(tmp_path: Path, option: dict[str, Any]) -> None:
+    """A layer-fm whose velocity net sees the inner ring's angular Fourier modes (fourier_rings=1), or each cell's
+    grid neighbours (stencil), exports to ONNX with the torch sampler's showers, and distils into a student that
+    samples showers of the right size."""
     e = np.exp(np.random.default_rng(4).uniform(np.log(1e4), np.log(1e5), 300))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=5, zero_suppression=100.0)
     teacher = train(data, "layer-fm", tmp_path / "lfm", steps=5, batch_size=64, progress=False,
-                    config={"hparams": {**RING_HP, "occupancy": "count", "fourier_rings": 1}, "train": TRAIN})
+                    config={"hparams": {**RING_HP, "occupancy": "count", **option}, "train": TRAIN})
     run = load_run(teacher)
     sampler = load_onnx(export_onnx(teacher, tmp_path / "fourier.onnx"), teacher)
     zz = run[0].draw_noise(16, torch.Generator().manual_seed(3))

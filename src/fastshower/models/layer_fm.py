@@ -48,7 +48,8 @@ from fastshower.models.flow import _TINY, CaloFlow, FeatureScaler
 from fastshower.models.flow_matching import ODE_METHODS, draw_t, ema_update, odeint
 from fastshower.models.nets import MLP, LayerTransformer, SinusoidalEmbedding
 
-__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "angular_basis", "ring_grid"]
+__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "angular_basis", "ring_grid",
+           "stencil"]
 
 #: cells="energy": a cell below this many times the dequantisation noise is empty. Empty cells train at
 #: log(noise) to log(2 noise) and the faintest real hits (15.15 keV at 100 GeV) at log(150 noise): the cut
@@ -196,6 +197,14 @@ class LayerFMConfig(ModelConfig):
             count to the layer's energy, which was too loose (par04-ds2 60-min run, layer 20: correlation 0.68
             against Geant4's 0.89; per-layer sparsity alone told the samples apart with AUC 0.73). A hit there is
             a ~7 MeV particle, so the count is nearly fixed by the layer energy.
+        stencil: with ring shares and ``head_dim``, each number's unit of the voxel head also sees its six
+            neighbours' current values (:func:`stencil`: the angular and radial neighbours and the same cell in
+            the adjacent layers), through six weights per head unit shared by all cells, zero at the start. Why:
+            the transformer sees a token of 3 x 144 cells through 128 numbers, so a cell's velocity knew its own
+            value and the token's summary but not its neighbours'; the 60-min par04-ds2 run drew the core's cells
+            as independent noise (n_peaks of the depth-summed image 1.5-1.9 too many; the off-axis core of
+            Geant4, coherent through the layers, missing), which a local stencil, as in a convolutional denoiser,
+            can smooth and align.
     """
 
     stage1_transforms: int = 4
@@ -228,10 +237,11 @@ class LayerFMConfig(ModelConfig):
     maps: str = "none"
     fourier_rings: int = 0
     layer_knots: int = 0
+    stencil: bool = False
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
-                                          "layer_knots": 0}
+                                          "layer_knots": 0, "stencil": False}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -342,6 +352,29 @@ def join_cells(head: Tensor, cells: Tensor) -> Tensor:
     return torch.cat([head, cells.reshape(b, n_layers, -1)], dim=2).reshape(b, -1)
 
 
+def _shifted(t: Tensor, dim: int, step: int, circular: bool = False) -> Tensor:
+    """t with index i along ``dim`` holding t's entry i + step: around the circle, or clamped (the edge itself)."""
+    i = torch.arange(t.shape[dim]) + step
+    return t.index_select(dim, i % t.shape[dim] if circular else i.clamp(0, t.shape[dim] - 1))
+
+
+def stencil(n_layers: int, a: int, r: int, per_ring: int) -> Tensor:
+    """Indices (W, 6) of each stage-2 number's neighbours in the ring-share layout (per layer: per_ring x R ring
+    numbers, then A x R cells): a cell's two angular neighbours (around the circle), its two radial ones and the same
+    cell in the layers before and after; a ring number's (share or count) the same number of the rings inside and
+    outside and of the same ring in the adjacent layers, and itself twice for the angle. A neighbour off the grid
+    (inside ring 0, outside the last ring, before the first layer or after the last) is the number itself."""
+    width = per_ring * r + a * r
+    idx = torch.arange(n_layers * width).reshape(n_layers, width)
+    head, cells = idx[:, : per_ring * r].reshape(n_layers, per_ring, r), idx[:, per_ring * r :].reshape(n_layers, a, r)
+    parts = []
+    for t in (head, cells):
+        angular = [_shifted(t, 1, s, circular=True) for s in (-1, 1)] if t is cells else [t, t]
+        nb = [*angular, _shifted(t, 2, -1), _shifted(t, 2, 1), _shifted(t, 0, -1), _shifted(t, 0, 1)]
+        parts.append(torch.stack(nb, dim=-1).reshape(n_layers, -1, 6))
+    return torch.cat(parts, dim=1).reshape(-1, 6)
+
+
 def angular_basis(n: int) -> Tensor:
     """The orthonormal real Fourier basis (n, n) over n angular bins: row 0 the mean, then cos and sin of
     each frequency k = 1 .. (n - 1) // 2 at the bins' angles 2 pi a / n, and for even n the alternating row."""
@@ -367,8 +400,11 @@ class ShapeVelocity(torch.nn.Module):
         n_layers = len(spec.layer_sizes)
         self.time = SinusoidalEmbedding(cfg.time_freqs)
         self.embed = MLP([2 * cfg.time_freqs + spec.cond_dim + n_layers, cfg.emb_dim, cfg.emb_dim])
+        nb = None
+        if cfg.stencil and rings is not None:  # each layer: R x (per_ring + A) numbers
+            nb = stencil(n_layers, *rings, sizes[0] // rings[1] - rings[0])
         self.net = LayerTransformer(sizes, 1, cfg.emb_dim, cfg.hidden, cfg.depth, cfg.heads, cfg.dropout,
-                                    _group(cfg.group, sizes), cfg.head_dim)
+                                    _group(cfg.group, sizes), cfg.head_dim, nb)
         self.n_layers, self.rings, self.fourier_rings = n_layers, rings, fourier_rings
         if rings is not None and fourier_rings:
             self.register_buffer("basis", angular_basis(rings[0]), persistent=False)
@@ -428,6 +464,9 @@ class LayerFlowMatching(CaloFlow):
         if cfg.layer_knots and (cfg.layer_knots < 2 or cfg.maps not in ("rings", "all") or self.rings is None):
             raise ValueError(f"layer-fm layer_knots={cfg.layer_knots} sets the ring map's knots in the layer energy: "
                              "it needs at least 2, maps='rings' or 'all' and ring shares (a polar readout); use 0 here")
+        if cfg.stencil and (self.rings is None or not cfg.head_dim or cfg.fourier_rings):
+            raise ValueError("layer-fm stencil=true shows each cell's unit its neighbours on the polar grid: it needs "
+                             "ring shares (a polar readout), head_dim > 0 and fourier_rings=0; use stencil=false here")
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else

@@ -198,7 +198,10 @@ class LayerTransformer(nn.Module):
     """
 
     def __init__(self, layer_sizes: Sequence[int], n_features: int, emb_dim: int, dim: int = 128, depth: int = 4,
-                 heads: int = 4, dropout: float = 0.0, group: int = 1, head_dim: int = 0) -> None:
+                 heads: int = 4, dropout: float = 0.0, group: int = 1, head_dim: int = 0,
+                 neighbours: Tensor | None = None) -> None:
+        """``neighbours`` (V, m) indices into x (with ``head_dim``): each voxel's unit also sees those m inputs,
+        through weights shared by all voxels that start at zero (see :func:`~fastshower.models.layer_fm.stencil`)."""
         super().__init__()
         self.layer_sizes = [int(n) for n in layer_sizes]
         n_layers = len(self.layer_sizes)
@@ -217,6 +220,11 @@ class LayerTransformer(nn.Module):
             self.head_in = nn.Parameter(torch.randn(k) / 2)  # the voxel's own value into its hidden unit
             self.head_bias = nn.Parameter(torch.zeros(sum(self.layer_sizes), k))
             self.head_out = nn.Linear(k, 1, bias=False)
+        if neighbours is not None and (not self.head_dim or neighbours.shape[0] != sum(self.layer_sizes)):
+            raise ValueError(f"neighbours must be (V={sum(self.layer_sizes)}, m) indices and need head_dim > 0")
+        self.register_buffer("nb_index", None if neighbours is None else neighbours.long(), persistent=False)
+        if neighbours is not None:
+            self.head_nb = nn.Parameter(torch.zeros(neighbours.shape[1], k))
         self.pos = nn.Parameter(torch.randn(self.n_tokens, dim) * 0.02)
         self.feat = nn.Linear(group * n_features, dim)
         self.blocks = nn.ModuleList(_AdaBlock(dim, emb_dim, heads, dropout) for _ in range(depth))
@@ -224,6 +232,8 @@ class LayerTransformer(nn.Module):
         self.out_mod = nn.Linear(emb_dim, 2 * dim)
         nn.init.zeros_(self.out_mod.weight)
         nn.init.zeros_(self.out_mod.bias)
+
+    nb_index: Tensor | None
 
     def tokens(self, x: Tensor) -> Tensor:
         """Showers (B, V) -> tokens (B, T, dim) before position and features."""
@@ -241,6 +251,8 @@ class LayerTransformer(nn.Module):
         if not self.head_dim:
             return u + self.out_bias
         u = u.reshape(x.shape[0], x.shape[1], self.head_dim) + self.head_bias + x.unsqueeze(2) * self.head_in
+        if self.nb_index is not None:
+            u = u + x[:, self.nb_index] @ self.head_nb  # (B, V, m) @ (m, k)
         return self.head_out(F.silu(u)).squeeze(2) + self.out_bias
 
     def forward(self, x: Tensor, f: Tensor, emb: Tensor) -> Tensor:
