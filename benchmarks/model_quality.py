@@ -39,6 +39,7 @@ import platform  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -241,12 +242,13 @@ class _Stop(KeyboardInterrupt):
 
 def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: int | None, seed: int,
                 probe_steps: int, clock_name: str = "cpu", deadline: float | None = None,
-                config: dict[str, Any] | None = None) -> dict[str, Any]:
+                config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Train ``model`` for about ``seconds`` on ``clock_name`` ("cpu": process time, or "wall").
 
     ``deadline`` (epoch seconds): stop at that wall time whatever the budget (a shared machine
     whose load leaves too little CPU); the run then keeps its last weights and says so.
     ``config``: :func:`fastshower.training.train`'s config (``hparams``, ``train``), None: the defaults.
+    ``device``: where to train ("cuda" on a lent GPU, timed with ``clock_name="wall"``).
     """
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     c_start = clock()
@@ -259,7 +261,7 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         stamps[step] = clock()
 
     train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
-          checkpoint_every=10**9, log_every=10**9, callback=probe_cb, config=config)
+          checkpoint_every=10**9, log_every=10**9, callback=probe_cb, config=config, device=device)
     probe_s = clock() - c_start
     shutil.rmtree(probe_dir, ignore_errors=True)
     first = min(5, probe_steps // 4)
@@ -285,7 +287,7 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     stopped = None
     try:
         train(data, model, out, steps=steps, batch_size=batch_size, seed=seed, progress=False,
-              checkpoint_every=max(500, steps // 4), log_every=50, callback=cb, config=config)
+              checkpoint_every=max(500, steps // 4), log_every=50, callback=cb, config=config, device=device)
     except _Stop:
         stopped = state["why"]
         log(f"{model}: stopped ({stopped}) at step {state['step']} of {steps}")
@@ -304,6 +306,7 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "train_seconds_clock": round(train_c, 1),
         "wall_minutes_total": round((time.perf_counter() - t_start) / 60, 2),
         "ms_per_step": round(1e3 * train_c / max(state["step"], 1), 1),
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})",
         "last_logs": {k: round(float(v), 5) for k, v in state["logs"].items()},
     }
 
@@ -541,6 +544,9 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=None, help="showers per test / floor file (default: preset)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: train()'s (256)")
     ap.add_argument("--probe-steps", type=int, default=30)
+    ap.add_argument("--device", default="cpu", help="where to train: cpu, or cuda on a lent GPU (use --clock wall)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="stop after training (a GPU run: generate and score on this machine afterwards)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", required=True)
@@ -653,9 +659,11 @@ def main() -> None:
             log(f"{model}: training for {args.minutes} min ({args.clock} time)")
             try:
                 tinfo = timed_train(work / "train.h5", family, run_dir, 60 * args.minutes, args.batch_size,
-                                    args.seed, args.probe_steps, args.clock, args.deadline, config)
+                                    args.seed, args.probe_steps, args.clock, args.deadline, config,
+                                    args.device)
             except Exception as exc:  # a model that cannot train here is a table row, not a crash
                 log(f"{model}: training failed: {type(exc).__name__}: {exc}")
+                traceback.print_exc()  # the where, for a failure on a machine seen only through its log
                 result["models"][args.key_prefix + model] = {"error": f"{type(exc).__name__}: {exc}"}
                 write()
                 continue
@@ -668,6 +676,9 @@ def main() -> None:
             info_path.write_text(json.dumps(tinfo, indent=1, default=str))
             log(f"{model}: trained {tinfo['steps']} steps")
         tinfos[model] = json.loads(info_path.read_text())
+    if args.train_only:
+        log(f"trained {', '.join(tinfos)}; --train-only: no generation or scores")
+        return
     if args.distill:
         for teacher, key in DISTILLED.items():
             if teacher in tinfos and "error" not in tinfos[teacher]:

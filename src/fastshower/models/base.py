@@ -254,13 +254,15 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
     of one loss evaluation (the forward half of a training step) and of sampling one shower.
 
     Measured on two showers of model-space zeros-and-ones with conditions 0, in eval mode and
-    without gradients; the model's training state and torch's CPU RNG are restored afterwards.
+    without gradients, on the model's device; its training state and torch's RNG (CPU, and the GPU's where it
+    runs on one) are restored afterwards.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     spec, was_training = model.spec, model.training
-    x = (torch.arange(2 * spec.n_voxels, dtype=torch.float32).reshape(2, -1) % 3 == 0).float()
-    c = torch.zeros(2, spec.cond_dim)
+    dev = next(model.parameters()).device  # a model trained on a GPU is measured there
+    x = (torch.arange(2 * spec.n_voxels, dtype=torch.float32, device=dev).reshape(2, -1) % 3 == 0).float()
+    c = torch.zeros(2, spec.cond_dim, device=dev)
     out = {"parameters": float(sum(p.numel() for p in model.parameters() if p.requires_grad))}
     model.eval()
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -268,7 +270,7 @@ def model_cost(model: ShowerModel) -> dict[str, float]:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         # fork_rng: the losses and samplers draw noise, and a resumed run must continue its RNG stream untouched
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             for key, fn in (("flops_per_shower_loss", lambda: model.loss(x, c)),
                             ("flops_per_shower_sample", lambda: model.sample(c))):
                 counter = FlopCounterMode(display=False)
