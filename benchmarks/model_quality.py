@@ -245,53 +245,54 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
                 config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
     """Train ``model`` for about ``seconds`` on ``clock_name`` ("cpu": process time, or "wall").
 
+    A probe run fixes the planned steps; the run then trains a fifth of them, measures its own cost per step and
+    resumes to the total that the remaining budget buys (the cosine schedule takes the new horizon), since a
+    probe on a shared machine mismeasures (a 30-step probe beside three other jobs: 0.80 CPU-s per step against
+    0.51 afterwards, a third of the budget unused).
     ``deadline`` (epoch seconds): stop at that wall time whatever the budget (a shared machine
     whose load leaves too little CPU); the run then keeps its last weights and says so.
     ``config``: :func:`fastshower.training.train`'s config (``hparams``, ``train``), None: the defaults.
     ``device``: where to train ("cuda" on a lent GPU, timed with ``clock_name="wall"``).
     """
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    c_start = clock()
-    probe_dir = out.parent / (out.name + "-probe")
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    stamps: dict[int, float] = {}
-    t_start = time.perf_counter()
-
-    def probe_cb(step: int, logs: dict[str, float]) -> None:
-        stamps[step] = clock()
-
-    train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
-          checkpoint_every=10**9, log_every=10**9, callback=probe_cb, config=config, device=device)
+    c_start, t_start = clock(), time.perf_counter()
+    s_per_step, setup_s = _probe(data, model, out, batch_size, seed, probe_steps, clock, config, device)
     probe_s = clock() - c_start
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    first = min(5, probe_steps // 4)
-    s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)
-    setup_s = probe_s - s_per_step * probe_steps  # transform fit, model build (paid again below)
     budget = max(seconds - probe_s - setup_s, 10 * s_per_step)
     steps = max(50, int(0.95 * budget / s_per_step))
     log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step) -> {steps} steps")
-
-    t0, c0 = time.perf_counter(), clock()
+    c0, t0 = clock(), time.perf_counter()
+    state: dict[str, Any] = {"step": 0, "logs": {}, "stamps": {}, "until": max(50, steps // 5)}
     hard = c0 + 1.15 * budget + setup_s
-    state = {"step": 0, "logs": {}}
 
     def cb(step: int, logs: dict[str, float]) -> None:
         state["step"], state["logs"] = step, logs
-        if clock() > hard:
-            state["why"] = "budget"
-            raise _Stop
-        if deadline is not None and time.time() > deadline:
-            state["why"] = "deadline"
-            raise _Stop
+        state["stamps"][step] = clock()
+        for why, over in (("budget", clock() > hard), ("deadline", deadline is not None and time.time() > deadline),
+                          ("replan", step == state["until"])):
+            if over:
+                state["why"] = why
+                raise _Stop
 
-    stopped = None
-    try:
-        train(data, model, out, steps=steps, batch_size=batch_size, seed=seed, progress=False,
-              checkpoint_every=max(500, steps // 4), log_every=50, callback=cb, config=config, device=device)
-    except _Stop:
-        stopped = state["why"]
+    def leg(total: int, resume: bool) -> None:
+        state.pop("why", None)
+        try:
+            train(data, model, out, steps=total, batch_size=batch_size, seed=seed, progress=False, resume=resume,
+                  checkpoint_every=max(500, total // 4), log_every=50, callback=cb, config=config, device=device)
+        except _Stop:
+            pass
+
+    leg(steps, resume=False)
+    if state.get("why") == "replan":
+        k0, k1 = min(10, state["step"] // 4), state["step"]  # per-step cost of the run itself, past its start
+        measured = (state["stamps"][k1] - state["stamps"][k0]) / (k1 - k0)
+        replanned = k1 + max(0, int(0.97 * (c0 + budget - clock()) / measured))
+        log(f"{model}: {k1} steps at {1e3 * measured:.1f} ms/step -> {replanned} steps in all (planned {steps})")
+        steps, state["until"] = replanned, -1
+        leg(steps, resume=True)
+    stopped = state.get("why")
+    if stopped:
         log(f"{model}: stopped ({stopped}) at step {state['step']} of {steps}")
-    train_s = time.perf_counter() - t0
     train_c = clock() - c0
     return {
         "clock": clock_name,
@@ -302,13 +303,30 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "stopped_early": stopped,  # None: ran its planned steps; "budget" or "deadline"
         "probe_steps": probe_steps,
         "probe_seconds": round(probe_s, 1),
-        "train_seconds_wall": round(train_s, 1),
+        "train_seconds_wall": round(time.perf_counter() - t0, 1),
         "train_seconds_clock": round(train_c, 1),
         "wall_minutes_total": round((time.perf_counter() - t_start) / 60, 2),
         "ms_per_step": round(1e3 * train_c / max(state["step"], 1), 1),
         "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})",
         "last_logs": {k: round(float(v), 5) for k, v in state["logs"].items()},
     }
+
+
+def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int, probe_steps: int,
+           clock: Any, config: dict[str, Any] | None, device: str) -> tuple[float, float]:
+    """(seconds per step, set-up seconds) of a ``probe_steps`` run beside ``out`` (deleted afterwards)."""
+    probe_dir = out.parent / (out.name + "-probe")
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    stamps: dict[int, float] = {}
+    c_start = clock()
+    train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
+          checkpoint_every=10**9, log_every=10**9, callback=lambda step, logs: stamps.__setitem__(step, clock()),
+          config=config, device=device)
+    probe_s = clock() - c_start
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    first = min(5, probe_steps // 4)
+    s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)
+    return s_per_step, probe_s - s_per_step * probe_steps  # set-up: transform fit, model build (paid again)
 
 
 def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, key: str,

@@ -314,3 +314,20 @@ def test_every_model_trains_and_generates_on_cuda(name: str, tiny_file: Path, tm
     out = generate(run, 10, "2", None, tmp_path / f"{name}.h5", progress=False, device="cuda")
     with ShowerFile(out) as f:
         assert f.n == 10 and np.isfinite(f.read().showers).all()
+
+
+@pytest.mark.parametrize("name", ["flow-matching", "layer-fm"])
+def test_bf16_precision_rounds_the_step_and_keeps_float32_weights(name: str, tiny_file: Path, tmp_path: Path) -> None:
+    first: dict[str, float] = {}
+    for precision in ("fp32", "bf16"):
+        def cb(step: int, logs: dict[str, float], p: str = precision) -> None:
+            first.setdefault(p, logs["loss"])
+
+        run = train(tiny_file, name, tmp_path / precision, steps=2, batch_size=64, progress=False, callback=cb,
+                    config={"train": {"precision": precision}})
+    # the same seed, data and initial weights: bfloat16 products (8-bit mantissa) move the loss a little, not a lot
+    assert 0 < abs(first["bf16"] - first["fp32"]) < 0.05 * abs(first["fp32"])
+    model = load_run(run)[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ConfigError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
+        train(tiny_file, name, tmp_path / "fp16", steps=1, progress=False, config={"train": {"precision": "fp16"}})

@@ -497,6 +497,14 @@ def _batches(stream: BatchStream, dev: torch.device) -> Iterator[tuple[torch.Ten
         yield x.to(dev, non_blocking=True), c.to(dev, non_blocking=True)
 
 
+def _precision(precision: str, dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The training step's arithmetic: "bf16" runs matrix products in bfloat16 under torch.autocast (the weights,
+    their gradients and the optimizer stay float32, so no loss scaling is needed); "fp32" changes nothing."""
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _run_loop(loop: _Loop, progress: bool, callback: Callable[[int, dict[str, float]], None] | None) -> None:
     """Step until the planned total; checkpoint on schedule, at the end and on Ctrl-C."""
     from tqdm.auto import tqdm
@@ -510,7 +518,8 @@ def _run_loop(loop: _Loop, progress: bool, callback: Callable[[int, dict[str, fl
         batches = _batches(s.stream, loop.dev)
         while s.step < total:
             x, c = next(batches)
-            logs = s.net.training_step(x, c, s.optimizers, s.step)
+            with _precision(opts.precision, loop.dev):
+                logs = s.net.training_step(x, c, s.optimizers, s.step)
             for sch in s.schedulers:
                 sch.step()
             s.step += 1
@@ -615,6 +624,7 @@ def train(
     num_workers: int | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     threads: int | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Train a generative model on a shower file; returns the run folder.
 
@@ -626,8 +636,7 @@ def train(
         model: registered model name (default: the config's, else "flow-matching").
         out: run folder; must be new or empty unless ``resume``.
         steps, epochs: total optimisation steps (on resume: the new total), or passes over the file instead.
-        batch_size: showers per step and rank (default 256).
-        seed: seeds model initialisation, noise and data order (default 0).
+        batch_size, seed: showers per step and rank (256); seeds initialisation, noise and data order (0).
         device: "cpu", "cuda" or "cuda:N" (under torchrun with CUDA, each rank uses LOCAL_RANK).
         config: model config and training options; unknown keys raise ConfigError.
         resume: continue the run in ``out`` from its last checkpoint (starts fresh when it has none).
@@ -636,10 +645,10 @@ def train(
             between train_log.jsonl lines (50); DataLoader processes (0).
         callback: called as ``callback(step, logs)`` after every step (after any checkpoint of that step).
         threads: torch threads meanwhile (None: as set; see config.default_threads); meta.json ``torch_threads``.
+        precision: "fp32" or "bf16" (a new run's; default the config's, else fp32): see TrainConfig.precision.
 
-    Raises:
-        ConfigError: unknown config keys or values of the wrong kind.
-        TrainingError: bad data, a checkpoint or geometry that does not fit on resume, non-finite loss.
+    Raises: ConfigError (unknown config keys, values of the wrong kind); TrainingError (bad data, a checkpoint
+        or geometry that does not fit on resume, non-finite loss).
     """
     with torch_threads(threads):  # first: a bad count is refused before anything is read or written
         folder = RunFolder(Path(out))
@@ -648,7 +657,7 @@ def train(
             raise TrainingError(f"device {device!r} requested but CUDA is not available")
         bookkeeping = {"checkpoint_every": checkpoint_every, "log_every": log_every, "num_workers": num_workers}
         plan = _plan(folder, model, load_config(config), resume, rank == 0,
-                     {"batch_size": batch_size, "seed": seed, **bookkeeping})
+                     {"batch_size": batch_size, "seed": seed, "precision": precision, **bookkeeping})
         plan.options = _with_length(plan.options, steps, epochs, bookkeeping)
         data_ = _open_data(plan, data, rank, world)
         try:

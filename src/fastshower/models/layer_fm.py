@@ -316,8 +316,10 @@ class EnergyScaler(torch.nn.Module):
         """Fit on f (B, D) at energies c0 (B,) unless already fitted."""
         if bool(self.fitted) or f.shape[0] < 2:
             return
-        w = self.weights(c0).to(f.dtype)
-        sums = torch.stack([w.T @ f, w.T @ (f * f)])  # (2, K, D)
+        with torch.autocast(f.device.type, enabled=False):  # moments in float32 under precision="bf16" as well
+            f = f.float()
+            w = self.weights(c0.float())
+            sums = torch.stack([w.T @ f, w.T @ (f * f)])  # (2, K, D)
         n = w.sum(0)
         if dist.is_available() and dist.is_initialized():  # every rank's first batch: one scaler for all
             dist.all_reduce(sums)
