@@ -62,7 +62,7 @@ import zuko
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelConfig, ModelSpec, ShowerModel
+from .base import ModelConfig, ModelSpec, ShowerModel, float32
 
 __all__ = ["CaloFlow", "FeatureScaler", "FlowConfig"]
 
@@ -305,9 +305,10 @@ class CaloFlow(ShowerModel):
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """``nll_stage1 + nll_stage2`` (mean per shower) on x (B, V) = voxel / E_inc, c (B, C)."""
-        _, g1, g2 = self.stage_variables(x)
-        nll1 = -self.flow1(c).log_prob(g1).mean()
-        nll2 = -self._flow2()(torch.cat([c, g1], dim=1)).log_prob(g2).mean()
+        with float32(x.device):  # both stages are flows: precision="bf16" leaves them in float32
+            _, g1, g2 = self.stage_variables(x)
+            nll1 = -self.flow1(c).log_prob(g1).mean()
+            nll2 = -self._flow2()(torch.cat([c, g1], dim=1)).log_prob(g2).mean()
         return {"loss": nll1 + nll2, "nll_stage1": nll1, "nll_stage2": nll2}
 
     @torch.no_grad()
