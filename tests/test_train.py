@@ -316,7 +316,7 @@ def test_every_model_trains_and_generates_on_cuda(name: str, tiny_file: Path, tm
         assert f.n == 10 and np.isfinite(f.read().showers).all()
 
 
-@pytest.mark.parametrize("name", ["flow-matching", "layer-fm"])
+@pytest.mark.parametrize("name", ["flow-matching", "layer-fm", "flow"])
 def test_bf16_precision_rounds_the_step_and_keeps_float32_weights(name: str, tiny_file: Path, tmp_path: Path) -> None:
     first: dict[str, float] = {}
     for precision in ("fp32", "bf16"):
@@ -325,8 +325,12 @@ def test_bf16_precision_rounds_the_step_and_keeps_float32_weights(name: str, tin
 
         run = train(tiny_file, name, tmp_path / precision, steps=2, batch_size=64, progress=False, callback=cb,
                     config={"train": {"precision": precision}})
-    # the same seed, data and initial weights: bfloat16 products (8-bit mantissa) move the loss a little, not a lot
-    assert 0 < abs(first["bf16"] - first["fp32"]) < 0.05 * abs(first["fp32"])
+    # the same seed, data and initial weights: bfloat16 products (8-bit mantissa) move the loss a little, not a lot;
+    # `flow` is normalising flows only, which bf16 leaves in float32: the same loss to the last bit
+    if name == "flow":
+        assert first["bf16"] == first["fp32"]
+    else:
+        assert 0 < abs(first["bf16"] - first["fp32"]) < 0.05 * abs(first["fp32"])
     model = load_run(run)[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ConfigError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
