@@ -251,8 +251,8 @@ class ShowerModel(nn.Module):
 
 def float32(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """A float32 region inside a ``precision="bf16"`` training step (autocast off), for normalising flows: their
-    spline bins and log-determinants need it (layer-fm's stage-1 NLL on par04-ds2 came out ~0.5 nats higher
-    at step 700 with the flow under bfloat16 autocast)."""
+    spline bins and log-determinants need it (layer-fm's stage-1 NLL on par04-ds2 came out 0.45-0.64 nats higher
+    at steps 500-700 with the flow under bfloat16 autocast)."""
     return torch.autocast(device.type, enabled=False)
 
 
