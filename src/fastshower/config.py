@@ -61,6 +61,8 @@ class Config:
     #: keys added since an earlier release -> the value that release behaved as; a *saved* config (which
     #: holds every key of its release) lacking one gets this, not today's default (:meth:`from_saved`)
     introduced: ClassVar[dict[str, Any]] = {}
+    #: the allowed values of the fields that take one of a few strings (checked by :meth:`check`)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -84,7 +86,20 @@ class Config:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(known)}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k], where) for k, v in given.items()})
+        config = cls(**{k: _coerce(k, v, hints[k], where) for k, v in given.items()})
+        config.check(where)
+        return config
+
+    def check(self, where: str) -> None:
+        """Refuse values outside their field's :attr:`choices` (subclasses add their own rules).
+
+        Raises:
+            ConfigError: naming ``where`` (the model or table), the key and the allowed values.
+        """
+        for key, allowed in self.choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"{where}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
     @classmethod
     def from_saved(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
@@ -150,19 +165,7 @@ class TrainConfig(Config):
     #: what training resolves itself; a user's config may not set these
     RESOLVED: ClassVar[tuple[str, ...]] = ("total_steps", "threshold_resolved_mev")
     introduced: ClassVar[dict[str, Any]] = {"precision": "fp32"}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
-        """:meth:`Config.from_dict`, and ``precision`` one of :data:`PRECISIONS`."""
-        config = super().from_dict(values, where)
-        if config.precision not in PRECISIONS:
-            raise ConfigError(f"{where or cls.__name__}: precision must be one of "
-                              f"{', '.join(map(repr, PRECISIONS))}, got {config.precision!r}")
-        return config
-
-
-#: the training step's arithmetic (TrainConfig.precision)
-PRECISIONS = ("fp32", "bf16")
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("fp32", "bf16")}
 
 
 def default_threads(cores: int | None = None) -> int:

@@ -30,7 +30,7 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -136,27 +136,6 @@ class ModelConfig(Config):
 
     lr: float = 1e-3
     grad_clip: float | None = None
-
-    #: the allowed values of the fields that take one of a few strings (checked by :meth:`check`)
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None = None, where: str | None = None) -> Self:
-        """:meth:`fastshower.config.Config.from_dict`, then :meth:`check` of the values."""
-        config = super().from_dict(values, where)
-        config.check(where or cls.__name__)
-        return config
-
-    def check(self, where: str) -> None:
-        """Refuse values outside their field's :attr:`choices` (subclasses add their own rules).
-
-        Raises:
-            ConfigError: naming ``where`` (the model), the key and the allowed values.
-        """
-        for key, allowed in self.choices.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                raise ConfigError(f"{where}: {key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 class ShowerModel(nn.Module):

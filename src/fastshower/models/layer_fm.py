@@ -316,7 +316,7 @@ class EnergyScaler(torch.nn.Module):
         """Fit on f (B, D) at energies c0 (B,) unless already fitted."""
         if bool(self.fitted) or f.shape[0] < 2:
             return
-        with torch.autocast(f.device.type, enabled=False):  # moments in float32 under precision="bf16" as well
+        with float32(f.device):  # moments in float32 under precision="bf16" as well
             f = f.float()
             w = self.weights(c0.float())
             sums = torch.stack([w.T @ f, w.T @ (f * f)])  # (2, K, D)
