@@ -19,7 +19,7 @@ from fastshower.geometry import Geometry, PolarSegmentation, ReadoutLayer
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
 from fastshower.models.flow import CaloFlow
-from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig
+from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig, turn_cells
 from fastshower.models.onestep import OneStep, OneStepConfig
 from fastshower.runs import load_run
 from fastshower.sampling import SamplerModule
@@ -342,11 +342,12 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_kn
     np.testing.assert_allclose(sampler(zz.numpy(), ee, {}), want, rtol=1e-3, atol=1e-4 * float(want.max()))
 
 
-@pytest.mark.parametrize("option", [{"fourier_rings": 1}, {"stencil": True}])
-def test_fourier_or_stencil_teacher_exports_and_distils(tmp_path: Path, option: dict[str, Any]) -> None:
+@pytest.mark.parametrize("option", [{"fourier_rings": 1}, {"stencil": True}, {"align": True}])
+def test_fourier_stencil_or_aligned_teacher_exports_and_distils(tmp_path: Path, option: dict[str, Any]) -> None:
     """A layer-fm whose velocity net sees the inner ring's angular Fourier modes (fourier_rings=1), or each cell's
-    grid neighbours (stencil), exports to ONNX with the torch sampler's showers, and distils into a student that
-    samples showers of the right size."""
+    grid neighbours (stencil), or that learns aligned showers and turns its samples (align), exports to ONNX with
+    the torch sampler's showers, and distils into a student that samples showers of the right size; an aligned
+    teacher's student turns its showers by the same noise number as the teacher."""
     e = np.exp(np.random.default_rng(4).uniform(np.log(1e4), np.log(1e5), 300))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=5, zero_suppression=100.0)
     teacher = train(data, "layer-fm", tmp_path / "lfm", steps=5, batch_size=64, progress=False,
@@ -364,4 +365,13 @@ def test_fourier_or_stencil_teacher_exports_and_distils(tmp_path: Path, option: 
     model = load_run(student)[0]
     z, c = _ring_inputs(8, 4, model)
     with torch.no_grad():
-        assert model.sample_from_noise(z, c).shape == (8, 36)
+        x = model.sample_from_noise(z, c)
+        assert x.shape == (8, 36)
+        if option.get("align"):
+            z[:, 3] = -10.0  # no turn
+            base = model.sample_from_noise(z, c)
+            z[:, 3] = 10.0  # mirror, then 3 bins on
+            last = model.sample_from_noise(z, c)
+    if option.get("align"):
+        assert model.noise_dim() == 3 + 1 + 36 + 2 * 3 * 3  # layers, the turn, cells, ring shares and counts
+        assert torch.equal(last, turn_cells(base, 3, 4, 3, torch.full((8,), 3.0), torch.ones(8)))

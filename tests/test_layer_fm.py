@@ -12,7 +12,17 @@ import torch
 from fastshower.geometry import get_geometry
 from fastshower.models import build_model
 from fastshower.models.base import ModelSpec, model_cost
-from fastshower.models.layer_fm import EnergyScaler, LayerFlowMatching, LayerFMConfig, angular_basis, stencil
+from fastshower.models.layer_fm import (
+    EnergyScaler,
+    LayerFlowMatching,
+    LayerFMConfig,
+    align_cells,
+    angular_basis,
+    dipole_angle,
+    random_turn,
+    stencil,
+    turn_cells,
+)
 from fastshower.models.nets import LayerTransformer
 from fastshower.runs import load_run
 from fastshower.training import TrainingError, calibrate_run, train
@@ -505,3 +515,81 @@ def test_a_stencil_head_learns_what_its_neighbour_holds() -> None:
     assert losses[0] < 0.02 < 0.2 < losses[1], losses
     with pytest.raises(ValueError, match="stencil"):
         build_model("layer-fm", _polar_spec(), {**SMALL, "stencil": True, "head_dim": 0})
+
+
+def _showers_on_polar(n: int, n_layers: int, a: int, r: int, seed: int) -> torch.Tensor:
+    """n sparse random showers (n, L x a x r) whose energy leans to a random angle (a cosine dipole)."""
+    g = torch.Generator().manual_seed(seed)
+    ang = (torch.arange(a) + 0.5) * (2 * math.pi / a)
+    phi = torch.rand(n, 1, generator=g) * 2 * math.pi
+    lean = (1.0 + 0.8 * torch.cos(ang - phi)).reshape(n, 1, a, 1)
+    x = torch.rand(n, n_layers, a, r, generator=g) * lean * (torch.rand(n, n_layers, a, r, generator=g) < 0.7)
+    return x.reshape(n, -1)
+
+
+def test_align_points_every_dipole_into_bin_zero_and_only_permutes_cells() -> None:
+    """After align_cells each shower's angular dipole lies in [0, pi / a) (the first half of bin 0), every ring
+    holds the same cell values (a permutation), a one-cell shower lands in bin 0, and the frame does not depend
+    on how the shower was turned before (align . turn = align for every element of the dihedral group)."""
+    n_layers, a, r = 3, 16, 4
+    x = _showers_on_polar(500, n_layers, a, r, seed=0)
+    out = align_cells(x, n_layers, a, r)
+    phi = dipole_angle(out, n_layers, a, r)
+    assert float(phi.max()) <= math.pi / a + 1e-5 and float(phi.min()) >= 0.0
+    def per_ring(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, n_layers, a, r).sort(dim=2).values
+
+    assert torch.equal(per_ring(out), per_ring(x))
+    one = torch.zeros(1, n_layers, a, r)
+    one[0, 1, 11, 2] = 1.0
+    assert float(align_cells(one.reshape(1, -1), n_layers, a, r).reshape(n_layers, a, r)[1, 0, 2]) == 1.0
+    for shift, mirror in ((5.0, 0.0), (0.0, 1.0), (13.0, 1.0)):
+        turned = turn_cells(x, n_layers, a, r, torch.full((500,), shift), torch.full((500,), mirror))
+        assert torch.equal(align_cells(turned, n_layers, a, r), out)
+
+
+def test_random_turn_draws_each_of_the_2a_turns_equally_often() -> None:
+    """random_turn from standard-normal numbers: a shower with one hot and one warm cell (which tells a mirror
+    from a turn) comes out in each of the 2a possible placements with frequency 1/(2a) (chi-square, 2a - 1
+    degrees of freedom, well below its 0.1 % point), each a permutation of the same cells."""
+    n_layers, a, r, n = 1, 8, 1, 16000
+    x = torch.zeros(n, a)
+    x[:, 0], x[:, 1] = 2.0, 1.0
+    out = random_turn(x, n_layers, a, r, torch.randn(n, generator=torch.Generator().manual_seed(1)))
+    hot, warm = out.argmax(1), (out == 1.0).int().argmax(1)
+    placement = hot * 2 + ((warm - hot) % a == 1).long()  # warm after hot: a turn; before it: a mirror
+    counts = torch.bincount(placement, minlength=2 * a).double()
+    assert int((counts > 0).sum()) == 2 * a
+    assert float(((counts - n / (2 * a)) ** 2 / (n / (2 * a))).sum()) < 39.3  # chi2(15) 0.1 % point: 37.7
+    assert torch.equal(out.sort(1).values, x.sort(1).values)
+
+
+def test_aligned_layer_fm_learns_in_one_frame_and_samples_every_turn() -> None:
+    """align=True: the loss sees a shower and any turn of it alike (same frame), the noise has one more number
+    (between stage 1's and stage 2's) and changing only that number turns the sampled shower; refused on a
+    cartesian readout."""
+    spec = _polar_spec(n_layers=3, n_alpha=8, n_r=3)
+    torch.manual_seed(0)
+    model = build_model("layer-fm", spec, {**SMALL, "align": True})
+    assert isinstance(model, LayerFlowMatching)
+    plain = build_model("layer-fm", spec, SMALL)
+    assert model.noise_dim() == plain.noise_dim() + 1
+    x, c = _showers_on_polar(64, 3, 8, 3, seed=2), torch.rand(64, 1) * 2 - 1
+    turned = turn_cells(x, 3, 8, 3, torch.full((64,), 3.0), torch.ones(64))
+    model.train()
+    losses = []
+    for v in (x, turned):
+        torch.manual_seed(5)
+        losses.append(float(model.loss(v, c)["loss"].detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    model.eval()
+    z = model.draw_noise(64, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        z[:, 3] = -10.0  # the first element of the group: no turn
+        base = model.sample_from_noise(z, c)
+        z[:, 3] = 10.0  # the last: mirror, then 7 bins on
+        last = model.sample_from_noise(z, c)
+    assert base.sum() > 0
+    assert torch.equal(last, turn_cells(base, 3, 8, 3, torch.full((64,), 7.0), torch.ones(64)))
+    with pytest.raises(ValueError, match="align=true"):
+        build_model("layer-fm", _spec(3, 12), {**SMALL, "shares": "voxel", "align": True})

@@ -342,6 +342,11 @@ class CaloFlow(ShowerModel):
         g1 = self.sample_stage1(z1, c)
         return g1, self._flow2()(torch.cat([c, g1], dim=1)).transform.inv(z2)
 
+    def place(self, x: Tensor, z: Tensor) -> Tensor:
+        """Assembled showers x (B, V) placed by their noise z (B, noise_dim): the identity here; layer-fm's
+        ``align`` turns them (a staged student calls this after its teacher's assembly, as the teacher does)."""
+        return x
+
     def assemble(self, g1: Tensor, g2: Tensor, c: Tensor | None = None) -> Tensor:
         """Standardised stage variables g1 (B, L), g2 (B, V) -> showers (B, V) = voxel / E_inc.
 

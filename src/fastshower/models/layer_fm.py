@@ -48,8 +48,8 @@ from fastshower.models.flow import _TINY, CaloFlow, FeatureScaler
 from fastshower.models.flow_matching import ODE_METHODS, draw_t, ema_update, odeint
 from fastshower.models.nets import MLP, LayerTransformer, SinusoidalEmbedding
 
-__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "angular_basis", "ring_grid",
-           "stencil"]
+__all__ = ["EnergyScaler", "LayerFMConfig", "LayerFlowMatching", "ShapeVelocity", "align_cells", "angular_basis",
+           "dipole_angle", "random_turn", "ring_grid", "stencil", "turn_cells"]
 
 #: cells="energy": a cell below this many times the dequantisation noise is empty. Empty cells train at
 #: log(noise) to log(2 noise) and the faintest real hits (15.15 keV at 100 GeV) at log(150 noise): the cut
@@ -205,6 +205,15 @@ class LayerFMConfig(ModelConfig):
             as independent noise (n_peaks of the depth-summed image 1.5-1.9 too many; the off-axis core of
             Geant4, coherent through the layers, missing), which a local stencil, as in a convolutional denoiser,
             can smooth and align.
+        align: with ring shares, every training shower is turned by whole angular bins and mirrored
+            (:func:`align_cells`) so that its angular dipole points into the first half of bin 0, and every
+            sampled shower is turned by a uniformly drawn element of the same dihedral group (:func:`random_turn`,
+            from one more noise number, between stage 1's and stage 2's). A readout symmetric under these turns
+            (par04: a cylinder, no field, the particle along its axis) keeps its distribution exactly. Why: Geant4's
+            core sits off the axis by a fraction of a cell, in one direction through the layers; without a frame
+            the ODE must break the symmetry itself, and the 60-min par04-ds2 runs did not (depth-summed ring 0 at
+            10-30 GeV: dipole power 0.06e-3 against Geant4's 0.51e-3). In the aligned frame 70 % of Geant4's
+            dipole power (0.36e-3) is in the mean pattern, which the energy scaler's per-cell means hold.
     """
 
     stage1_transforms: int = 4
@@ -238,10 +247,11 @@ class LayerFMConfig(ModelConfig):
     fourier_rings: int = 0
     layer_knots: int = 0
     stencil: bool = False
+    align: bool = False
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
-                                          "layer_knots": 0, "stencil": False}
+                                          "layer_knots": 0, "stencil": False, "align": False}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -389,6 +399,44 @@ def angular_basis(n: int) -> Tensor:
     return torch.stack(rows).float()
 
 
+def dipole_angle(x: Tensor, n_layers: int, a: int, r: int) -> Tensor:
+    """Showers x (B, V) on a polar grid (layer, a angular bins, r rings) -> the direction (B,) in [0, 2 pi) of
+    their angular dipole, sum over cells of E (cos, sin) of the bin's centre angle 2 pi (j + 1/2) / a."""
+    per_angle = x.reshape(-1, n_layers, a, r).sum(dim=(1, 3))
+    ang = (torch.arange(a, device=x.device, dtype=x.dtype) + 0.5) * (2 * math.pi / a)
+    # sums of products, not a matmul: autocast would round a bf16 matmul, and the bin edges need float32
+    return torch.atan2((per_angle * ang.sin()).sum(1), (per_angle * ang.cos()).sum(1)) % (2 * math.pi)
+
+
+def turn_cells(x: Tensor, n_layers: int, a: int, r: int, shift: Tensor, mirror: Tensor) -> Tensor:
+    """Showers x (B, V) on a polar grid with each shower's angular bins permuted by an element of the dihedral
+    group of the a-gon: bin j of the result holds bin (j + shift) mod a, or with ``mirror`` (shift - j) mod a;
+    shift (B,) whole bins and mirror (B,) 0/1, as floats. A permutation of each ring's cells: every layer's and
+    ring's energy is kept exactly."""
+    j = torch.arange(a, device=x.device, dtype=x.dtype)
+    v = (1.0 - 2.0 * mirror).unsqueeze(1) * j + shift.unsqueeze(1)  # (B, a)
+    src = (v - a * torch.floor(v / a)).round().long()  # mod a, in float ops that export to ONNX
+    cells = x.reshape(-1, n_layers, a, r)
+    return cells.gather(2, src[:, None, :, None].expand(-1, n_layers, -1, r)).reshape(x.shape)
+
+
+def align_cells(x: Tensor, n_layers: int, a: int, r: int) -> Tensor:
+    """Showers x (B, V) on a polar grid turned and mirrored (:func:`turn_cells`) so that each one's angular
+    dipole (:func:`dipole_angle`) points into the first half of bin 0: [0, pi / a)."""
+    phi = dipole_angle(x, n_layers, a, r) * (a / (2 * math.pi))  # in bins
+    j0 = torch.floor(phi).clamp(0, a - 1)
+    return turn_cells(x, n_layers, a, r, j0, (phi - j0 > 0.5).to(x.dtype))
+
+
+def random_turn(x: Tensor, n_layers: int, a: int, r: int, z: Tensor) -> Tensor:
+    """Showers x (B, V) on a polar grid turned by an element of the a-gon's dihedral group (2a of them), chosen
+    uniformly by one standard-normal number per shower z (B,) (its normal CDF cut into 2a equal bins)."""
+    u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    m = torch.floor(u * (2 * a)).clamp(0, 2 * a - 1)
+    mirror = (m >= a).to(x.dtype)
+    return turn_cells(x, n_layers, a, r, m - a * mirror, mirror)
+
+
 class ShapeVelocity(torch.nn.Module):
     """v(g2_t (B, W), t (B, 1) | c (B, C), g1 (B, L), layer features (B, L, 1)) -> (B, W); ``sizes``: the
     stage-2 numbers of each layer (its voxels, or its rings and cells), summing to W; ``rings``: (A, R) with
@@ -466,6 +514,9 @@ class LayerFlowMatching(CaloFlow):
         if cfg.layer_knots and (cfg.layer_knots < 2 or cfg.maps not in ("rings", "all") or self.rings is None):
             raise ValueError(f"layer-fm layer_knots={cfg.layer_knots} sets the ring map's knots in the layer energy: "
                              "it needs at least 2, maps='rings' or 'all' and ring shares (a polar readout); use 0 here")
+        if cfg.align and self.rings is None:
+            raise ValueError("layer-fm align=true turns each shower's angular bins: it needs ring shares (a polar "
+                             "readout); use align=false here")
         if cfg.stencil and (self.rings is None or not cfg.head_dim or cfg.fourier_rings):
             raise ValueError("layer-fm stencil=true shows each cell's unit its neighbours on the polar grid: it needs "
                              "ring shares (a polar readout), head_dim > 0 and fourier_rings=0; use stencil=false here")
@@ -498,8 +549,23 @@ class LayerFlowMatching(CaloFlow):
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
 
     def noise_dim(self) -> int:
-        """Stage-1 latents (one per layer), then one per stage-2 number (V, or V + L x R with ring shares)."""
-        return self.n_layers + self.stage2_width
+        """Stage-1 latents (one per layer), with ``align`` the turn's number, then one per stage-2 number (V, or
+        V + L x R with ring shares)."""
+        return self.n_layers + int(self.config.align) + self.stage2_width
+
+    def aligned(self, x: Tensor) -> Tensor:
+        """Showers x (B, V) in the frame the model learns: with ``align``, each turned so that its angular dipole
+        points into bin 0 (:func:`align_cells`); else x."""
+        if not self.config.align or self.rings is None:
+            return x
+        return align_cells(x, self.n_layers, *self.rings)
+
+    def place(self, x: Tensor, z: Tensor) -> Tensor:
+        """Assembled showers x (B, V) from noise z (B, noise_dim): with ``align``, turned by the element of the
+        dihedral group that z[:, L] draws (:func:`random_turn`); else x."""
+        if not self.config.align or self.rings is None:
+            return x
+        return random_turn(x, self.n_layers, *self.rings, z[:, self.n_layers])
 
     def _velocity(self) -> ShapeVelocity:
         if "velocity" not in self._modules:
@@ -711,6 +777,7 @@ class LayerFlowMatching(CaloFlow):
         cells="energy" (with ring shares), where a cell's number is its energy, comparable across showers.
         """
         out: dict[str, float] = {}
+        x = self.aligned(x)  # the maps pool over angle, so the frame only matters for the hit fractions' bookkeeping
         xd = x.clamp_min(0.0) + self.noise * torch.rand(x.shape, generator=generator, device=x.device)
         if self.config.maps != "none":
             out.update(self._fit_layer_map(x, xd, c, generator))
@@ -855,7 +922,7 @@ class LayerFlowMatching(CaloFlow):
 
     def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
         """``nll_stage1 + fm_stage2`` on x (B, V) = voxel / E_inc, c (B, C)."""
-        e, g1, g2 = self.stage_variables(x, c)
+        e, g1, g2 = self.stage_variables(self.aligned(x), c)
         if self.training:
             self.scale_e.fit_once(torch.log(e.clamp_min(1e-12)))
         with float32(x.device):  # stage 1 is a flow; precision="bf16" speeds up the shape ODE's net only
@@ -894,15 +961,17 @@ class LayerFlowMatching(CaloFlow):
 
     def sample_from_noise(self, z: Tensor, c: Tensor, steps: int | None = None, method: str | None = None,
                           **options: Any) -> Tensor:
-        """Showers (B, V) from noise z (B, L + V): flow 1 inverts z[:, :L], the shape ODE carries z[:, L:]."""
+        """Showers (B, V) from noise z (B, noise_dim): flow 1 inverts z[:, :L], the shape ODE carries the last W,
+        and with ``align`` z[:, L] turns the result."""
         if options:
             raise ValueError(f"model 'layer-fm' takes steps and method, got {sorted(options)}")
-        return self.assemble(*self.sample_latents(z, c, steps, method), c)
+        return self.place(self.assemble(*self.sample_latents(z, c, steps, method), c), z)
 
     def sample_latents(self, z: Tensor, c: Tensor, steps: int | None = None,
                        method: str | None = None) -> tuple[Tensor, Tensor]:
-        """Noise z (B, L + V) -> standardised g1 (B, L) by flow 1 and g2 (B, V) by the shape ODE."""
-        z1, z2 = z[:, : self.n_layers], z[:, self.n_layers :]
+        """Noise z (B, noise_dim) -> standardised g1 (B, L) by flow 1 from z[:, :L] and g2 (B, W) by the shape ODE
+        from the last W."""
+        z1, z2 = z[:, : self.n_layers], z[:, -self.stage2_width :]
         g1 = self.sample_stage1(z1, c)
         feats = self._layer_features(self.stage1_inverse(self.scale1.inverse(g1)))
         n_steps, how = int(steps if steps is not None else self.config.steps), str(method or self.config.method)

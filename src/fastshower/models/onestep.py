@@ -245,7 +245,7 @@ class OneStep(ShowerModel):
             raise ValueError(f"model 'one-step' has no sampler options (it is a single pass), got {sorted(options)}")
         if self.stage1 is not None:
             g1 = self.stage1.sample_stage1(z[:, : self.stage1.n_layers], c)
-            return self.stage1.assemble(g1, self.stage2_latents(z, c, g1), c)
+            return self.stage1.place(self.stage1.assemble(g1, self.stage2_latents(z, c, g1), c), z)
         out = self.body(z, self.embed(c))
         return z + out if self.skip else out
 
