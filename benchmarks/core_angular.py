@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFile
 from fastshower.models.layer_fm import align_cells
 from fastshower.validate.observables import compute_observables
@@ -38,7 +40,7 @@ def core_measures(path: Path, window: tuple[float, float], layers: tuple[int, in
         batch, geometry = f.read(0, f.n), f.geometry
     shapes = {layer.segmentation.shape for layer in geometry.layers}
     if len(shapes) != 1 or geometry.layers[0].segmentation.kind != "polar":
-        raise SystemExit(f"error: {path} is not a polar readout with one layer shape")
+        raise FastshowerError(f"{path} is not a polar readout with one layer shape")
     a, r = next(iter(shapes))
     e_gev = batch.energies.reshape(-1) / 1e3
     keep = (e_gev >= window[0]) & (e_gev < window[1])
@@ -77,8 +79,12 @@ def main() -> None:
     args = ap.parse_args()
     files = {"reference": args.reference, **({"floor": args.floor} if args.floor else {}),
              **{p.stem: p for p in args.candidate}}
-    result = {"window_gev": list(args.window), "coherence_layers": list(args.layers),
-              "files": {k: core_measures(p, tuple(args.window), tuple(args.layers)) for k, p in files.items()}}
+    try:
+        measures = {k: core_measures(p, tuple(args.window), tuple(args.layers)) for k, p in files.items()}
+    except FastshowerError as exc:  # a missing or non-polar file: one line, exit status 2, nothing written
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    result = {"window_gev": list(args.window), "coherence_layers": list(args.layers), "files": measures}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for k, v in result["files"].items():
