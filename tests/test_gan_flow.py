@@ -249,6 +249,48 @@ def test_calogan_energies_first_generator_conserves_energy_and_sets_layer_energi
     _assert_all_grads(model.generator, "energies-first generator with attention")
 
 
+def _split_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """tiny2 showers (n, 13) whose layer-0 share is 5 % for half of them and 40 % for the other half, at a
+    total of 0.9 E_inc: a broad, two-valued energy split (as a photon's conversion depth gives)."""
+    g = torch.Generator().manual_seed(seed)
+    f0 = torch.where(torch.rand(n, generator=g) < 0.5, 0.05, 0.40) * (1 + 0.05 * torch.randn(n, generator=g))
+    shape0, shape1 = torch.softmax(torch.randn(n, 9, generator=g), 1), torch.softmax(torch.randn(n, 4, generator=g), 1)
+    x = 0.9 * torch.cat([f0[:, None] * shape0, (1 - f0)[:, None] * shape1], 1)
+    return x, torch.zeros(n, 1)
+
+
+def test_calogan_likelihood_energies_learn_a_two_valued_split_and_set_every_layer() -> None:
+    """``energies="likelihood"``: the energy flow, trained by likelihood alone (auxiliary updates), draws the
+    two-valued layer-0 share of the data in the right proportion, every generated layer holds exactly the
+    energy the flow drew for it, and a full training step reaches the generator's and the flow's weights."""
+    torch.manual_seed(0)
+    model = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood"})
+    assert model.generator.energy_net is None and model.energy_flow is not None
+    opts = model.configure_optimizers()
+    assert len(opts) == 3  # generator, critic, energy flow
+    with torch.no_grad():
+        nll0 = float(model.energy_nll(*_split_data(512, 99)))
+    for step in range(300):
+        model.auxiliary_step(*_split_data(256, step), opts[2:], step)
+    model.eval()
+    with torch.no_grad():
+        assert float(model.energy_nll(*_split_data(512, 99))) < nll0 - 2.0
+    z, c = torch.randn(2000, 8, generator=torch.Generator().manual_seed(5)), torch.zeros(2000, 1)
+    with torch.no_grad():
+        x = model.generate(z, c)
+        flow = model.energy_flow
+        e_l = flow.stage1_inverse(flow.scale1.inverse(flow.sample_stage1(z[:, :2], c)))
+    torch.testing.assert_close(torch.stack([x[:, :9].sum(1), x[:, 9:].sum(1)], 1), e_l, rtol=1e-5, atol=1e-6)
+    share0 = x[:, :9].sum(1) / x.sum(1)
+    assert abs(float((share0 > 0.2).float().mean()) - 0.5) < 0.08  # both modes, in proportion
+    assert abs(float(x.sum(1).median()) - 0.9) < 0.03
+    model.train()
+    _step(model, opts, 1, seed=0)  # a generator step
+    _assert_all_grads(model.generator, "generator under likelihood energies")
+    with pytest.raises(ValueError, match="output_param='energies'"):
+        CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood", "output_param": "direct"})
+
+
 def test_calogan_critic_features_are_the_papers_observables() -> None:
     """Leak, layer shares, sparsity and lateral centre/width per layer, on hand-made showers."""
     shapes = ((3, 3), (2, 2))

@@ -14,6 +14,11 @@ Design after Paganini, de Oliveira, Nachman, arXiv:1712.10321 (and 1705.02355):
   ``E_tot / E_inc`` is 0.997 with a per-mille width (calogan-3layer, Geant4): a sum over 504
   independently drawn cells cannot hit that, a generated leak can. The energy-conservation term
   then holds by construction (it stays, for the other parametrisations).
+  ``energies="likelihood"`` draws the layer energies from stage 1 of :mod:`~.flow` (CaloFlow's flow on
+  the L layer fractions, fitted by maximum likelihood in the same step) in place of the adversarial
+  energy network, and the critic then only has the shapes to teach: on calogan-3layer gamma the
+  adversarial energy network put a median 5.4 % of the energy into layer 0 where Geant4 has 13.1 %
+  (a photon converts at a random depth, and that broad, skewed split is what a GAN drops first).
 - **Positive output.** Each layer ends in a ReLU (CaloGAN's choice: it produces exact
   zeros, i.e. the sparsity of real showers). By default (``output_param="factorised"``)
   the layer is written as energy x shape: ``x_l = softplus(b_l) / L * relu(a_l) / sum relu(a_l)``
@@ -58,7 +63,7 @@ ReLU output, the energy-conservation term and a minibatch-discrimination critic.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,7 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register
-from .base import ModelConfig, ModelSpec
+from .base import ModelConfig, ModelSpec, float32
+from .flow import CaloFlow
 from .wgan import AdversarialConfig, AdversarialShowerModel, mlp
 
 __all__ = ["CaloGAN", "CaloGANConfig", "CaloGANCritic", "CaloGANGenerator", "MinibatchDiscrimination",
@@ -121,7 +127,8 @@ class CaloGANGenerator(nn.Module):
 
     def __init__(self, latent_dim: int, cond_dim: int, layer_sizes: tuple[int, ...], hidden: int, depth: int,
                  condition_on: str, x_scale: float, output_activation: str, output_param: str,
-                 attention: bool = False, energy_cap: float = 1.0, leak_range: float = 2.0) -> None:
+                 attention: bool = False, energy_cap: float = 1.0, leak_range: float = 2.0,
+                 energy_net: bool = True) -> None:
         super().__init__()
         self.layer_sizes, self.condition_on, self.x_scale = layer_sizes, condition_on, x_scale
         if output_activation not in ("relu", "softplus"):
@@ -134,8 +141,10 @@ class CaloGANGenerator(nn.Module):
         self.attention = bool(attention) and n_layers > 1
         n_out = 1 if output_param == "factorised" else 0  # the layer-energy logit
         n_energy_in = n_layers + 1 if output_param == "energies" else 0  # log E_l / E_inc and log leak
-        self.energy_net = mlp(latent_dim + cond_dim, hidden, depth, n_layers + 1) if n_energy_in else None
-        if n_energy_in:
+        # energy_net=False: the layer energies come from outside (CaloGAN's energies="likelihood")
+        with_net = bool(n_energy_in) and energy_net
+        self.energy_net = mlp(latent_dim + cond_dim, hidden, depth, n_layers + 1) if with_net else None
+        if self.energy_net is not None:
             self.register_buffer("log_leak0", torch.tensor(math.log(0.02)))
         nets, maps = [], []
         for i, size in enumerate(layer_sizes):
@@ -162,14 +171,20 @@ class CaloGANGenerator(nn.Module):
         its weights scaled by 0.1 (so the bias dominates: cells the mean leaves near 0 are switched on
         and off by the latent), and the attention logits to +3 (mostly the layer's own cells).
         """
-        assert self.energy_net is not None
         tot = x.sum(1).clamp_min(1e-9)
+        self._init_layer_nets(x)
+        if self.energy_net is None:
+            return
         self.log_leak0.copy_(torch.log((1.0 - tot / self.energy_cap).clamp(1e-5, 1 - 1e-5)).mean())
         shares = torch.stack([p.sum(1) for p in torch.split(x, list(self.layer_sizes), dim=1)], 1) / tot[:, None]
         last = self.energy_net[-1]
         assert isinstance(last, nn.Linear)
         last.weight.mul_(0.1)
         last.bias.copy_(torch.cat([torch.zeros(1), torch.log(shares.mean(0) + 1e-7)]))
+
+    @torch.no_grad()
+    def _init_layer_nets(self, x: Tensor) -> None:
+        """Each layer network's output bias to ``5 x`` the mean shape of x (B, V) over its largest cell."""
         for net, part in zip(self.layers, torch.split(x, list(self.layer_sizes), dim=1), strict=True):
             assert isinstance(net, nn.Sequential)
             out = net[-1]
@@ -209,13 +224,17 @@ class CaloGANGenerator(nn.Module):
             energy = F.softplus(a[:, size]) / n_layers  # ~0.69 / L per layer at initialisation
         return shape * energy.unsqueeze(1)
 
-    def forward(self, z: Tensor, c: Tensor) -> Tensor:
+    def forward(self, z: Tensor, c: Tensor, e_l: Tensor | None = None) -> Tensor:
+        """Showers (B, V) from z (B, Z), c (B, C); ``e_l`` (B, L): the layer energies / E_inc to draw the
+        shapes for, where they come from outside (``energy_net=False``), else the energy network's."""
         outs: list[Tensor] = []
         log_e: list[Tensor] = []
-        e_l: Tensor | None = None
         base = [z, c]
         if self.output_param == "energies":
-            e_l, leak = self.energies(z, c)
+            if e_l is None:
+                e_l, leak = self.energies(z, c)
+            else:  # a drawn total above the cap has no leak
+                leak = (1.0 - e_l.sum(1) / self.energy_cap).clamp_min(0.0)
             base += [torch.log(e_l + _ENERGY_EPS), torch.log(leak + _ENERGY_EPS).unsqueeze(1)]
         prev: Tensor | None = None
         for i, net in enumerate(self.layers):
@@ -351,6 +370,12 @@ class CaloGANConfig(AdversarialConfig):
         mbd_kernels, mbd_dim: minibatch-discrimination kernels K and their dimension D.
         energy_weight, energy_cap: energy-conservation penalty weight and the cap on
             ``sum(x) = E_vis / E_inc``.
+        energies: with ``output_param="energies"``: ``"adversarial"`` (the energy network, trained by the
+            critic) or ``"likelihood"`` (stage 1 of :class:`~.flow.CaloFlow`, a flow on the layer fractions
+            fitted by maximum likelihood on every real batch with its own Adam; the generator draws the
+            shapes for its energies, and the first ``L`` latent numbers are the flow's noise).
+        stage1_transforms, stage1_hidden, stage1_bins, stage1_lr: ``energies="likelihood"``: that flow's
+            transforms, hidden width and spline bins (:class:`~.flow.FlowConfig`'s defaults) and its lr.
     """
 
     lr: float = 3e-4
@@ -372,6 +397,11 @@ class CaloGANConfig(AdversarialConfig):
     mbd_dim: int = 8
     energy_weight: float = 1.0
     energy_cap: float = 1.0
+    energies: str = "adversarial"
+    stage1_transforms: int = 4
+    stage1_hidden: int = 64
+    stage1_bins: int = 8
+    stage1_lr: float = 1e-3
 
     renamed: ClassVar[dict[str, str]] = {**AdversarialConfig.renamed, "n_hidden": "depth",
                                          "layer_features": "layer_dim"}
@@ -380,6 +410,7 @@ class CaloGANConfig(AdversarialConfig):
         "condition_on": ("auto", "all", "previous"),
         "output_activation": ("relu", "softplus"),
         "output_param": ("energies", "factorised", "direct"),
+        "energies": ("adversarial", "likelihood"),
     }
     #: runs saved before these fields existed were trained without them (their saved hparams hold the
     #: old output_param and x_scale explicitly)
@@ -395,7 +426,7 @@ class CaloGAN(AdversarialShowerModel):
 
     Hyper-parameters: :class:`CaloGANConfig`.
 
-    Optimizers: ``[generator Adam, critic Adam]``.
+    Optimizers: ``[generator Adam, critic Adam]`` (and, with ``energies="likelihood"``, the energy flow's Adam).
     """
 
     name: ClassVar[str] = "calogan"
@@ -414,9 +445,11 @@ class CaloGAN(AdversarialShowerModel):
         if cond_on == "auto":
             cond_on = "all" if spec.n_voxels <= cfg.all_max_voxels else "previous"
         self.x_scale = cfg.x_scale
+        self.energy_flow = self._energy_flow(spec, cfg)
         self.generator = CaloGANGenerator(
             self.latent_dim, spec.cond_dim, spec.layer_sizes, cfg.hidden, cfg.depth, cond_on, self.x_scale,
             cfg.output_activation, cfg.output_param, cfg.attention, cfg.energy_cap, cfg.leak_range,
+            energy_net=self.energy_flow is None,
         )
         self.critic = CaloGANCritic(
             spec.layer_sizes, spec.cond_dim, cfg.hidden, cfg.depth, cfg.layer_dim, cfg.mbd_kernels, cfg.mbd_dim,
@@ -426,6 +459,19 @@ class CaloGAN(AdversarialShowerModel):
 
         if cfg.critic_features or cfg.output_param == "energies":
             self.register_buffer("data_ready", torch.zeros(()))
+
+    @staticmethod
+    def _energy_flow(spec: ModelSpec, cfg: CaloGANConfig) -> CaloFlow | None:
+        """``energies="likelihood"``: CaloFlow's stage 1 (its flow on the L layer fractions), else None."""
+        if cfg.energies == "adversarial":
+            return None
+        if cfg.output_param != "energies":
+            raise ValueError(f"energies='likelihood' needs output_param='energies', got {cfg.output_param!r}")
+        if cfg.latent_dim < len(spec.layer_sizes):
+            raise ValueError(f"energies='likelihood' takes the first {len(spec.layer_sizes)} latent numbers as "
+                             f"the energy flow's noise: latent_dim must be at least that, got {cfg.latent_dim}")
+        keys = ("stage1_transforms", "stage1_hidden", "stage1_bins")
+        return CaloFlow(spec, {k: getattr(cfg, k) for k in keys}, with_stage2=False)
 
     @torch.no_grad()
     def fit_to_data(self, x: Tensor) -> None:
@@ -449,7 +495,48 @@ class CaloGAN(AdversarialShowerModel):
         return super().training_step(x, c, optimizers, step)
 
     def generate(self, z: Tensor, c: Tensor) -> Tensor:
-        return self.generator(z, c)
+        """Showers (B, V) from latent z (B, Z) and conditions c (B, C); with ``energies="likelihood"`` the
+        layer energies are the energy flow's draw from z[:, :L] (no gradient: the flow learns by likelihood)."""
+        if self.energy_flow is None:
+            return self.generator(z, c)
+        flow = self.energy_flow
+        with torch.no_grad():
+            g1 = flow.sample_stage1(z[:, : flow.n_layers], c)
+            e_l = flow.stage1_inverse(flow.scale1.inverse(g1))
+        return self.generator(z, c, e_l)
+
+    def energy_nll(self, x: Tensor, c: Tensor) -> Tensor:
+        """The energy flow's mean negative log-likelihood of the layer fractions of x (B, V) under c (B, C)."""
+        assert self.energy_flow is not None
+        with float32(x.device):
+            flow = self.energy_flow
+            g1 = flow.stage1_variables(flow.layer_energies(flow.dequantise(x)))
+            return -self.energy_flow.flow1(c).log_prob(g1).mean()
+
+    def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
+        if self.energy_flow is None:
+            return []
+        return [torch.optim.Adam(self.energy_flow.parameters(), lr=self.config.stage1_lr)]
+
+    def auxiliary_step(
+        self, x: Tensor, c: Tensor, optimizers: Sequence[torch.optim.Optimizer], step: int
+    ) -> dict[str, float]:
+        """``energies="likelihood"``: one maximum-likelihood update of the energy flow on the real batch."""
+        if self.energy_flow is None:
+            return {}
+        nll = self.energy_nll(x.clamp_min(0.0), c)
+        optimizers[0].zero_grad(set_to_none=True)
+        nll.backward()
+        self._clip(self.energy_flow)
+        optimizers[0].step()
+        return {"nll_energies": float(nll.detach())}
+
+    def loss(self, x: Tensor, c: Tensor) -> dict[str, Tensor]:
+        """The adversarial evaluation losses, and the energy flow's NLL where there is one."""
+        out = super().loss(x, c)
+        if self.energy_flow is not None:
+            out["nll_energies"] = self.energy_nll(x.clamp_min(0.0), c)
+        return out
 
     def critic_input(self, x: Tensor) -> Tensor:
         """``log1p(x / x_scale)`` (B, V) and, with ``critic_features``, the standardised observables beside it

@@ -284,13 +284,24 @@ class CaloFlow(ShowerModel):
         """Showers x (B, V) = voxel / E_inc (conditions c (B, C), for a stage-2 scaling that depends on them)
         -> dequantised layer fractions e (B, L) and standardised stage variables g1 (B, L), g2 (B, V); in
         training the scalers are fitted on the first call."""
-        x = x.clamp_min(0.0) + self.noise * torch.rand_like(x)  # dequantisation
+        x = self.dequantise(x)
         e = self.layer_energies(x)
-        f1, f2 = self.stage1_features(e), self.stage2_features(x, e)
+        f2 = self.stage2_features(x, e)
+        if self.training:
+            self.fit_scale2(f2, c)
+        return e, self.stage1_variables(e), self.standardise2(f2, c)
+
+    def stage1_variables(self, e: Tensor) -> Tensor:
+        """Layer fractions e (B, L) -> standardised stage-1 variables g1 (B, L); in training the scaler is
+        fitted on the first call."""
+        f1 = self.stage1_features(e)
         if self.training:
             self.scale1.fit_once(f1)
-            self.fit_scale2(f2, c)
-        return e, self.scale1(f1), self.standardise2(f2, c)
+        return self.scale1(f1)
+
+    def dequantise(self, x: Tensor) -> Tensor:
+        """Showers x (B, V) = voxel / E_inc with ``U(0, noise)`` added per voxel (CaloFlow's dequantisation)."""
+        return x.clamp_min(0.0) + self.noise * torch.rand_like(x)
 
     # stage 2's standardisation; flow's ignores the conditions, layer-fm's may scale by energy
     def fit_scale2(self, f2: Tensor, c: Tensor | None) -> None:
