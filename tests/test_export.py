@@ -35,19 +35,24 @@ TINY_HP: dict[str, dict[str, Any]] = {
     "flow": {"stage1_hidden": 16, "stage2_hidden": 32, "stage1_transforms": 2, "stage2_transforms": 2},
     "layer-fm": {"stage1_hidden": 16, "stage1_transforms": 2, "hidden": 16, "depth": 1, "heads": 2, "emb_dim": 16,
                  "steps": 2, "warmup": 5},
+    # calogan with its layer energies from a flow (the stage-1 flow's inverse in the graph)
+    "calogan-likelihood": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4,
+                           "mbd_dim": 3, "n_critic": 2, "energies": "likelihood"},
 }
+#: the registered model of each TINY_HP key (a variant's differs from its key)
+MODEL_OF = {k: k.removesuffix("-likelihood") for k in TINY_HP}
 TRAIN = {"chunk_rows": 128, "shuffle_chunks": 2}
 
 
 def _run(name: str, data: Path, out: Path, steps: int = 6) -> Path:
-    return train(data, name, out, steps=steps, batch_size=64, progress=False,
+    return train(data, MODEL_OF[name], out, steps=steps, batch_size=64, progress=False,
                  config={"hparams": TINY_HP[name], "train": TRAIN})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_file: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export-runs")
-    return {name: _run(name, tiny_file, root / name) for name in TINY_HP if name in available_models()}
+    return {name: _run(name, tiny_file, root / name) for name in TINY_HP if MODEL_OF[name] in available_models()}
 
 
 def _inputs(run: Path, n: int = 16, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -80,7 +85,7 @@ def test_onnx_fp32_equals_torch(runs: dict[str, Path], name: str, tmp_path: Path
     meta = {p.key: p.value for p in proto.metadata_props}
     _, _, info = load_run(runs[name])
     assert meta["fastshower_version"] == __version__ and meta["run_id"] == info.run_id
-    assert meta["model"] == name and meta["geometry"] == "tiny-2x4x4" and meta["precision"] == "fp32"
+    assert meta["model"] == MODEL_OF[name] and meta["geometry"] == "tiny-2x4x4" and meta["precision"] == "fp32"
     assert json.loads(meta["condition_names"]) == ["position"]
     assert meta["steps"] == {"flow-matching": "3", "layer-fm": "2"}.get(name, "1")
     assert [i.name for i in proto.graph.input] == ["noise", "incident_energy_mev", "position"]
