@@ -262,7 +262,8 @@ def _split_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
 def test_calogan_likelihood_energies_learn_a_two_valued_split_and_set_every_layer() -> None:
     """``energies="likelihood"``: the energy flow, trained by likelihood alone (auxiliary updates), draws the
     two-valued layer-0 share of the data in the right proportion, every generated layer holds exactly the
-    energy the flow drew for it, and a full training step reaches the generator's and the flow's weights."""
+    energy the flow drew for it, and in a training step the generated showers take the real batch's energies
+    while the gradients reach the generator."""
     torch.manual_seed(0)
     model = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood"})
     assert model.generator.energy_net is None and model.energy_flow is not None
@@ -285,8 +286,18 @@ def test_calogan_likelihood_energies_learn_a_two_valued_split_and_set_every_laye
     assert abs(float((share0 > 0.2).float().mean()) - 0.5) < 0.08  # both modes, in proportion
     assert abs(float(x.sum(1).median()) - 0.9) < 0.03
     model.train()
-    _step(model, opts, 1, seed=0)  # a generator step
+    seen: list[Tensor] = []
+    hook = model.generator.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    real, c = _split_data(32, 7)
+    model.training_step(real, c, opts, 1)  # a critic and a generator step
+    hook.remove()
     _assert_all_grads(model.generator, "generator under likelihood energies")
+    # inside a step the generated showers carry the real batch's layer energies: the critic sees shapes only
+    assert len(seen) == 2
+    for out in seen:
+        torch.testing.assert_close(out[:, :9].sum(1), real[:, :9].sum(1), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # outside a step: the flow's draw again
+        assert not torch.allclose(model.sample(c)[:, :9].sum(1), real[:, :9].sum(1), rtol=1e-3)
     with pytest.raises(ValueError, match="output_param='energies'"):
         CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood", "output_param": "direct"})
 

@@ -373,7 +373,8 @@ class CaloGANConfig(AdversarialConfig):
         energies: with ``output_param="energies"``: ``"adversarial"`` (the energy network, trained by the
             critic) or ``"likelihood"`` (stage 1 of :class:`~.flow.CaloFlow`, a flow on the layer fractions
             fitted by maximum likelihood on every real batch with its own Adam; the generator draws the
-            shapes for its energies, and the first ``L`` latent numbers are the flow's noise).
+            shapes for its energies, and the first ``L`` latent numbers are the flow's noise). In training the
+            generated showers take the real batch's layer energies, so the critic teaches shapes only.
         stage1_transforms, stage1_hidden, stage1_bins, stage1_lr: ``energies="likelihood"``: that flow's
             transforms, hidden width and spline bins (:class:`~.flow.FlowConfig`'s defaults) and its lr.
     """
@@ -446,6 +447,7 @@ class CaloGAN(AdversarialShowerModel):
             cond_on = "all" if spec.n_voxels <= cfg.all_max_voxels else "previous"
         self.x_scale = cfg.x_scale
         self.energy_flow = self._energy_flow(spec, cfg)
+        self._step_energies: Tensor | None = None  # energies="likelihood": the real batch's, during a step
         self.generator = CaloGANGenerator(
             self.latent_dim, spec.cond_dim, spec.layer_sizes, cfg.hidden, cfg.depth, cond_on, self.x_scale,
             cfg.output_activation, cfg.output_param, cfg.attention, cfg.energy_cap, cfg.leak_range,
@@ -492,13 +494,25 @@ class CaloGAN(AdversarialShowerModel):
         """:meth:`AdversarialShowerModel.training_step`, after :meth:`fit_to_data` on the first batch."""
         if hasattr(self, "data_ready") and not bool(self.data_ready):
             self.fit_to_data(x)
-        return super().training_step(x, c, optimizers, step)
+        if self.energy_flow is None:
+            return super().training_step(x, c, optimizers, step)
+        # energies="likelihood": the step's generated showers take the real batch's layer energies (the energy
+        # flow learns those by likelihood; CaloFlow's stage 2 is trained on the true ones the same way), so that
+        # the critic compares shapes at equal energies and its gradient goes to the shapes only
+        self._step_energies = self.energy_flow.layer_energies(x.clamp_min(0.0)).detach()
+        try:
+            return super().training_step(x, c, optimizers, step)
+        finally:
+            self._step_energies = None
 
     def generate(self, z: Tensor, c: Tensor) -> Tensor:
         """Showers (B, V) from latent z (B, Z) and conditions c (B, C); with ``energies="likelihood"`` the
-        layer energies are the energy flow's draw from z[:, :L] (no gradient: the flow learns by likelihood)."""
+        layer energies are the energy flow's draw from z[:, :L] (no gradient: the flow learns by likelihood),
+        or inside a training step the real batch's."""
         if self.energy_flow is None:
             return self.generator(z, c)
+        if self._step_energies is not None:  # inside a training step: the real batch's (see training_step)
+            return self.generator(z, c, self._step_energies)
         flow = self.energy_flow
         with torch.no_grad():
             g1 = flow.sample_stage1(z[:, : flow.n_layers], c)
