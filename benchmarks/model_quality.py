@@ -240,6 +240,10 @@ class _Stop(KeyboardInterrupt):
     """Raised from the training callback to stop a run (train() checkpoints the step in hand)."""
 
 
+#: how often timed_train re-plans its step count from its own measured cost
+_REPLANS = 4
+
+
 def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: int | None, seed: int,
                 probe_steps: int, clock_name: str = "cpu", deadline: float | None = None,
                 config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
@@ -248,7 +252,9 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     A probe run fixes the planned steps; the run then trains a fifth of them, measures its own cost per step and
     resumes to the total that the remaining budget buys (the cosine schedule takes the new horizon), since a
     probe on a shared machine mismeasures (a 30-step probe beside three other jobs: 0.80 CPU-s per step against
-    0.51 afterwards, a third of the budget unused).
+    0.51 afterwards, a third of the budget unused); it re-plans so up to ``_REPLANS`` times, each a fifth of the
+    way on from its cost per step over the last stretch, since the load changes during an hour (one re-plan
+    under contention left a par04-ds2 run at 54 of its 60 CPU-minutes when the other core came free).
     ``deadline`` (epoch seconds): stop at that wall time whatever the budget (a shared machine
     whose load leaves too little CPU); the run then keeps its last weights and says so.
     ``config``: :func:`fastshower.training.train`'s config (``hparams``, ``train``), None: the defaults.
@@ -283,12 +289,19 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
             pass
 
     leg(steps, resume=False)
-    if state.get("why") == "replan":
-        k0, k1 = min(10, state["step"] // 4), state["step"]  # per-step cost of the run itself, past its start
-        measured = (state["stamps"][k1] - state["stamps"][k0]) / (k1 - k0)
+    start = k0 = min(10, state["step"] // 4)  # the first leg's cost is measured past the run's start
+    for left in range(_REPLANS - 1, -1, -1):
+        if state.get("why") != "replan":
+            break
+        k1 = state["step"]
+        k0 = k0 if k1 - k0 >= 10 else start
+        measured = (state["stamps"][k1] - state["stamps"][k0]) / (k1 - k0)  # the last leg's cost per step
+        k0 = k1
         replanned = k1 + max(0, int(0.97 * (c0 + budget - clock()) / measured))
         log(f"{model}: {k1} steps at {1e3 * measured:.1f} ms/step -> {replanned} steps in all (planned {steps})")
-        steps, state["until"] = replanned, -1
+        steps = replanned
+        # the next re-plan a fifth of the way on, unless this was the last or too few steps remain
+        state["until"] = k1 + (replanned - k1) // (left + 1) if left and replanned - k1 >= 250 else -1
         leg(steps, resume=True)
     stopped = state.get("why")
     if stopped:
