@@ -515,8 +515,7 @@ class CaloGAN(AdversarialShowerModel):
             return self.generator(z, c, self._step_energies)
         flow = self.energy_flow
         with torch.no_grad():
-            g1 = flow.sample_stage1(z[:, : flow.n_layers], c)
-            e_l = flow.stage1_inverse(flow.scale1.inverse(g1))
+            e_l = flow.stage1_fractions(flow.sample_stage1(z[:, : flow.n_layers], c))
         return self.generator(z, c, e_l)
 
     def energy_nll(self, x: Tensor, c: Tensor) -> Tensor:

@@ -244,6 +244,10 @@ class CaloFlow(ShowerModel):
         out.append(remaining)
         return torch.stack(out, dim=1)
 
+    def stage1_fractions(self, g1: Tensor) -> Tensor:
+        """Standardised stage-1 variables g1 (B, L) (what flow 1 draws) -> layer fractions (B, L), >= 0."""
+        return self.stage1_inverse(self.scale1.inverse(g1))
+
     def stage2_features(self, x: Tensor, e: Tensor) -> Tensor:
         """Showers x (B, V) and their layer fractions e (B, L) -> logit voxel shares (B, V)."""
         share = x / self.per_voxel(e).clamp_min(_TINY)
@@ -367,7 +371,7 @@ class CaloFlow(ShowerModel):
         Layer fractions from g1, voxel shares from g2 renormalised per layer, then the zero threshold. ``c``
         (B, C): the conditions, for a stage-2 scaling that depends on them (:meth:`unstandardise2`).
         """
-        e = self.stage1_inverse(self.scale1.inverse(g1))
+        e = self.stage1_fractions(g1)
         x = self.stage2_inverse(self.unstandardise2(g2, c, e), e)
         # remove the dequantisation noise: everything below its amplitude is an empty voxel (a 0/1 mask
         # rather than where(..., zeros_like): the latter costs ONNX Runtime 10x more)

@@ -790,7 +790,7 @@ class LayerFlowMatching(CaloFlow):
         # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
-        e_model, e_data = self.stage1_inverse(self.scale1.inverse(g1)), self.layer_energies(xd)
+        e_model, e_data = self.stage1_fractions(g1), self.layer_energies(xd)
         data = self.stage2_features(xd, e_data)
         if rings:
             self._fit_ring_map(x, data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data))
@@ -814,7 +814,7 @@ class LayerFlowMatching(CaloFlow):
         """The layer map from showers x (B, V), dequantised xd (B, V), at conditions c (B, C)."""
         self.layer_table.copy_(_identity_map(self.layer_table.shape))
         z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
-        model = torch.log(self.stage1_inverse(self.scale1.inverse(self.sample_stage1(z1, c))).clamp_min(_TINY))
+        model = torch.log(self.stage1_fractions(self.sample_stage1(z1, c)).clamp_min(_TINY))
         data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
         hit = self.layer_energies(x.clamp_min(0.0)) > 0
         self._fit_tables(self.layer_table, model.float()[..., None, None], data.float()[..., None, None],
@@ -911,7 +911,7 @@ class LayerFlowMatching(CaloFlow):
         if self.config.maps == "none":
             return g1
         tab = self._tables_at(self.layer_table, c, g1.dtype)[:, :, 0]  # (B, L, 2, Q)
-        v = torch.log(self.stage1_inverse(self.scale1.inverse(g1)).clamp_min(_TINY))
+        v = torch.log(self.stage1_fractions(g1).clamp_min(_TINY))
         return self.scale1(self.stage1_features(torch.exp(_piecewise_linear(v, tab[:, :, 0], tab[:, :, 1]))))
 
     @staticmethod
@@ -973,7 +973,7 @@ class LayerFlowMatching(CaloFlow):
         from the last W."""
         z1, z2 = z[:, : self.n_layers], z[:, -self.stage2_width :]
         g1 = self.sample_stage1(z1, c)
-        feats = self._layer_features(self.stage1_inverse(self.scale1.inverse(g1)))
+        feats = self._layer_features(self.stage1_fractions(g1))
         n_steps, how = int(steps if steps is not None else self.config.steps), str(method or self.config.method)
         # the voxel head holds (B, V, head_dim) activations: 13 GB for 10^4 showers of par04-ds3, so the ODE
         # runs on row blocks of at most 2^26 of them in eager mode (a traced export keeps one graph for any B)

@@ -76,7 +76,7 @@ def _drop_misses(stage1: CaloFlow, g2: Tensor, logits: Tensor, cuts: Tensor, c: 
 
     A 0/1 mask and a subtraction rather than where(): cheaper in ONNX Runtime.
     """
-    dead = stage1.stage2_dead(stage1.unstandardise2(g2, c, stage1.stage1_inverse(stage1.scale1.inverse(g1))))
+    dead = stage1.stage2_dead(stage1.unstandardise2(g2, c, stage1.stage1_fractions(g1)))
     return g2 - stage1.stage2_empty(torch.maximum((logits < cuts).to(g2.dtype), dead)) * _EMPTY
 
 
