@@ -521,10 +521,10 @@ class CaloGAN(AdversarialShowerModel):
     def energy_nll(self, x: Tensor, c: Tensor) -> Tensor:
         """The energy flow's mean negative log-likelihood of the layer fractions of x (B, V) under c (B, C)."""
         assert self.energy_flow is not None
+        flow = self.energy_flow
         with float32(x.device):
-            flow = self.energy_flow
-            g1 = flow.stage1_variables(flow.layer_energies(flow.dequantise(x)))
-            return -self.energy_flow.flow1(c).log_prob(g1).mean()
+            g1 = flow.stage1_variables(flow.layer_energies(flow.dequantise(x)))  # dequantise clamps x at 0
+            return -flow.flow1(c).log_prob(g1).mean()
 
     def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
         if self.energy_flow is None:
@@ -537,7 +537,7 @@ class CaloGAN(AdversarialShowerModel):
         """``energies="likelihood"``: one maximum-likelihood update of the energy flow on the real batch."""
         if self.energy_flow is None:
             return {}
-        nll = self.energy_nll(x.clamp_min(0.0), c)
+        nll = self.energy_nll(x, c)
         optimizers[0].zero_grad(set_to_none=True)
         nll.backward()
         self._clip(self.energy_flow)
@@ -548,7 +548,7 @@ class CaloGAN(AdversarialShowerModel):
         """The adversarial evaluation losses, and the energy flow's NLL where there is one."""
         out = super().loss(x, c)
         if self.energy_flow is not None:
-            out["nll_energies"] = self.energy_nll(x.clamp_min(0.0), c)
+            out["nll_energies"] = self.energy_nll(x, c)
         return out
 
     def critic_input(self, x: Tensor) -> Tensor:
