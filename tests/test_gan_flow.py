@@ -302,6 +302,39 @@ def test_calogan_likelihood_energies_learn_a_two_valued_split_and_set_every_laye
         CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood", "output_param": "direct"})
 
 
+def test_calogan_cell_noise_draws_each_cells_hit_independently() -> None:
+    """``cell_noise``: z carries one Gaussian per cell after the latent; a cell whose pre-activation is 0 with
+    gain softplus(0) = log 2 is hit (ReLU > 0) in half the showers, independently of its neighbours, for one
+    and the same latent; with the gains driven to 0 the noise has no effect."""
+    torch.manual_seed(0)
+    model = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "cell_noise": True})
+    assert model.latent_dim == 8 + 13 and model.draw_noise(5).shape == (5, 21)
+    gen = model.generator
+    with torch.no_grad():
+        for net in gen.layers:
+            out = net[-1]
+            out.weight.zero_()
+            out.bias.zero_()  # pre-activations 0, attention 1/2, gains softplus(0)
+    z = torch.randn(4000, 21, generator=torch.Generator().manual_seed(1))
+    z[:, :8] = torch.randn(1, 8)  # one latent, many per-cell noises
+    c = torch.zeros(4000, 1)
+    with torch.no_grad():
+        hit = (model.generate(z, c)[:, :9] > 0).float()  # layer 0: no attention, each cell its own ReLU
+    assert abs(float(hit.mean()) - 0.5) < 0.02
+    corr = torch.corrcoef(hit.T)
+    assert float((corr - torch.eye(9)).abs().max()) < 0.08  # cell by cell independent
+    with torch.no_grad():
+        for net, size in zip(gen.layers, gen.layer_sizes, strict=True):
+            net[-1].bias[:size] = 1.0  # pre-activations 1, a cell at 0 would flip on the sign of any noise
+            net[-1].bias[-size:] = -60.0  # gains softplus(-60) ~ 1e-26
+        z2 = z.clone()
+        z2[:, 8:] = torch.randn(4000, 13)
+        torch.testing.assert_close(model.generate(z, c), model.generate(z2, c))
+    fresh = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "cell_noise": True})
+    _step(fresh, fresh.configure_optimizers(), 1, seed=0)
+    _assert_all_grads(fresh.generator, "generator with cell noise")
+
+
 def test_calogan_critic_features_are_the_papers_observables() -> None:
     """Leak, layer shares, sparsity and lateral centre/width per layer, on hand-made showers."""
     shapes = ((3, 3), (2, 2))
