@@ -38,9 +38,9 @@ TINY_HP: dict[str, dict[str, Any]] = {
     # calogan with its layer energies from a flow (the stage-1 flow's inverse in the graph)
     "calogan-likelihood": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4,
                            "mbd_dim": 3, "n_critic": 2, "energies": "likelihood"},
-    # calogan with per-cell noise: z is wider than latent_dim
-    "calogan-cell-noise": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4,
-                           "mbd_dim": 3, "n_critic": 2, "energies": "likelihood", "cell_noise": True},
+    # calogan with per-cell noise (z wider than latent_dim) and gated cells
+    "calogan-gated": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4, "mbd_dim": 3,
+                      "n_critic": 2, "energies": "likelihood", "cell_noise": True, "output_activation": "gated"},
 }
 #: the registered model of each TINY_HP key (a variant's differs from its key)
 MODEL_OF = {k: "calogan" if k.startswith("calogan") else k for k in TINY_HP}

@@ -335,6 +335,35 @@ def test_calogan_cell_noise_draws_each_cells_hit_independently() -> None:
     _assert_all_grads(fresh.generator, "generator with cell noise")
 
 
+def test_calogan_gated_cells_start_at_each_cells_hit_rate_and_attention_keeps_the_gates() -> None:
+    """``output_activation="gated"`` with ``cell_noise``: started from real showers (output weights 0), every cell
+    is hit as often as in them (cell 0 of each layer never, cell 1 in 20 %, the rest always), whatever the
+    attention from the previous layer adds; the mean share of a cell when hit follows its mean log share."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    x = 0.1 * torch.rand(n, 13, generator=g) + 0.01
+    x[:, 0] = x[:, 9] = 0.0
+    rare = torch.rand(n, 2, generator=g) < 0.2
+    x[:, 1], x[:, 10] = x[:, 1] * rare[:, 0], x[:, 10] * rare[:, 1]
+    x[:, 4] = 0.4  # the layer-0 core: half its energy
+    torch.manual_seed(0)
+    model = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "cell_noise": True, "output_activation": "gated",
+                                     "energies": "likelihood"})
+    model.fit_to_data(x)
+    for net in model.generator.layers:
+        with torch.no_grad():
+            net[-1].weight.zero_()
+    with torch.no_grad():
+        fake = model.generate(model.draw_noise(n, torch.Generator().manual_seed(1)), torch.zeros(n, 1))
+    rate_real, rate_fake = (x > 0).float().mean(0), (fake > 0).float().mean(0)
+    assert float(rate_fake[0]) < 0.01 and float(rate_fake[9]) < 0.01
+    torch.testing.assert_close(rate_fake, rate_real, atol=0.03, rtol=0)
+    share = fake[:, :9] / fake[:, :9].sum(1, keepdim=True)
+    assert float(share[:, 4].median()) > 3 * float(share[:, [2, 3, 5, 6]].median())  # the core stays the core
+    with pytest.raises(ValueError, match="gated"):
+        CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "output_activation": "gated", "output_param": "direct"})
+
+
 def test_calogan_critic_features_are_the_papers_observables() -> None:
     """Leak, layer shares, sparsity and lateral centre/width per layer, on hand-made showers."""
     shapes = ((3, 3), (2, 2))
