@@ -280,7 +280,7 @@ def test_calogan_likelihood_energies_learn_a_two_valued_split_and_set_every_laye
     with torch.no_grad():
         x = model.generate(z, c)
         flow = model.energy_flow
-        e_l = flow.stage1_inverse(flow.scale1.inverse(flow.sample_stage1(z[:, :2], c)))
+        e_l = model.undequantise(flow.stage1_inverse(flow.scale1.inverse(flow.sample_stage1(z[:, :2], c))))
     torch.testing.assert_close(torch.stack([x[:, :9].sum(1), x[:, 9:].sum(1)], 1), e_l, rtol=1e-5, atol=1e-6)
     share0 = x[:, :9].sum(1) / x.sum(1)
     assert abs(float((share0 > 0.2).float().mean()) - 0.5) < 0.08  # both modes, in proportion
@@ -362,6 +362,26 @@ def test_calogan_gated_cells_start_at_each_cells_hit_rate_and_attention_keeps_th
     assert float(share[:, 4].median()) > 3 * float(share[:, [2, 3, 5, 6]].median())  # the core stays the core
     with pytest.raises(ValueError, match="gated"):
         CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "output_activation": "gated", "output_param": "direct"})
+
+
+def test_calogan_likelihood_energies_leave_empty_layers_empty() -> None:
+    """The energy flow learns dequantised layers (each of a layer's n cells + U(0, noise)): a drawn layer at
+    the empty layers' mean n noise / 2, or within four standard deviations of it, is empty; a full layer loses
+    exactly that mean."""
+    model = CaloGAN(SPECS["tiny2"], {**TINY_HP["calogan"], "energies": "likelihood"})
+    assert model.energy_flow is not None
+    noise = model.energy_flow.noise
+    empty = torch.tensor([9 * noise / 2, 4 * noise / 2])  # tiny2: 9 and 4 cells
+    sd = torch.sqrt(torch.tensor([9.0, 4.0]) / 12) * noise
+    e_l = torch.stack([empty, empty + 3.9 * sd, empty + 4.1 * sd, torch.tensor([0.3, 0.6])])
+    out = model.undequantise(e_l)
+    assert (out[:2] == 0).all() and (out[2] > 0).all()
+    torch.testing.assert_close(out[3], torch.tensor([0.3, 0.6]) - empty)
+    # the dequantised layers of real showers with an empty second layer: at least 99.99 % come out empty
+    x = torch.zeros(20000, 13)
+    x[:, :9] = 0.1
+    g = model.energy_flow.layer_energies(model.energy_flow.dequantise(x))
+    assert float((model.undequantise(g)[:, 1] == 0).float().mean()) > 0.9999
 
 
 def test_calogan_critic_features_are_the_papers_observables() -> None:

@@ -28,6 +28,11 @@ Design after Paganini, de Oliveira, Nachman, arXiv:1712.10321 (and 1705.02355):
   (on toy Belle II showers the direct form still held 0.36 E_inc instead of 0.92 after
   300 generator updates); the factorisation, the CaloFlow split of energy and shape
   (arXiv:2106.05285) inside one generator, puts the layer energy under one O(1) output.
+  ``output_activation="gated"`` with ``cell_noise`` goes one step further within a layer: each cell is
+  ``relu(gate + gain * noise) * magnitude``, the magnitudes a softmax over log outputs, the noise one
+  Gaussian per cell; whether a cell is hit and how much it holds are separate outputs, started at the
+  real showers' per-cell hit rates and mean log shares. On calogan-3layer (10k showers, 12 CPU-min) that
+  took the sparsities from 0.13-0.45 to <= 0.07 and 13 / 12 of the paper's 16 observables to 15 / 15.
 - **Discriminator** per-layer feature extractors (MLPs here, LAGAN-style convolutions and
   locally connected layers in the paper: with 3x96, 12x12 and 12x6 cells a dense layer, which
   holds a locally connected one as a special case, costs little on CPU), the paper's observables
@@ -587,8 +592,23 @@ class CaloGAN(AdversarialShowerModel):
             return self.generator(z, c, self._step_energies)
         flow = self.energy_flow
         with torch.no_grad():
-            e_l = flow.stage1_fractions(flow.sample_stage1(z[:, : flow.n_layers], c))
+            e_l = self.undequantise(flow.stage1_fractions(flow.sample_stage1(z[:, : flow.n_layers], c)))
         return self.generator(z, c, e_l)
+
+    def undequantise(self, e_l: Tensor) -> Tensor:
+        """Layer energies e_l (B, L) / E_inc drawn by the energy flow -> without its dequantisation noise.
+
+        The flow learns dequantised layers (``U(0, noise)`` added to each of a layer's n cells, CaloFlow's
+        rule), so an empty layer comes out near ``n noise / 2`` (72 keV at 2 GeV for calogan-3layer's layer 2,
+        which Geant4 leaves empty in 24 % of 1-10 GeV e+). That mean is taken off, and a layer within four
+        standard deviations of the noise sum (``4 sqrt(n / 12) noise``) of empty is empty; ``flow`` instead
+        cuts its cells at ``noise`` one by one, which a generator that puts a layer's energy into a few hit
+        cells would not reach."""
+        assert self.energy_flow is not None
+        noise = self.energy_flow.noise
+        n = torch.as_tensor(self.spec.layer_sizes, dtype=e_l.dtype, device=e_l.device)
+        e = e_l - n * noise / 2
+        return e * (e > 4.0 * torch.sqrt(n / 12.0) * noise).to(e.dtype)
 
     def energy_nll(self, x: Tensor, c: Tensor) -> Tensor:
         """The energy flow's mean negative log-likelihood of the layer fractions of x (B, V) under c (B, C)."""
