@@ -38,9 +38,10 @@ TINY_HP: dict[str, dict[str, Any]] = {
     # calogan with its layer energies from a flow (the stage-1 flow's inverse in the graph)
     "calogan-likelihood": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4,
                            "mbd_dim": 3, "n_critic": 2, "energies": "likelihood"},
-    # calogan with per-cell noise (z wider than latent_dim) and gated cells
+    # calogan with per-cell noise (z wider than latent_dim), gated cells and the generator's weight average
     "calogan-gated": {"hidden": 32, "depth": 1, "latent_dim": 8, "layer_dim": 8, "mbd_kernels": 4, "mbd_dim": 3,
-                      "n_critic": 2, "energies": "likelihood", "cell_noise": True, "output_activation": "gated"},
+                      "n_critic": 2, "energies": "likelihood", "cell_noise": True, "output_activation": "gated",
+                      "ema": 0.9},
 }
 #: the registered model of each TINY_HP key (a variant's differs from its key)
 MODEL_OF = {k: "calogan" if k.startswith("calogan") else k for k in TINY_HP}

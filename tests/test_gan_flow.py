@@ -384,6 +384,36 @@ def test_calogan_likelihood_energies_leave_empty_layers_empty() -> None:
     assert float((model.undequantise(g)[:, 1] == 0).float().mean()) > 0.9999
 
 
+@pytest.mark.parametrize("name", ["calogan", "wgan-gp"])
+def test_generator_weight_average_draws_the_samples(name: str) -> None:
+    """``ema``: after each generator update the average moves to ``d avg + (1 - d) live`` (d warm-started
+    as min(ema, (1 + k) / (10 + k)) at generator update k); samples (and the export's sample_from_noise) come
+    from the average, training steps from the live generator; the average is saved with the run."""
+    spec = "tiny2" if name == "calogan" else "belle2"
+    model = _build(name, spec, ema=0.9)
+    assert model.generator_average is not None and _build(name, spec).generator_average is None
+    opts = model.configure_optimizers()
+    n_critic = model.config.n_critic
+    for step in range(4 * n_critic):
+        before = [p.detach().clone() for p in model.generator_average.parameters()]
+        _step(model, opts, step, seed=step)
+        if model.is_generator_step(step):
+            k = step // n_critic
+            d = min(0.9, (1 + k) / (10 + k))
+            for a, b, live in zip(model.generator_average.parameters(), before, model.generator.parameters(),
+                                  strict=True):
+                torch.testing.assert_close(a, d * b + (1 - d) * live.detach())
+    _, c = _data(model, 16, 0)
+    z = model.draw_noise(16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        live, averaged = model.generate(z, c), model.sample_from_noise(z, c)
+        with model.averaged():
+            torch.testing.assert_close(averaged, model.generate(z, c))
+    assert not torch.allclose(live, averaged)
+    assert model.generator is not model.generator_average  # restored after sampling
+    assert any(k.startswith("generator_average.") for k in model.state_dict())
+
+
 def test_calogan_critic_features_are_the_papers_observables() -> None:
     """Leak, layer shares, sparsity and lateral centre/width per layer, on hand-made showers."""
     shapes = ((3, 3), (2, 2))

@@ -525,6 +525,7 @@ class CaloGAN(AdversarialShowerModel):
             cfg.output_activation, cfg.output_param, cfg.attention, cfg.energy_cap, cfg.leak_range,
             energy_net=self.energy_flow is None, cell_noise=cfg.cell_noise,
         )
+        self.init_generator_average()
         self.critic = CaloGANCritic(
             spec.layer_sizes, spec.cond_dim, cfg.hidden, cfg.depth, cfg.layer_dim, cfg.mbd_kernels, cfg.mbd_dim,
             self.x_scale, spec.layer_shapes if cfg.critic_features else None,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastshower.models import register
 from fastshower.models.base import ModelConfig, ModelSpec, ShowerModel, warmup_cosine
-from fastshower.models.nets import MLP, LayerTokenNet, ResidualMLP, SinusoidalEmbedding, auto_net
+from fastshower.models.nets import MLP, LayerTokenNet, ResidualMLP, SinusoidalEmbedding, auto_net, ema_update
 
 __all__ = ["FlowMatching", "FlowMatchingConfig", "VelocityNet", "draw_t", "ema_update", "odeint"]
 
@@ -68,15 +68,6 @@ def draw_t(n: int, like: Tensor, dist: str) -> Tensor:
     if dist == "logit_normal":
         return torch.sigmoid(torch.randn(n, 1, dtype=like.dtype, device=like.device))
     return torch.rand(n, 1, dtype=like.dtype, device=like.device)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int) -> None:
-    """Move ``ema``'s weights towards ``net``'s; the decay is warm-started (min(decay, (1 + step) / (10 + step)))
-    so that early on the average follows the fast-moving weights closely."""
-    d = min(decay, (1 + step) / (10 + step))
-    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-        pe.lerp_(p, 1 - d)
 
 
 class VelocityNet(nn.Module):

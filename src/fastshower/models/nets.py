@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "LayerTokenNet", "LayerTransformer", "ResidualMLP", "SinusoidalEmbedding", "auto_net"]
+__all__ = ["MLP", "LayerTokenNet", "LayerTransformer", "ResidualMLP", "SinusoidalEmbedding", "auto_net",
+           "ema_update"]
 
 #: above this many voxels, ``net="auto"`` picks the per-layer network
 LARGE_V = 5000
@@ -261,3 +262,14 @@ class LayerTransformer(nn.Module):
             h = blk(h, emb)
         g, b = self.out_mod(emb).unsqueeze(1).chunk(2, dim=2)
         return self.voxels(self.norm(h) * (1 + g) + b, x)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, step: int) -> None:
+    """Move ``ema``'s weights towards ``net``'s and copy its buffers; the decay is warm-started
+    (min(decay, (1 + step) / (10 + step))) so that early on the average follows the fast-moving weights closely."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+        pe.lerp_(p, 1 - d)
+    for be, b in zip(ema.buffers(), net.buffers(), strict=True):
+        be.copy_(b)

@@ -51,6 +51,7 @@ inside one step) keeps one batch per step, which is what the generic fit loop fe
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,6 +64,7 @@ from fastshower.errors import ConfigError
 
 from . import register
 from .base import ModelConfig, ModelSpec, ShowerModel
+from .nets import ema_update
 
 __all__ = [
     "WGANGP",
@@ -203,6 +205,9 @@ class AdversarialConfig(ModelConfig):
             minimises the non-saturating ``-log sigmoid(D(G(z)))``; no gradient penalty, no drift term.
             Goodfellow et al. used one discriminator step per generator step (``n_critic=1``).
         grad_clip: gradient-norm clip of each network (None: off).
+        ema: decay per generator update of an average of the generator's weights, which then draws the
+            samples (Yazici et al., arXiv:1806.04498: a GAN's generator oscillates around its equilibrium,
+            and the average sits nearer it); 0: off, the last weights draw them.
     """
 
     latent_dim: int = 64
@@ -212,6 +217,7 @@ class AdversarialConfig(ModelConfig):
     drift: float = 1e-3
     n_critic: int = 5
     loss: str = "wgan-gp"
+    ema: float = 0.0
 
     renamed: ClassVar[dict[str, str]] = {"gan_loss": "loss"}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"loss": ("wgan-gp", "bce")}
@@ -223,6 +229,8 @@ class AdversarialConfig(ModelConfig):
             raise ConfigError(f"{where}: betas must be two numbers, got {self.betas!r}")
         if self.n_critic < 1:
             raise ConfigError(f"{where}: n_critic must be >= 1, got {self.n_critic}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"{where}: ema must be in [0, 1), got {self.ema}")
 
 
 class AdversarialShowerModel(ShowerModel):
@@ -246,6 +254,7 @@ class AdversarialShowerModel(ShowerModel):
 
     generator: nn.Module
     critic: nn.Module
+    generator_average: nn.Module | None  # set by init_generator_average (a class default would hide the module)
 
     # -- to be provided by subclasses --
     def generate(self, z: Tensor, c: Tensor) -> Tensor:
@@ -273,6 +282,26 @@ class AdversarialShowerModel(ShowerModel):
         return {}
 
     # -- shared machinery --
+    def init_generator_average(self) -> None:
+        """With ``ema``: a copy of the generator that keeps the average of its weights (subclasses call this
+        once they have built ``self.generator``, so that saved runs hold it from the start)."""
+        average = copy.deepcopy(self.generator).requires_grad_(False) if self.config.ema > 0 else None
+        self.generator_average = average
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Within: ``self.generator`` is the weight average (with ``ema``), so that sampling and its ONNX
+        export draw from it; training steps outside use the live generator."""
+        if self.generator_average is None:
+            yield
+            return
+        live = self.generator
+        self.generator = self.generator_average
+        try:
+            yield
+        finally:
+            self.generator = live
+
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
@@ -317,7 +346,8 @@ class AdversarialShowerModel(ShowerModel):
     @torch.no_grad()
     def sample(self, c: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Model-space showers (B, V), one per condition row of c (B, C)."""
-        return self.generate(self._latent(c.shape[0], c, generator), c)
+        with self.averaged():
+            return self.generate(self._latent(c.shape[0], c, generator), c)
 
     def noise_dim(self) -> int:
         return int(self.latent_dim)
@@ -331,7 +361,8 @@ class AdversarialShowerModel(ShowerModel):
         """The generator applied to latent z (B, latent_dim) and conditions c."""
         if options:
             raise ValueError(f"model {self.name!r} takes no sampling options, got {sorted(options)}")
-        return self.generate(z, c)
+        with self.averaged():
+            return self.generate(z, c)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """``[generator Adam, critic Adam, *auxiliary_optimizers()]`` (lr, betas from the config)."""
@@ -386,6 +417,8 @@ class AdversarialShowerModel(ShowerModel):
             total.backward()
         self._clip(self.generator)
         opt.step()
+        if self.generator_average is not None:
+            ema_update(self.generator_average, self.generator, self.config.ema, step // self.config.n_critic)
         logs = {"loss_generator": float(total.detach()), "generator_adv": float(g_loss.detach())}
         logs.update({k: float(v.detach()) for k, v in penalties.items()})
         return logs
@@ -708,6 +741,7 @@ class WGANGP(AdversarialShowerModel):
                            if net == "conv" else DenseCritic(H, C, hidden, depth))
         #: the network kind in use: "mlp", "layers" or "conv" (``net`` with "auto" resolved)
         self.net_kind: str = net
+        self.init_generator_average()
 
         ch = cfg.constrainer_hidden
         self.pos_cols: list[int] = position_columns(spec) if cfg.position_constrainer else []
