@@ -32,7 +32,9 @@ Design after Paganini, de Oliveira, Nachman, arXiv:1712.10321 (and 1705.02355):
   ``relu(gate + gain * noise) * magnitude``, the magnitudes a softmax over log outputs, the noise one
   Gaussian per cell; whether a cell is hit and how much it holds are separate outputs, started at the
   real showers' per-cell hit rates and mean log shares. On calogan-3layer (10k showers, 12 CPU-min) that
-  took the sparsities from 0.13-0.45 to <= 0.07 and 13 / 12 of the paper's 16 observables to 15 / 15.
+  took the sparsities from 0.13-0.45 to <= 0.07 and 13 / 12 of the paper's 16 observables to 15 / 15; with
+  the energies undequantised (:meth:`CaloGAN.undequantise`) and ``ema`` (the adversarial base's weight
+  average) all 16 for both particles (docs/model_quality.md).
 - **Discriminator** per-layer feature extractors (MLPs here, LAGAN-style convolutions and
   locally connected layers in the paper: with 3x96, 12x12 and 12x6 cells a dense layer, which
   holds a locally connected one as a special case, costs little on CPU), the paper's observables
