@@ -119,13 +119,12 @@ def _gate_init(frac: Tensor) -> Tensor:
     at ``Phi^-1`` of each cell's hit rate (unit noise then hits it as often), the log magnitudes at its mean
     log share when hit (cells never hit: 2 below the smallest)."""
     hit = frac > 0
-    rate = hit.float().mean(0).clamp(0.002, 0.998)
-    gates = torch.distributions.Normal(0.0, 1.0).icdf(rate)
-    logs = torch.where(hit, torch.log(frac.clamp_min(1e-30)), torch.zeros_like(frac)).sum(0)
+    gates = torch.special.ndtri(hit.float().mean(0).clamp(0.002, 0.998))
     n_hit = hit.sum(0)
-    log_mag = torch.where(n_hit > 0, logs / n_hit.clamp_min(1), torch.full_like(logs, float("nan")))
-    floor = log_mag.nan_to_num(nan=float("inf")).min() - 2.0 if bool((n_hit > 0).any()) else torch.tensor(0.0)
-    return torch.cat([gates, log_mag.nan_to_num(nan=float(floor))])
+    log_mag = torch.where(hit, torch.log(frac.clamp_min(1e-30)), 0.0).sum(0) / n_hit.clamp_min(1)
+    seen = n_hit > 0
+    floor = log_mag[seen].min() - 2.0 if bool(seen.any()) else log_mag.new_zeros(())
+    return torch.cat([gates, torch.where(seen, log_mag, floor)])
 
 
 class CaloGANGenerator(nn.Module):
