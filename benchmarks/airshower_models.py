@@ -20,7 +20,10 @@ Steps:
 4. score with the validation suite (``evaluate``: separation power of Xmax, dE/dX_max and the other
    profile observables, classifier AUCs on low-level (log E, profile / E) and high-level features, with
    the reference-vs-reference floor), per primary and on the mixture, and compare <Xmax> and RMS(Xmax)
-   per primary and energy bin (:func:`fastshower.airshower.compare_xmax_moments`);
+   per primary and energy bin (:func:`fastshower.airshower.compare_xmax_moments`); on the mixture, the
+   downstream check (``evaluate --downstream``: energy and Xmax reconstruction and a p-against-Fe
+   classifier trained on half the test profiles, applied to the other half and to the generated ones;
+   module :mod:`fastshower.validate.downstream_profiles`);
 5. time generation (ms per profile, batch 10k, 1 thread) beside the reference's seconds per shower
    (benchmarks/results/airshower_speed.json).
 
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=20000)
     ap.add_argument("--no-fill", action="store_true", help="train on raw profiles (zero below ground)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--note", default="2 CPU cores shared with other jobs, nice'd; wall-clock numbers are pessimistic",
+                    help="what else ran on the machine (written to the JSON)")
     args = ap.parse_args()
     results = Path(args.out)
     torch.set_num_threads(1)
@@ -179,8 +184,7 @@ def main() -> None:
             test_n[p] = sf.n
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": 1,
-                    "note": "2 CPU cores shared with other jobs (a 13.5 GB streaming benchmark ran alongside), "
-                            "nice'd; wall-clock numbers are pessimistic"},
+                    "note": args.note},
         "data": {"train": {"n": n_train, **merged_attrs}, "test_n": test_n,
                  "energy": "1e17-1e19 eV log-uniform", "zenith": "0-65 deg, uniform in cos^2",
                  "generator": "fastshower CONEX-like hybrid (SIBYLL-2.3d)",
@@ -211,8 +215,11 @@ def main() -> None:
         for key in cands:
             r = evaluate(refs[key], cands[key], work / f"eval_{model}_{key}",
                          metrics=["separation_power", "classifier_low", "classifier_high"], seed=0,
-                         floor=key == "mixture", progress=False, config=cfg, report=False)
+                         floor=key == "mixture", progress=False, config=cfg, report=key == "mixture",
+                         downstream=key == "mixture")
             m["validation"][key] = _scores(r)
+            if key == "mixture":  # issue "Seed systems" item 5: what an analysis reconstructs from the profiles
+                m["downstream"] = r["downstream"]
             print(key, m["validation"][key], flush=True)
         m["xmax_moments"] = compare_xmax_moments(test_file, cands["mixture"])
         m["generation_speed"] = _speed(run_dir, test_file)

@@ -436,7 +436,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "MSE of E_tot/E_inc and layer energies); the three files must be independent (default: none)")
     e.add_argument("--downstream", action="store_true",
                    help="downstream reconstruction check: an energy regressor trained on half the reference, "
-                   "its bias and resolution per energy bin on the other half and on the candidate")
+                   "its bias and resolution per energy bin on the other half and on the candidate (air-shower "
+                   "profiles: energy and Xmax reconstruction and a p-against-Fe classifier)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -24,7 +24,7 @@ discrete training energies (Belle II's 0.5-2.5 GeV, the toy's 1, 2, 5 GeV) it th
 shower to the nearest training energy: the held-out resolution comes out far too good (and
 non-Gaussian), and a candidate with 10 % too much energy showed +2 % bias instead of +10 %. The
 shape features carry the energy dependence of the response (depth, leakage) without that prior.
-Calorimeter showers only: an air-shower profile has no E_tot in MeV of the same meaning.
+Calorimeter showers; air-shower profiles have their own check (:mod:`fastshower.validate.downstream_profiles`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DownstreamConfig", "downstream_features", "downstream_study", "response_stats"]
+__all__ = ["DownstreamConfig", "deviation_stats", "difference", "downstream_features", "downstream_study",
+           "response_stats"]
 
 #: observables left out of the features: divided by E_inc (the target would leak)
 _LEAKING = ("E_tot/E_inc",)
@@ -83,20 +84,25 @@ def downstream_features(obs: np.ndarray, names: list[str]) -> tuple[np.ndarray, 
     return np.stack(cols, axis=1), e_tot, fnames
 
 
-def response_stats(ratio: np.ndarray, min_n: int) -> dict[str, float]:
-    """Bias and resolution of reconstructed / true energies ``ratio`` (n,): ``n``, ``bias`` =
-    mean - 1 and its error std / sqrt(n), ``resolution`` = std and its error std / sqrt(2 (n - 1));
-    NaN below ``min_n`` showers."""
-    n = len(ratio)
+def deviation_stats(delta: np.ndarray, min_n: int) -> dict[str, float]:
+    """Bias and resolution of deviations ``delta`` (n,) from the truth: ``n``, ``bias`` = mean and its
+    error std / sqrt(n), ``resolution`` = std and its error std / sqrt(2 (n - 1)); NaN below ``min_n``."""
+    n = len(delta)
     if n < max(min_n, 2):
         return {"n": n, "bias": math.nan, "bias_error": math.nan, "resolution": math.nan,
                 "resolution_error": math.nan}
-    sd = float(np.std(ratio, ddof=1))
-    return {"n": n, "bias": float(np.mean(ratio) - 1), "bias_error": sd / math.sqrt(n), "resolution": sd,
+    sd = float(np.std(delta, ddof=1))
+    return {"n": n, "bias": float(np.mean(delta)), "bias_error": sd / math.sqrt(n), "resolution": sd,
             "resolution_error": sd / math.sqrt(2 * (n - 1))}
 
 
-def _difference(ref: dict[str, float], cand: dict[str, float]) -> dict[str, float]:
+def response_stats(ratio: np.ndarray, min_n: int) -> dict[str, float]:
+    """:func:`deviation_stats` of reconstructed / true energies ``ratio`` (n,): bias = mean - 1,
+    resolution = std."""
+    return deviation_stats(np.asarray(ratio, np.float64) - 1.0, min_n)
+
+
+def difference(ref: dict[str, float], cand: dict[str, float]) -> dict[str, float]:
     """Candidate minus reference of bias and resolution, errors in quadrature, significance = diff / error."""
     out: dict[str, float] = {}
     for key in ("bias", "resolution"):
@@ -174,9 +180,9 @@ def _assemble(per_side: dict[str, tuple[list[dict[str, Any]], dict[str, float]]]
         row: dict[str, Any] = {"label": r["label"], "energy_mean_gev": r["energy_mean_gev"]}
         row.update({f"reference_{k}": v for k, v in r.items() if k not in row})
         row.update({f"candidate_{k}": v for k, v in c.items() if k not in row})
-        row.update(_difference(r, c))
+        row.update(difference(r, c))
         rows.append(row)
     overall = {**{f"reference_{k}": v for k, v in ref_all.items()},
-               **{f"candidate_{k}": v for k, v in cand_all.items()}, **_difference(ref_all, cand_all)}
+               **{f"candidate_{k}": v for k, v in cand_all.items()}, **difference(ref_all, cand_all)}
     return {"regressor": "HistGradientBoostingRegressor of E_inc / E_tot; E_pred = E_tot x factor",
             "features": fnames, "n_train": n_train, "per_energy": rows, "all": overall}

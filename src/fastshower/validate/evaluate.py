@@ -997,7 +997,7 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     result.update(_scores(plan, sums_ref, sub_ref, cand, sub_cand, cfg, seed, floor, progress))
     result.update(_studies(rf, cf, plan, studies, seed))
     if studies.downstream:
-        result["downstream"] = _downstream(plan, sub_ref, sub_cand, seed)
+        result["downstream"] = _downstream(rf, cf, plan, sub_ref, sub_cand, seed)
     result.update(_settings(plan, cfg, t0))
     result = _write_metrics(out_dir, result)
     if report:
@@ -1005,13 +1005,24 @@ def _evaluate_open_files(rf: ShowerFile, cf: ShowerFile, plan: _Plan, out_dir: P
     return result
 
 
-def _downstream(plan: _Plan, sub_ref: _Subsample, sub_cand: _Subsample, seed: int) -> dict[str, Any]:
-    """The downstream reconstruction check (module downstream) on the observables of both in-memory
-    subsamples (the reference's rows are in random order, so its first half trains the regressor)."""
+def _downstream(rf: ShowerFile, cf: ShowerFile, plan: _Plan, sub_ref: _Subsample, sub_cand: _Subsample,
+                seed: int) -> dict[str, Any]:
+    """The downstream reconstruction check: for calorimeters (module downstream) on the observables of both
+    in-memory subsamples (the reference's rows are in random order, so its first half trains the regressor);
+    for air-shower profiles (module downstream_profiles) on the files, which hold the zenith and primary."""
     from fastshower.validate.downstream import DownstreamConfig, downstream_study
 
     if plan.geometry.profile is not None:
-        return {"error": "calorimeter showers only (air-shower profiles: not implemented)"}
+        from fastshower.validate.downstream_profiles import (
+            ProfileDownstreamConfig,
+            ProfileDownstreamInputError,
+            profile_downstream_from_files,
+        )
+
+        try:
+            return profile_downstream_from_files(rf.path, cf.path, plan.geometry, ProfileDownstreamConfig(), seed)
+        except ProfileDownstreamInputError as exc:
+            return {"error": str(exc)}
     names = observable_names(plan.geometry)
     # the subsample keeps log10(E_inc / MeV) as the low-level classifier's first feature
     sides = [(s.high, 10.0 ** s.low[:, 0].astype(np.float64), s.ebin) for s in (sub_ref, sub_cand)]
@@ -1119,7 +1130,10 @@ EvaluationResultSchema: dict[str, str] = {
     "downstream": "(downstream=True) energy regressor (E_inc / E_tot from shape observables) trained on half the "
     "reference subsample: per_energy and all: reference_* (held-out half) and candidate_* n, bias = mean(E_pred / "
     "E_inc) - 1, resolution = std(E_pred / E_inc), their errors; bias/resolution_difference (candidate - "
-    "reference), _error, _significance; features, n_train",
+    "reference), _error, _significance; features, n_train. Air-shower profiles (module downstream_profiles): the "
+    "energy table as above for E_pred = E_cal x factor (bias = median - 1, resolution = half the 16-84 % interval), "
+    "xmax: the same for Xmax_rec - Xmax (g/cm^2), classifier: p-against-Fe AUC on the held-out reference and the "
+    "candidate, their difference, error and significance",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

@@ -469,9 +469,10 @@ def amplification_figure(path: str, amp: dict) -> None:
     plt.close(fig)
 
 
-def downstream_figure(path: str, down: dict) -> None:
-    """Bias and resolution of the downstream energy regressor against mean E_inc (GeV) per energy
-    bin, held-out reference and candidate (top), and candidate - reference (bottom)."""
+def downstream_figure(path: str, down: dict, quantity: str = "E_pred / E_inc") -> None:
+    """Bias and resolution of a downstream reconstruction against mean E_inc (GeV) per energy bin,
+    held-out reference and candidate (top), and candidate - reference (bottom). ``quantity``: what the
+    rows' bias and resolution are of ("E_pred / E_inc": mean - 1 and std; else its text labels the axes)."""
     rows = down["per_energy"]
     e = np.array([r["energy_mean_gev"] if r["energy_mean_gev"] is not None else np.nan for r in rows], dtype=float)
     fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
@@ -485,7 +486,10 @@ def downstream_figure(path: str, down: dict) -> None:
                                 label=f"{side}" + (" (held out)" if side == "reference" else ""))
         axes[1, j].errorbar(e, col(f"{key}_difference"), col(f"{key}_difference_error"), fmt="bD", ms=4)
         axes[1, j].axhline(0, color="grey", lw=0.8)
-        axes[0, j].set_ylabel("mean(E_pred / E_inc) - 1" if key == "bias" else "std(E_pred / E_inc)")
+        if quantity == "E_pred / E_inc":
+            axes[0, j].set_ylabel("mean(E_pred / E_inc) - 1" if key == "bias" else "std(E_pred / E_inc)")
+        else:
+            axes[0, j].set_ylabel(f"{key} of {quantity}")
         axes[1, j].set_ylabel("cand. - ref.")
         axes[1, j].set_xlabel("E_inc [GeV]")
         axes[1, j].set_xscale("log")

@@ -297,6 +297,14 @@ DOWNSTREAM_HOW_TO = (
     "candidate - reference, significance = difference / its error. A good candidate is reconstructed like Monte "
     "Carlo: differences within about 3 errors.")
 
+#: the air-shower version (module downstream_profiles)
+PROFILE_DOWNSTREAM_HOW_TO = (
+    "Three reconstructions trained on half of the reference profiles as a fluorescence detector would see them "
+    "(dE/dX in 20 g/cm^2 bins with 5 % noise): the energy (E_cal x a predicted invisible-energy factor), Xmax, and "
+    "a p-against-Fe classifier; applied to the other half and to the candidate. Bias = median, resolution = half "
+    "the 16-84 % interval (bootstrap errors); a good candidate is reconstructed like Monte Carlo: differences "
+    "within about 3 errors, the same AUC.")
+
 
 def _downstream_html(down: dict[str, Any]) -> list[str]:
     """The downstream reconstruction table (per energy bin and all bins), or its error, or nothing."""
@@ -304,10 +312,23 @@ def _downstream_html(down: dict[str, Any]) -> list[str]:
         return []
     if "per_energy" not in down:
         return ["<h2>Downstream reconstruction</h2>", f"<p class='note'>{html.escape(str(down.get('error')))}</p>"]
-    rows = [[r.get(k) for k in _DOWNSTREAM_COLUMNS] for r in down["per_energy"]]
-    rows.append(["all"] + [down["all"].get(k) for k in _DOWNSTREAM_COLUMNS[1:]])
-    return ["<h2>Downstream reconstruction</h2>", _table(list(_DOWNSTREAM_COLUMNS), rows),
-            f"<p class='note'>{html.escape(DOWNSTREAM_HOW_TO)}</p>"]
+    parts = ["<h2>Downstream reconstruction</h2>"]
+    tables = [("", down)]
+    if "xmax" in down:  # air-shower profiles: energy and Xmax tables, and the primary classifier
+        tables = [("<h3>Energy, E_pred / E (median - 1, half the 16-84 % interval)</h3>", down),
+                  ("<h3>Xmax, Xmax_rec - Xmax in g/cm^2 (median, half the 16-84 % interval)</h3>", down["xmax"])]
+    for title, t in tables:
+        rows = [[r.get(k) for k in _DOWNSTREAM_COLUMNS] for r in t["per_energy"]]
+        rows.append(["all"] + [t["all"].get(k) for k in _DOWNSTREAM_COLUMNS[1:]])
+        parts += ([title] if title else []) + [_table(list(_DOWNSTREAM_COLUMNS), rows)]
+    clf = down.get("classifier", {})
+    if "reference_auc" in clf:
+        parts.append(f"<p>Primary classifier (p against Fe, trained on the reference): AUC "
+                     f"{_fmt(clf['reference_auc'], 3)} ± {_fmt(clf['reference_auc_error'], 2)} on held-out reference, "
+                     f"{_fmt(clf['candidate_auc'], 3)} ± {_fmt(clf['candidate_auc_error'], 2)} on the candidate "
+                     f"(difference {_fmt(clf['auc_significance'], 2)} sigma).</p>")
+    how = PROFILE_DOWNSTREAM_HOW_TO if "xmax" in down else DOWNSTREAM_HOW_TO
+    return [*parts, f"<p class='note'>{html.escape(how)}</p>"]
 
 
 def _slug(text: str) -> str:
@@ -465,10 +486,18 @@ def _study_figures(plots: Path, result: dict[str, Any]) -> list[Figure]:
                            + AMPLIFICATION_HOW_TO, "Studies"))
     down = result.get("downstream")
     if down and "per_energy" in down:
-        P.downstream_figure(str(plots / "downstream.png"), down)
+        profiles = "xmax" in down
+        P.downstream_figure(str(plots / "downstream.png"), down, "E_pred / E - 1" if profiles else "E_pred / E_inc")
         figs.append(Figure("downstream.png", "<b>Downstream reconstruction</b>: bias and resolution of the energy "
                            "regressor trained on the reference, on held-out reference (black) and candidate (red) "
-                           "showers per energy bin, and their difference. " + DOWNSTREAM_HOW_TO, "Studies", wide=True))
+                           "showers per energy bin, and their difference. "
+                           + (PROFILE_DOWNSTREAM_HOW_TO if profiles else DOWNSTREAM_HOW_TO), "Studies", wide=True))
+    if down and "xmax" in down and "per_energy" in down["xmax"]:
+        P.downstream_figure(str(plots / "downstream_xmax.png"), down["xmax"], "Xmax_rec - Xmax [g/cm^2]")
+        figs.append(Figure("downstream_xmax.png", "<b>Downstream Xmax reconstruction</b>: median and half the "
+                           "16-84 % interval of Xmax_rec - Xmax on held-out reference (black) and candidate (red) "
+                           "profiles per energy bin, and their difference. " + PROFILE_DOWNSTREAM_HOW_TO, "Studies",
+                           wide=True))
     return figs
 
 
