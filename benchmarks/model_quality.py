@@ -226,7 +226,9 @@ def ensure_reference(path: Path, geometry: str, particle: str, energy: str, n: i
                        resume=path.exists(), progress=False)
         info["seconds"] = round(res.seconds, 1)
         info["ms_per_shower"] = round(1e3 * res.seconds_per_shower, 2)
-    with ShowerFile(path) as f:
+    with ShowerFile(path) as f:  # the file's own seed and chunking (a file made elsewhere may differ)
+        info["seed"] = int(f.attrs.get("seed", seed))
+        info["chunk_size"] = int(f.attrs.get("chunk_size", chunk_size))
         info["generator"] = str(f.attrs.get("generator", ""))
         info["physics"] = str(f.attrs.get("physics", ""))
         info["n"] = f.n

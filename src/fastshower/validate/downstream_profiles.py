@@ -264,14 +264,17 @@ def profile_downstream_study(ref: _Sample, cand: _Sample, cfg: ProfileDownstream
     if half < 50:
         return {"error": f"too few reference profiles ({len(order)}) for the downstream check"}
     samples = {"train": _subset(ref, order[:half]), "reference": _subset(ref, order[half:]), "candidate": cand}
+    # a profile without observed energy cannot be reconstructed (a generated one could be empty)
+    samples = {k: _subset(s, np.flatnonzero(s.observed.sum(axis=1) > 0)) for k, s in samples.items()}
     feats = {k: _features(s, cfg.bin_width) for k, s in samples.items()}
     (x_tr, ecal_tr), s_tr = feats["train"], samples["train"]
-    energy_model = _boosted("regressor", cfg, seed).fit(x_tr[:, [0, *range(2, x_tr.shape[1])]], s_tr.energy / ecal_tr)
+    shape_only = [0, *range(2, x_tr.shape[1])]  # the energy factor without log10 E_cal: no energy prior enters
+    energy_model = _boosted("regressor", cfg, seed).fit(x_tr[:, shape_only], s_tr.energy / ecal_tr)
     xmax_model = _boosted("regressor", cfg, seed).fit(x_tr, s_tr.xmax)
     energy, xmax, tests = {}, {}, {}
     for side in ("reference", "candidate"):
         (x, ecal), s = feats[side], samples[side]
-        energy[side] = (ecal * energy_model.predict(x[:, [0, *range(2, x.shape[1])]]) / s.energy, s.energy)
+        energy[side] = (ecal * energy_model.predict(x[:, shape_only]) / s.energy, s.energy)
         xmax[side] = (xmax_model.predict(x) - s.xmax, s.energy)
         tests[side] = (x, s.ln_a)
     edges = np.asarray(cfg.log10_e_edges, np.float64)
@@ -280,7 +283,9 @@ def profile_downstream_study(ref: _Sample, cand: _Sample, cfg: ProfileDownstream
         "observation": {"bin_width_g_cm2": cfg.bin_width, "relative_noise": cfg.noise},
         "regressor": "HistGradientBoostingRegressor of E / E_cal from cos(zenith) and the observed profile / E_cal; "
                      "E_pred = E_cal x factor",
-        "n_train": int(half), **_table(energy, edges, cfg, True, seed),
+        "n_train": len(samples["train"].energy),
+        "n_candidate_empty": len(cand.energy) - len(samples["candidate"].energy),
+        **_table(energy, edges, cfg, True, seed),
         "xmax": {"regressor": "HistGradientBoostingRegressor of Xmax (full profile) from the observed profile, "
                               "log10 E_cal and cos(zenith); deviation Xmax_rec - Xmax in g/cm^2",
                  **_table(xmax, edges, cfg, False, seed)},
