@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=6.0, help="training budget per run, CPU-minutes")
     ap.add_argument("--probe-steps", type=int, default=30)
     ap.add_argument("--truth-n", type=int, default=None, help="truth showers M (default: the preset's)")
+    ap.add_argument("--wait-truth", action="store_true",
+                    help="a truth file that exists but is incomplete is being written by another process: wait")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--workdir", required=True)
@@ -125,17 +127,21 @@ def main() -> None:
                    "method": "arXiv:2008.06545, quantile-binned MSE per incident-energy bin (evaluate --amplification)",
                    "machine": mq.machine_info()})
     result.setdefault("runs", {})
-    truth = work / "truth.h5"
-    n_truth, truth_seed = p["truth"]
-    result["truth"] = mq.ensure_reference(truth, p["geometry"], p["particle"], p["energy"], args.truth_n or n_truth,
-                                          truth_seed, p["chunk"])
     label = args.label or args.model
     config = {"hparams": args.hparams} if args.hparams else None
-    for n in args.n_train:
+    rows = {}
+    for n in args.n_train:  # training first: it needs only its own file, the truth may still be simulated
         train_path, tinfo = _train_file(work, p, n)
         key = f"{label}-N{n}-{args.minutes:g}min"
-        row = {"model": args.model, "hparams": args.hparams or {}, "train_file": tinfo}
-        row.update(_run(work, args, args.model, config, key, train_path))
+        rows[key] = (train_path, {"model": args.model, "hparams": args.hparams or {}, "train_file": tinfo,
+                                  **_run(work, args, args.model, config, key, train_path)})
+    truth = work / "truth.h5"
+    n_truth = args.truth_n or p["truth"][0]
+    while args.wait_truth and truth.exists() and not mq.complete(truth, n_truth):
+        time.sleep(20)  # another process is writing it
+    result["truth"] = mq.ensure_reference(truth, p["geometry"], p["particle"], p["energy"], n_truth, p["truth"][1],
+                                          p["chunk"])
+    for key, (train_path, row) in rows.items():
         row.update(_study(work, args, truth, train_path, key, p["energy"]))
         a = row["amplification"]
         mq.log(f"{key}: amplification {a['amplification']:.3g} (asymptotic {a['amplification_asymptotic']:.3g}), "
@@ -144,7 +150,6 @@ def main() -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
-
 
 if __name__ == "__main__":
     main()

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits  # a requirement of scikit-learn
 
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile, primary_ln_a
-from fastshower.validate.downstream import difference
+from fastshower.validate.downstream import OneThread, difference
 from fastshower.validate.observables import profile_shape
 
 __all__ = ["ProfileDownstreamConfig", "ProfileDownstreamInputError", "auc_with_error", "observed_profiles",
@@ -172,29 +171,8 @@ def _boosted(kind: str, cfg: ProfileDownstreamConfig, seed: int) -> Any:
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
     cls = HistGradientBoostingClassifier if kind == "classifier" else HistGradientBoostingRegressor
-    return _OneThread(cls(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
+    return OneThread(cls(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
                early_stopping=False, random_state=seed))
-
-
-class _OneThread:
-    """A scikit-learn estimator fitted and applied on one OpenMP thread: on this 2-core machine with other
-    jobs running, the default two threads spin-waited the profile check from 6.7 s to 611 s."""
-
-    def __init__(self, est: Any) -> None:
-        self.est = est
-
-    def fit(self, x: np.ndarray, y: np.ndarray) -> _OneThread:
-        with threadpool_limits(limits=1, user_api="openmp"):
-            self.est.fit(x, y)
-        return self
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        with threadpool_limits(limits=1, user_api="openmp"):
-            return np.asarray(self.est.predict(x))
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        with threadpool_limits(limits=1, user_api="openmp"):
-            return np.asarray(self.est.predict_proba(x))
 
 
 def _classifier(train: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]],
