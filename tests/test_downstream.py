@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fastshower.validate.downstream import DownstreamConfig, downstream_study, response_stats
+from fastshower.validate.downstream import (
+    DownstreamConfig,
+    DownstreamInputError,
+    downstream_study,
+    particle_condition,
+    particle_features,
+    particle_study,
+    particle_study_from_files,
+    response_stats,
+)
 from fastshower.validate.observables import compute_observables, observable_names
 from toy_showers import make_toy_file, tiny_geometry, toy_showers
 
@@ -77,4 +87,53 @@ def test_cli_evaluate_downstream(tmp_path, capsys: pytest.CaptureFixture[str]) -
     assert (out / "plots" / "downstream.png").stat().st_size > 0
     page = (out / "report.html").read_text()
     assert "Downstream reconstruction" in page and "bias_difference" in page
+    capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def two_particles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Merged toy files of two 'particles' that overlap (showers of 40 hits, labelled 0, and of 60, labelled 1):
+    a reference, an independent one, and one with the labels exchanged."""
+    from fastshower.io import merge_files
+
+    d, geo = tmp_path_factory.mktemp("particles"), tiny_geometry()
+    out = {}
+    for name, seeds, values in (("ref", (1, 2), (0.0, 1.0)), ("mc", (3, 4), (0.0, 1.0)),
+                                ("swapped", (5, 6), (1.0, 0.0))):
+        parts = [make_toy_file(d / f"{name}_{k}.h5", geo, 1500, seed=s, position=False, n_hits=h)
+                 for k, s, h in (("a", seeds[0], 40), ("b", seeds[1], 60))]
+        labels = {str(p): v for p, v in zip(parts, values, strict=True)}
+        out[name] = merge_files(parts, d / f"{name}.h5", condition_values=labels)
+    return out
+
+
+def test_particle_classifier_agrees_on_mc_and_sees_swapped_labels(two_particles: dict[str, Path]) -> None:
+    cfg = DownstreamConfig(max_iter=50)
+    mc = particle_study_from_files(two_particles["ref"], two_particles["mc"], None, "primary", cfg, 0)
+    assert mc["classes"] == [0.0, 1.0] and 0.6 < mc["reference_auc"] < 0.99  # the two overlap
+    assert all(abs(r["efficiency_significance"]) < 3.5 for r in mc["per_class"])
+    sw = particle_study_from_files(two_particles["ref"], two_particles["swapped"], None, "primary", cfg, 0)
+    assert sw["candidate_auc"] == pytest.approx(1 - sw["reference_auc"], abs=0.05)
+    assert all(r["efficiency_significance"] < -10 for r in sw["per_class"])
+
+
+def test_particle_classifier_needs_labels(tmp_path: Path) -> None:
+    f = make_toy_file(tmp_path / "one.h5", tiny_geometry(), 100, seed=1, position=False)
+    assert particle_condition(["position"]) is None and particle_condition(["zenith", "primary"]) == "primary"
+    with pytest.raises(DownstreamInputError, match="no 'primary' condition"):
+        particle_features(f, None, "primary", 100)
+    x, y = np.zeros((10, 3)), np.zeros(10)
+    assert "error" in particle_study((x, y), (x, y), DownstreamConfig(), 0)  # one particle: nothing to classify
+
+
+def test_cli_evaluate_downstream_identifies_particles(two_particles: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from fastshower.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--reference", str(two_particles["ref"]), "--candidate", str(two_particles["mc"]),
+                 "--out", str(out), "--quiet", "--metrics", "separation_power", "--downstream"]) == 0
+    pc = json.loads((out / "metrics.json").read_text())["downstream"]["particle_classifier"]
+    assert pc["condition"] == "primary" and len(pc["per_class"]) == 2
+    assert "Particle identification" in (out / "report.html").read_text()
     capsys.readouterr()

@@ -12,12 +12,11 @@ import pytest
 
 from fastshower.airshower import write_synthetic_profiles
 from fastshower.validate import downstream_profiles as dp
+from fastshower.validate.downstream import auc_with_error, robust_stats
 from fastshower.validate.downstream_profiles import (
     ProfileDownstreamConfig,
-    auc_with_error,
     observed_profiles,
     profile_downstream_from_files,
-    robust_stats,
 )
 
 CFG = ProfileDownstreamConfig(max_iter=100)

@@ -31,13 +31,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits  # a requirement of scikit-learn
 
-__all__ = ["DownstreamConfig", "OneThread", "deviation_stats", "difference", "downstream_features", "downstream_study",
-           "response_stats"]
+from fastshower.errors import FastshowerError
+from fastshower.geometry import Geometry
+from fastshower.io import ShowerFile
+from fastshower.validate.observables import compute_observables, observable_names
+
+__all__ = ["PARTICLE_CONDITIONS", "DownstreamConfig", "DownstreamInputError", "OneThread", "auc_with_error",
+           "deviation_stats", "difference", "downstream_features", "downstream_study", "particle_condition",
+           "particle_features", "particle_study", "particle_study_from_files", "response_stats", "robust_stats"]
 
 #: observables left out of the features: divided by E_inc (the target would leak)
 _LEAKING = ("E_tot/E_inc",)
@@ -134,6 +141,42 @@ class OneThread:
             return np.asarray(self.est.predict_proba(x))
 
 
+def auc_with_error(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """ROC AUC of ``scores`` (n,) for binary ``labels`` (n,) and its Hanley-McNeil (1982) standard error."""
+    from sklearn.metrics import roc_auc_score
+
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    if n1 == 0 or n0 == 0:
+        return math.nan, math.nan
+    a = float(roc_auc_score(labels, scores))
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+    return a, math.sqrt(max(var, 0.0))
+
+
+def robust_stats(delta: np.ndarray, min_n: int, rng: np.random.Generator, n_boot: int = 200) -> dict[str, float]:
+    """Bias and resolution of deviations ``delta`` (n,) that resist outliers: ``bias`` = median, ``resolution`` =
+    half the 16-84 % interval (the sd of a Gaussian), each with the sd of ``n_boot`` bootstrap resamples as its
+    error; NaN below ``min_n``.
+
+    Why not mean and sd: a few showers reconstructed far off (steep, late showers) set the sd. Two independent
+    300-profile Monte Carlo samples gave energy resolutions (sd) of 0.034 and 0.049 with Gaussian errors of
+    0.0014-0.002, a 5 sigma difference between Monte Carlo and itself; their 68 % half-widths were 0.026-0.029."""
+    n = len(delta)
+    if n < max(min_n, 2):
+        return {"n": n, "bias": math.nan, "bias_error": math.nan, "resolution": math.nan,
+                "resolution_error": math.nan}
+
+    def both(v: np.ndarray) -> np.ndarray:
+        q16, q50, q84 = np.percentile(v, [15.865, 50.0, 84.135], axis=-1)
+        return np.stack([q50, (q84 - q16) / 2])
+
+    boot = both(delta[rng.integers(0, n, size=(n_boot, n))])
+    (bias, res), (bias_err, res_err) = both(delta), boot.std(axis=1, ddof=1)
+    return {"n": n, "bias": float(bias), "bias_error": float(bias_err), "resolution": float(res),
+            "resolution_error": float(res_err)}
+
+
 def _fit(x: np.ndarray, factor: np.ndarray, cfg: DownstreamConfig, seed: int) -> Any:
     """The regressor of the correction factor (n,) from features ``x`` (n, d), seeded, least squares."""
     from sklearn.ensemble import HistGradientBoostingRegressor
@@ -208,3 +251,86 @@ def _assemble(per_side: dict[str, tuple[list[dict[str, Any]], dict[str, float]]]
                **{f"candidate_{k}": v for k, v in cand_all.items()}, **difference(ref_all, cand_all)}
     return {"regressor": "HistGradientBoostingRegressor of E_inc / E_tot; E_pred = E_tot x factor",
             "features": fnames, "n_train": n_train, "per_energy": rows, "all": overall}
+
+
+# --- particle identification (files with several particles) ---------------------------------------------
+
+#: conditions that name each shower's particle in a merged file (``fastshower merge`` adds "primary")
+PARTICLE_CONDITIONS = ("particle", "primary")
+
+
+class DownstreamInputError(FastshowerError, ValueError):
+    """A file the particle check cannot use (no particle condition): one line naming it."""
+
+
+def particle_condition(names: list[str]) -> str | None:
+    """The condition among ``names`` that labels each shower's particle, or None."""
+    return next((c for c in PARTICLE_CONDITIONS if c in names), None)
+
+
+def particle_features(path: str | Path, geometry: Geometry | None, condition: str, max_rows: int,
+                      chunk_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier features (n, 1 + d) and particle labels (n,) of a file's first ``max_rows`` showers.
+
+    The features are what an analysis measures: log10 E_tot / MeV and :func:`downstream_features` (no E_inc);
+    the labels are the ``condition`` values (one per shower, e.g. ln A or a code given to ``merge``)."""
+    feats, labels = [], []
+    with ShowerFile(path, geometry) as f:
+        if condition not in f.condition_names:
+            raise DownstreamInputError(f"{path}: no {condition!r} condition to tell its particles apart")
+        geo, names = f.geometry, observable_names(f.geometry)
+        for b in f.iter_chunks(chunk_rows, stop=min(f.n, max_rows)):
+            obs = compute_observables(b.showers.astype(np.float64), b.energies, geo)
+            x, e_tot, _ = downstream_features(np.stack([np.asarray(obs[k]) for k in names], axis=1), names)
+            with np.errstate(divide="ignore"):
+                feats.append(np.concatenate([np.log10(e_tot)[:, None], x], axis=1))
+            labels.append(np.asarray(b.conditions[condition], np.float64)[:, 0].round(6))
+    x = np.concatenate(feats)
+    return np.where(np.isfinite(x), x, np.nan), np.concatenate(labels)
+
+
+def particle_study(ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, np.ndarray], cfg: DownstreamConfig,
+                   seed: int) -> dict[str, Any]:
+    """A particle classifier trained on half of the reference (features (n, d), labels (n,)), applied to the other
+    half and to the candidate: per particle the efficiency (the fraction classified as itself, binomial error)
+    on each side and the difference (Agresti-Coull errors); with two particles also the ROC AUC (Hanley-McNeil
+    errors)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    classes = np.unique(ref[1])
+    if len(classes) < 2:
+        return {"error": f"the reference holds one particle ({classes.tolist()}): nothing to classify"}
+    order = np.random.default_rng([seed, 34]).permutation(len(ref[1]))
+    half = len(order) // 2
+    train, held = order[:half], order[half:]
+    model = OneThread(HistGradientBoostingClassifier(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate,
+                                                     max_leaf_nodes=cfg.max_leaf_nodes, early_stopping=False,
+                                                     random_state=seed)).fit(ref[0][train], ref[1][train])
+    out: dict[str, Any] = {"classes": classes.tolist(), "n_train": int(half), "per_class": []}
+    sides = {"reference": (ref[0][held], ref[1][held]), "candidate": cand}
+    proba = {k: model.predict_proba(x) for k, (x, _) in sides.items()}
+    for j, c in enumerate(classes):
+        row: dict[str, Any] = {"class": float(c)}
+        for side, (_, y) in sides.items():
+            mine = y == c
+            n, k = int(mine.sum()), int((proba[side][mine].argmax(axis=1) == j).sum())
+            p_ac = (k + 2) / (n + 4)  # Agresti-Coull: an error that stays > 0 at 0 % and 100 %
+            row.update({f"{side}_n": n, f"{side}_efficiency": k / n if n else math.nan,
+                        f"{side}_efficiency_error": math.sqrt(p_ac * (1 - p_ac) / (n + 4))})
+        d = row["candidate_efficiency"] - row["reference_efficiency"]
+        err = math.hypot(row["candidate_efficiency_error"], row["reference_efficiency_error"])
+        row.update({"efficiency_difference": d, "efficiency_significance": d / err if err > 0 else math.nan})
+        out["per_class"].append(row)
+    if len(classes) == 2:
+        for side, (_, y) in sides.items():
+            out[f"{side}_auc"], out[f"{side}_auc_error"] = auc_with_error(y == classes[1], proba[side][:, 1])
+    return out
+
+
+def particle_study_from_files(reference: str | Path, candidate: str | Path, geometry: Geometry | None,
+                              condition: str, cfg: DownstreamConfig, seed: int,
+                              max_rows: int = 20_000) -> dict[str, Any]:
+    """:func:`particle_study` on two calorimeter files labelled by ``condition`` (their first ``max_rows`` each)."""
+    ref = particle_features(reference, geometry, condition, max_rows)
+    cand = particle_features(candidate, geometry, condition, max_rows)
+    return {"condition": condition, **particle_study(ref, cand, cfg, seed)}

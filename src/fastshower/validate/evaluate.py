@@ -1010,7 +1010,13 @@ def _downstream(rf: ShowerFile, cf: ShowerFile, plan: _Plan, sub_ref: _Subsample
     """The downstream reconstruction check: for calorimeters (module downstream) on the observables of both
     in-memory subsamples (the reference's rows are in random order, so its first half trains the regressor);
     for air-shower profiles (module downstream_profiles) on the files, which hold the zenith and primary."""
-    from fastshower.validate.downstream import DownstreamConfig, downstream_study
+    from fastshower.validate.downstream import (
+        DownstreamConfig,
+        DownstreamInputError,
+        downstream_study,
+        particle_condition,
+        particle_study_from_files,
+    )
 
     if plan.geometry.profile is not None:
         from fastshower.validate.downstream_profiles import (
@@ -1026,7 +1032,15 @@ def _downstream(rf: ShowerFile, cf: ShowerFile, plan: _Plan, sub_ref: _Subsample
     names = observable_names(plan.geometry)
     # the subsample keeps log10(E_inc / MeV) as the low-level classifier's first feature
     sides = [(s.high, 10.0 ** s.low[:, 0].astype(np.float64), s.ebin) for s in (sub_ref, sub_cand)]
-    return downstream_study(sides[0], sides[1], names, list(plan.labels), DownstreamConfig(), seed)
+    out = downstream_study(sides[0], sides[1], names, list(plan.labels), DownstreamConfig(), seed)
+    condition = particle_condition(rf.condition_names)
+    if condition is not None:  # a file of several particles: their identification too (issue 20 item 5)
+        try:
+            out["particle_classifier"] = particle_study_from_files(rf.path, cf.path, plan.geometry, condition,
+                                                                   DownstreamConfig(), seed)
+        except DownstreamInputError as exc:
+            out["particle_classifier"] = {"error": str(exc)}
+    return out
 
 
 def _studies(rf: ShowerFile, cf: ShowerFile, plan: _Plan, studies: _Studies, seed: int) -> dict[str, Any]:
@@ -1133,7 +1147,9 @@ EvaluationResultSchema: dict[str, str] = {
     "reference), _error, _significance; features, n_train. Air-shower profiles (module downstream_profiles): the "
     "energy table as above for E_pred = E_cal x factor (bias = median - 1, resolution = half the 16-84 % interval), "
     "xmax: the same for Xmax_rec - Xmax (g/cm^2), classifier: p-against-Fe AUC on the held-out reference and the "
-    "candidate, their difference, error and significance",
+    "candidate, their difference, error and significance. particle_classifier (files with a particle or primary "
+    "condition): classes, per_class reference_/candidate_ efficiency (classified as itself) with errors, "
+    "efficiency_difference and _significance; with two classes reference_/candidate_auc and errors",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 

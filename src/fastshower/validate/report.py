@@ -306,6 +306,23 @@ PROFILE_DOWNSTREAM_HOW_TO = (
     "within about 3 errors, the same AUC.")
 
 
+def _particle_html(pc: dict[str, Any]) -> list[str]:
+    """The particle-identification table of a file of several particles (or its error, or nothing)."""
+    if not pc:
+        return []
+    if "per_class" not in pc:
+        return [f"<p class='note'>Particle classifier: {html.escape(str(pc.get('error')))}</p>"]
+    cols = ["class", "reference_n", "candidate_n", "reference_efficiency", "candidate_efficiency",
+            "efficiency_difference", "efficiency_significance"]
+    auc = (f" AUC {_fmt(pc['reference_auc'], 3)} (held-out reference), {_fmt(pc['candidate_auc'], 3)} (candidate)."
+           if "reference_auc" in pc else "")
+    return [f"<h3>Particle identification (condition {html.escape(pc['condition'])})</h3>",
+            _table(cols, [[r.get(k) for k in cols] for r in pc["per_class"]]),
+            "<p class='note'>A classifier of the particle (gradient-boosted trees on log E_tot and the shape "
+            "observables) trained on half of the reference; efficiency = the fraction of each particle's showers "
+            f"classified as that particle.{auc}</p>"]
+
+
 def _downstream_html(down: dict[str, Any]) -> list[str]:
     """The downstream reconstruction table (per energy bin and all bins), or its error, or nothing."""
     if not down:
@@ -321,6 +338,7 @@ def _downstream_html(down: dict[str, Any]) -> list[str]:
         rows = [[r.get(k) for k in _DOWNSTREAM_COLUMNS] for r in t["per_energy"]]
         rows.append(["all"] + [t["all"].get(k) for k in _DOWNSTREAM_COLUMNS[1:]])
         parts += ([title] if title else []) + [_table(list(_DOWNSTREAM_COLUMNS), rows)]
+    parts += _particle_html(down.get("particle_classifier", {}))
     clf = down.get("classifier", {})
     if "reference_auc" in clf:
         parts.append(f"<p>Primary classifier (p against Fe, trained on the reference): AUC "
