@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
+from matplotlib.ticker import NullFormatter
 
 from fastshower.geometry import Geometry
 from fastshower.validate.metrics import Binning
@@ -493,6 +494,7 @@ def downstream_figure(path: str, down: dict, quantity: str = "E_pred / E_inc") -
         axes[1, j].set_ylabel("cand. - ref.")
         axes[1, j].set_xlabel("E_inc [GeV]")
         axes[1, j].set_xscale("log")
+        axes[1, j].xaxis.set_minor_formatter(NullFormatter())  # "3x10^0 4x10^0" crowded the axis
         axes[0, j].legend(fontsize=8)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.11, top=0.97, wspace=0.25, hspace=0.08)
     fig.savefig(path, dpi=100)
