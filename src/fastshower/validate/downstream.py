@@ -92,13 +92,17 @@ def downstream_features(obs: np.ndarray, names: list[str]) -> tuple[np.ndarray, 
     return np.stack(cols, axis=1), e_tot, fnames
 
 
+def _no_stats(n: int) -> dict[str, float]:
+    """The stats of a sample too small to have them (``n`` showers)."""
+    return {"n": n, "bias": math.nan, "bias_error": math.nan, "resolution": math.nan, "resolution_error": math.nan}
+
+
 def deviation_stats(delta: np.ndarray, min_n: int) -> dict[str, float]:
     """Bias and resolution of deviations ``delta`` (n,) from the truth: ``n``, ``bias`` = mean and its
     error std / sqrt(n), ``resolution`` = std and its error std / sqrt(2 (n - 1)); NaN below ``min_n``."""
     n = len(delta)
     if n < max(min_n, 2):
-        return {"n": n, "bias": math.nan, "bias_error": math.nan, "resolution": math.nan,
-                "resolution_error": math.nan}
+        return _no_stats(n)
     sd = float(np.std(delta, ddof=1))
     return {"n": n, "bias": float(np.mean(delta)), "bias_error": sd / math.sqrt(n), "resolution": sd,
             "resolution_error": sd / math.sqrt(2 * (n - 1))}
@@ -164,8 +168,7 @@ def robust_stats(delta: np.ndarray, min_n: int, rng: np.random.Generator, n_boot
     0.0014-0.002, a 5 sigma difference between Monte Carlo and itself; their 68 % half-widths were 0.026-0.029."""
     n = len(delta)
     if n < max(min_n, 2):
-        return {"n": n, "bias": math.nan, "bias_error": math.nan, "resolution": math.nan,
-                "resolution_error": math.nan}
+        return _no_stats(n)
 
     def both(v: np.ndarray) -> np.ndarray:
         q16, q50, q84 = np.percentile(v, [15.865, 50.0, 84.135], axis=-1)
