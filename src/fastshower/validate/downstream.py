@@ -40,10 +40,11 @@ from threadpoolctl import threadpool_limits  # a requirement of scikit-learn
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile
+from fastshower.validate.metrics import auc_error
 from fastshower.validate.observables import compute_observables, observable_names
 
 __all__ = ["PARTICLE_CONDITIONS", "DownstreamConfig", "DownstreamInputError", "OneThread", "auc_with_error",
-           "deviation_stats", "difference", "downstream_features", "downstream_study", "particle_condition",
+           "boosted", "deviation_stats", "difference", "downstream_features", "downstream_study", "particle_condition",
            "particle_features", "particle_study", "particle_study_from_files", "response_stats", "robust_stats"]
 
 #: observables left out of the features: divided by E_inc (the target would leak)
@@ -114,10 +115,12 @@ def response_stats(ratio: np.ndarray, min_n: int) -> dict[str, float]:
     return deviation_stats(np.asarray(ratio, np.float64) - 1.0, min_n)
 
 
-def difference(ref: dict[str, float], cand: dict[str, float]) -> dict[str, float]:
-    """Candidate minus reference of bias and resolution, errors in quadrature, significance = diff / error."""
+def difference(ref: dict[str, float], cand: dict[str, float],
+               keys: tuple[str, ...] = ("bias", "resolution")) -> dict[str, float]:
+    """Candidate minus reference of each of ``keys`` (each with a ``<key>_error``), errors in quadrature,
+    significance = difference / its error."""
     out: dict[str, float] = {}
-    for key in ("bias", "resolution"):
+    for key in keys:
         d, err = cand[key] - ref[key], math.hypot(cand[f"{key}_error"], ref[f"{key}_error"])
         out[f"{key}_difference"], out[f"{key}_difference_error"] = d, err
         out[f"{key}_significance"] = d / err if err > 0 else math.nan
@@ -146,16 +149,14 @@ class OneThread:
 
 
 def auc_with_error(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """ROC AUC of ``scores`` (n,) for binary ``labels`` (n,) and its Hanley-McNeil (1982) standard error."""
+    """ROC AUC of ``scores`` (n,) for binary ``labels`` (n,) and its Hanley-McNeil standard error."""
     from sklearn.metrics import roc_auc_score
 
     n1, n0 = int(labels.sum()), int((~labels).sum())
     if n1 == 0 or n0 == 0:
         return math.nan, math.nan
     a = float(roc_auc_score(labels, scores))
-    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
-    return a, math.sqrt(max(var, 0.0))
+    return a, auc_error(a, n1, n0)
 
 
 def robust_stats(delta: np.ndarray, min_n: int, rng: np.random.Generator, n_boot: int = 200) -> dict[str, float]:
@@ -180,14 +181,15 @@ def robust_stats(delta: np.ndarray, min_n: int, rng: np.random.Generator, n_boot
             "resolution_error": float(res_err)}
 
 
-def _fit(x: np.ndarray, factor: np.ndarray, cfg: DownstreamConfig, seed: int) -> Any:
-    """The regressor of the correction factor (n,) from features ``x`` (n, d), seeded, least squares."""
-    from sklearn.ensemble import HistGradientBoostingRegressor
+def boosted(kind: str, cfg: Any, seed: int) -> OneThread:
+    """A seeded gradient-boosted ``kind`` ("classifier" or "regressor", least squares) on one thread, with
+    ``cfg``'s ``max_iter``, ``learning_rate`` and ``max_leaf_nodes`` (no early stopping: every fit is
+    reproducible from the seed)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    model = HistGradientBoostingRegressor(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate,
-                                          max_leaf_nodes=cfg.max_leaf_nodes, early_stopping=False,
-                                          random_state=seed)
-    return OneThread(model).fit(x, factor)
+    cls = HistGradientBoostingClassifier if kind == "classifier" else HistGradientBoostingRegressor
+    return OneThread(cls(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
+                         early_stopping=False, random_state=seed))
 
 
 def _rows(ratio: np.ndarray, ebin: np.ndarray, e_inc: np.ndarray, labels: list[str],
@@ -228,7 +230,7 @@ def downstream_study(ref: tuple[np.ndarray, np.ndarray, np.ndarray], cand: tuple
     n_cand = len(samples["candidate"][0])
     if n_train < cfg.min_train or n_cand == 0:
         return {"error": f"too few showers with deposits (reference {len(x)}, candidate {n_cand})"}
-    model = _fit(x[:n_train], e_inc[:n_train] / e_tot[:n_train], cfg, seed)
+    model = boosted("regressor", cfg, seed).fit(x[:n_train], e_inc[:n_train] / e_tot[:n_train])
     evals = {"reference": tuple(a[n_train:] for a in samples["reference"]), "candidate": samples["candidate"]}
     per_side = {}
     for side, (xs, et, ei, eb) in evals.items():
@@ -298,17 +300,13 @@ def particle_study(ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, n
     half and to the candidate: per particle the efficiency (the fraction classified as itself, binomial error)
     on each side and the difference (Agresti-Coull errors); with two particles also the ROC AUC (Hanley-McNeil
     errors)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
     classes = np.unique(ref[1])
     if len(classes) < 2:
         return {"error": f"the reference holds one particle ({classes.tolist()}): nothing to classify"}
     order = np.random.default_rng([seed, 34]).permutation(len(ref[1]))
     half = len(order) // 2
     train, held = order[:half], order[half:]
-    model = OneThread(HistGradientBoostingClassifier(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate,
-                                                     max_leaf_nodes=cfg.max_leaf_nodes, early_stopping=False,
-                                                     random_state=seed)).fit(ref[0][train], ref[1][train])
+    model = boosted("classifier", cfg, seed).fit(ref[0][train], ref[1][train])
     out: dict[str, Any] = {"classes": classes.tolist(), "n_train": int(half), "per_class": []}
     sides = {"reference": (ref[0][held], ref[1][held]), "candidate": cand}
     proba = {k: model.predict_proba(x) for k, (x, _) in sides.items()}
@@ -320,9 +318,9 @@ def particle_study(ref: tuple[np.ndarray, np.ndarray], cand: tuple[np.ndarray, n
             p_ac = (k + 2) / (n + 4)  # Agresti-Coull: an error that stays > 0 at 0 % and 100 %
             row.update({f"{side}_n": n, f"{side}_efficiency": k / n if n else math.nan,
                         f"{side}_efficiency_error": math.sqrt(p_ac * (1 - p_ac) / (n + 4))})
-        d = row["candidate_efficiency"] - row["reference_efficiency"]
-        err = math.hypot(row["candidate_efficiency_error"], row["reference_efficiency_error"])
-        row.update({"efficiency_difference": d, "efficiency_significance": d / err if err > 0 else math.nan})
+        eff = {side: {"efficiency": row[f"{side}_efficiency"], "efficiency_error": row[f"{side}_efficiency_error"]}
+               for side in sides}
+        row.update(difference(eff["reference"], eff["candidate"], ("efficiency",)))
         out["per_class"].append(row)
     if len(classes) == 2:
         for side, (_, y) in sides.items():

@@ -33,7 +33,7 @@ import numpy as np
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile, primary_ln_a
-from fastshower.validate.downstream import OneThread, auc_with_error, difference, robust_stats
+from fastshower.validate.downstream import auc_with_error, boosted, difference, robust_stats
 from fastshower.validate.observables import profile_shape
 
 __all__ = ["ProfileDownstreamConfig", "ProfileDownstreamInputError", "observed_profiles",
@@ -130,15 +130,6 @@ def _features(s: _Sample, bin_width: float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(np.isfinite(x), x, np.nan), e_cal
 
 
-def _boosted(kind: str, cfg: ProfileDownstreamConfig, seed: int) -> Any:
-    """A seeded gradient-boosted ``kind`` ("classifier" or "regressor") with the config's settings."""
-    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-
-    cls = HistGradientBoostingClassifier if kind == "classifier" else HistGradientBoostingRegressor
-    return OneThread(cls(max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
-               early_stopping=False, random_state=seed))
-
-
 def _classifier(train: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.ndarray, np.ndarray]],
                 cfg: ProfileDownstreamConfig, seed: int) -> dict[str, Any]:
     """p-against-Fe AUC on each test side; train/tests: (features, ln A) with only p and Fe rows used."""
@@ -149,17 +140,15 @@ def _classifier(train: tuple[np.ndarray, np.ndarray], tests: dict[str, tuple[np.
     xt, yt = pick(*train)
     if yt.all() or not yt.any():
         return {"error": "the reference needs both p and Fe profiles for the primary classifier"}
-    model = _boosted("classifier", cfg, seed).fit(xt, yt)
+    model = boosted("classifier", cfg, seed).fit(xt, yt)
     out: dict[str, Any] = {"classifier": "HistGradientBoostingClassifier, Fe = 1", "n_train": len(yt)}
     for side, (x, ln_a) in tests.items():
         xs, ys = pick(x, ln_a)
         out[f"{side}_n"] = len(ys)
         out[f"{side}_auc"], out[f"{side}_auc_error"] = (auc_with_error(ys, model.predict_proba(xs)[:, 1])
                                                           if len(ys) else (math.nan, math.nan))
-    d, err = out["candidate_auc"] - out["reference_auc"], math.hypot(out["candidate_auc_error"],
-                                                                     out["reference_auc_error"])
-    out.update({"auc_difference": d, "auc_difference_error": err,
-                "auc_significance": d / err if err > 0 else math.nan})
+    auc = {side: {"auc": out[f"{side}_auc"], "auc_error": out[f"{side}_auc_error"]} for side in tests}
+    out.update(difference(auc["reference"], auc["candidate"], ("auc",)))
     return out
 
 
@@ -211,8 +200,8 @@ def profile_downstream_study(ref: _Sample, cand: _Sample, cfg: ProfileDownstream
     feats = {k: _features(s, cfg.bin_width) for k, s in samples.items()}
     (x_tr, ecal_tr), s_tr = feats["train"], samples["train"]
     shape_only = [0, *range(2, x_tr.shape[1])]  # the energy factor without log10 E_cal: no energy prior enters
-    energy_model = _boosted("regressor", cfg, seed).fit(x_tr[:, shape_only], s_tr.energy / ecal_tr)
-    xmax_model = _boosted("regressor", cfg, seed).fit(x_tr, s_tr.xmax)
+    energy_model = boosted("regressor", cfg, seed).fit(x_tr[:, shape_only], s_tr.energy / ecal_tr)
+    xmax_model = boosted("regressor", cfg, seed).fit(x_tr, s_tr.xmax)
     energy, xmax, tests = {}, {}, {}
     for side in ("reference", "candidate"):
         (x, ecal), s = feats[side], samples[side]

@@ -43,6 +43,7 @@ __all__ = [
     "MomentAccumulator",
     "ResolutionFit",
     "SupportSize",
+    "auc_error",
     "binned_w1",
     "binomial_fraction",
     "birthday_support_size",
@@ -413,7 +414,7 @@ class ClassifierResult:
         return d
 
 
-def _auc_error(auc: float, n_pos: int, n_neg: int) -> float:
+def auc_error(auc: float, n_pos: int, n_neg: int) -> float:
     """Hanley & McNeil (1982) standard error of the AUC."""
     if n_pos == 0 or n_neg == 0:
         return math.nan
@@ -541,7 +542,7 @@ def _classifier_score(reference: np.ndarray, candidate: np.ndarray, seed: int, h
     jsd_err = float(0.5 * math.sqrt(a.var(ddof=1) / max(n_pos, 1) + b.var(ddof=1) / max(n_neg, 1))) \
         if n_pos > 1 and n_neg > 1 else math.nan
     return ClassifierResult(
-        auc=auc, auc_error=_auc_error(auc, n_pos, n_neg), jsd=jsd, jsd_error=jsd_err, best_epoch=best_epoch,
+        auc=auc, auc_error=auc_error(auc, n_pos, n_neg), jsd=jsd, jsd_error=jsd_err, best_epoch=best_epoch,
         n_train=len(i_tr), n_test=len(i_te), n_validation=len(i_va),
         validation_proba=pc, validation_label=yv.astype(np.int8), validation_index=i_va,
     )
