@@ -34,6 +34,7 @@ import numpy as np
 from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile
+from fastshower.validate.metrics import energy_bin_index
 from fastshower.validate.observables import layer_energies
 
 __all__ = [
@@ -100,13 +101,6 @@ def amplification_features(path: str | Path, geometry: Geometry | None, chunk_si
             energies.append(e)
     names = ["E_tot/E_inc"] + ([f"E_layer_{i}/E_inc" for i in range(geo.n_layers)] if geo.n_layers > 1 else [])
     return np.concatenate(feats), np.concatenate(energies), names
-
-
-def _energy_bins(e: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Energy-bin index (n,) of energies ``e`` (n,) MeV for bin edges (K+1,) MeV; -1 outside."""
-    k = np.searchsorted(edges, e, side="right") - 1
-    k[e == edges[-1]] = len(edges) - 2  # the top edge belongs to the last bin
-    return np.where((k >= 0) & (k < len(edges) - 1), k, -1)
 
 
 def _codes(x: np.ndarray, kbin: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -230,16 +224,16 @@ def amplification_study(ref: tuple[np.ndarray, np.ndarray], train: tuple[np.ndar
         The dict of metrics.json's ``amplification`` key (see the module docstring).
     """
     n_bins = len(energy_edges) - 1
-    cells = quantile_cells(ref[0], _energy_bins(ref[1], energy_edges), n_bins, cfg)
-    codes = {k: _codes(x, _energy_bins(e, energy_edges), cells.edges) for k, (x, e) in (("train", train),
+    cells = quantile_cells(ref[0], energy_bin_index(ref[1], energy_edges), n_bins, cfg)
+    codes = {k: _codes(x, energy_bin_index(e, energy_edges), cells.edges) for k, (x, e) in (("train", train),
                                                                                       ("generated", gen))}
-    filled = [np.bincount(_energy_bins(e, energy_edges)[_energy_bins(e, energy_edges) >= 0], minlength=n_bins) > 0
-              for _, e in (train, gen)]
+    kbins = [energy_bin_index(e, energy_edges) for _, e in (train, gen)]
+    filled = [np.bincount(k[k >= 0], minlength=n_bins) > 0 for k in kbins]
     bins = np.flatnonzero(cells.used & filled[0] & filled[1])
     if len(bins) == 0:
         return {"error": "no energy bin holds training, generated and enough reference showers"}
     rng = np.random.default_rng([seed, 20])
-    n_ref = int(np.isin(_energy_bins(ref[1], energy_edges), bins).sum())
+    n_ref = int(np.isin(energy_bin_index(ref[1], energy_edges), bins).sum())
     # the showers of the energy bins compared; the others do not enter any MSE
     codes = {k: c[np.isin(c[:, 0] // (c.shape[1] * cfg.n_quantiles), bins)] for k, c in codes.items()}
     curves = {k: mse_curve(c, cells, bins, cfg, rng) for k, c in codes.items()}

@@ -34,6 +34,7 @@ from fastshower.errors import FastshowerError
 from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile, primary_ln_a
 from fastshower.validate.downstream import auc_with_error, boosted, difference, robust_stats
+from fastshower.validate.metrics import energy_bin_index
 from fastshower.validate.observables import profile_shape
 
 __all__ = ["ProfileDownstreamConfig", "ProfileDownstreamInputError", "observed_profiles",
@@ -164,13 +165,13 @@ def _table(values: dict[str, tuple[np.ndarray, np.ndarray]], edges: np.ndarray, 
     def stats(v: np.ndarray) -> dict[str, float]:
         return robust_stats(v - 1.0 if ratio else v, cfg.min_per_bin, rng)
 
+    kbin = {side: energy_bin_index(np.log10(e), edges) for side, (_, e) in values.items()}
     rows = []
     for j in range(len(edges) - 1):
         row: dict[str, Any] = {"label": f"10^{edges[j]:.3g}-10^{edges[j + 1]:.3g} eV"}
         per = {}
         for side, (v, e) in values.items():
-            lg = np.log10(e)
-            m = (lg >= edges[j]) & ((lg < edges[j + 1]) | ((j == len(edges) - 2) & (lg == edges[-1])))
+            m = kbin[side] == j
             per[side] = stats(v[m])
             row.setdefault("energy_mean_gev", float(e[m].mean() / 1e9) if m.any() else math.nan)
             row.update({f"{side}_{k}": val for k, val in per[side].items()})
@@ -178,9 +179,8 @@ def _table(values: dict[str, tuple[np.ndarray, np.ndarray]], edges: np.ndarray, 
         rows.append(row)
     overall: dict[str, Any] = {}
     sides = {}
-    for side, (v, e) in values.items():
-        lg = np.log10(e)
-        sides[side] = stats(v[(lg >= edges[0]) & (lg <= edges[-1])])
+    for side, (v, _) in values.items():
+        sides[side] = stats(v[kbin[side] >= 0])
         overall.update({f"{side}_{k}": val for k, val in sides[side].items()})
     overall.update(difference(sides["reference"], sides["candidate"]))
     return {"per_energy": rows, "all": overall}

@@ -295,15 +295,6 @@ class _Subsample:
     names: tuple[str, ...] = ()  # the observables' names, the columns of high
 
 
-def _energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Energy-bin index (n,) of ``energies`` (n,) MeV for bins ``edges`` (k + 1,) MeV: the last edge
-    belongs to the last bin, energies outside the edges get -1."""
-    ne = len(edges) - 1
-    eb = np.searchsorted(edges, energies, side="right") - 1
-    eb = np.where(energies == edges[-1], ne - 1, eb)
-    return np.where((eb < 0) | (eb >= ne), -1, eb)
-
-
 def _chunk_rows(geometry: Geometry, cfg: EvaluationConfig) -> int:
     """Showers per chunk: ``cfg.chunk_size``, fewer when rows x V float64 would exceed ``cfg.chunk_bytes``."""
     return int(max(1, min(cfg.chunk_size, cfg.chunk_bytes // (8 * max(geometry.n_voxels, 1)))))
@@ -378,7 +369,7 @@ def _stream(f: ShowerFile, plan: _Plan, n_used: int, keep: np.ndarray, keep_raw:
         s = batch.showers.astype(np.float64)
         e = batch.energies
         obs = compute_observables(s, e, geometry, cfg.threshold, cfg.peak_fraction)
-        eb = _energy_bin_index(e, plan.edges)
+        eb = M.energy_bin_index(e, plan.edges)
         summaries["all"].update(obs, s, e, eb, cfg.threshold)
         half = half_rng.random(len(e)) < 0.5 if half_rng is not None else np.zeros(len(e), bool)
         if half_rng is not None:

@@ -50,6 +50,7 @@ __all__ = [
     "calochallenge_binning",
     "chi2_ndf",
     "classifier_score",
+    "energy_bin_index",
     "fit_resolution",
     "fpd",
     "frechet_distance",
@@ -809,6 +810,15 @@ def birthday_support_size(x: np.ndarray, threshold: float, n_orderings: int = 20
 # ============================================================================================
 # fractions and energy response
 # ============================================================================================
+
+
+def energy_bin_index(energies: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Energy-bin index (n,) of ``energies`` (n,) for bins ``edges`` (k + 1,) in the same unit: the last edge
+    belongs to the last bin, energies outside the edges get -1."""
+    ne = len(edges) - 1
+    eb = np.searchsorted(edges, energies, side="right") - 1
+    eb = np.where(energies == edges[-1], ne - 1, eb)
+    return np.where((eb < 0) | (eb >= ne), -1, eb)
 
 
 def binomial_fraction(k: int, n: int) -> tuple[float, float]:
