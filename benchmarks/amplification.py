@@ -54,9 +54,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _train_file(work: Path, p: dict[str, Any], n: int) -> tuple[Path, dict[str, Any]]:
-    """The Geant4 training file of ``n`` showers (seed: the preset's base + a digit per size)."""
+    """The Geant4 training file of ``n`` showers (seed: the preset's base + the number of digits of ``n``)."""
     path = work / f"train_{n}.h5"
-    seed = p["train_seed"] + len(str(n))  # 1000 -> +4, 10000 -> +5: distinct per size, stable across runs
+    # 1000 -> +4, 10000 -> +5, stable across runs; sizes with as many digits share a seed (nested files), which
+    # the study allows: only the truth must be independent of each training file (its seed is not a base + 1..9)
+    seed = p["train_seed"] + len(str(n))
     return path, mq.ensure_reference(path, p["geometry"], p["particle"], p["energy"], n, seed, p["chunk"])
 
 

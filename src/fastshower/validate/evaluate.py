@@ -1140,7 +1140,7 @@ EvaluationResultSchema: dict[str, str] = {
     "xmax: the same for Xmax_rec - Xmax (g/cm^2), classifier: p-against-Fe AUC on the held-out reference and the "
     "candidate, their difference, error and significance. particle_classifier (files with a particle or primary "
     "condition): classes, per_class reference_/candidate_ efficiency (classified as itself) with errors, "
-    "efficiency_difference and _significance; with two classes reference_/candidate_auc and errors",
+    "efficiency_difference, _error and _significance; with two classes reference_/candidate_auc and errors",
     "binning": "{observable: edges, log, drop_outside, scheme} the fixed binnings used",
 }
 
