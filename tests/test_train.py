@@ -335,3 +335,24 @@ def test_bf16_precision_rounds_the_step_and_keeps_float32_weights(name: str, tin
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ConfigError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
         train(tiny_file, name, tmp_path / "fp16", steps=1, progress=False, config={"train": {"precision": "fp16"}})
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_said_once(tiny_file: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision="bf16" where /proc/cpuinfo lists no bf16 unit: one warning line naming the fix (emulated bf16 was
+    8x slower per step here); none with a listed unit or with fp32."""
+    import fastshower.training as training
+
+    avx2, zen4 = tmp_path / "avx2", tmp_path / "zen4"
+    avx2.write_text("flags\t\t: fpu sse2 avx avx2 fma\n")
+    zen4.write_text("flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16\n")
+    assert not training.native_bf16(avx2) and training.native_bf16(zen4)
+    assert training.native_bf16(tmp_path / "missing")  # not Linux: nothing claimed
+    read = training.native_bf16
+    for cpuinfo, precision, said in ((avx2, "bf16", 1), (zen4, "bf16", 0), (avx2, "fp32", 0)):
+        monkeypatch.setattr(training, "native_bf16", lambda c=cpuinfo: read(c))
+        train(tiny_file, "vae", tmp_path / f"{cpuinfo.name}-{precision}", steps=1, batch_size=32, progress=False,
+              config={"train": {"precision": precision}})
+        err = capsys.readouterr().err
+        assert err.count("without bf16 units") == said, err

@@ -373,7 +373,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     t.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                    help="the step's matrix products in float32 or bfloat16 (autocast; weights stay float32): "
-                        "bf16 was 1.27x faster for layer-fm on a CPU with avx512_bf16 "
+                        "bf16 was 1.27x faster for layer-fm on a CPU with avx512_bf16, 8x slower on one "
+                        "without bf16 units "
                         "(default: the config's, else fp32)")
     t.add_argument("--config", default=None,
                    help="TOML file: model = NAME, [hparams] and [train] tables (default: none, the model's defaults)")

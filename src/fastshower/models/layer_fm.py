@@ -69,6 +69,13 @@ def _identity_map(shape: torch.Size | tuple[int, ...]) -> Tensor:
     return q.expand(*shape[:-2], 2, shape[-1]).clone()
 
 
+def _identity_modes(shape: tuple[int, ...]) -> Tensor:
+    """Tables (..., 3, A) of the identity mode map: the model's and the data's means 0, the spread ratios 1."""
+    out = torch.zeros(*shape[:-1], 3, shape[-1])
+    out[..., 2, :] = 1.0
+    return out
+
+
 def _piecewise_linear(y: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
     """The monotone map through the points (xs, ys) (..., Q) applied to y (...), slope 1 beyond the end points.
 
@@ -214,6 +221,17 @@ class LayerFMConfig(ModelConfig):
             the ODE must break the symmetry itself, and the 60-min par04-ds2 runs did not (depth-summed ring 0 at
             10-30 GeV: dipole power 0.06e-3 against Geant4's 0.51e-3). In the aligned frame 70 % of Geant4's
             dipole power (0.36e-3) is in the mean pattern, which the energy scaler's per-cell means hold.
+        mode_rings: with the ring map (maps "rings", "all") and occupancy="count", the k inner rings get one more
+            post-training map, fitted before the cells' map: per incident-energy knot, layer and ring, each angular
+            Fourier mode (:func:`angular_basis`) of the ring's cell numbers is moved to the data's mean and spread
+            (u -> m_data + (s_data / s_model) (u - m_model)), on rings whose A cells are all hit (the map is fitted
+            on those showers of the data and of the model and applied to those of the model); 0: none. Why: the
+            cells' map pools a ring's cells over angle and keeps each shower's ranks, so it sets each cell's
+            spectrum but not how neighbouring cells vary together, and the 60-min par04-ds2 runs drew the core as
+            white noise over its 16 cells where Geant4's angular power falls from k = 1 to k = 3 (n_peaks of the
+            depth-summed image 5.3 against 4.7, the strongest single high-level observable left). A ring's angular
+            covariance is close to circulant, which Fourier modes diagonalise, so matching each mode's spread is
+            matching the covariance with 16 numbers per ring instead of 136.
     """
 
     stage1_transforms: int = 4
@@ -248,10 +266,12 @@ class LayerFMConfig(ModelConfig):
     layer_knots: int = 0
     stencil: bool = False
     align: bool = False
+    mode_rings: int = 0
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
-                                          "layer_knots": 0, "stencil": False, "align": False}
+                                          "layer_knots": 0, "stencil": False, "align": False,
+                                          "mode_rings": 0}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -493,6 +513,8 @@ class LayerFlowMatching(CaloFlow):
     layer_table: Tensor  # (_MAP_KNOTS, L, 1, 2, _MAP_POINTS) per knot and layer: stage 1's map (maps)
     ring_table: Tensor  # (_MAP_KNOTS [x layer_knots], L, per_ring x R, 2, _MAP_POINTS): shares' (counts') map
     layer_knots: Tensor  # (layer_knots,) standardised log layer fractions of the ring map's second axis
+    mode_table: Tensor  # (_MAP_KNOTS, L, mode_rings, 3, A): per knot, layer and inner ring the mode map (m, m', s)
+    mode_basis: Tensor  # (A, A): angular_basis(A)
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -501,25 +523,7 @@ class LayerFlowMatching(CaloFlow):
         super().__init__(spec, config, with_stage2=False, **overrides)
         cfg = self.config
         self.rings = ring_grid(cfg, spec)
-        if cfg.occupancy == "count" and self.rings is None:
-            raise ValueError("layer-fm occupancy='count' counts the hit cells of each ring: it needs ring shares "
-                             "(a polar readout); use occupancy='none' here")
-        if cfg.maps == "all" and self.rings is not None and cfg.cells == "share" and cfg.occupancy != "count":
-            raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
-                             "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
-        if cfg.fourier_rings and (self.rings is None or not 0 < cfg.fourier_rings <= self.rings[1]):
-            have = f"this readout has {self.rings[1]} rings" if self.rings else "this readout has no ring shares"
-            raise ValueError(f"layer-fm fourier_rings={cfg.fourier_rings} sees that many inner rings as angular "
-                             f"Fourier modes: it needs ring shares (a polar readout) and at most its rings; {have}")
-        if cfg.layer_knots and (cfg.layer_knots < 2 or cfg.maps not in ("rings", "all") or self.rings is None):
-            raise ValueError(f"layer-fm layer_knots={cfg.layer_knots} sets the ring map's knots in the layer energy: "
-                             "it needs at least 2, maps='rings' or 'all' and ring shares (a polar readout); use 0 here")
-        if cfg.align and self.rings is None:
-            raise ValueError("layer-fm align=true turns each shower's angular bins: it needs ring shares (a polar "
-                             "readout); use align=false here")
-        if cfg.stencil and (self.rings is None or not cfg.head_dim or cfg.fourier_rings):
-            raise ValueError("layer-fm stencil=true shows each cell's unit its neighbours on the polar grid: it needs "
-                             "ring shares (a polar readout), head_dim > 0 and fourier_rings=0; use stencil=false here")
+        self._check_options(cfg)
         #: numbers per ring before the cells: its share of the layer, and with occupancy="count" its hit count
         self.per_ring = 2 if cfg.occupancy == "count" else 1
         sizes = (spec.layer_sizes if self.rings is None else
@@ -541,12 +545,43 @@ class LayerFlowMatching(CaloFlow):
             shape = (_MAP_KNOTS * max(cfg.layer_knots, 1), self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
             self.register_buffer("ring_table", _identity_map(shape))
             self.register_buffer("layer_knots", torch.linspace(-2.0, 2.0, max(cfg.layer_knots, 2)), persistent=False)
+        if cfg.mode_rings and self.rings is not None:  # per knot, layer and inner ring: see _fit_mode_map
+            self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings,
+                                                               self.rings[0])))
+            self.register_buffer("mode_basis", angular_basis(self.rings[0]), persistent=False)
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
             return
         self.velocity = ShapeVelocity(spec, cfg, tuple(sizes), self.rings, cfg.fourier_rings)
         if cfg.ema > 0:
             self.ema_velocity = copy.deepcopy(self.velocity).requires_grad_(False)
+
+    def _check_options(self, cfg: LayerFMConfig) -> None:
+        """ValueError, in one line naming the option and what it needs, for options this readout cannot take."""
+        if cfg.occupancy == "count" and self.rings is None:
+            raise ValueError("layer-fm occupancy='count' counts the hit cells of each ring: it needs ring shares "
+                             "(a polar readout); use occupancy='none' here")
+        if cfg.maps == "all" and self.rings is not None and cfg.cells == "share" and cfg.occupancy != "count":
+            raise ValueError("layer-fm maps='all' maps the cells' shares, which needs occupancy='count' (without "
+                             "counts the zero_share cut decides the hits, and the map moves it); use maps='rings'")
+        if cfg.fourier_rings and (self.rings is None or not 0 < cfg.fourier_rings <= self.rings[1]):
+            have = f"this readout has {self.rings[1]} rings" if self.rings else "this readout has no ring shares"
+            raise ValueError(f"layer-fm fourier_rings={cfg.fourier_rings} sees that many inner rings as angular "
+                             f"Fourier modes: it needs ring shares (a polar readout) and at most its rings; {have}")
+        if cfg.layer_knots and (cfg.layer_knots < 2 or cfg.maps not in ("rings", "all") or self.rings is None):
+            raise ValueError(f"layer-fm layer_knots={cfg.layer_knots} sets the ring map's knots in the layer energy: "
+                             "it needs at least 2, maps='rings' or 'all' and ring shares (a polar readout); use 0 here")
+        if cfg.mode_rings and (self.rings is None or cfg.maps not in ("rings", "all") or cfg.occupancy != "count"
+                               or not 0 < cfg.mode_rings <= self.rings[1]):
+            raise ValueError(f"layer-fm mode_rings={cfg.mode_rings} maps the angular modes of that many inner rings: "
+                             "it needs ring shares (a polar readout) with at least that many rings, maps='rings' or "
+                             "'all' and occupancy='count'; use 0 here")
+        if cfg.align and self.rings is None:
+            raise ValueError("layer-fm align=true turns each shower's angular bins: it needs ring shares (a polar "
+                             "readout); use align=false here")
+        if cfg.stencil and (self.rings is None or not cfg.head_dim or cfg.fourier_rings):
+            raise ValueError("layer-fm stencil=true shows each cell's unit its neighbours on the polar grid: it needs "
+                             "ring shares (a polar readout), head_dim > 0 and fourier_rings=0; use stencil=false here")
 
     def noise_dim(self) -> int:
         """Stage-1 latents (one per layer), with ``align`` the turn's number, then one per stage-2 number (V, or
@@ -715,6 +750,8 @@ class LayerFlowMatching(CaloFlow):
             return y
         if "ring_table" in self._buffers:
             y = self.map_rings(y, c, e)
+        if "mode_table" in self._buffers:
+            y = self.map_modes(y, c)
         return self.map_cells(y, c) if self._has_cell_map else y
 
     def map_rings(self, y: Tensor, c: Tensor, e: Tensor | None = None) -> Tensor:
@@ -725,6 +762,30 @@ class LayerFlowMatching(CaloFlow):
         y = y.reshape(y.shape[0], self.n_layers, -1)
         rings = _piecewise_linear(y[:, :, :k], tab[..., 0, :], tab[..., 1, :])
         return torch.cat([rings, y[:, :, k:]], dim=2).reshape(y.shape[0], -1)
+
+    def _full_rings(self, y: Tensor) -> Tensor:
+        """Stage-2 numbers y (B, W) with ring counts -> (B, L, mode_rings) bool: the inner rings whose count is
+        all A cells."""
+        a, r = self.rings or (1, 1)
+        head = y.reshape(y.shape[0], self.n_layers, -1)[:, :, r : 2 * r]
+        return self._counts(head[:, :, : self.config.mode_rings]) >= a
+
+    def _modes(self, cells: Tensor, inverse: bool = False) -> Tensor:
+        """Cells (B, L, A, k) -> their angular modes (B, L, k, A), or with ``inverse`` modes back to cells."""
+        if inverse:
+            return torch.einsum("ma,blkm->blak", self.mode_basis.to(cells.dtype), cells)
+        return torch.einsum("ma,blak->blkm", self.mode_basis.to(cells.dtype), cells)
+
+    def map_modes(self, y: Tensor, c: Tensor) -> Tensor:
+        """Stage-2 numbers y (B, W) with the cells of each fully hit inner ring (``mode_rings``) moved by the
+        calibrated map of its angular modes (tables interpolated at c[:, 0]); other rings as they are."""
+        k = self.config.mode_rings
+        tab = self._tables_at(self.mode_table, c, y.dtype)  # (B, L, k, 3, A)
+        head, cells = split_cells(y, self.n_layers, *(self.rings or (1, 1)))
+        u = self._modes(cells[..., :k])
+        inner = self._modes(tab[..., 1, :] + tab[..., 2, :] * (u - tab[..., 0, :]), inverse=True)
+        inner = torch.where(self._full_rings(y).unsqueeze(2), inner, cells[..., :k])
+        return join_cells(head, torch.cat([inner, cells[..., k:]], dim=3))
 
     def _cells(self, y: Tensor) -> Tensor:
         """The cells' numbers (B, L, A, R) of stage-2 numbers y (B, W) with ring shares."""
@@ -743,7 +804,7 @@ class LayerFlowMatching(CaloFlow):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
-        for name in ("cell_map", "layer_table", "ring_table"):
+        for name in ("cell_map", "layer_table", "ring_table", "mode_table"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -787,6 +848,8 @@ class LayerFlowMatching(CaloFlow):
         for table in (self.ring_table if rings else None, self.cell_map):
             if table is not None:
                 table.copy_(_identity_map(table.shape))
+        if "mode_table" in self._buffers:
+            self.mode_table.copy_(_identity_modes(tuple(self.mode_table.shape[:-2]) + self.mode_table.shape[-1:]))
         # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
@@ -794,6 +857,8 @@ class LayerFlowMatching(CaloFlow):
         data = self.stage2_features(xd, e_data)
         if rings:
             self._fit_ring_map(x, data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data))
+        if "mode_table" in self._buffers:
+            out.update(self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c))
         if not self._has_cell_map:
             return out
         model = self._cells(self.unstandardise2(g2, c, e_model)).float()  # the cells' identity map now
@@ -839,6 +904,46 @@ class LayerFlowMatching(CaloFlow):
         hit = (x > 0).reshape(-1, self.n_layers, a, r).any(2)
         self._fit_ring_tables(self.ring_table[:, :, :r], model.float()[:, :, None], data[:, :, None, :r].float(),
                               hit[:, :, None], c, e, gap=1e-3)
+
+    def _fit_mode_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor) -> dict[str, float]:
+        """The mode map (``mode_rings``) from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the
+        model's ``y`` (B, W, after the ring map) at conditions c (B, C): per energy knot (the showers nearest to
+        it), layer and inner ring, each angular mode's mean and std over the showers whose ring is fully hit, in
+        the data and in the model; a (knot, layer, ring) with fewer than ``_MIN_GROUP`` of either stays the
+        identity. Returns the fraction of (knot, layer, ring) fitted and the mean spread ratio per frequency."""
+        a, r = self.rings or (1, 1)
+        k = self.config.mode_rings
+        full = {"model": self._full_rings(y), "data": (x > 0).reshape(-1, self.n_layers, a, r)[..., :k].all(2)}
+        modes = {"model": self._modes(self._cells(y)[..., :k].float()),
+                 "data": self._modes(self._cells(data)[..., :k].float())}
+        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        fitted = torch.zeros(_MAP_KNOTS, self.n_layers, k, dtype=torch.bool)
+        for knot in range(_MAP_KNOTS):
+            moments, enough = [], torch.ones(self.n_layers, k, dtype=torch.bool)
+            for side in ("model", "data"):
+                w = (full[side] & (near == knot)[:, None, None]).float()  # (B, L, k)
+                n = w.sum(0)
+                mean = (w[..., None] * modes[side]).sum(0) / n.clamp_min(1.0)[..., None]
+                var = (w[..., None] * (modes[side] - mean) ** 2).sum(0) / (n - 1.0).clamp_min(1.0)[..., None]
+                moments.append((mean, var.sqrt()))
+                enough &= n >= _MIN_GROUP
+            (m_model, s_model), (m_data, s_data) = moments
+            ratio = (s_data / s_model.clamp_min(1e-6)).clamp(0.01, 100.0)  # only a degenerate sample reaches these
+            table = torch.stack([m_model, m_data, ratio], dim=2)  # (L, k, 3, A)
+            self.mode_table[knot] = torch.where(enough[..., None, None], table, self.mode_table[knot])
+            fitted[knot] = enough
+        ratios = self.mode_table[..., 2, :][fitted]  # (n fitted, A)
+        for knot in range(_MAP_KNOTS):  # a knot too few showers reach takes the nearest fitted knot's map
+            for other in sorted(range(_MAP_KNOTS), key=lambda j: abs(j - knot), reverse=True):
+                take = fitted[other] & ~fitted[knot]
+                self.mode_table[knot] = torch.where(take[..., None, None], self.mode_table[other],
+                                                    self.mode_table[knot])
+        out = {"mode_map_fitted_fraction": float(fitted.float().mean())}
+        if ratios.numel():  # modes 2k - 1 and 2k are frequency k's cos and sin
+            freq = [0] + [(j + 1) // 2 for j in range(1, a)]
+            for f in sorted(set(freq)):
+                out[f"mode_map_spread_ratio_k{f}"] = float(ratios[:, [j for j in range(a) if freq[j] == f]].mean())
+        return out
 
     def _fit_ring_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor,
                          e: tuple[Tensor, Tensor], gap: float = 0.0) -> None:
