@@ -185,6 +185,8 @@ def test_resume_tops_up_to_the_same_showers(tmp_path: Path) -> None:
     simulate(out=tmp_path / "part.h5", n=50, **kw)  # ends inside chunk 2
     res = simulate(out=tmp_path / "part.h5", n=90, resume=True, **kw)
     assert res.n_new == 40 and res.complete
+    again = simulate(out=tmp_path / "part.h5", n=90, resume=True, **kw)  # complete already: its provenance kept
+    assert again.n_new == 0 and again.complete and again.generator == res.generator != ""
     full, part = _read(tmp_path / "full.h5"), _read(tmp_path / "part.h5")
     np.testing.assert_array_equal(full.showers, part.showers)
     np.testing.assert_array_equal(full.conditions["position"], part.conditions["position"])

@@ -120,8 +120,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         progress=not args.quiet, extra=extra, executor=args.executor, scheduler=args.scheduler,
         fast_sim=_fast_sim(args),
     )
-    print(f"wrote {res.n_written} showers to {res.path} ({res.n_new} new in {res.seconds:.1f} s, "
-          f"{1e3 * res.seconds_per_shower:.1f} ms/shower with {args.jobs} job(s)); generator: {res.generator}")
+    done = (f"{res.n_new} new in {res.seconds:.1f} s, {1e3 * res.seconds_per_shower:.1f} ms/shower with "
+            f"{args.jobs} job(s)" if res.n_new else "it held them already: nothing simulated")
+    print(f"wrote {res.n_written} showers to {res.path} ({done}); generator: {res.generator}")
     if not args.quiet:
         from fastshower.validate.summary import physics_summary
 

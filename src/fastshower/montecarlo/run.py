@@ -627,7 +627,9 @@ def _complete_as_is(plan: _Plan, t0: float) -> SimulationResult:
     """The result for a file that already holds its ``n`` showers (``t0``: the call's start, perf_counter)."""
     with plan.open_writer("", "", resume=True):
         pass  # opening and closing marks it complete
-    return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, "")
+    with ShowerFile(plan.out) as f:  # the provenance of the run that made it
+        generator = str(f.attrs.get("generator", ""))
+    return SimulationResult(plan.out, plan.start, 0, time.perf_counter() - t0, True, generator)
 
 
 def _result(plan: _Plan, sink: _ChunkWriter, failure: str | None, seconds: float) -> SimulationResult:
