@@ -383,6 +383,17 @@ def test_maps_step_from_empty_to_hit_at_the_data_s_rate_and_cut_ring_tails() -> 
 
 
 
+def _scaled(spec: ModelSpec, hp: dict, x: torch.Tensor, c: torch.Tensor) -> LayerFlowMatching:
+    """An untrained layer-fm whose scalers are fitted on x (n, V) at c (n, 1), as the first training step fits
+    them, in eval mode."""
+    model = build_model("layer-fm", spec, hp)
+    assert isinstance(model, LayerFlowMatching)
+    model.train()
+    model.loss(x, c)
+    model.eval()
+    return model
+
+
 def _sparse_last_layer(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Showers (n, 3 x 4 x 3) whose last layer holds k = 1..10 hits of 0.1 % of E_inc each (k uniform): its hit
     count is fixed by its energy, as for ~7 MeV particles in a late Si-W layer; conditions (n, 1)."""
@@ -403,12 +414,8 @@ def test_layer_knots_tie_a_late_layer_s_hit_count_to_its_energy(layer_knots: int
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
     hp = {**SMALL, "occupancy": "count", "maps": "rings", "layer_knots": layer_knots}
-    model = build_model("layer-fm", spec, hp)
-    assert isinstance(model, LayerFlowMatching)
     x, c = _sparse_last_layer(3000)
-    model.train()
-    model.loss(x, c)  # fits the scalers, as the first training step does
-    model.eval()
+    model = _scaled(spec, hp, x, c)
     model.calibrate(x, c, torch.Generator().manual_seed(1))
     with torch.no_grad():
         shower = model.sample(c, torch.Generator().manual_seed(2)).reshape(-1, 3, 12)[:, 2]
@@ -624,12 +631,8 @@ def test_mode_map_gives_the_core_the_data_s_angular_power(mode_rings: int) -> No
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=2, n_alpha=16, n_r=2)
     hp = {**SMALL, "occupancy": "count", "maps": "all", "mode_rings": mode_rings}
-    model = build_model("layer-fm", spec, hp)
-    assert isinstance(model, LayerFlowMatching)
     x, c = _smooth_core(2000)
-    model.train()
-    model.loss(x, c)  # fits the scalers, as the first training step does
-    model.eval()
+    model = _scaled(spec, hp, x, c)
     old_state = {k: v.clone() for k, v in model.state_dict().items() if k != "mode_table"}
     stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
     with torch.no_grad():
