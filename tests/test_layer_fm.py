@@ -404,28 +404,31 @@ def _sparse_last_layer(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(n, -1), torch.rand(n, 1) * 3 - 1.5
 
 
-@pytest.mark.parametrize("layer_knots", [0, 5])
-def test_layer_knots_tie_a_late_layer_s_hit_count_to_its_energy(layer_knots: int) -> None:
+@pytest.mark.parametrize(("layer_knots", "copula"), [(0, False), (5, False), (0, True)])
+def test_layer_knots_tie_a_late_layer_s_hit_count_to_its_energy(layer_knots: int, copula: bool) -> None:
     """A late layer whose hit count is fixed by its energy (data: corr(log energy, count) 0.95): after calibrate,
     the untrained model's count follows the sampled layer energy with layer_knots=5 (corr > 0.6; each ring's count
-    is drawn within a knot's group, independently of the other rings'), not with the ring map per incident energy
-    alone (corr < 0.3: the untrained ODE's counts are blind to it); both keep the data's mean count (5.5) within
-    0.6; refused without ring maps."""
+    is drawn within a knot's group, independently of the other rings'), and with count_copula (corr > 0.6: the
+    rings' counts jointly with the layer energy, every shower of a knot), not with the ring map per incident energy
+    alone (corr < 0.3: the untrained ODE's counts are blind to it); all keep the data's mean count (5.5) within
+    0.6; each option is refused without ring maps."""
     torch.manual_seed(0)
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
-    hp = {**SMALL, "occupancy": "count", "maps": "rings", "layer_knots": layer_knots}
+    hp = {**SMALL, "occupancy": "count", "maps": "rings", "layer_knots": layer_knots, "count_copula": copula}
     x, c = _sparse_last_layer(3000)
     model = _scaled(spec, hp, x, c)
-    model.calibrate(x, c, torch.Generator().manual_seed(1))
+    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
     with torch.no_grad():
         shower = model.sample(c, torch.Generator().manual_seed(2)).reshape(-1, 3, 12)[:, 2]
     energy, count = shower.sum(1), (shower > 0).sum(1).float()
     corr = float(torch.corrcoef(torch.stack([energy.clamp_min(1e-9).log(), count]))[0, 1])
-    assert (corr > 0.6) if layer_knots else (corr < 0.3), corr
+    assert (corr > 0.6) if layer_knots or copula else (corr < 0.3), corr
     assert abs(float(count.mean()) - 5.5) < 0.6, float(count.mean())
-    if layer_knots:
-        with pytest.raises(ValueError, match="layer_knots"):
-            build_model("layer-fm", spec, {**SMALL, "occupancy": "count", "maps": "layers", "layer_knots": 5})
+    if copula:  # the untrained model's counts ignore the layer energy, the data's follow it
+        assert stats["copula_energy_count_corr_model"] < 0.2 < 0.5 < stats["copula_energy_count_corr_data"], stats
+    for option in ({"layer_knots": 5}, {"count_copula": True}) if layer_knots or copula else ():
+        with pytest.raises(ValueError, match=next(iter(option))):
+            build_model("layer-fm", spec, {**SMALL, "occupancy": "count", "maps": "layers", **option})
 
 
 def _identity_tables(shape: torch.Size) -> torch.Tensor:
