@@ -240,17 +240,17 @@ class LayerFMConfig(ModelConfig):
             the ODE must break the symmetry itself, and the 60-min par04-ds2 runs did not (depth-summed ring 0 at
             10-30 GeV: dipole power 0.06e-3 against Geant4's 0.51e-3). In the aligned frame 70 % of Geant4's
             dipole power (0.36e-3) is in the mean pattern, which the energy scaler's per-cell means hold.
-        mode_rings: with the ring map (maps "rings", "all") and occupancy="count", the k inner rings get one more
-            post-training map, fitted before the cells' map: per incident-energy knot, layer and ring, each angular
-            Fourier mode (:func:`angular_basis`) of the ring's cell numbers is moved to the data's mean and spread
-            (u -> m_data + (s_data / s_model) (u - m_model)), on rings whose A cells are all hit (the map is fitted
-            on those showers of the data and of the model and applied to those of the model); 0: none. Why: the
-            cells' map pools a ring's cells over angle and keeps each shower's ranks, so it sets each cell's
-            spectrum but not how neighbouring cells vary together, and the 60-min par04-ds2 runs drew the core as
-            white noise over its 16 cells where Geant4's angular power falls from k = 1 to k = 3 (n_peaks of the
-            depth-summed image 5.3 against 4.7, the strongest single high-level observable left). A ring's angular
-            covariance is close to circulant, which Fourier modes diagonalise, so matching each mode's spread is
-            matching the covariance with 16 numbers per ring instead of 136.
+        mode_rings: with the ring map (maps "rings", "all") and occupancy="count", the k inner rings get one more post-
+            training map, fitted before the cells' map: per incident-energy knot, layer and ring, each angular Fourier
+            mode (:func:`angular_basis`) of the log of the ring's cell shares is moved to the data's mean and spread (u
+            -> m_data + (s_data / s_model) (u - m_model)), on rings whose A cells are all hit (the map is fitted on
+            those showers of the data and of the model and applied to those of the model); 0: none. Why: the cells' map
+            pools a ring's cells over angle and keeps each shower's ranks, so it sets each cell's spectrum but not how
+            neighbouring cells vary together, and the 60-min par04-ds2 runs drew the core as white noise over its 16
+            cells where Geant4's angular power falls from k = 1 to k = 3 (n_peaks of the depth-summed image 5.3 against
+            4.7, the strongest single high-level observable left). A ring's angular covariance is close to circulant,
+            which Fourier modes diagonalise, so matching each mode's spread is matching the covariance with 16 numbers
+            per ring instead of 136.
         count_copula: with the ring map and occupancy="count", one more post-training map, fitted before the ring
             map: per incident-energy knot and layer, the rings' count numbers get the data's dependence on each other
             and on the layer's energy (a Gaussian copula: each number to its normal score under the model's own
@@ -845,10 +845,28 @@ class LayerFlowMatching(CaloFlow):
         k = self.config.mode_rings
         tab = self._tables_at(self.mode_table, c, y.dtype)  # (B, L, k, 3, A)
         head, cells = split_cells(y, self.n_layers, *(self.rings or (1, 1)))
-        u = self._modes(cells[..., :k])
-        inner = self._modes(tab[..., 1, :] + tab[..., 2, :] * (u - tab[..., 0, :]), inverse=True)
+        u = self._modes(self._log_shares(cells[..., :k]))
+        inner = self._from_log_shares(self._modes(tab[..., 1, :] + tab[..., 2, :] * (u - tab[..., 0, :]), inverse=True),
+                                      cells[..., :k])
         inner = torch.where(self._full_rings(y).unsqueeze(2), inner, cells[..., :k])
         return join_cells(head, torch.cat([inner, cells[..., k:]], dim=3))
+
+    def _log_shares(self, cells: Tensor) -> Tensor:
+        """Cell numbers (B, L, A, k) -> the log of each cell's share of its ring, (B, L, A, k). Why this space for
+        the mode map: a fully hit core ring's cells all hold a fair share in Geant4, while the model's faint cells
+        have logits far below, which dominated the spread of logit modes and not the shares' (par04-ds2, 60-min
+        run, layer 8, 10-30 GeV: logit modes 1.5-2.2 times the data's spread, share power at k = 1 half of it)."""
+        if self.config.cells == "energy":
+            return cells - torch.logsumexp(cells, dim=2, keepdim=True)
+        share = self._expit(cells).clamp_min(_TINY)
+        return torch.log(share) - torch.log(share.sum(2, keepdim=True))
+
+    def _from_log_shares(self, log_shares: Tensor, cells: Tensor) -> Tensor:
+        """The inverse of :meth:`_log_shares` (renormalised over the ring), the ring's total taken from the cell
+        numbers ``cells`` it replaces (cells="energy"; shares need none)."""
+        if self.config.cells == "energy":
+            return log_shares - torch.logsumexp(log_shares, dim=2, keepdim=True) + torch.logsumexp(cells, 2, True)
+        return self._logit(torch.softmax(log_shares, dim=2))
 
     def _cells(self, y: Tensor) -> Tensor:
         """The cells' numbers (B, L, A, R) of stage-2 numbers y (B, W) with ring shares."""
@@ -1016,8 +1034,8 @@ class LayerFlowMatching(CaloFlow):
         a, r = self.rings or (1, 1)
         k = self.config.mode_rings
         full = {"model": self._full_rings(y), "data": (x > 0).reshape(-1, self.n_layers, a, r)[..., :k].all(2)}
-        modes = {"model": self._modes(self._cells(y)[..., :k].float()),
-                 "data": self._modes(self._cells(data)[..., :k].float())}
+        modes = {"model": self._modes(self._log_shares(self._cells(y)[..., :k].float())),
+                 "data": self._modes(self._log_shares(self._cells(data)[..., :k].float()))}
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
         fitted = torch.zeros(_MAP_KNOTS, self.n_layers, k, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
