@@ -241,7 +241,7 @@ class LayerFMConfig(ModelConfig):
             10-30 GeV: dipole power 0.06e-3 against Geant4's 0.51e-3). In the aligned frame 70 % of Geant4's
             dipole power (0.36e-3) is in the mean pattern, which the energy scaler's per-cell means hold.
         mode_rings: with the ring map (maps "rings", "all") and occupancy="count", the k inner rings get one more post-
-            training map, fitted before the cells' map: per incident-energy knot, layer and ring, each angular Fourier
+            training map, fitted after the cells' map: per incident-energy knot, layer and ring, each angular Fourier
             mode (:func:`angular_basis`) of the log of the ring's cell shares is moved to the data's mean and spread (u
             -> m_data + (s_data / s_model) (u - m_model)), on rings whose A cells are all hit (the map is fitted on
             those showers of the data and of the model and applied to those of the model); 0: none. Why: the cells' map
@@ -792,9 +792,9 @@ class LayerFlowMatching(CaloFlow):
             y = self.couple_counts(y, c, e)
         if "ring_table" in self._buffers:
             y = self.map_rings(y, c, e)
-        if "mode_table" in self._buffers:
-            y = self.map_modes(y, c)
-        return self.map_cells(y, c) if self._has_cell_map else y
+        if self._has_cell_map:
+            y = self.map_cells(y, c)
+        return self.map_modes(y, c) if "mode_table" in self._buffers else y
 
     def map_rings(self, y: Tensor, c: Tensor, e: Tensor | None = None) -> Tensor:
         """Stage-2 numbers y (B, W) with every ring's logit share (and count) moved by the calibrated map of its
@@ -943,10 +943,8 @@ class LayerFlowMatching(CaloFlow):
             out.update(self._fit_copula(data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data)))
         if rings:
             self._fit_ring_map(x, data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data))
-        if "mode_table" in self._buffers:
-            out.update(self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c))
         if not self._has_cell_map:
-            return out
+            return {**out, **self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c)}
         model = self._cells(self.unstandardise2(g2, c, e_model)).float()  # the cells' identity map now
         # a step at the data's empty fraction, as for layers and rings; cells="energy" alone keeps the measured
         # map of its introduction (no step: calibration_effect_par04-ds2.json)
@@ -956,6 +954,7 @@ class LayerFlowMatching(CaloFlow):
             model = torch.where((self.assemble(g1, g2, c) > 0).reshape(model.shape), model, floor)
         self._fit_tables(self.cell_map, model, self._cells(data).float(), (x > 0).reshape(model.shape), c, gap,
                          tail=True)
+        out.update(self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c))
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
@@ -1030,7 +1029,11 @@ class LayerFlowMatching(CaloFlow):
         model's ``y`` (B, W, after the ring map) at conditions c (B, C): per energy knot (the showers nearest to
         it), layer and inner ring, each angular mode's mean and std over the showers whose ring is fully hit, in
         the data and in the model; a (knot, layer, ring) with fewer than ``_MIN_GROUP`` of either stays the
-        identity. Returns the fraction of (knot, layer, ring) fitted and the mean spread ratio per frequency."""
+        identity. Returns the fraction of (knot, layer, ring) fitted and the mean spread ratio per frequency (nothing
+        without ``mode_rings``). Fitted last, on the cells after their quantile map, which is monotone per cell but
+        not linear and would otherwise undo much of the modes' spread."""
+        if "mode_table" not in self._buffers:
+            return {}
         a, r = self.rings or (1, 1)
         k = self.config.mode_rings
         full = {"model": self._full_rings(y), "data": (x > 0).reshape(-1, self.n_layers, a, r)[..., :k].all(2)}
