@@ -69,9 +69,10 @@ def _identity_map(shape: torch.Size | tuple[int, ...]) -> Tensor:
     return q.expand(*shape[:-2], 2, shape[-1]).clone()
 
 
-def _identity_modes(shape: tuple[int, ...]) -> Tensor:
-    """Tables (..., 3, A) of the identity mode map: the model's and the data's means 0, the spread ratios 1."""
-    out = torch.zeros(*shape[:-1], 3, shape[-1])
+def _identity_modes(shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Tables ``shape`` = (..., 3, A) of the identity mode map: the model's and the data's means 0, the spread
+    ratios 1."""
+    out = torch.zeros(shape)
     out[..., 2, :] = 1.0
     return out
 
@@ -93,6 +94,16 @@ def _correlation_factor(z: Tensor, shrink: float = 0.01) -> tuple[Tensor, Tensor
     corr = (1.0 - shrink) * torch.where(sd.unsqueeze(2) * sd.unsqueeze(1) > 1e-9, corr, eye) + shrink * eye
     corr = torch.where(eye > 0, eye, corr)
     return corr, torch.linalg.cholesky(corr)
+
+
+def _from_nearest_fitted(tables: Tensor, fitted: Tensor) -> None:
+    """Fill ``tables`` (K, ...) in place: where ``fitted`` (K, ...), whose dims lead the tables', is False, the
+    entry of the nearest knot where it is True (the lower knot of two as near); left as it is where none is."""
+    extra = (1,) * (tables.dim() - fitted.dim())
+    for knot in range(fitted.shape[0]):
+        for other in sorted(range(fitted.shape[0]), key=lambda j: (abs(j - knot), j), reverse=True):
+            take = (fitted[other] & ~fitted[knot]).reshape(*fitted.shape[1:], *extra)
+            tables[knot] = torch.where(take, tables[other], tables[knot])
 
 
 def _piecewise_linear(y: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
@@ -582,7 +593,7 @@ class LayerFlowMatching(CaloFlow):
             self.register_buffer("copula_in", _identity_map((_MAP_KNOTS, self.n_layers, r1, 2, _MAP_POINTS)))
             self.register_buffer("copula_mix", torch.eye(r1).expand(_MAP_KNOTS, self.n_layers, r1, r1).clone())
         if cfg.mode_rings and self.rings is not None:  # per knot, layer and inner ring: see _fit_mode_map
-            self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings,
+            self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings, 3,
                                                                self.rings[0])))
             self.register_buffer("mode_basis", angular_basis(self.rings[0]), persistent=False)
         self.ema_velocity: ShapeVelocity | None = None
@@ -805,12 +816,15 @@ class LayerFlowMatching(CaloFlow):
         rings = _piecewise_linear(y[:, :, :k], tab[..., 0, :], tab[..., 1, :])
         return torch.cat([rings, y[:, :, k:]], dim=2).reshape(y.shape[0], -1)
 
+    def _count_numbers(self, y: Tensor) -> Tensor:
+        """The rings' count numbers log(1 + n + u) (B, L, R) of stage-2 numbers y (B, W) with occupancy="count"."""
+        r = (self.rings or (1, 1))[1]
+        return y.reshape(y.shape[0], self.n_layers, -1)[:, :, r : 2 * r]
+
     def _copula_values(self, y: Tensor, e: Tensor) -> Tensor:
         """Stage-2 numbers y (B, W) and layer fractions e (B, L) -> (B, L, 1 + R): each layer's log fraction, then
         its rings' count numbers."""
-        r = (self.rings or (1, 1))[1]
-        counts = y.reshape(y.shape[0], self.n_layers, -1)[:, :, r : 2 * r]
-        return torch.cat([torch.log(e.clamp_min(_TINY)).unsqueeze(2), counts], dim=2)
+        return torch.cat([torch.log(e.clamp_min(_TINY)).unsqueeze(2), self._count_numbers(y)], dim=2)
 
     def couple_counts(self, y: Tensor, c: Tensor, e: Tensor | None) -> Tensor:
         """Stage-2 numbers y (B, W) with each layer's ring counts moved by the calibrated copula (``count_copula``;
@@ -829,9 +843,7 @@ class LayerFlowMatching(CaloFlow):
     def _full_rings(self, y: Tensor) -> Tensor:
         """Stage-2 numbers y (B, W) with ring counts -> (B, L, mode_rings) bool: the inner rings whose count is
         all A cells."""
-        a, r = self.rings or (1, 1)
-        head = y.reshape(y.shape[0], self.n_layers, -1)[:, :, r : 2 * r]
-        return self._counts(head[:, :, : self.config.mode_rings]) >= a
+        return self._counts(self._count_numbers(y)[:, :, : self.config.mode_rings]) >= (self.rings or (1, 1))[0]
 
     def _modes(self, cells: Tensor, inverse: bool = False) -> Tensor:
         """Cells (B, L, A, k) -> their angular modes (B, L, k, A), or with ``inverse`` modes back to cells."""
@@ -933,7 +945,7 @@ class LayerFlowMatching(CaloFlow):
             self.copula_in.copy_(_identity_map(self.copula_in.shape))
             self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
         if "mode_table" in self._buffers:
-            self.mode_table.copy_(_identity_modes(tuple(self.mode_table.shape[:-2]) + self.mode_table.shape[-1:]))
+            self.mode_table.copy_(_identity_modes(self.mode_table.shape))
         # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
@@ -1015,10 +1027,9 @@ class LayerFlowMatching(CaloFlow):
             corr_m.append(cm[:, 0, 1:][strong])
             corr_d.append(cd[:, 0, 1:][strong])
             fitted.append(knot)
-        for knot in set(range(_MAP_KNOTS)) - set(fitted):
-            if fitted:
-                near_knot = min(fitted, key=lambda j: abs(j - knot))
-                self.copula_in[knot], self.copula_mix[knot] = self.copula_in[near_knot], self.copula_mix[near_knot]
+        done = torch.tensor([k in fitted for k in range(_MAP_KNOTS)])
+        _from_nearest_fitted(self.copula_in, done)
+        _from_nearest_fitted(self.copula_mix, done)
         if not fitted:
             return {}
         return {"copula_knots_fitted": float(len(fitted)), "copula_energy_count_corr_model": float(torch.cat(corr_m)
@@ -1056,11 +1067,7 @@ class LayerFlowMatching(CaloFlow):
             self.mode_table[knot] = torch.where(enough[..., None, None], table, self.mode_table[knot])
             fitted[knot] = enough
         ratios = self.mode_table[..., 2, :][fitted]  # (n fitted, A)
-        for knot in range(_MAP_KNOTS):  # a knot too few showers reach takes the nearest fitted knot's map
-            for other in sorted(range(_MAP_KNOTS), key=lambda j: abs(j - knot), reverse=True):
-                take = fitted[other] & ~fitted[knot]
-                self.mode_table[knot] = torch.where(take[..., None, None], self.mode_table[other],
-                                                    self.mode_table[knot])
+        _from_nearest_fitted(self.mode_table, fitted)  # a knot too few showers reach takes the nearest fitted one's
         out = {"mode_map_fitted_fraction": float(fitted.float().mean())}
         if ratios.numel():  # modes 2k - 1 and 2k are frequency k's cos and sin
             freq = [0] + [(j + 1) // 2 for j in range(1, a)]
@@ -1124,13 +1131,11 @@ class LayerFlowMatching(CaloFlow):
         of the model's values (n, L, A, R) onto the data's (n, L, A, R), hit (n, L, A, R) bool (``tail``: see
         :func:`_hit_quantiles`); knots with fewer than 20 showers take the nearest fitted knot's tables."""
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
-        fitted = [k for k in range(_MAP_KNOTS) if int((near == k).sum()) >= 20]
-        for k in fitted:
+        fitted = torch.tensor([int((near == k).sum()) >= 20 for k in range(_MAP_KNOTS)])
+        for k in fitted.nonzero().flatten().tolist():
             rate = hit[near == k].float().mean(dim=(0, 2))  # (L, R)
             tables[k] = _quantile_tables(model[near == k], data[near == k], rate, gap, tail)
-        for k in set(range(_MAP_KNOTS)) - set(fitted):
-            if fitted:
-                tables[k] = tables[min(fitted, key=lambda j: abs(j - k))]
+        _from_nearest_fitted(tables, fitted)
 
     def sample_stage1(self, z1: Tensor, c: Tensor) -> Tensor:
         """As flow's; with ``maps`` each layer's energy then goes through its calibrated map (identity until
