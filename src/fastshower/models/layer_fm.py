@@ -914,6 +914,15 @@ class LayerFlowMatching(CaloFlow):
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, c: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        """:meth:`_calibrate`, reproducible from ``generator``: the data's count numbers are dequantised with torch's
+        global random numbers (``stage2_features``, as in training), which are seeded from it meanwhile."""
+        if generator is None:
+            return self._calibrate(x, c, None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            return self._calibrate(x, c, generator)
+
+    def _calibrate(self, x: Tensor, c: Tensor, generator: torch.Generator | None) -> dict[str, float]:
         """Fit the layer map, the ring map (``maps``), then the cells' map (cells="energy"), each on the model's
         showers after the maps before it, against showers x (B, V) = voxel / E_inc at conditions c (B, C);
         returns the fraction of layers hit in x, and of cells hit in x and in the model before and after.
