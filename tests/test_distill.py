@@ -302,12 +302,14 @@ def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.max()))
 
 
-@pytest.mark.parametrize(("layer_knots", "more"), [(0, {}), (3, {}), (0, {"mode_rings": 1, "count_copula": True})])
+@pytest.mark.parametrize(("layer_knots", "more"), [(0, {}), (3, {}),
+                                                   (0, {"mode_rings": 1, "count_copula": True, "hit_map": True})])
 def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_knots: int, more: dict[str, Any]) -> None:
     """A layer-fm that generates hit counts (occupancy="count") with layer and ring maps (maps="all", fitted at the
-    end of training; with layer_knots also per layer energy; with mode_rings the inner ring's angular modes and with
-    count_copula the counts' dependence on the layer energy) distils: the student keeps the teacher's stage 1 with
-    its maps, its rings hold the hits its count numbers say, and its ONNX export gives the torch sampler's showers."""
+    end of training; with layer_knots also per layer energy; with mode_rings the inner ring's angular modes, with
+    count_copula the counts' dependence on the layer energy and with hit_map a cap on the rings' energy per hit)
+    distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count numbers say,
+    and its ONNX export gives the torch sampler's showers."""
     e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
     hp = {**RING_HP, "occupancy": "count", "maps": "all", "layer_knots": layer_knots, **more}
@@ -327,6 +329,7 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_kn
         assert torch.equal(model.stage1.mode_table, t_model.mode_table)
         assert torch.equal(model.stage1.copula_mix, t_model.copula_mix)
         assert not torch.equal(t_model.copula_mix, torch.eye(4).expand_as(t_model.copula_mix))
+        assert torch.equal(model.stage1.hit_cap, t_model.hit_cap)
     z, c = _ring_inputs(300, 4, model)
     with torch.no_grad():
         x = model.sample_from_noise(z, c).reshape(-1, 3, 4, 3)
