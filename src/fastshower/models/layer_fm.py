@@ -663,14 +663,12 @@ class LayerFlowMatching(CaloFlow):
             raise ValueError(f"layer-fm mode_rings={cfg.mode_rings} maps the angular modes of that many inner rings: "
                              "it needs ring shares (a polar readout) with at least that many rings, maps='rings' or "
                              "'all' and occupancy='count'; use 0 here")
-        if cfg.count_copula and (self.rings is None or cfg.maps not in ("rings", "all") or cfg.occupancy != "count"):
-            raise ValueError("layer-fm count_copula=true couples the rings' hit counts to their layer's energy: it "
-                             "needs ring shares (a polar readout), maps='rings' or 'all' and occupancy='count'; use "
-                             "count_copula=false here")
-        if cfg.hit_map and (self.rings is None or cfg.maps not in ("rings", "all") or cfg.occupancy != "count"):
-            raise ValueError("layer-fm hit_map=true maps each ring's energy per hit by its hit count: it needs ring "
-                             "shares (a polar readout), maps='rings' or 'all' and occupancy='count'; use "
-                             "hit_map=false here")
+        for name, what in (("count_copula", "couples the rings' hit counts to their layer's energy"),
+                           ("hit_map", "caps each hit ring's energy per hit by its hit count")):
+            if getattr(cfg, name) and (self.rings is None or cfg.maps not in ("rings", "all")
+                                       or cfg.occupancy != "count"):
+                raise ValueError(f"layer-fm {name}=true {what}: it needs ring shares (a polar readout), maps='rings' "
+                                 f"or 'all' and occupancy='count'; use {name}=false here")
         if cfg.ring_weight <= 0:
             raise ValueError(f"layer-fm ring_weight={cfg.ring_weight} weighs the rings' numbers in the loss: it must "
                              "be positive")
@@ -1026,16 +1024,7 @@ class LayerFlowMatching(CaloFlow):
         rings = "ring_table" in self._buffers
         if not (rings or self._has_cell_map):
             return out
-        for table in (self.ring_table if rings else None, self.cell_map):
-            if table is not None:
-                table.copy_(_identity_map(table.shape))
-        if "copula_mix" in self._buffers:
-            self.copula_in.copy_(_identity_map(self.copula_in.shape))
-            self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
-        if "mode_table" in self._buffers:
-            self.mode_table.copy_(_identity_modes(self.mode_table.shape))
-        if "hit_cap" in self._buffers:
-            self.hit_cap.fill_(_NO_CAP)
+        self._reset_shape_maps()
         # one draw of the ODE serves both maps: the cells' numbers do not depend on the ring map
         g1, g2 = self.sample_latents(self.draw_noise(x.shape[0], generator, c.dtype, c.device), c)
         before = float((self.assemble(g1, g2, c) > 0).float().mean())
@@ -1062,6 +1051,18 @@ class LayerFlowMatching(CaloFlow):
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
+
+    def _reset_shape_maps(self) -> None:
+        """Every map of the stage-2 numbers back to the identity (the layer map is refitted on its own)."""
+        for name in ("ring_table", "cell_map", "copula_in"):
+            if name in self._buffers:
+                getattr(self, name).copy_(_identity_map(getattr(self, name).shape))
+        if "copula_mix" in self._buffers:
+            self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
+        if "mode_table" in self._buffers:
+            self.mode_table.copy_(_identity_modes(self.mode_table.shape))
+        if "hit_cap" in self._buffers:
+            self.hit_cap.fill_(_NO_CAP)
 
     def _fit_layer_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None
                        ) -> dict[str, float]:
