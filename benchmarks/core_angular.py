@@ -29,19 +29,27 @@ import numpy as np
 import torch
 
 from fastshower.errors import FastshowerError
-from fastshower.io import ShowerFile
+from fastshower.geometry import Geometry
+from fastshower.io import ShowerBatch, ShowerFile
 from fastshower.models.layer_fm import align_cells
 from fastshower.validate.observables import compute_observables
 
 
-def core_measures(path: Path, window: tuple[float, float], layers: tuple[int, int]) -> dict[str, Any]:
-    """The measures of the module docstring for the showers of ``path`` with E_inc (GeV) in ``window``."""
+def read_polar(path: Path) -> tuple[ShowerBatch, Geometry, tuple[int, int]]:
+    """Every shower of ``path``, its geometry and the (A, R) cells of each layer; FastshowerError unless the file is
+    a polar readout whose layers all have one shape."""
     with ShowerFile(path) as f:
         batch, geometry = f.read(0, f.n), f.geometry
     shapes = {layer.segmentation.shape for layer in geometry.layers}
     if len(shapes) != 1 or geometry.layers[0].segmentation.kind != "polar":
         raise FastshowerError(f"{path} is not a polar readout with one layer shape")
     a, r = next(iter(shapes))
+    return batch, geometry, (a, r)
+
+
+def core_measures(path: Path, window: tuple[float, float], layers: tuple[int, int]) -> dict[str, Any]:
+    """The measures of the module docstring for the showers of ``path`` with E_inc (GeV) in ``window``."""
+    batch, geometry, (a, r) = read_polar(path)
     e_gev = batch.energies.reshape(-1) / 1e3
     keep = (e_gev >= window[0]) & (e_gev < window[1])
     x = torch.as_tensor(batch.showers[keep], dtype=torch.float64)

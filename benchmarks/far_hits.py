@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from fastshower.errors import FastshowerError
-from fastshower.io import ShowerFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from core_angular import read_polar  # one reader of polar files for the diagnostics
 
 #: the cap's percentile, its fewest rings, the count classes (1, 2-3, 4-7, 8-15, 16+) and incident-energy bins
 LEVEL, MIN_RINGS, CLASSES, BINS = 99.5, 40, 5, 5
@@ -32,12 +34,7 @@ LEVEL, MIN_RINGS, CLASSES, BINS = 99.5, 40, 5, 5
 
 def rings_of(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Energy per hit over E_inc (N, L, R), hit count (N, L, R) and E_inc (N,) MeV of a polar file's showers."""
-    with ShowerFile(path) as f:
-        batch, geometry = f.read(0, f.n), f.geometry
-    shapes = {layer.segmentation.shape for layer in geometry.layers}
-    if len(shapes) != 1 or geometry.layers[0].segmentation.kind != "polar":
-        raise FastshowerError(f"{path} is not a polar readout with one layer shape")
-    a, r = next(iter(shapes))
+    batch, geometry, (a, r) = read_polar(path)
     cells = np.asarray(batch.showers, dtype=np.float64).reshape(-1, len(geometry.layers), a, r)
     e = np.asarray(batch.energies, dtype=np.float64).reshape(-1)
     n = (cells > 0).sum(2)
