@@ -281,15 +281,17 @@ class LayerFMConfig(ModelConfig):
             Geant4's 0.89; per-layer sparsity the strongest family of the high-level classifier, AUC 0.71-0.77
             alone); ``layer_knots`` conditions the map on the layer energy by grouping showers, which made every
             map noisier (5 x 5 groups of 2000 showers); a copula uses every shower of a knot.
-        hit_map: with the ring map and occupancy="count", one more post-training map, fitted after the ring map:
-            per incident-energy knot, layer, ring and class of the ring's hit count n (1, 2-3, 4-7, ..., all A
-            cells: floor(log2 n)), the ring's energy per hit, log(share x layer fraction / n), moved to the data's at
-            the same quantiles (rings with n = 0 as they are). Why: the ring map sends each ring's share and count to
-            the data's separately, and the ODE sometimes pairs them as Geant4 never does: par04-ds2's 60-min run put
-            one hit holding 10-45 % of layer 5's energy in rings 4-8 in 17 of 1277 showers at 3-30 GeV (Geant4: 0;
-            its far hits are single particles of a few MeV), a far hot spot that widens the r and x/y widths, makes
-            an extra peak and the hottest cell; capping such rings at the data's 99.5th percentile of energy per hit
-            took the r-moment family's AUC from 0.73 to 0.64 and the x/y widths' from 0.71 to 0.67.
+        hit_map: with the ring map and occupancy="count", a cap fitted by ``calibrate`` from the data alone: per
+            incident-energy knot, layer, ring and class of the ring's hit count n (1, 2-3, 4-7, ..., all A cells:
+            floor(log2 n)), the ``_HIT_LEVEL`` (99.5th) percentile of the data's log energy per hit, log(share x
+            layer fraction / n); on sampling, after the ring map, a hit ring above its cap is lowered to it and the
+            layer's hit rings renormalised (the layer keeps stage 1's energy). Why: the ring map sends each ring's
+            share and count to the data's separately, and the ODE sometimes pairs them as Geant4 never does:
+            par04-ds2's 60-min runs had 228-536 of 2500 showers with a hit ring above 3x Geant4's cap (Geant4: 9-11),
+            e.g. one hit holding 10-45 % of layer 5's energy in rings 4-8, where Geant4's far hits are particles of a
+            few MeV; a far hot spot that widens the r and x/y moments, adds a peak and sets the hottest cell. With the
+            cap: 48-148 such showers and FPD 7-8 % lower on three runs; the strict high-level AUC within the runs'
+            spread (docs/model_quality.md), so it is off by default.
         ring_weight: with ring shares, the weight of each ring's numbers (its share, and count) in the flow-matching
             loss against 1 for a cell's (the weights then scaled to average 1). Why: they set the radial profile and
             the occupancy, which the strongest high-level families measure (r and x/y widths, per-layer sparsity:
