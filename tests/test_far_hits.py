@@ -1,8 +1,7 @@
-"""benchmarks/far_hits.py: a ring whose energy per hit Geant4 (here: the synthetic reference) never gives is found."""
+"""benchmarks/far_hits.py: a ring whose energy per hit the reference (here a constructed file) never gives is found."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -10,6 +9,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_benchmark
 from fastshower.geometry import Geometry, PolarSegmentation, ReadoutLayer
 from fastshower.io import ShowerBatch, write_showers
 
@@ -19,12 +19,7 @@ POLAR = Geometry(name="polar-3x3x4", description="test", source="tests", energy=
 
 
 def _far_hits() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "far_hits.py"
-    spec = importlib.util.spec_from_file_location("far_hits", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("far_hits")
 
 
 def _showers(path: Path, n: int, seed: int, hot: bool = False) -> Path:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
+
+from benchmark_scripts import load_benchmark
 
 
 def _model_quality() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "model_quality.py"
-    spec = importlib.util.spec_from_file_location("model_quality", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("model_quality")
 
 
 def test_merge_keeps_other_rows_and_replaces_the_same_key() -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+from benchmark_scripts import load_benchmark
 from fastshower.deploy import export_onnx
 from fastshower.training import train
 
@@ -14,12 +14,7 @@ TINY_TRAIN = {"hparams": {"hidden": 8, "critic_hidden": 4, "latent_dim": 8, "dep
 
 
 def _speed_cpu() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_cpu.py"
-    spec = importlib.util.spec_from_file_location("speed_cpu", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed_cpu")
 
 
 def test_quality_scores_profiles_and_same_graph_changes_nothing(tiny_file: Path, tmp_path: Path) -> None:
