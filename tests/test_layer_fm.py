@@ -719,6 +719,48 @@ def test_hit_map_gives_far_hits_the_data_s_energy_per_hit(hit_map: bool) -> None
         build_model("layer-fm", spec, {**SMALL, "occupancy": "none", "maps": "rings", "hit_map": True})
 
 
+def _depth_linked_counts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Showers (n, 3 x 4 x 3): layer 0 fully hit, layers 1 and 2 each k = 1..10 hits (the same k, drawn per shower:
+    a shower that is busy deep is busy deeper) whose layer energy 1e-2 x U(0.5, 2) is drawn per layer apart from k,
+    so no layer's energy tells its count; conditions (n, 1)."""
+    x = torch.rand(n, 3, 4, 3) * 0.05
+    k = torch.randint(1, 11, (n, 1, 1))
+    for layer in (1, 2):
+        cells = (torch.rand(n, 12).argsort(1).reshape(n, 4, 3) < k).float()
+        x[:, layer] = cells * 1e-2 * (0.5 + 1.5 * torch.rand(n, 1, 1)) / k
+    return x.reshape(n, -1), torch.rand(n, 1) * 3 - 1.5
+
+
+@pytest.mark.parametrize("depth", [False, True])
+def test_depth_copula_links_the_layers_hit_counts(depth: bool) -> None:
+    """Two layers with the same hit count (data: correlation 1) and energies that say nothing of it: after calibrate
+    with depth_copula the untrained model's counts of the two follow each other (corr > 0.6) with the data's mean
+    count (5.5, within 0.8), while the ring map alone leaves them independent (|corr| < 0.2); the layers keep
+    stage 1's energies (the copula moves counts of hit rings only); without counts the option is refused in one
+    line naming it."""
+    torch.manual_seed(0)
+    spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
+    hp = {**SMALL, "occupancy": "count", "maps": "rings", "depth_copula": depth}
+    x, c = _depth_linked_counts(3000)
+    model = _scaled(spec, hp, x, c)
+    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g1, g2 = model.sample_latents(model.draw_noise(3000, torch.Generator().manual_seed(2)), c)
+        shower = model.assemble(g1, g2, c).reshape(-1, 3, 12)
+    count = (shower[:, 1:] > 0).sum(2).float()
+    corr = float(torch.corrcoef(count.T)[0, 1])
+    assert (corr > 0.6) if depth else (abs(corr) < 0.2), corr
+    assert float((count.mean(0) - 5.5).abs().max()) < 0.8, count.mean(0)
+    if depth:  # the untrained model's deep counts ignore each other, the data's go together
+        # next-layer pairs: (0, 1), whose counts are unrelated in the data, and (1, 2), the same count
+        assert abs(stats["depth_count_corr_model_1"]) < 0.1 < 0.35 < stats["depth_count_corr_data_1"], stats
+    # an untrained net can underflow a ring's every cell weight (1 shower in 3000 here): hence the 99.9th percentile
+    off = (shower.sum(2) / model.stage1_fractions(g1) - 1.0).abs()
+    assert float(off.quantile(0.999)) < 1e-4, float(off.quantile(0.999))
+    with pytest.raises(ValueError, match="depth_copula"):
+        build_model("layer-fm", spec, {**SMALL, "occupancy": "none", "maps": "rings", "depth_copula": True})
+
+
 def test_ring_weight_weighs_the_ring_numbers_of_the_loss() -> None:
     """ring_weight=4 on a 3-ring readout with counts: each layer's 6 ring numbers weigh 4 times a cell's in the flow-
     matching loss, the weights averaging 1 (so the loss keeps its scale); 1 weighs all alike; a weight <= 0 is

@@ -33,6 +33,7 @@ voxel (share 1) would map to infinity.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,6 +65,10 @@ _TAIL_VALUES = 5
 _HIT_LEVEL, _NO_CAP = 0.995, 10.0
 #: fewest showers of the model and of the data behind one (incident knot, layer knot, layer) table of the ring map
 _MIN_GROUP = 40
+#: depth_copula: the 2 L x 2 L correlation matrices (90 x 90 on par04-ds2) come from ~400 showers per incident-energy
+#: knot (2000 calibration showers over 5 knots), so each is shrunk this far towards the identity: a sample
+#: correlation of 400 showers has noise ~0.05, and the conditional regression of 45 counts on 45 energies fits it
+_DEPTH_SHRINK = 0.1
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -97,6 +102,27 @@ def _correlation_factor(z: Tensor, shrink: float = 0.01) -> tuple[Tensor, Tensor
     corr = (1.0 - shrink) * torch.where(sd.unsqueeze(2) * sd.unsqueeze(1) > 1e-9, corr, eye) + shrink * eye
     corr = torch.where(eye > 0, eye, corr)
     return corr, torch.linalg.cholesky(corr)
+
+
+def _identity_depth_mix(n_layers: int) -> Tensor:
+    """depth_mix (_MAP_KNOTS, L, 2 L) of the identity: each layer count's new score is its own."""
+    eye = torch.eye(n_layers)
+    return torch.cat([torch.zeros_like(eye), eye], dim=1).expand(_MAP_KNOTS, n_layers, 2 * n_layers).clone()
+
+
+def _conditional_mix(model: Tensor, data: Tensor, k: int) -> Tensor:
+    """Correlation matrices (D, D) of the model's and the data's normal scores, the first k the kept ones (e) ->
+    M (D - k, D): z_n' = M z sends the model's scores z = (z_e, z_n) to the data's conditional law of z_n given z_e,
+    z_n' = B_d z_e + C_d C_m^-1 (z_n - B_m z_e), with B = S_ne S_ee^-1 and C the Cholesky factor of the residual
+    S_nn - B S_en of each. z_e stays as it is, so (z_e, z_n') has the data's correlations if (z_e, z_n) had the
+    model's and both are Gaussian."""
+    parts = []
+    for s in (model.double(), data.double()):
+        b = torch.linalg.solve(s[:k, :k], s[:k, k:]).T  # S_ne S_ee^-1 (S_ee symmetric)
+        parts.append((b, torch.linalg.cholesky(s[k:, k:] - b @ s[:k, k:])))
+    (b_m, c_m), (b_d, c_d) = parts
+    m_n = c_d @ torch.linalg.inv(c_m)
+    return torch.cat([b_d - m_n @ b_m, m_n], dim=1).to(model.dtype)
 
 
 def _from_nearest_fitted(tables: Tensor, fitted: Tensor) -> None:
@@ -292,6 +318,20 @@ class LayerFMConfig(ModelConfig):
             few MeV; a far hot spot that widens the r and x/y moments, adds a peak and sets the hottest cell. With the
             cap: 48-148 such showers and FPD 7-8 % lower on three runs; the strict high-level AUC within the runs'
             spread (docs/model_quality.md), so it is off by default.
+        depth_copula: with the ring map and occupancy="count", one more post-training map, fitted after the ring map
+            and applied after it: per incident-energy knot, the layers' hit counts get the data's dependence on each
+            other through the depth and on all the layers' energies. A Gaussian copula of 2 L numbers per shower (each
+            layer's log energy fraction, then each layer's log(1 + hits), the hits summed over its rings), each to its
+            normal score under the model's own marginal; the counts' scores replaced by the data's conditional law
+            given the energies' scores (:func:`_conditional_mix`: the energies stay as stage 1 drew them), back
+            through the model's marginal; each hit ring's count is then scaled by its layer's new total over its old
+            (a hit ring stays hit, an empty one empty). Why: the ring map keeps the ODE's ranks, and the ODE ties a
+            layer's hit count to the other layers' far less than Geant4 does in the near layers and more in the far
+            ones (par04-ds2 60-min run, 40-100 GeV, correlation of layer 5's sparsity with layers 10 / 15 / 20 / 30:
+            Geant4 +0.56 / +0.36 / +0.10 / -0.09, the model +0.28 / +0.31 / +0.24 / +0.11), while stage 1 gets the
+            energies' depth structure right; per-layer sparsity is the strongest family of the strict high-level
+            classifier (AUC 0.62-0.76 alone across runs), and shuffling each layer's sparsity among like-energy
+            showers takes it from 0.757 to 0.605.
         ring_weight: with ring shares, the weight of each ring's numbers (its share, and count) in the flow-matching
             loss against 1 for a cell's (the weights then scaled to average 1). Why: they set the radial profile and
             the occupancy, which the strongest high-level families measure (r and x/y widths, per-layer sparsity:
@@ -334,12 +374,13 @@ class LayerFMConfig(ModelConfig):
     count_copula: bool = False
     hit_map: bool = False
     ring_weight: float = 1.0
+    depth_copula: bool = False
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
                                           "layer_knots": 0, "stencil": False, "align": False,
                                           "mode_rings": 0, "count_copula": False, "hit_map": False,
-                                          "ring_weight": 1.0}
+                                          "ring_weight": 1.0, "depth_copula": False}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -586,6 +627,8 @@ class LayerFlowMatching(CaloFlow):
     copula_in: Tensor  # (_MAP_KNOTS, L, 1 + R, 2, Q): the model's log layer fraction and counts -> normal scores
     copula_mix: Tensor  # (_MAP_KNOTS, L, 1 + R, 1 + R): L_data L_model^-1 of the normal scores' correlations
     hit_cap: Tensor  # (_MAP_KNOTS, L, count classes, R): the highest log energy per hit of a ring (hit_map)
+    depth_in: Tensor  # (_MAP_KNOTS, 2 L, 2, Q): the model's log layer fractions and log(1 + hits) -> normal scores
+    depth_mix: Tensor  # (_MAP_KNOTS, L, 2 L): the layer counts' new normal scores from all 2 L (depth_copula)
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -624,6 +667,9 @@ class LayerFlowMatching(CaloFlow):
             self.hit_classes = int(math.log2(self.rings[0])) + 1
             self.register_buffer("hit_cap", torch.full((_MAP_KNOTS, self.n_layers, self.hit_classes, self.rings[1]),
                                                         _NO_CAP))
+        if cfg.depth_copula and self.rings is not None:  # per knot, over the layers: see _fit_depth_copula
+            self.register_buffer("depth_in", _identity_map((_MAP_KNOTS, 2 * self.n_layers, 2, _MAP_POINTS)))
+            self.register_buffer("depth_mix", _identity_depth_mix(self.n_layers))
         if cfg.mode_rings and self.rings is not None:  # per knot, layer and inner ring: see _fit_mode_map
             self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings, 3,
                                                                self.rings[0])))
@@ -666,7 +712,8 @@ class LayerFlowMatching(CaloFlow):
                              "it needs ring shares (a polar readout) with at least that many rings, maps='rings' or "
                              "'all' and occupancy='count'; use 0 here")
         for name, what in (("count_copula", "couples the rings' hit counts to their layer's energy"),
-                           ("hit_map", "caps each hit ring's energy per hit by its hit count")):
+                           ("hit_map", "caps each hit ring's energy per hit by its hit count"),
+                           ("depth_copula", "couples the layers' hit counts through the depth")):
             if getattr(cfg, name) and (self.rings is None or cfg.maps not in ("rings", "all")
                                        or cfg.occupancy != "count"):
                 raise ValueError(f"layer-fm {name}=true {what}: it needs ring shares (a polar readout), maps='rings' "
@@ -850,6 +897,8 @@ class LayerFlowMatching(CaloFlow):
             y = self.couple_counts(y, c, e)
         if "ring_table" in self._buffers:
             y = self.map_rings(y, c, e)
+        if "depth_mix" in self._buffers:
+            y = self.couple_depth(y, c, e)
         if "hit_cap" in self._buffers:
             y = self.cap_hits(y, c, e)
         if self._has_cell_map:
@@ -919,6 +968,36 @@ class LayerFlowMatching(CaloFlow):
         y = y.reshape(y.shape[0], self.n_layers, -1)
         return torch.cat([y[:, :, :r], counts, y[:, :, 2 * r :]], dim=2).reshape(y.shape[0], -1)
 
+    def _depth_values(self, y: Tensor, e: Tensor) -> Tensor:
+        """Stage-2 numbers y (B, W) with ring counts and layer fractions e (B, L) -> (B, 2 L): each layer's log
+        fraction, then log(1 + its hits) with the hits summed over its hit rings as the count numbers hold them
+        (n + u, u the dequantisation: continuous, so that normal scores need no ties broken)."""
+        v = self._count_numbers(y)
+        hits = ((torch.exp(v.clamp(max=20.0)) - 1.0) * (self._counts(v) >= 1).to(y.dtype)).sum(2)
+        return torch.cat([torch.log(e.clamp_min(_TINY)), torch.log1p(hits)], dim=1)
+
+    def couple_depth(self, y: Tensor, c: Tensor, e: Tensor | None) -> Tensor:
+        """Stage-2 numbers y (B, W) with each layer's hit count moved by the calibrated depth copula
+        (``depth_copula``; tables interpolated at c[:, 0]) given all layer fractions e (B, L): each hit ring's count
+        scaled by its layer's new total over its old, at least 1; empty rings and every other number as they are."""
+        if e is None:
+            raise ValueError("this layer-fm couples its layers' hit counts to the layer energies (depth_copula): "
+                             "pass them")
+        r = (self.rings or (1, 1))[1]
+        tab = self._tables_at(self.depth_in, c, y.dtype)  # (B, 2L, 2, Q)
+        mix = self._tables_at(self.depth_mix, c, y.dtype)  # (B, L, 2L)
+        v = self._depth_values(y, e)
+        z = torch.einsum("blj,bj->bl", mix, _piecewise_linear(v, tab[..., 0, :], tab[..., 1, :]))
+        t = _piecewise_linear(z, tab[:, self.n_layers :, 1, :], tab[:, self.n_layers :, 0, :])  # back: the model's
+        old = torch.exp(v[:, self.n_layers :]) - 1.0
+        scale = torch.where(old > 0.5, (torch.exp(t) - 1.0).clamp_min(0.0) / old.clamp_min(0.5), 1.0)
+        counts = self._count_numbers(y)
+        hit = self._counts(counts) >= 1
+        scaled = torch.log1p(((torch.exp(counts.clamp(max=20.0)) - 1.0) * scale.unsqueeze(2)).clamp_min(1.05))
+        y = y.reshape(y.shape[0], self.n_layers, -1)
+        return torch.cat([y[:, :, :r], torch.where(hit, scaled, counts), y[:, :, 2 * r :]], dim=2).reshape(
+            y.shape[0], -1)
+
     def _full_rings(self, y: Tensor) -> Tensor:
         """Stage-2 numbers y (B, W) with ring counts -> (B, L, mode_rings) bool: the inner rings whose count is
         all A cells."""
@@ -976,7 +1055,8 @@ class LayerFlowMatching(CaloFlow):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
-        for name in ("cell_map", "layer_table", "ring_table", "mode_table", "copula_in", "copula_mix", "hit_cap"):
+        for name in ("cell_map", "layer_table", "ring_table", "mode_table", "copula_in", "copula_mix", "hit_cap",
+                     "depth_in", "depth_mix"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -1038,6 +1118,8 @@ class LayerFlowMatching(CaloFlow):
             out.update(self._fit_hit_cap(data, c, e_data))
         if rings:
             self._fit_ring_map(x, data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data))
+        if "depth_mix" in self._buffers:
+            out.update(self._fit_depth_copula(data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data)))
         if not self._has_cell_map:
             return {**out, **self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c)}
         model = self._cells(self.unstandardise2(g2, c, e_model)).float()  # the cells' identity map now
@@ -1056,9 +1138,11 @@ class LayerFlowMatching(CaloFlow):
 
     def _reset_shape_maps(self) -> None:
         """Every map of the stage-2 numbers back to the identity (the layer map is refitted on its own)."""
-        for name in ("ring_table", "cell_map", "copula_in"):
+        for name in ("ring_table", "cell_map", "copula_in", "depth_in"):
             if name in self._buffers:
                 getattr(self, name).copy_(_identity_map(getattr(self, name).shape))
+        if "depth_mix" in self._buffers:
+            self.depth_mix.copy_(_identity_depth_mix(self.n_layers))
         if "copula_mix" in self._buffers:
             self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
         if "mode_table" in self._buffers:
@@ -1147,6 +1231,43 @@ class LayerFlowMatching(CaloFlow):
             return {}
         return {"copula_knots_fitted": float(len(fitted)), "copula_energy_count_corr_model": float(torch.cat(corr_m)
                 .mean()), "copula_energy_count_corr_data": float(torch.cat(corr_d).mean())}
+
+    def _fit_depth_copula(self, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> dict[str, float]:
+        """The depth copula (``depth_copula``) from the data's stage-2 numbers (B, W) and the model's y (B, W, after
+        the ring map) at the same conditions c (B, C), with the model's and the data's layer fractions e (B, L)
+        each: per energy knot (the showers nearest to it), the model's marginal tables of the 2 L depth values
+        (:meth:`_depth_values`) and :func:`_conditional_mix` of the two samples' score correlations; a knot with
+        fewer than ``_MIN_GROUP`` showers takes the nearest fitted knot's. Returns the mean correlation of a layer's
+        count score with the count score of the layer 1 and 5 deeper (depth_count_corr_{model,data}_{1,5}), over
+        the layers the data hits in more than half the showers."""
+        n_layers = self.n_layers
+        model, real = self._depth_values(y, e[0]).float(), self._depth_values(data, e[1]).float()
+        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        levels = torch.linspace(0.02, 0.98, _MAP_POINTS)
+        apart = [d for d in (1, 5) if d < n_layers]
+        fitted: list[int] = []
+        deeper: dict[str, list[Tensor]] = {f"{k}_{d}": [] for k in ("model", "data") for d in apart}
+        for knot in range(_MAP_KNOTS):
+            sel = near == knot
+            if int(sel.sum()) < _MIN_GROUP:
+                continue
+            xs = model[sel].quantile(levels, dim=0).T  # (2L, Q)
+            self.depth_in[knot] = torch.stack([xs, torch.special.ndtri(levels).expand_as(xs)], dim=1)
+            scores = {"model": _piecewise_linear(model[sel], xs, self.depth_in[knot, :, 1]),
+                      "data": _normal_scores(real[sel])}
+            corr = {k: _correlation_factor(z.unsqueeze(1), _DEPTH_SHRINK)[0][0] for k, z in scores.items()}
+            self.depth_mix[knot] = _conditional_mix(corr["model"], corr["data"], n_layers)
+            busy = (real[sel][:, n_layers:] > 0).float().mean(0) > 0.5
+            for (k, cm), d in itertools.product(corr.items(), apart):
+                deeper[f"{k}_{d}"].append(cm[n_layers:, n_layers:].diagonal(d)[busy[: n_layers - d]])
+            fitted.append(knot)
+        done = torch.tensor([k in fitted for k in range(_MAP_KNOTS)])
+        _from_nearest_fitted(self.depth_in, done)
+        _from_nearest_fitted(self.depth_mix, done)
+        if not fitted:
+            return {}
+        return {"depth_knots_fitted": float(len(fitted)), **{f"depth_count_corr_{k}": float(torch.cat(v).mean())
+                                                               for k, v in deeper.items() if torch.cat(v).numel()}}
 
     def _fit_mode_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor) -> dict[str, float]:
         """The mode map (``mode_rings``) from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the
