@@ -65,10 +65,12 @@ _TAIL_VALUES = 5
 _HIT_LEVEL, _NO_CAP = 0.995, 10.0
 #: fewest showers of the model and of the data behind one (incident knot, layer knot, layer) table of the ring map
 _MIN_GROUP = 40
-#: depth_copula: the 2 L x 2 L correlation matrices (90 x 90 on par04-ds2) come from ~400 showers per incident-energy
-#: knot (2000 calibration showers over 5 knots), so each is shrunk this far towards the identity: a sample
-#: correlation of 400 showers has noise ~0.05, and the conditional regression of 45 counts on 45 energies fits it
-_DEPTH_SHRINK = 0.1
+#: Gaussian copulas (depth_copula, layer_copula): the L x L and 2 L x 2 L correlation matrices (45 and 90 on
+#: par04-ds2) come from ~400 showers per incident-energy knot (2000 calibration showers over 5 knots), so each is
+#: shrunk this far towards the identity: a sample correlation of 400 showers has noise ~0.05, and the conditional
+#: regression of 45 counts on 45 energies fits it. The marginal tables span normal scores -2.5 to 2.5 (0.6 % to
+#: 99.4 % of ~400 showers) and the map back stops at their ends.
+_COPULA_SHRINK, _COPULA_SCORES = 0.1, 2.5
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...], lo: float = -30.0, hi: float = 0.0) -> Tensor:
@@ -124,11 +126,25 @@ def _conditional_mix(model: Tensor, data: Tensor, k: int) -> Tensor:
     model's and both are Gaussian."""
     parts = []
     for s in (model.double(), data.double()):
+        if k == 0:  # nothing kept: L_data L_model^-1
+            parts.append((s[:0, :0].new_zeros(s.shape[0], 0), torch.linalg.cholesky(s)))
+            continue
         b = torch.linalg.solve(s[:k, :k], s[:k, k:]).T  # S_ne S_ee^-1 (S_ee symmetric)
         parts.append((b, torch.linalg.cholesky(s[k:, k:] - b @ s[:k, k:])))
     (b_m, c_m), (b_d, c_d) = parts
     m_n = c_d @ torch.linalg.inv(c_m)
     return torch.cat([b_d - m_n @ b_m, m_n], dim=1).to(model.dtype)
+
+
+def _gauss_copula(v: Tensor, tab: Tensor, mix: Tensor) -> Tensor:
+    """Values v (B, D), the model's marginal tables tab (B, D, 2, Q) (values -> normal scores) and the mix (B, D - k,
+    D) -> the last D - k values moved (B, D - k): each value to its score, the scores mixed, back through the
+    marginal. The map back stops at its table's ends: beyond them a piecewise-linear map goes on with slope 1 (a
+    factor e per unit of score for a log count), which drew totals several times the model's highest."""
+    z = torch.einsum("bij,bj->bi", mix, _piecewise_linear(v, tab[..., 0, :], tab[..., 1, :]))
+    back = tab[:, v.shape[1] - mix.shape[1] :]
+    z = torch.minimum(torch.maximum(z, back[..., 1, 0]), back[..., 1, -1])
+    return _piecewise_linear(z, back[..., 1, :], back[..., 0, :])
 
 
 def _share_out(m: Tensor, total: Tensor, weight: Tensor, hit: Tensor, a: int) -> Tensor:
@@ -346,6 +362,15 @@ class LayerFMConfig(ModelConfig):
             energies' depth structure right; per-layer sparsity is the strongest family of the strict high-level
             classifier (AUC 0.62-0.76 alone across runs), and shuffling each layer's sparsity among like-energy
             showers takes it from 0.757 to 0.605.
+        layer_copula: with the layer map (maps other than "none"), one more post-training map of stage 1, fitted and
+            applied before the layer map: per incident-energy knot, a Gaussian copula of the L log layer fractions
+            (each to its normal score under the model's own marginal, the scores mixed by L_data L_model^-1 with the
+            Cholesky factors of the two correlation matrices, back through the model's marginal), so that the layers'
+            energies vary together as the data's; the layer map then sets each marginal. Why: stage 1's flow links
+            neighbouring layers' energies more loosely than Geant4 does (par04-ds2 60-min run, correlation of the
+            log energies of adjacent layers at 40-100 GeV: 0.47 against Geant4's 0.60; 10-40 GeV: 0.38 against
+            0.49; ``benchmarks/depth_structure.py``), and the layer map keeps its ranks; the layer energies alone
+            told the model from Geant4 with AUC 0.58-0.63.
         ring_weight: with ring shares, the weight of each ring's numbers (its share, and count) in the flow-matching
             loss against 1 for a cell's (the weights then scaled to average 1). Why: they set the radial profile and
             the occupancy, which the strongest high-level families measure (r and x/y widths, per-layer sparsity:
@@ -389,12 +414,14 @@ class LayerFMConfig(ModelConfig):
     hit_map: bool = False
     ring_weight: float = 1.0
     depth_copula: bool = False
+    layer_copula: bool = False
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
                                           "layer_knots": 0, "stencil": False, "align": False,
                                           "mode_rings": 0, "count_copula": False, "hit_map": False,
-                                          "ring_weight": 1.0, "depth_copula": False}
+                                          "ring_weight": 1.0, "depth_copula": False,
+                                          "layer_copula": False}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -644,6 +671,8 @@ class LayerFlowMatching(CaloFlow):
     depth_in: Tensor  # (_MAP_KNOTS, 2 L, 2, Q): the model's log layer fractions and log(1 + hits) -> normal scores
     depth_mix: Tensor  # (_MAP_KNOTS, L, 2 L): the layer counts' new normal scores from all 2 L (depth_copula)
     depth_fitted: Tensor  # () bool: whether calibrate fitted the depth copula (depth_copula)
+    layer_in: Tensor  # (_MAP_KNOTS, L, 2, Q): stage 1's log layer fractions -> normal scores (layer_copula)
+    layer_mix: Tensor  # (_MAP_KNOTS, L, L): L_data L_model^-1 of the scores' correlations (layer_copula)
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -669,6 +698,9 @@ class LayerFlowMatching(CaloFlow):
             self.register_buffer("cell_map", _identity_map((_MAP_KNOTS, self.n_layers, self.rings[1], 2, _MAP_POINTS)))
         if cfg.maps != "none":
             self.register_buffer("layer_table", _identity_map((_MAP_KNOTS, self.n_layers, 1, 2, _MAP_POINTS)))
+        if cfg.layer_copula:  # per knot, over the layers: see _fit_layer_map; wide: the identity leaves all as it is
+            self.register_buffer("layer_in", _identity_map((_MAP_KNOTS, self.n_layers, 2, _MAP_POINTS), -60.0, 60.0))
+            self.register_buffer("layer_mix", torch.eye(self.n_layers).expand(_MAP_KNOTS, -1, -1).clone())
         if cfg.maps in ("rings", "all") and self.rings is not None:
             # with layer_knots K: row k1 * K + k2 holds incident-energy knot k1 and layer-energy knot k2
             shape = (_MAP_KNOTS * max(cfg.layer_knots, 1), self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
@@ -736,6 +768,9 @@ class LayerFlowMatching(CaloFlow):
                                        or cfg.occupancy != "count"):
                 raise ValueError(f"layer-fm {name}=true {what}: it needs ring shares (a polar readout), maps='rings' "
                                  f"or 'all' and occupancy='count'; use {name}=false here")
+        if cfg.layer_copula and cfg.maps == "none":
+            raise ValueError("layer-fm layer_copula=true links the layers' energies before the layer map: it needs "
+                             "maps other than 'none'; use layer_copula=false here")
         if cfg.ring_weight <= 0:
             raise ValueError(f"layer-fm ring_weight={cfg.ring_weight} weighs the rings' numbers in the loss: it must "
                              "be positive")
@@ -1007,15 +1042,8 @@ class LayerFlowMatching(CaloFlow):
             raise ValueError("this layer-fm couples its layers' hit counts to the layer energies (depth_copula): "
                              "pass them")
         a, r = self.rings or (1, 1)
-        tab = self._tables_at(self.depth_in, c, y.dtype)  # (B, 2L, 2, Q)
-        mix = self._tables_at(self.depth_mix, c, y.dtype)  # (B, L, 2L)
-        v = self._depth_values(y, e)
-        z = torch.einsum("blj,bj->bl", mix, _piecewise_linear(v, tab[..., 0, :], tab[..., 1, :]))
-        # back through the model's marginal, within its table: beyond its last point the map goes on with slope 1,
-        # a factor e per unit of score, which drew a tail of totals several times the model's highest
-        back = tab[:, self.n_layers :]
-        z = torch.minimum(torch.maximum(z, back[..., 1, 0]), back[..., 1, -1])
-        t = _piecewise_linear(z, back[..., 1, :], back[..., 0, :])
+        t = _gauss_copula(self._depth_values(y, e), self._tables_at(self.depth_in, c, y.dtype),
+                          self._tables_at(self.depth_mix, c, y.dtype))
         counts = self._count_numbers(y)
         hit = (self._counts(counts) >= 1).to(y.dtype)
         m = (torch.exp(counts.clamp(max=20.0)) - 1.0) * hit  # (B, L, R): hits of each hit ring, n + u
@@ -1087,7 +1115,7 @@ class LayerFlowMatching(CaloFlow):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
         for name in ("cell_map", "layer_table", "ring_table", "mode_table", "copula_in", "copula_mix", "hit_cap",
-                     "depth_in", "depth_mix", "depth_fitted"):
+                     "depth_in", "depth_mix", "depth_fitted", "layer_in", "layer_mix"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -1185,15 +1213,28 @@ class LayerFlowMatching(CaloFlow):
 
     def _fit_layer_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None
                        ) -> dict[str, float]:
-        """The layer map from showers x (B, V), dequantised xd (B, V), at conditions c (B, C)."""
+        """The layer map (with ``layer_copula`` the copula first) from showers x (B, V), dequantised xd (B, V), at
+        conditions c (B, C). Returns the fraction of layers hit in x; with the copula also the mean correlation of
+        adjacent layers' log energy scores, model and data (layer_corr_{model,data}_1)."""
+        out: dict[str, float] = {}
         self.layer_table.copy_(_identity_map(self.layer_table.shape))
+        if "layer_mix" in self._buffers:  # the copula first, from the flow's own energies
+            self.layer_in.copy_(_identity_map(self.layer_in.shape, -60.0, 60.0))
+            self.layer_mix.copy_(torch.eye(self.n_layers).expand_as(self.layer_mix))
         z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
-        model = torch.log(self.stage1_fractions(self.sample_stage1(z1, c)).clamp_min(_TINY))
+        g1 = self.sample_stage1(z1, c)
         data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
+        if "layer_mix" in self._buffers:
+            model = torch.log(self.stage1_fractions(g1).clamp_min(_TINY)).float()
+            fits = self._fit_gauss_copula(self.layer_in, self.layer_mix, model, data.float(), c, 0)
+            for i, side in enumerate(("model", "data")) if fits else ():
+                out[f"layer_corr_{side}_1"] = float(torch.cat([f[i].diagonal(1) for f in fits]).mean())
+            g1 = self.sample_stage1(z1, c)
+        model = torch.log(self.stage1_fractions(g1).clamp_min(_TINY))
         hit = self.layer_energies(x.clamp_min(0.0)) > 0
         self._fit_tables(self.layer_table, model.float()[..., None, None], data.float()[..., None, None],
                          hit[..., None, None], c, gap=1e-3)
-        return {"layer_hit_fraction_data": float(hit.float().mean())}
+        return {**out, "layer_hit_fraction_data": float(hit.float().mean())}
 
     def _fit_ring_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> None:
         """The ring map from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the model's ``y`` (B, W)
@@ -1265,43 +1306,50 @@ class LayerFlowMatching(CaloFlow):
         return {"copula_knots_fitted": float(len(fitted)), "copula_energy_count_corr_model": float(torch.cat(corr_m)
                 .mean()), "copula_energy_count_corr_data": float(torch.cat(corr_d).mean())}
 
-    def _fit_depth_copula(self, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> dict[str, float]:
-        """The depth copula (``depth_copula``) from the data's stage-2 numbers (B, W) and the model's y (B, W, after
-        the ring map) at the same conditions c (B, C), with the model's and the data's layer fractions e (B, L)
-        each: per energy knot (the showers nearest to it), the model's marginal tables of the 2 L depth values
-        (:meth:`_depth_values`) and :func:`_conditional_mix` of the two samples' score correlations; a knot with
-        fewer than ``_MIN_GROUP`` showers takes the nearest fitted knot's. Returns the mean correlation of a layer's
-        count score with the count score of the layer 1 and 5 deeper (depth_count_corr_{model,data}_{1,5}), over
-        the layers the data hits in more than half the showers."""
-        n_layers = self.n_layers
-        model, real = self._depth_values(y, e[0]).float(), self._depth_values(data, e[1]).float()
+    def _fit_gauss_copula(self, tables: Tensor, mix: Tensor, model: Tensor, real: Tensor, c: Tensor, keep: int
+                          ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Fill ``tables`` (K, D, 2, Q) and ``mix`` (K, D - keep, D) in place from the model's and the data's values
+        (n, D) each, drawn at the same conditions c (B, C): per energy knot (the showers nearest to it), the model's
+        marginal tables (its quantiles at normal scores -2.5 to 2.5) and :func:`_conditional_mix` of the two
+        samples' score correlations, the first ``keep`` values kept; a knot with fewer than ``_MIN_GROUP`` showers
+        takes the nearest fitted knot's. Returns per fitted knot the model's and the data's correlation matrices
+        (D, D) and the data's values (n_knot, D)."""
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
-        levels = torch.special.ndtr(torch.linspace(-2.5, 2.5, _MAP_POINTS))  # 0.6 % to 99.4 %
-        apart = [d for d in (1, 5) if d < n_layers]
-        fitted: list[int] = []
-        deeper: dict[str, list[Tensor]] = {f"{k}_{d}": [] for k in ("model", "data") for d in apart}
+        scores = torch.linspace(-_COPULA_SCORES, _COPULA_SCORES, _MAP_POINTS)
+        out, done = [], torch.zeros(_MAP_KNOTS, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
             sel = near == knot
             if int(sel.sum()) < _MIN_GROUP:
                 continue
-            xs = model[sel].quantile(levels, dim=0).T  # (2L, Q)
-            self.depth_in[knot] = torch.stack([xs, torch.special.ndtri(levels).expand_as(xs)], dim=1)
-            scores = {"model": _piecewise_linear(model[sel], xs, self.depth_in[knot, :, 1]),
-                      "data": _normal_scores(real[sel])}
-            corr = {k: _correlation_factor(z.unsqueeze(1), _DEPTH_SHRINK)[0][0] for k, z in scores.items()}
-            self.depth_mix[knot] = _conditional_mix(corr["model"], corr["data"], n_layers)
-            busy = (real[sel][:, n_layers:] > 0).float().mean(0) > 0.5
-            for (k, cm), d in itertools.product(corr.items(), apart):
-                deeper[f"{k}_{d}"].append(cm[n_layers:, n_layers:].diagonal(d)[busy[: n_layers - d]])
-            fitted.append(knot)
-        done = torch.tensor([k in fitted for k in range(_MAP_KNOTS)])
-        _from_nearest_fitted(self.depth_in, done)
-        _from_nearest_fitted(self.depth_mix, done)
-        self.depth_fitted.fill_(bool(fitted))
-        if not fitted:
-            return {}
-        return {"depth_knots_fitted": float(len(fitted)), **{f"depth_count_corr_{k}": float(torch.cat(v).mean())
-                                                               for k, v in deeper.items() if torch.cat(v).numel()}}
+            xs = model[sel].quantile(torch.special.ndtr(scores), dim=0).T  # (D, Q)
+            tables[knot] = torch.stack([xs, scores.expand_as(xs)], dim=1)
+            z = (_piecewise_linear(model[sel], xs, tables[knot, :, 1]), _normal_scores(real[sel]))
+            cm, cd = (_correlation_factor(v.unsqueeze(1), _COPULA_SHRINK)[0][0] for v in z)
+            mix[knot] = _conditional_mix(cm, cd, keep)
+            out.append((cm, cd, real[sel]))
+            done[knot] = True
+        _from_nearest_fitted(tables, done)
+        _from_nearest_fitted(mix, done)
+        return out
+
+    def _fit_depth_copula(self, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> dict[str, float]:
+        """The depth copula (``depth_copula``, :meth:`_fit_gauss_copula` of the 2 L :meth:`_depth_values`, the L
+        energies kept) from the data's stage-2 numbers (B, W) and the model's y (B, W, after the ring map) at the
+        same conditions c (B, C), with the model's and the data's layer fractions e (B, L) each. Returns the mean
+        correlation of a layer's count score with the count score of the layer 1 and 5 deeper
+        (depth_count_corr_{model,data}_{1,5}), over the layers the data hits in more than half the showers."""
+        n_layers = self.n_layers
+        model, real = self._depth_values(y, e[0]).float(), self._depth_values(data, e[1]).float()
+        fits = self._fit_gauss_copula(self.depth_in, self.depth_mix, model, real, c, n_layers)
+        self.depth_fitted.fill_(bool(fits))
+        apart = [d for d in (1, 5) if d < n_layers]
+        deeper: dict[str, list[Tensor]] = {f"{k}_{d}": [] for k in ("model", "data") for d in apart}
+        for cm, cd, values in fits:
+            busy = (values[:, n_layers:] > 0).float().mean(0) > 0.5
+            for (k, corr), d in itertools.product((("model", cm), ("data", cd)), apart):
+                deeper[f"{k}_{d}"].append(corr[n_layers:, n_layers:].diagonal(d)[busy[: n_layers - d]])
+        return {"depth_knots_fitted": float(len(fits)), **{f"depth_count_corr_{k}": float(torch.cat(v).mean())
+                                                             for k, v in deeper.items() if v and torch.cat(v).numel()}}
 
     def _fit_mode_map(self, x: Tensor, data: Tensor, y: Tensor, c: Tensor) -> dict[str, float]:
         """The mode map (``mode_rings``) from showers x (B, V), their stage-2 numbers ``data`` (B, W) and the
@@ -1413,6 +1461,9 @@ class LayerFlowMatching(CaloFlow):
             return g1
         tab = self._tables_at(self.layer_table, c, g1.dtype)[:, :, 0]  # (B, L, 2, Q)
         v = torch.log(self.stage1_fractions(g1).clamp_min(_TINY))
+        if "layer_mix" in self._buffers:
+            v = _gauss_copula(v, self._tables_at(self.layer_in, c, v.dtype),
+                              self._tables_at(self.layer_mix, c, v.dtype))
         return self.scale1(self.stage1_features(torch.exp(_piecewise_linear(v, tab[:, :, 0], tab[:, :, 1]))))
 
     @staticmethod
