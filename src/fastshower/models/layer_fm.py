@@ -141,13 +141,39 @@ def _conditional_mix(model: Tensor, data: Tensor, k: int) -> Tensor:
     return torch.cat([b_d - m_n @ b_m, m_n], dim=1).to(model.dtype)
 
 
-def _gauss_copula(v: Tensor, tab: Tensor, mix: Tensor) -> Tensor:
-    """Values v (B, D), the model's marginal tables tab (B, D, 2, Q) (values -> normal scores) and the mix (B, D - k,
-    D) -> the last D - k values moved (B, D - k): each value to its score, the scores mixed, back through the
-    marginal. The map back stops at its table's ends: beyond them a piecewise-linear map goes on with slope 1 (a
-    factor e per unit of score for a log count), which drew totals several times the model's highest."""
-    z = torch.einsum("bij,bj->bi", mix, _piecewise_linear(v, tab[..., 0, :], tab[..., 1, :]))
-    back = tab[:, v.shape[1] - mix.shape[1] :]
+def _identity_trend(shape: tuple[int, ...]) -> Tensor:
+    """Copula trends (..., D, 4) of the identity: per value the scores' mean 0, slope 0 in c0, residual spread 1, and
+    the knot's mean c0 0."""
+    out = torch.zeros(*shape, 4)
+    out[..., 2] = 1.0
+    return out
+
+
+def _trend(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores z (n, D) and centred c0 t (n,) -> each score's least-squares line in t, (D, 2) (mean, slope), and the
+    residuals from it (n, D)."""
+    line = torch.stack([z.mean(0), (z * t[:, None]).sum(0) / (t @ t).clamp_min(1e-12)], dim=1)
+    return line, z - line[:, 0] - line[:, 1] * t[:, None]
+
+
+def _gauss_copula(v: Tensor, tab: Tensor, mix: Tensor, trend: Tensor, c0: Tensor) -> Tensor:
+    """Values v (B, D) at standardised log incident energies c0 (B,), the model's marginal tables tab (B, D, 2, Q)
+    (values -> normal scores), the mix (B, D - k, D) and the model's score trends (B, D, 4: mean, slope in c0,
+    residual spread, the knot's mean c0) -> the last D - k values moved (B, D - k): each value to its score, the
+    score's linear trend in c0 taken out, the residuals mixed, the trend put back, back through the marginal.
+
+    Why the trend: a knot pools showers over a factor ~4 in E_inc (par04-ds2), over which every layer's count grows
+    together, so the pooled scores correlate through E_inc (10 layers apart: 0.38-0.54 in a knot, -0.08-0.14 at
+    like energy); mixed as they are, that common trend was added to each shower (Geant4's covariance of the layers'
+    counts summed at 10-14 GeV: 1429, the model's 1623 before, 4552 after). The map back stops at its table's ends:
+    beyond them a piecewise-linear map goes on with slope 1 (a factor e per unit of score for a log count)."""
+    z = _piecewise_linear(v, tab[..., 0, :], tab[..., 1, :])
+    t = c0.unsqueeze(1) - trend[..., 3]  # (B, D)
+    r = (z - trend[..., 0] - trend[..., 1] * t) / trend[..., 2]
+    k = v.shape[1] - mix.shape[1]
+    r = torch.einsum("bij,bj->bi", mix, r)
+    z = trend[:, k:, 0] + trend[:, k:, 1] * t[:, k:] + trend[:, k:, 2] * r
+    back = tab[:, k:]
     z = torch.minimum(torch.maximum(z, back[..., 1, 0]), back[..., 1, -1])
     return _piecewise_linear(z, back[..., 1, :], back[..., 0, :])
 
@@ -678,6 +704,8 @@ class LayerFlowMatching(CaloFlow):
     depth_fitted: Tensor  # () bool: whether calibrate fitted the depth copula (depth_copula)
     layer_in: Tensor  # (_MAP_KNOTS, L, 2, Q): stage 1's log layer fractions -> normal scores (layer_copula)
     layer_mix: Tensor  # (_MAP_KNOTS, L, L): L_data L_model^-1 of the scores' correlations (layer_copula)
+    layer_trend: Tensor  # (_MAP_KNOTS, L, 4): the model's scores' trend in c0 (layer_copula; see _gauss_copula)
+    depth_trend: Tensor  # (_MAP_KNOTS, 2 L, 4): the same for depth_copula
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -706,6 +734,7 @@ class LayerFlowMatching(CaloFlow):
         if cfg.layer_copula:  # per knot, over the layers: see _fit_layer_map; wide: the identity leaves all as it is
             self.register_buffer("layer_in", _identity_map((_MAP_KNOTS, self.n_layers, 2, _MAP_POINTS), -60.0, 60.0))
             self.register_buffer("layer_mix", torch.eye(self.n_layers).expand(_MAP_KNOTS, -1, -1).clone())
+            self.register_buffer("layer_trend", _identity_trend((_MAP_KNOTS, self.n_layers)))
         if cfg.maps in ("rings", "all") and self.rings is not None:
             # with layer_knots K: row k1 * K + k2 holds incident-energy knot k1 and layer-energy knot k2
             shape = (_MAP_KNOTS * max(cfg.layer_knots, 1), self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
@@ -722,6 +751,7 @@ class LayerFlowMatching(CaloFlow):
         if cfg.depth_copula and self.rings is not None:  # per knot, over the layers: see _fit_depth_copula
             self.register_buffer("depth_in", _identity_depth_in(self.n_layers))
             self.register_buffer("depth_mix", _identity_depth_mix(self.n_layers))
+            self.register_buffer("depth_trend", _identity_trend((_MAP_KNOTS, 2 * self.n_layers)))
             # not fitted, the map is skipped rather than applied as the identity: it bounds each ring's count to A
             # on the way, and the ring map, fitted before it, must see the ODE's counts as they are
             self.register_buffer("depth_fitted", torch.zeros((), dtype=torch.bool))
@@ -1026,6 +1056,13 @@ class LayerFlowMatching(CaloFlow):
         y = y.reshape(y.shape[0], self.n_layers, -1)
         return torch.cat([y[:, :, :r], counts, y[:, :, 2 * r :]], dim=2).reshape(y.shape[0], -1)
 
+    def _copula_at(self, name: str, v: Tensor, c: Tensor) -> Tensor:
+        """Values v (B, D) moved by the copula ``name`` ("layer", "depth": buffers name_in, name_mix, name_trend)
+        interpolated at each shower's c[:, 0] (:func:`_gauss_copula`): its last D - k values (B, D - k)."""
+        tab, mix, trend = (self._tables_at(getattr(self, f"{name}_{part}"), c, v.dtype)
+                           for part in ("in", "mix", "trend"))
+        return _gauss_copula(v, tab, mix, trend, c[:, 0].to(v.dtype))
+
     def _depth_values(self, y: Tensor, e: Tensor) -> Tensor:
         """Stage-2 numbers y (B, W) with ring counts and layer fractions e (B, L) -> (B, 2 L): each layer's log
         fraction, then log(1 + its hits) with the hits summed over its hit rings as the count numbers hold them
@@ -1047,8 +1084,7 @@ class LayerFlowMatching(CaloFlow):
             raise ValueError("this layer-fm couples its layers' hit counts to the layer energies (depth_copula): "
                              "pass them")
         a, r = self.rings or (1, 1)
-        t = _gauss_copula(self._depth_values(y, e), self._tables_at(self.depth_in, c, y.dtype),
-                          self._tables_at(self.depth_mix, c, y.dtype))
+        t = self._copula_at("depth", self._depth_values(y, e), c)
         counts = self._count_numbers(y)
         hit = (self._counts(counts) >= 1).to(y.dtype)
         m = (torch.exp(counts.clamp(max=20.0)) - 1.0) * hit  # (B, L, R): hits of each hit ring, n + u
@@ -1120,7 +1156,7 @@ class LayerFlowMatching(CaloFlow):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
         for name in ("cell_map", "layer_table", "ring_table", "mode_table", "copula_in", "copula_mix", "hit_cap",
-                     "depth_in", "depth_mix", "depth_fitted", "layer_in", "layer_mix"):
+                     "depth_in", "depth_mix", "depth_fitted", "depth_trend", "layer_in", "layer_mix", "layer_trend"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -1208,6 +1244,7 @@ class LayerFlowMatching(CaloFlow):
         if "depth_mix" in self._buffers:
             self.depth_in.copy_(_identity_depth_in(self.n_layers))
             self.depth_mix.copy_(_identity_depth_mix(self.n_layers))
+            self.depth_trend.copy_(_identity_trend(tuple(self.depth_trend.shape[:-1])))
             self.depth_fitted.fill_(False)
         if "copula_mix" in self._buffers:
             self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
@@ -1226,12 +1263,13 @@ class LayerFlowMatching(CaloFlow):
         if "layer_mix" in self._buffers:  # the copula first, from the flow's own energies
             self.layer_in.copy_(_identity_map(self.layer_in.shape, -60.0, 60.0))
             self.layer_mix.copy_(torch.eye(self.n_layers).expand_as(self.layer_mix))
+            self.layer_trend.copy_(_identity_trend(tuple(self.layer_trend.shape[:-1])))
         z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
         g1 = self.sample_stage1(z1, c)
         data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
         if "layer_mix" in self._buffers:
             model = torch.log(self.stage1_fractions(g1).clamp_min(_TINY)).float()
-            fits = self._fit_gauss_copula(self.layer_in, self.layer_mix, model, data.float(), c, 0)
+            fits = self._fit_gauss_copula((self.layer_in, self.layer_mix, self.layer_trend), model, data.float(), c, 0)
             for i, side in enumerate(("model", "data")) if fits else ():
                 out[f"layer_corr_{side}_1"] = float(torch.cat([f[i].diagonal(1) for f in fits]).mean())
             g1 = self.sample_stage1(z1, c)
@@ -1311,31 +1349,38 @@ class LayerFlowMatching(CaloFlow):
         return {"copula_knots_fitted": float(len(fitted)), "copula_energy_count_corr_model": float(torch.cat(corr_m)
                 .mean()), "copula_energy_count_corr_data": float(torch.cat(corr_d).mean())}
 
-    def _fit_gauss_copula(self, tables: Tensor, mix: Tensor, model: Tensor, real: Tensor, c: Tensor, keep: int
+    def _fit_gauss_copula(self, out: tuple[Tensor, Tensor, Tensor], model: Tensor, real: Tensor, c: Tensor, keep: int
                           ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Fill ``tables`` (K, D, 2, Q) and ``mix`` (K, D - keep, D) in place from the model's and the data's values
-        (n, D) each, drawn at the same conditions c (B, C): per energy knot (the showers nearest to it), the model's
-        marginal tables (its quantiles at normal scores -2.5 to 2.5) and :func:`_conditional_mix` of the two
-        samples' score correlations, the first ``keep`` values kept; a knot with fewer than ``_MIN_GROUP`` showers
-        takes the nearest fitted knot's. Returns per fitted knot the model's and the data's correlation matrices
-        (D, D) and the data's values (n_knot, D)."""
+        """Fill a copula's tables (K, D, 2, Q), mix (K, D - keep, D) and trend (K, D, 4) ``out`` in place from the
+        model's and the data's values (n, D) each, drawn at the same conditions c (B, C): per energy knot (the
+        showers nearest to it), the model's marginal tables (its quantiles at normal scores -2.5 to 2.5), each
+        sample's scores' least-squares line in c0 (:func:`_gauss_copula`), and :func:`_conditional_mix` of the two
+        samples' residual correlations, the first ``keep`` values kept; a knot with fewer than ``_MIN_GROUP``
+        showers takes the nearest fitted knot's. Returns per fitted knot the model's and the data's residual
+        correlation matrices (D, D) and the data's values (n_knot, D)."""
+        tables, mix, trend = out
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
         scores = torch.linspace(-_COPULA_SCORES, _COPULA_SCORES, _MAP_POINTS)
-        out, done = [], torch.zeros(_MAP_KNOTS, dtype=torch.bool)
+        fits, done = [], torch.zeros(_MAP_KNOTS, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
             sel = near == knot
             if int(sel.sum()) < _MIN_GROUP:
                 continue
             xs = model[sel].quantile(torch.special.ndtr(scores), dim=0).T  # (D, Q)
             tables[knot] = torch.stack([xs, scores.expand_as(xs)], dim=1)
-            z = (_piecewise_linear(model[sel], xs, tables[knot, :, 1]), _normal_scores(real[sel]))
-            cm, cd = (_correlation_factor(v.unsqueeze(1), _COPULA_SHRINK)[0][0] for v in z)
-            mix[knot] = _conditional_mix(cm, cd, keep)
-            out.append((cm, cd, real[sel]))
+            c0 = c[sel, 0].float()
+            (line, resid_m), (_, resid_d) = (_trend(z, c0 - c0.mean()) for z in (
+                _piecewise_linear(model[sel], xs, tables[knot, :, 1]), _normal_scores(real[sel])))
+            corr = [_correlation_factor(r.unsqueeze(1), _COPULA_SHRINK)[0][0] for r in (resid_m, resid_d)]
+            mix[knot] = _conditional_mix(corr[0], corr[1], keep)
+            # the model's line and residual spread: what sampling takes out before the mix and puts back after it
+            trend[knot] = torch.cat([line, resid_m.std(0).clamp_min(1e-3)[:, None], c0.mean().expand(xs.shape[0], 1)],
+                                    dim=1)
+            fits.append((corr[0], corr[1], real[sel]))
             done[knot] = True
-        _from_nearest_fitted(tables, done)
-        _from_nearest_fitted(mix, done)
-        return out
+        for table in out:
+            _from_nearest_fitted(table, done)
+        return fits
 
     def _fit_depth_copula(self, data: Tensor, y: Tensor, c: Tensor, e: tuple[Tensor, Tensor]) -> dict[str, float]:
         """The depth copula (``depth_copula``, :meth:`_fit_gauss_copula` of the 2 L :meth:`_depth_values`, the L
@@ -1345,7 +1390,7 @@ class LayerFlowMatching(CaloFlow):
         (depth_count_corr_{model,data}_{1,5}), over the layers the data hits in more than half the showers."""
         n_layers = self.n_layers
         model, real = self._depth_values(y, e[0]).float(), self._depth_values(data, e[1]).float()
-        fits = self._fit_gauss_copula(self.depth_in, self.depth_mix, model, real, c, n_layers)
+        fits = self._fit_gauss_copula((self.depth_in, self.depth_mix, self.depth_trend), model, real, c, n_layers)
         self.depth_fitted.fill_(bool(fits))
         apart = [d for d in (1, 5) if d < n_layers]
         deeper: dict[str, list[Tensor]] = {f"{k}_{d}": [] for k in ("model", "data") for d in apart}
@@ -1467,8 +1512,7 @@ class LayerFlowMatching(CaloFlow):
         tab = self._tables_at(self.layer_table, c, g1.dtype)[:, :, 0]  # (B, L, 2, Q)
         v = torch.log(self.stage1_fractions(g1).clamp_min(_TINY))
         if "layer_mix" in self._buffers:
-            v = _gauss_copula(v, self._tables_at(self.layer_in, c, v.dtype),
-                              self._tables_at(self.layer_mix, c, v.dtype))
+            v = self._copula_at("layer", v, c)
         return self.scale1(self.stage1_features(torch.exp(_piecewise_linear(v, tab[:, :, 0], tab[:, :, 1]))))
 
     @staticmethod
