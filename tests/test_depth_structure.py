@@ -29,18 +29,21 @@ def _showers(path: Path, n: int, seed: int, linked: bool) -> Path:
 
 def test_linked_layers_are_told_from_independent_ones_by_their_links_alone(tmp_path: Path) -> None:
     """Reference: one hit count per shower through all layers (sparsity correlation 1 at every distance);
-    candidate: one per layer (correlation ~0). The sparsity classifier tells them apart as they are (AUC > 0.8) and
-    not once each layer is shuffled within its energy bin (< 0.6), since their marginals are the same; a second
-    linked file stays at the floor both ways."""
+    candidate: one per layer (correlation ~0), so the total hit count spreads less. The sparsity classifier tells
+    them apart as they are (AUC > 0.8) and not once each layer is shuffled within its energy bin (< 0.6), since
+    their marginals are the same; a second linked file stays at the floor both ways."""
     ds = load_benchmark("depth_structure")
     ref = _showers(tmp_path / "ref.h5", 3000, seed=1, linked=True)
     twin = _showers(tmp_path / "twin.h5", 3000, seed=2, linked=True)
     loose = _showers(tmp_path / "loose.h5", 3000, seed=3, linked=False)
     out = ds.measure(ref, [twin, loose], seed=0)
-    top = "40-100 GeV"
+    top = "50-70 GeV"
     assert out["reference"]["correlation_by_distance"][top]["sparsity"]["5"] > 0.99
-    assert abs(out["loose"]["correlation_by_distance"][top]["sparsity"]["5"]) < 0.1
+    assert abs(out["loose"]["correlation_by_distance"][top]["sparsity"]["5"]) < 0.15
     assert out["loose"]["correlation_by_distance"][top]["sparsity"]["25"] is None  # no two layers 25 apart
+    # 12 layers of one count vary as one count does; 12 independent ones average out (std / mean: 0.54 vs ~0.16)
+    spread = {k: out[k]["correlation_by_distance"][top]["hits"]["total_spread"] for k in ("reference", "loose")}
+    assert spread["reference"] > 0.45 > 0.25 > spread["loose"], spread
     assert out["loose"]["sparsity_auc"]["as_is"] > 0.8 and out["loose"]["sparsity_auc"]["shuffled"] < 0.6
     assert max(out["twin"]["sparsity_auc"].values()) < 0.6, out["twin"]
 
