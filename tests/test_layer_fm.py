@@ -663,6 +663,35 @@ def test_mode_map_gives_the_core_the_data_s_angular_power(mode_rings: int) -> No
         assert float(ratio[1]) < 0.5 and float(ratio[3:].min()) > 5.0, ratio
 
 
+@pytest.mark.parametrize(("asked", "used"), [(100, 100), (5000, 240)])
+def test_calibration_showers_sets_what_training_calibrates_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             asked: int, used: int) -> None:
+    """train's calibration_showers: the calibration at the end of training sees that many training showers, and no
+    more than the file's 240 (one pass: the stream cycles, and a repeated shower would count twice in every fitted
+    quantile and correlation); 0 is refused."""
+    import numpy as np
+
+    from fastshower.errors import ConfigError
+
+    seen: list[int] = []
+    original = LayerFlowMatching.calibrate
+
+    def spy(self: LayerFlowMatching, x: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None
+            ) -> dict[str, float]:
+        seen.append(x.shape[0])
+        return original(self, x, c, generator)
+
+    monkeypatch.setattr(LayerFlowMatching, "calibrate", spy)
+    data = write_synthetic(tmp_path / "ds2.h5", get_geometry("par04-ds2"), np.resize([2e3, 8e3, 3e4], 240), seed=1)
+    hp = {**SMALL, "hidden": 16, "depth": 1, "head_dim": 2, "cells": "energy"}
+    train(data, "layer-fm", tmp_path / "run", steps=1, batch_size=32, progress=False,
+          config={"hparams": hp, "train": {"calibration_showers": asked}})
+    assert seen == [used]
+    with pytest.raises(ConfigError, match="calibration_showers"):
+        train(data, "layer-fm", tmp_path / "bad", steps=1, batch_size=32, progress=False,
+              config={"hparams": hp, "train": {"calibration_showers": 0}})
+
+
 def test_calibration_is_reproducible_from_its_generator() -> None:
     """Two calibrations of the same model on the same showers with generators of the same seed give the same maps to
     the last bit (the data's count numbers are dequantised with random numbers seeded from it), another seed others."""

@@ -67,7 +67,7 @@ from fastshower.runs import (
 __all__ = ["TrainingError", "calibrate_run", "load_config", "torch_threads", "train"]
 
 #: training showers that a post-training calibration (layer-fm's cell map) sees
-CALIBRATION_SHOWERS = 2000
+CALIBRATION_SHOWERS = TrainConfig.calibration_showers
 
 #: steps when neither steps nor epochs is given
 DEFAULT_STEPS = 2000
@@ -198,7 +198,7 @@ def _with_length(options: TrainConfig, steps: int | None, epochs: float | None,
         raise ConfigError(f"steps must be >= 1, got {options.steps}")
     if options.epochs is not None and not options.epochs > 0:
         raise ConfigError(f"epochs must be > 0, got {options.epochs}")
-    for key in ("batch_size", "checkpoint_every", "log_every"):
+    for key in ("batch_size", "checkpoint_every", "log_every", "calibration_showers"):
         if getattr(options, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(options, key)}")
     return options
@@ -567,23 +567,27 @@ def _calibrator(model: ShowerModel) -> Callable[..., dict[str, float]] | None:
 
 
 def _calibrate(loop: _Loop) -> dict[str, float] | None:
-    """Post-training calibration of a model that has one (:func:`_calibrator`) on CALIBRATION_SHOWERS showers
-    of the training stream, seeded by the run's seed; the checkpoint is written again with it (every rank
-    calibrates on its own showers, rank 0's is saved). Models without one read no showers and write nothing."""
+    """Post-training calibration of a model that has one (:func:`_calibrator`) on the config's
+    ``calibration_showers`` showers of the training stream (at most one pass over the rank's share of the file),
+    seeded by the run's seed; the checkpoint is written again with it (every rank calibrates on its own showers,
+    rank 0's is saved). Models without one read no showers and write nothing."""
     net = loop.state.net
     fit = _calibrator(net)
     if fit is None:
         return None
+    # no more than one pass over this rank's share of the file: the stream cycles, and a repeated shower would
+    # count twice in every quantile and correlation the calibration fits
+    want = min(loop.plan.options.calibration_showers, max(loop.state.stream.dataset.n // loop.world, 1))
     xs, cs, n = [], [], 0
     for x, c in _batches(loop.state.stream, loop.dev):
         xs.append(x)
         cs.append(c)
         n += x.shape[0]
-        if n >= CALIBRATION_SHOWERS:
+        if n >= want:
             break
     net.eval()
     gen = torch.Generator(device=loop.dev).manual_seed(int(loop.plan.options.seed or 0))
-    stats: dict[str, float] = fit(torch.cat(xs)[:CALIBRATION_SHOWERS], torch.cat(cs)[:CALIBRATION_SHOWERS], gen)
+    stats: dict[str, float] = fit(torch.cat(xs)[:want], torch.cat(cs)[:want], gen)
     loop.checkpoint()
     return stats
 
