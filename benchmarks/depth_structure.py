@@ -54,7 +54,8 @@ def layer_numbers(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def depth_correlations(v: np.ndarray, busy: np.ndarray) -> dict[str, float | None]:
     """Per-shower layer numbers v (n, L), layers to use busy (L,) bool -> {"d": mean correlation of layers d apart}
     (None where no pair of busy layers is d apart)."""
-    corr = np.corrcoef(v, rowvar=False) if len(v) > 2 else np.full((v.shape[1],) * 2, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a layer of one value in the bin: NaN, left out below
+        corr = np.corrcoef(v, rowvar=False) if len(v) > 2 else np.full((v.shape[1],) * 2, np.nan)
     out: dict[str, float | None] = {}
     for d in DISTANCES:
         pairs = [corr[i, i + d] for i in range(v.shape[1] - d) if busy[i] and busy[i + d]]
