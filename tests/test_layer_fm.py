@@ -394,6 +394,18 @@ def _scaled(spec: ModelSpec, hp: dict, x: torch.Tensor, c: torch.Tensor) -> Laye
     return model
 
 
+def _calibrated_draw(spec: ModelSpec, hp: dict, x: torch.Tensor, c: torch.Tensor
+                     ) -> tuple[LayerFlowMatching, dict[str, float], torch.Tensor, torch.Tensor]:
+    """An untrained layer-fm scaled on x (n, V) at c (n, 1) (:func:`_scaled`), calibrated on them (generator seed
+    1), and one draw at c (seed 2): the model, the calibration's statistics, stage 1's g1 (n, L) and the assembled
+    showers (n, V)."""
+    model = _scaled(spec, hp, x, c)
+    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g1, g2 = model.sample_latents(model.draw_noise(x.shape[0], torch.Generator().manual_seed(2)), c)
+        return model, stats, g1, model.assemble(g1, g2, c)
+
+
 def _sparse_last_layer(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Showers (n, 3 x 4 x 3) whose last layer holds k = 1..10 hits of 0.1 % of E_inc each (k uniform): its hit
     count is fixed by its energy, as for ~7 MeV particles in a late Si-W layer; conditions (n, 1)."""
@@ -729,11 +741,8 @@ def test_hit_map_gives_far_hits_the_data_s_energy_per_hit(hit_map: bool) -> None
     spec = _polar_spec(n_layers=2, n_alpha=8, n_r=3)
     hp = {**SMALL, "occupancy": "count", "maps": "rings", "hit_map": hit_map}
     x, c = _faint_outer_hits(3000)
-    model = _scaled(spec, hp, x, c)
-    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        g1, g2 = model.sample_latents(model.draw_noise(3000, torch.Generator().manual_seed(2)), c)
-        shower = model.assemble(g1, g2, c).reshape(-1, 2, 8, 3)
+    model, stats, g1, shower = _calibrated_draw(spec, hp, x, c)
+    shower = shower.reshape(-1, 2, 8, 3)
     outer = shower[..., 2]
     n = (outer > 0).sum(2)
     per_hit = (outer.sum(2) / n.clamp_min(1))[n >= 1]
@@ -771,11 +780,8 @@ def test_depth_copula_links_the_layers_hit_counts(depth: bool) -> None:
     spec = _polar_spec(n_layers=3, n_alpha=4, n_r=3)
     hp = {**SMALL, "occupancy": "count", "maps": "rings", "depth_copula": depth}
     x, c = _depth_linked_counts(3000)
-    model = _scaled(spec, hp, x, c)
-    stats = model.calibrate(x, c, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        g1, g2 = model.sample_latents(model.draw_noise(3000, torch.Generator().manual_seed(2)), c)
-        shower = model.assemble(g1, g2, c).reshape(-1, 3, 12)
+    model, stats, g1, shower = _calibrated_draw(spec, hp, x, c)
+    shower = shower.reshape(-1, 3, 12)
     count = (shower[:, 1:] > 0).sum(2).float()
     corr = float(torch.corrcoef(count.T)[0, 1])
     assert (corr > 0.6) if depth else (abs(corr) < 0.2), corr
