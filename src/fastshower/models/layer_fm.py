@@ -381,27 +381,29 @@ class LayerFMConfig(ModelConfig):
             spread (docs/model_quality.md), so it is off by default.
         depth_copula: with the ring map and occupancy="count", one more post-training map, fitted after the ring map
             and applied after it: per incident-energy knot, the layers' hit counts get the data's dependence on each
-            other through the depth and on all the layers' energies. A Gaussian copula of 2 L numbers per shower (each
-            layer's log energy fraction, then each layer's log(1 + hits), the hits summed over its rings), each to its
-            normal score under the model's own marginal; the counts' scores replaced by the data's conditional law
-            given the energies' scores (:func:`_conditional_mix`: the energies stay as stage 1 drew them), back
-            through the model's marginal; each hit ring's count is then scaled by its layer's new total over its old
-            (a hit ring stays hit, an empty one empty). Why: the ring map keeps the ODE's ranks, and the ODE ties a
-            layer's hit count to the other layers' far less than Geant4 does in the near layers and more in the far
-            ones (par04-ds2 60-min run, 40-100 GeV, correlation of layer 5's sparsity with layers 10 / 15 / 20 / 30:
-            Geant4 +0.56 / +0.36 / +0.10 / -0.09, the model +0.28 / +0.31 / +0.24 / +0.11), while stage 1 gets the
-            energies' depth structure right; per-layer sparsity is the strongest family of the strict high-level
-            classifier (AUC 0.62-0.76 alone across runs), and shuffling each layer's sparsity among like-energy
-            showers takes it from 0.757 to 0.605.
+            other through the depth and on their own layer's energy. A Gaussian copula of 2 L numbers per shower
+            (each layer's log energy fraction, then each layer's log(1 + hits), the hits summed over its rings), each
+            to its normal score under the model's own marginal, the score's linear trend in log E_inc within the knot
+            taken out (:func:`_gauss_copula`); the counts' residuals replaced by the data's conditional law given the
+            energies' (:func:`_conditional_mix`: the energies stay as stage 1 drew them), the trend put back, back
+            through the model's marginal; the change of each layer's total is shared among its hit rings by their
+            room (:meth:`couple_depth`). Why: the ring map keeps the ODE's ranks, and the ODE ties a layer's hit
+            count to its neighbours' and to its own energy far more loosely than Geant4 does (par04-ds2 60-min run,
+            50-70 GeV, ``benchmarks/depth_structure.py``: sparsities one layer apart correlated 0.31 against 0.51,
+            a layer's hits with its energy 0.41 against 0.67); per-layer sparsity was the strongest family of the
+            strict high-level classifier (AUC 0.62-0.76 alone across runs), and shuffling each layer's sparsity
+            among like-energy showers took it from 0.76 to 0.58. Measured on three runs (docs/model_quality.md):
+            with ``layer_copula`` and 5250 calibration showers, the CaloChallenge high-level set's AUC 0.592-0.605
+            over classifier seeds, against 0.638-0.671 without.
         layer_copula: with the layer map (maps other than "none"), one more post-training map of stage 1, fitted and
             applied before the layer map: per incident-energy knot, a Gaussian copula of the L log layer fractions
-            (each to its normal score under the model's own marginal, the scores mixed by L_data L_model^-1 with the
-            Cholesky factors of the two correlation matrices, back through the model's marginal), so that the layers'
-            energies vary together as the data's; the layer map then sets each marginal. Why: stage 1's flow links
-            neighbouring layers' energies more loosely than Geant4 does (par04-ds2 60-min run, correlation of the
-            log energies of adjacent layers at 40-100 GeV: 0.47 against Geant4's 0.60; 10-40 GeV: 0.38 against
-            0.49; ``benchmarks/depth_structure.py``), and the layer map keeps its ranks; the layer energies alone
-            told the model from Geant4 with AUC 0.58-0.63.
+            (each to its normal score under the model's own marginal, its trend in log E_inc taken out, the residuals
+            mixed by L_data L_model^-1 with the Cholesky factors of the two residual correlation matrices, the trend
+            put back, back through the model's marginal), so that the layers' energies vary together as the data's;
+            the layer map then sets each marginal. Why: stage 1's flow links neighbouring layers' energies more
+            loosely than Geant4 does (par04-ds2 60-min run, log energies one layer apart at 3-5 / 10-14 / 50-70 GeV:
+            0.15 / 0.31 / 0.45 against Geant4's 0.25 / 0.39 / 0.58), and the layer map keeps its ranks; the layer
+            energies alone told the model from Geant4 with AUC 0.58-0.63.
         ring_weight: with ring shares, the weight of each ring's numbers (its share, and count) in the flow-matching
             loss against 1 for a cell's (the weights then scaled to average 1). Why: they set the radial profile and
             the occupancy, which the strongest high-level families measure (r and x/y widths, per-layer sparsity:
