@@ -106,16 +106,16 @@ def _correlation_factor(z: Tensor, shrink: float = 0.01) -> tuple[Tensor, Tensor
     return corr, torch.linalg.cholesky(corr)
 
 
-def _identity_depth_in(n_layers: int) -> Tensor:
-    """depth_in (_MAP_KNOTS, 2 L, 2, Q) of the identity, wide enough for every value: log fractions down to
-    log(_TINY) and log(1 + hits) up to log(1 + V), which the map back clamps to its table."""
-    return _identity_map((_MAP_KNOTS, 2 * n_layers, 2, _MAP_POINTS), -60.0, 60.0)
-
-
-def _identity_depth_mix(n_layers: int) -> Tensor:
-    """depth_mix (_MAP_KNOTS, L, 2 L) of the identity: each layer count's new score is its own."""
-    eye = torch.eye(n_layers)
-    return torch.cat([torch.zeros_like(eye), eye], dim=1).expand(_MAP_KNOTS, n_layers, 2 * n_layers).clone()
+def _identity_copula(d: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A Gaussian copula of D values, the first k kept (:func:`_gauss_copula`), as the identity: its tables
+    (_MAP_KNOTS, D, 2, Q), wide enough for every value (log fractions down to log(_TINY), log(1 + hits) up to
+    log(1 + V)), the mix (_MAP_KNOTS, D - k, D) that gives each moved value its own score, and the trends
+    (_MAP_KNOTS, D, 4): mean 0, slope 0 in c0, residual spread 1, the knot's mean c0 0."""
+    eye = torch.eye(d - k)
+    trend = torch.zeros(_MAP_KNOTS, d, 4)
+    trend[..., 2] = 1.0
+    return (_identity_map((_MAP_KNOTS, d, 2, _MAP_POINTS), -60.0, 60.0),
+            torch.cat([torch.zeros(d - k, k), eye], dim=1).expand(_MAP_KNOTS, d - k, d).clone(), trend)
 
 
 def _conditional_mix(model: Tensor, data: Tensor, k: int) -> Tensor:
@@ -139,14 +139,6 @@ def _conditional_mix(model: Tensor, data: Tensor, k: int) -> Tensor:
     (b_m, c_m), (b_d, c_d) = parts
     m_n = c_d @ torch.linalg.inv(c_m)
     return torch.cat([b_d - m_n @ b_m, m_n], dim=1).to(model.dtype)
-
-
-def _identity_trend(shape: tuple[int, ...]) -> Tensor:
-    """Copula trends (..., D, 4) of the identity: per value the scores' mean 0, slope 0 in c0, residual spread 1, and
-    the knot's mean c0 0."""
-    out = torch.zeros(*shape, 4)
-    out[..., 2] = 1.0
-    return out
 
 
 def _trend(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -734,9 +726,7 @@ class LayerFlowMatching(CaloFlow):
         if cfg.maps != "none":
             self.register_buffer("layer_table", _identity_map((_MAP_KNOTS, self.n_layers, 1, 2, _MAP_POINTS)))
         if cfg.layer_copula:  # per knot, over the layers: see _fit_layer_map; wide: the identity leaves all as it is
-            self.register_buffer("layer_in", _identity_map((_MAP_KNOTS, self.n_layers, 2, _MAP_POINTS), -60.0, 60.0))
-            self.register_buffer("layer_mix", torch.eye(self.n_layers).expand(_MAP_KNOTS, -1, -1).clone())
-            self.register_buffer("layer_trend", _identity_trend((_MAP_KNOTS, self.n_layers)))
+            self._register_copula("layer", self.n_layers, 0)
         if cfg.maps in ("rings", "all") and self.rings is not None:
             # with layer_knots K: row k1 * K + k2 holds incident-energy knot k1 and layer-energy knot k2
             shape = (_MAP_KNOTS * max(cfg.layer_knots, 1), self.n_layers, self.per_ring * self.rings[1], 2, _MAP_POINTS)
@@ -751,9 +741,7 @@ class LayerFlowMatching(CaloFlow):
             self.register_buffer("hit_cap", torch.full((_MAP_KNOTS, self.n_layers, self.hit_classes, self.rings[1]),
                                                         _NO_CAP))
         if cfg.depth_copula and self.rings is not None:  # per knot, over the layers: see _fit_depth_copula
-            self.register_buffer("depth_in", _identity_depth_in(self.n_layers))
-            self.register_buffer("depth_mix", _identity_depth_mix(self.n_layers))
-            self.register_buffer("depth_trend", _identity_trend((_MAP_KNOTS, 2 * self.n_layers)))
+            self._register_copula("depth", 2 * self.n_layers, self.n_layers)
             # not fitted, the map is skipped rather than applied as the identity: it bounds each ring's count to A
             # on the way, and the ring map, fitted before it, must see the ODE's counts as they are
             self.register_buffer("depth_fitted", torch.zeros((), dtype=torch.bool))
@@ -1061,9 +1049,24 @@ class LayerFlowMatching(CaloFlow):
     def _copula_at(self, name: str, v: Tensor, c: Tensor) -> Tensor:
         """Values v (B, D) moved by the copula ``name`` ("layer", "depth": buffers name_in, name_mix, name_trend)
         interpolated at each shower's c[:, 0] (:func:`_gauss_copula`): its last D - k values (B, D - k)."""
-        tab, mix, trend = (self._tables_at(getattr(self, f"{name}_{part}"), c, v.dtype)
-                           for part in ("in", "mix", "trend"))
+        tab, mix, trend = (self._tables_at(b, c, v.dtype) for b in self._copula_buffers(name))
         return _gauss_copula(v, tab, mix, trend, c[:, 0].to(v.dtype))
+
+    def _copula_buffers(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The copula ``name``'s tables, mix and trends (buffers name_in, name_mix, name_trend)."""
+        return self.get_buffer(f"{name}_in"), self.get_buffer(f"{name}_mix"), self.get_buffer(f"{name}_trend")
+
+    def _register_copula(self, name: str, d: int, k: int) -> None:
+        """Buffers of a copula ``name`` of d values, the first k kept, at the identity (:func:`_identity_copula`)."""
+        for part, value in zip(("in", "mix", "trend"), _identity_copula(d, k), strict=True):
+            self.register_buffer(f"{name}_{part}", value)
+
+    def _reset_copula(self, name: str) -> None:
+        """The copula ``name`` back to the identity."""
+        tables, mix, _ = buffers = self._copula_buffers(name)
+        for buffer, value in zip(buffers, _identity_copula(tables.shape[1], tables.shape[1] - mix.shape[1]),
+                                 strict=True):
+            buffer.copy_(value)
 
     def _depth_values(self, y: Tensor, e: Tensor) -> Tensor:
         """Stage-2 numbers y (B, W) with ring counts and layer fractions e (B, L) -> (B, 2 L): each layer's log
@@ -1244,9 +1247,7 @@ class LayerFlowMatching(CaloFlow):
             if name in self._buffers:
                 getattr(self, name).copy_(_identity_map(getattr(self, name).shape))
         if "depth_mix" in self._buffers:
-            self.depth_in.copy_(_identity_depth_in(self.n_layers))
-            self.depth_mix.copy_(_identity_depth_mix(self.n_layers))
-            self.depth_trend.copy_(_identity_trend(tuple(self.depth_trend.shape[:-1])))
+            self._reset_copula("depth")
             self.depth_fitted.fill_(False)
         if "copula_mix" in self._buffers:
             self.copula_mix.copy_(torch.eye(self.copula_mix.shape[-1]).expand_as(self.copula_mix))
@@ -1263,15 +1264,13 @@ class LayerFlowMatching(CaloFlow):
         out: dict[str, float] = {}
         self.layer_table.copy_(_identity_map(self.layer_table.shape))
         if "layer_mix" in self._buffers:  # the copula first, from the flow's own energies
-            self.layer_in.copy_(_identity_map(self.layer_in.shape, -60.0, 60.0))
-            self.layer_mix.copy_(torch.eye(self.n_layers).expand_as(self.layer_mix))
-            self.layer_trend.copy_(_identity_trend(tuple(self.layer_trend.shape[:-1])))
+            self._reset_copula("layer")
         z1 = self.draw_noise(x.shape[0], generator, c.dtype, c.device)[:, : self.n_layers]
         g1 = self.sample_stage1(z1, c)
         data = torch.log(self.layer_energies(xd).clamp_min(_TINY))
         if "layer_mix" in self._buffers:
             model = torch.log(self.stage1_fractions(g1).clamp_min(_TINY)).float()
-            fits = self._fit_gauss_copula((self.layer_in, self.layer_mix, self.layer_trend), model, data.float(), c, 0)
+            fits = self._fit_gauss_copula("layer", model, data.float(), c)
             for i, side in enumerate(("model", "data")) if fits else ():
                 out[f"layer_corr_{side}_1"] = float(torch.cat([f[i].diagonal(1) for f in fits]).mean())
             g1 = self.sample_stage1(z1, c)
@@ -1351,16 +1350,17 @@ class LayerFlowMatching(CaloFlow):
         return {"copula_knots_fitted": float(len(fitted)), "copula_energy_count_corr_model": float(torch.cat(corr_m)
                 .mean()), "copula_energy_count_corr_data": float(torch.cat(corr_d).mean())}
 
-    def _fit_gauss_copula(self, out: tuple[Tensor, Tensor, Tensor], model: Tensor, real: Tensor, c: Tensor, keep: int
+    def _fit_gauss_copula(self, name: str, model: Tensor, real: Tensor, c: Tensor
                           ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Fill a copula's tables (K, D, 2, Q), mix (K, D - keep, D) and trend (K, D, 4) ``out`` in place from the
+        """Fill the copula ``name``'s tables (K, D, 2, Q), mix (K, D - k, D) and trend (K, D, 4) in place from the
         model's and the data's values (n, D) each, drawn at the same conditions c (B, C): per energy knot (the
         showers nearest to it), the model's marginal tables (its quantiles at normal scores -2.5 to 2.5), each
         sample's scores' least-squares line in c0 (:func:`_gauss_copula`), and :func:`_conditional_mix` of the two
-        samples' residual correlations, the first ``keep`` values kept; a knot with fewer than ``_MIN_GROUP``
-        showers takes the nearest fitted knot's. Returns per fitted knot the model's and the data's residual
-        correlation matrices (D, D) and the data's values (n_knot, D)."""
-        tables, mix, trend = out
+        samples' residual correlations, the first k values kept; a knot with fewer than ``_MIN_GROUP`` showers
+        takes the nearest fitted knot's. Returns per fitted knot the model's and the data's residual correlation
+        matrices (D, D) and the data's values (n_knot, D)."""
+        out = tables, mix, trend = self._copula_buffers(name)
+        keep = tables.shape[1] - mix.shape[1]
         near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
         scores = torch.linspace(-_COPULA_SCORES, _COPULA_SCORES, _MAP_POINTS)
         fits, done = [], torch.zeros(_MAP_KNOTS, dtype=torch.bool)
@@ -1392,7 +1392,7 @@ class LayerFlowMatching(CaloFlow):
         (depth_count_corr_{model,data}_{1,5}), over the layers the data hits in more than half the showers."""
         n_layers = self.n_layers
         model, real = self._depth_values(y, e[0]).float(), self._depth_values(data, e[1]).float()
-        fits = self._fit_gauss_copula((self.depth_in, self.depth_mix, self.depth_trend), model, real, c, n_layers)
+        fits = self._fit_gauss_copula("depth", model, real, c)
         self.depth_fitted.fill_(bool(fits))
         apart = [d for d in (1, 5) if d < n_layers]
         deeper: dict[str, list[Tensor]] = {f"{k}_{d}": [] for k in ("model", "data") for d in apart}
