@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFile
@@ -69,9 +70,8 @@ def hit_links(sparsity: np.ndarray, log_e: np.ndarray, busy: np.ndarray) -> dict
     Spearman correlation of a layer's sparsity with its own energy ("own_energy") and with the next layer's
     ("next_energy"), and std / mean of the summed sparsity ("total_spread": the total hit count's, for layers of
     equal size)."""
-    def spearman(a: np.ndarray, b: np.ndarray) -> float:
-        ra, rb = (np.argsort(np.argsort(v, kind="stable"), kind="stable") for v in (a, b))
-        return float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    def spearman(a: np.ndarray, b: np.ndarray) -> float:  # ties (a sparsity is k / cells) get their mean rank
+        return float(spearmanr(a, b).statistic) if a.std() > 0 and b.std() > 0 else float("nan")
 
     layers = np.flatnonzero(busy)
     if len(sparsity) < 3 or not len(layers):
