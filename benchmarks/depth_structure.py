@@ -32,6 +32,7 @@ from scipy.stats import spearmanr
 from fastshower.errors import FastshowerError
 from fastshower.io import ShowerFile
 from fastshower.validate.metrics import classifier_score
+from fastshower.validate.observables import layer_energies, layer_sparsity
 
 #: layer distances of the correlations; incident-energy bins (GeV) of the correlations, and of the shuffle (all showers)
 DISTANCES = (1, 5, 10, 15, 25)
@@ -46,9 +47,8 @@ def layer_numbers(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         batch, geometry = f.read(0, f.n), f.geometry
     x = np.asarray(batch.showers, dtype=np.float64)
     e = np.asarray(batch.energies, dtype=np.float64).reshape(-1)
-    parts = [x[:, geometry.layer_slice(i)] for i in range(len(geometry.layers))]
-    sparsity = np.stack([(p > 0).mean(1) for p in parts], 1)
-    energy = np.stack([p.sum(1) for p in parts], 1) / e[:, None]
+    sparsity = 1.0 - np.asarray(layer_sparsity(x, geometry))  # the observables' is the empty fraction
+    energy = np.asarray(layer_energies(x, geometry)) / e[:, None]
     return sparsity, np.log10(np.maximum(energy, 1e-12)), e / 1e3
 
 
