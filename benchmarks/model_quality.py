@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastshower import __version__  # noqa: E402
+from fastshower.config import TrainConfig  # noqa: E402
 from fastshower.energy import parse_energy  # noqa: E402
 from fastshower.generation import generate  # noqa: E402
 from fastshower.io import ShowerFile, ShowerFileError  # noqa: E402
@@ -242,6 +243,11 @@ class _Stop(KeyboardInterrupt):
     """Raised from the training callback to stop a run (train() checkpoints the step in hand)."""
 
 
+#: the probe's end-of-training calibration reads at most this many showers; its cost per shower, times the run's
+#: calibration_showers, is held back from the training budget (layer-fm maps "all" on par04-ds2: ~62 ms per shower,
+#: 5.4 CPU-min on 5250 showers, which a probe calibrating in full paid twice out of the budget)
+_PROBE_CALIBRATION = 250
+
 #: how often timed_train re-plans its step count from its own measured cost
 _REPLANS = 4
 
@@ -256,7 +262,9 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     probe on a shared machine mismeasures (a 30-step probe beside three other jobs: 0.80 CPU-s per step against
     0.51 afterwards, a third of the budget unused); it re-plans so up to ``_REPLANS`` times, each a fifth of the
     way on from its cost per step over the last stretch, since the load changes during an hour (one re-plan
-    under contention left a par04-ds2 run at 54 of its 60 CPU-minutes when the other core came free).
+    under contention left a par04-ds2 run at 54 of its 60 CPU-minutes when the other core came free). The
+    budget holds the end-of-training calibration of a model that has one: the probe times it on a few showers
+    (:func:`_probe`) and its cost for the run's ``calibration_showers`` is kept back from the steps.
     ``deadline`` (epoch seconds): stop at that wall time whatever the budget (a shared machine
     whose load leaves too little CPU); the run then keeps its last weights and says so.
     ``config``: :func:`fastshower.training.train`'s config (``hparams``, ``train``), None: the defaults.
@@ -264,11 +272,14 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     """
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     c_start, t_start = clock(), time.perf_counter()
-    s_per_step, setup_s = _probe(data, model, out, batch_size, seed, probe_steps, clock, config, device)
+    s_per_step, setup_s, cal_per_shower = _probe(data, model, out, batch_size, seed, probe_steps, clock, config,
+                                                 device)
     probe_s = clock() - c_start
-    budget = max(seconds - probe_s - setup_s, 10 * s_per_step)
+    reserve = cal_per_shower * _calibration_showers(data, config)  # the end-of-training calibration's cost
+    budget = max(seconds - probe_s - setup_s - reserve, 10 * s_per_step)
     steps = max(50, int(0.95 * budget / s_per_step))
-    log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step) -> {steps} steps")
+    log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step), calibration "
+        f"reserve {reserve:.0f} s -> {steps} steps")
     c0, t0 = clock(), time.perf_counter()
     state: dict[str, Any] = {"step": 0, "logs": {}, "stamps": {}, "until": max(50, steps // 5)}
     hard = c0 + 1.15 * budget + setup_s
@@ -318,6 +329,7 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "stopped_early": stopped,  # None: ran its planned steps; "budget" or "deadline"
         "probe_steps": probe_steps,
         "probe_seconds": round(probe_s, 1),
+        "calibration_reserve_seconds": round(reserve, 1),
         "train_seconds_wall": round(time.perf_counter() - t0, 1),
         "train_seconds_clock": round(train_c, 1),
         "wall_minutes_total": round((time.perf_counter() - t_start) / 60, 2),
@@ -328,20 +340,35 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
 
 
 def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int, probe_steps: int,
-           clock: Any, config: dict[str, Any] | None, device: str) -> tuple[float, float]:
-    """(seconds per step, set-up seconds) of a ``probe_steps`` run beside ``out`` (deleted afterwards)."""
+           clock: Any, config: dict[str, Any] | None, device: str) -> tuple[float, float, float]:
+    """(seconds per step, set-up seconds, calibration seconds per shower) of a ``probe_steps`` run beside ``out``
+    (deleted afterwards). The probe's end-of-training calibration (models that fit maps after training) runs on
+    at most ``_PROBE_CALIBRATION`` showers and is timed apart, so that the budget can hold the real one."""
     probe_dir = out.parent / (out.name + "-probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
+    cfg = dict(config or {})
+    wanted = int(cfg.get("train", {}).get("calibration_showers", TrainConfig.calibration_showers))
+    n_cal = min(wanted, _PROBE_CALIBRATION)
+    cfg["train"] = {**cfg.get("train", {}), "calibration_showers": n_cal}
     stamps: dict[int, float] = {}
     c_start = clock()
     train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
           checkpoint_every=10**9, log_every=10**9, callback=lambda step, logs: stamps.__setitem__(step, clock()),
-          config=config, device=device)
-    probe_s = clock() - c_start
+          config=cfg, device=device)
+    calibration_s = clock() - stamps[probe_steps]  # the calibration and the final checkpoint
     shutil.rmtree(probe_dir, ignore_errors=True)
     first = min(5, probe_steps // 4)
     s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)
-    return s_per_step, probe_s - s_per_step * probe_steps  # set-up: transform fit, model build (paid again)
+    setup_s = stamps[probe_steps] - c_start - s_per_step * probe_steps  # transform fit, model build (paid again)
+    return s_per_step, setup_s, calibration_s / n_cal
+
+
+def _calibration_showers(data: Path, config: dict[str, Any] | None) -> int:
+    """How many showers the run's end-of-training calibration reads: the config's ``calibration_showers``, at
+    most the training file (one pass, as :func:`fastshower.training.train` caps it)."""
+    wanted = int((config or {}).get("train", {}).get("calibration_showers", TrainConfig.calibration_showers))
+    with ShowerFile(data) as f:
+        return min(wanted, f.n)
 
 
 def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, key: str,

@@ -1,10 +1,16 @@
-"""benchmarks/model_quality.py: a new invocation adds its rows to the results JSON, it does not drop the others."""
+"""benchmarks/model_quality.py: a new invocation adds its rows to the results JSON, it does not drop the others; the
+training budget holds the end-of-training calibration."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import pytest
 
 from benchmark_scripts import load_benchmark
+from fastshower.io import ShowerFile
 
 
 def _model_quality() -> ModuleType:
@@ -27,3 +33,33 @@ def test_merge_keeps_other_rows_and_replaces_the_same_key() -> None:
     assert old["models"]["other"] == {"steps": 3}  # inputs untouched
     # another detector's file is not mixed in
     assert merge({**old, "detector": "calogan-3layer"}, new) == new
+
+
+def test_probe_times_a_capped_calibration_apart_and_the_budget_holds_the_full_one(
+        tiny_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe calibrates on at most _PROBE_CALIBRATION showers, timed after its last step; the cost per shower
+    it gives, times the run's calibration showers (capped at the file), is what the budget must hold back."""
+    mq = _model_quality()
+    seen: dict[str, Any] = {}
+    now = [0.0]
+
+    def fake_train(data: Path, model: str, out: Path, steps: int, callback: Any, config: Any, **_: Any) -> None:
+        seen["config"] = config
+        now[0] += 7.0  # set-up: transform fit, model build
+        for step in range(1, steps + 1):
+            now[0] += 2.0
+            callback(step, {})
+        now[0] += 100.0  # the end-of-training calibration
+
+    config = {"hparams": {"maps": "all"}, "train": {"calibration_showers": 5250}}
+    monkeypatch.setattr(mq, "train", fake_train)
+    per_step, setup, per_shower = mq._probe(tiny_file, "layer-fm", tiny_file.parent / "run", None, 0, 30,
+                                            lambda: now[0], config, "cpu")
+    n_cal = mq._PROBE_CALIBRATION
+    assert seen["config"]["train"]["calibration_showers"] == n_cal
+    assert config["train"]["calibration_showers"] == 5250  # the caller's config is left as it was
+    assert (per_step, setup, per_shower) == (2.0, 7.0, 100.0 / n_cal)
+    with ShowerFile(tiny_file) as f:
+        n = f.n
+    assert mq._calibration_showers(tiny_file, config) == min(5250, n)
+    assert mq._calibration_showers(tiny_file, {"train": {"calibration_showers": 3}}) == 3

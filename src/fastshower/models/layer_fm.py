@@ -71,6 +71,9 @@ _MIN_GROUP = 40
 #: regression of 45 counts on 45 energies fits it. The marginal tables span normal scores -2.5 to 2.5 (0.6 % to
 #: 99.4 % of ~400 showers) and the map back stops at their ends.
 _COPULA_SHRINK, _COPULA_SCORES = 0.1, 2.5
+#: coherent_rings: fixed-point rounds of the gains' fit (the first lands within ~3 % of the data's power), the bounds
+#: of a gain b (1 + b from 0.1 to 4 times the summed pattern's mode) and the floor of a cell's factor 1 + h
+_COHERENCE_ROUNDS, _COHERENCE_GAIN, _COHERENCE_FLOOR = 4, (-0.9, 3.0), 0.1
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...], lo: float = -30.0, hi: float = 0.0) -> Tensor:
@@ -396,6 +399,19 @@ class LayerFMConfig(ModelConfig):
             loosely than Geant4 does (par04-ds2 60-min run, log energies one layer apart at 3-5 / 10-14 / 50-70 GeV:
             0.15 / 0.31 / 0.45 against Geant4's 0.25 / 0.39 / 0.58), and the layer map keeps its ranks; the layer
             energies alone told the model from Geant4 with AUC 0.58-0.63.
+        coherent_rings: with the ring map (maps "rings", "all"), the k inner rings get one more post-training map,
+            fitted last and applied to the assembled shower (:meth:`cohere`): per incident-energy knot and ring, each
+            angular Fourier frequency of the ring's depth-summed pattern (its relative deviation from the ring's mean
+            over angle) is amplified or damped by a gain 1 + b_f, by multiplying every layer's cells of the ring by
+            1 + h, h the summed pattern's modes times b_f; each layer's ring keeps its energy and its empty cells.
+            The gains are fitted (a few fixed-point steps) so that the model's mean power per frequency of the
+            summed pattern is the data's; 0: none. Why: Geant4's core sits off the axis by a fraction of a cell and
+            keeps its sub-cell shape through the layers, so its depth-summed ring 0 is smooth in angle (power falls
+            from k = 1 to 4), where the model's layers fluctuate nearly independently and their sum is white noise:
+            par04-ds2's 60-min runs had 5.2-5.3 local maxima in the depth-summed image against Geant4's 4.7 (above
+            10 GeV), n_peaks the strongest single high-level observable left, and shuffling Geant4's own ring-0
+            patterns among like showers layer by layer gives it 5.1. A per-layer mode map (``mode_rings``) cannot
+            supply what is shared between layers; a gain on the summed pattern's modes makes each layer follow it.
         ring_weight: with ring shares, the weight of each ring's numbers (its share, and count) in the flow-matching
             loss against 1 for a cell's (the weights then scaled to average 1). Why: they set the radial profile and
             the occupancy, which the strongest high-level families measure (r and x/y widths, per-layer sparsity:
@@ -440,13 +456,14 @@ class LayerFMConfig(ModelConfig):
     ring_weight: float = 1.0
     depth_copula: bool = False
     layer_copula: bool = False
+    coherent_rings: int = 0
 
     introduced: ClassVar[dict[str, Any]] = {"head_dim": 0, "shares": "voxel", "energy_knots": 0, "cells": "share",
                                           "occupancy": "none", "maps": "none", "fourier_rings": 0,
                                           "layer_knots": 0, "stencil": False, "align": False,
                                           "mode_rings": 0, "count_copula": False, "hit_map": False,
                                           "ring_weight": 1.0, "depth_copula": False,
-                                          "layer_copula": False}
+                                          "layer_copula": False, "coherent_rings": 0}
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"t_dist": ("uniform", "logit_normal"), "method": ODE_METHODS,
                                                      "shares": ("auto", "voxel", "ring"),
                                                      "cells": ("share", "energy"), "occupancy": ("none", "count"),
@@ -700,6 +717,8 @@ class LayerFlowMatching(CaloFlow):
     layer_mix: Tensor  # (_MAP_KNOTS, L, L): L_data L_model^-1 of the scores' correlations (layer_copula)
     layer_trend: Tensor  # (_MAP_KNOTS, L, 4): the model's scores' trend in c0 (layer_copula; see _gauss_copula)
     depth_trend: Tensor  # (_MAP_KNOTS, 2 L, 4): the same for depth_copula
+    core_gain: Tensor  # (_MAP_KNOTS, k, A): per knot and inner ring each angular mode's gain b (coherent_rings)
+    core_basis: Tensor  # (A, A): angular_basis(A)
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -749,6 +768,9 @@ class LayerFlowMatching(CaloFlow):
             self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings, 3,
                                                                self.rings[0])))
             self.register_buffer("mode_basis", angular_basis(self.rings[0]), persistent=False)
+        if cfg.coherent_rings and self.rings is not None:  # per knot, inner ring and angular mode: see _fit_coherence
+            self.register_buffer("core_gain", torch.zeros(_MAP_KNOTS, cfg.coherent_rings, self.rings[0]))
+            self.register_buffer("core_basis", angular_basis(self.rings[0]), persistent=False)
         self.register_buffer("loss_weight", self._loss_weights(cfg, tuple(sizes)), persistent=False)
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
@@ -786,6 +808,11 @@ class LayerFlowMatching(CaloFlow):
             raise ValueError(f"layer-fm mode_rings={cfg.mode_rings} maps the angular modes of that many inner rings: "
                              "it needs ring shares (a polar readout) with at least that many rings, maps='rings' or "
                              "'all' and occupancy='count'; use 0 here")
+        if cfg.coherent_rings and (self.rings is None or cfg.maps not in ("rings", "all")
+                                   or not 0 < cfg.coherent_rings <= self.rings[1]):
+            raise ValueError(f"layer-fm coherent_rings={cfg.coherent_rings} shapes that many inner rings by their "
+                             "depth-summed angular pattern: it needs ring shares (a polar readout) with at least that "
+                             "many rings and maps='rings' or 'all'; use 0 here")
         for name, what in (("count_copula", "couples the rings' hit counts to their layer's energy"),
                            ("hit_map", "caps each hit ring's energy per hit by its hit count"),
                            ("depth_copula", "couples the layers' hit counts through the depth")):
@@ -1126,6 +1153,40 @@ class LayerFlowMatching(CaloFlow):
         inner = torch.where(self._full_rings(y).unsqueeze(2), inner, cells[..., :k])
         return join_cells(head, torch.cat([inner, cells[..., k:]], dim=3))
 
+    def assemble(self, g1: Tensor, g2: Tensor, c: Tensor | None = None) -> Tensor:
+        """Showers (B, V) = voxel / E_inc of the standardised stage variables, as :class:`CaloFlow`'s; with
+        ``coherent_rings`` and conditions c (B, C) the inner rings then shaped by their depth-summed angular
+        pattern (:meth:`cohere`), and the zero threshold applied again."""
+        x = super().assemble(g1, g2, c)
+        if c is None or "core_gain" not in self._buffers:
+            return x
+        x = self.cohere(x, c)
+        return x * (x >= self.noise).to(x.dtype)
+
+    def _summed_modes(self, cells: Tensor) -> Tensor:
+        """Cells (B, L, A, k) of k rings -> the angular modes (B, A, k) (:func:`angular_basis`) of each ring's
+        depth-summed pattern: its cells over the ring's mean over angle, minus 1 (0 for a ring empty in every layer)."""
+        summed = cells.sum(1)  # (B, A, k)
+        mean = summed.mean(1, keepdim=True)
+        rel = torch.where(mean > 0, summed / mean.clamp_min(_TINY) - 1.0, torch.zeros_like(summed))
+        return torch.einsum("ma,bak->bmk", self.core_basis.to(rel.dtype), rel)
+
+    def cohere(self, x: Tensor, c: Tensor, gain: Tensor | None = None) -> Tensor:
+        """Showers x (B, V) with the cells of each of the ``coherent_rings`` inner rings, in every layer, multiplied
+        by 1 + h (floored at ``_COHERENCE_FLOOR``), h (B, A, k) the ring's depth-summed pattern with each mode times
+        its gain (``core_gain`` interpolated at c[:, 0], or ``gain`` (B, A, k)), then rescaled to the ring's energy
+        in that layer: every ring keeps its energy in every layer, and its empty cells stay empty."""
+        a, r = self.rings or (1, 1)
+        k = self.config.coherent_rings
+        if gain is None:
+            gain = self._tables_at(self.core_gain, c, x.dtype).transpose(1, 2)  # (B, A, k)
+        cells = x.reshape(x.shape[0], self.n_layers, a, r)
+        inner = cells[..., :k]
+        h = torch.einsum("ma,bmk->bak", self.core_basis.to(x.dtype), self._summed_modes(inner) * gain)
+        shaped = inner * (1.0 + h).clamp_min(_COHERENCE_FLOOR).unsqueeze(1)
+        shaped = shaped * (inner.sum(2, keepdim=True) / shaped.sum(2, keepdim=True).clamp_min(_TINY))
+        return torch.cat([shaped, cells[..., k:]], dim=3).reshape(x.shape)
+
     def _log_shares(self, cells: Tensor) -> Tensor:
         """Cell numbers (B, L, A, k) -> the log of each cell's share of its ring, (B, L, A, k). Why this space for
         the mode map: a fully hit core ring's cells all hold a fair share in Geant4, while the model's faint cells
@@ -1161,7 +1222,8 @@ class LayerFlowMatching(CaloFlow):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # runs saved before the calibration existed load uncalibrated (the identity map)
         for name in ("cell_map", "layer_table", "ring_table", "mode_table", "copula_in", "copula_mix", "hit_cap",
-                     "depth_in", "depth_mix", "depth_fitted", "depth_trend", "layer_in", "layer_mix", "layer_trend"):
+                     "depth_in", "depth_mix", "depth_fitted", "depth_trend", "layer_in", "layer_mix", "layer_trend",
+                     "core_gain"):
             if name in self._buffers and prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -1226,7 +1288,8 @@ class LayerFlowMatching(CaloFlow):
         if "depth_mix" in self._buffers:
             out.update(self._fit_depth_copula(data, self.unstandardise2(g2, c, e_model), c, (e_model, e_data)))
         if not self._has_cell_map:
-            return {**out, **self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c)}
+            out.update(self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c))
+            return {**out, **self._fit_coherence(x, self.assemble(g1, g2, c), c)}
         model = self._cells(self.unstandardise2(g2, c, e_model)).float()  # the cells' identity map now
         # a step at the data's empty fraction, as for layers and rings; cells="energy" alone keeps the measured
         # map of its introduction (no step: calibration_effect_par04-ds2.json)
@@ -1237,6 +1300,7 @@ class LayerFlowMatching(CaloFlow):
         self._fit_tables(self.cell_map, model, self._cells(data).float(), (x > 0).reshape(model.shape), c, gap,
                          tail=True)
         out.update(self._fit_mode_map(x, data, self.unstandardise2(g2, c, e_model), c))
+        out.update(self._fit_coherence(x, self.assemble(g1, g2, c), c))
         after = float((self.assemble(g1, g2, c) > 0).float().mean())
         return {**out, "hit_fraction_data": float((x > 0).float().mean()), "hit_fraction_model_before": before,
                 "hit_fraction_model_after": after}
@@ -1255,6 +1319,8 @@ class LayerFlowMatching(CaloFlow):
             self.mode_table.copy_(_identity_modes(self.mode_table.shape))
         if "hit_cap" in self._buffers:
             self.hit_cap.fill_(_NO_CAP)
+        if "core_gain" in self._buffers:
+            self.core_gain.zero_()
 
     def _fit_layer_map(self, x: Tensor, xd: Tensor, c: Tensor, generator: torch.Generator | None
                        ) -> dict[str, float]:
@@ -1441,6 +1507,41 @@ class LayerFlowMatching(CaloFlow):
             freq = [0] + [(j + 1) // 2 for j in range(1, a)]
             for f in sorted(set(freq)):
                 out[f"mode_map_spread_ratio_k{f}"] = float(ratios[:, [j for j in range(a) if freq[j] == f]].mean())
+        return out
+
+    def _fit_coherence(self, x: Tensor, model: Tensor, c: Tensor) -> dict[str, float]:
+        """The gains of ``coherent_rings`` (``core_gain``, (K, k, A)) from showers x (B, V) and the model's showers
+        (B, V; every other map applied) at conditions c (B, C): per energy knot (the showers nearest to it) and
+        inner ring, a gain b_f per angular frequency f (cos and sin alike) such that the model's mean power at f of
+        the depth-summed pattern, after :meth:`cohere`, is the data's: b <- (1 + b) sqrt(P_data / P_model) - 1,
+        ``_COHERENCE_ROUNDS`` times. A knot with fewer than ``_MIN_GROUP`` showers takes the nearest fitted one's
+        gains. Returns the fitted fraction of knots and ring 0's gains at frequencies 1-3, averaged over knots."""
+        if "core_gain" not in self._buffers:
+            return {}
+        a, r = self.rings or (1, 1)
+        k = self.config.coherent_rings
+        freq = torch.tensor([0] + [(j + 1) // 2 for j in range(1, a)], device=x.device)
+        near = torch.nn.functional.one_hot(hat_weights(c[:, 0].float(), self.map_knots).argmax(1), _MAP_KNOTS).float()
+        per_f = torch.nn.functional.one_hot(freq).float()  # (A, F)
+        fitted = near.sum(0) >= _MIN_GROUP  # (K,)
+
+        def power(showers: Tensor) -> Tensor:  # mean power per knot, frequency and ring (K, F, k)
+            q = self._summed_modes(showers.float().reshape(-1, self.n_layers, a, r)[..., :k]) ** 2
+            return torch.einsum("bn,bak,af->nfk", near, q, per_f) / near.sum(0).clamp_min(1.0)[:, None, None]
+
+        target, gain = power(x), torch.zeros(_MAP_KNOTS, per_f.shape[1], k, device=x.device)
+        moving = (torch.arange(per_f.shape[1], device=x.device) > 0)[:, None]  # frequency 0: the pattern's mean, 0
+        for _ in range(_COHERENCE_ROUNDS):
+            self.core_gain.copy_(gain[:, freq, :].transpose(1, 2))
+            ratio = (target / power(self.cohere(model, c)).clamp_min(1e-12)).sqrt()
+            gain = ((1.0 + gain) * ratio - 1.0).clamp(*_COHERENCE_GAIN)
+            gain = torch.where(fitted[:, None, None] & moving, gain, 0.0)
+        self.core_gain.copy_(gain[:, freq, :].transpose(1, 2))
+        _from_nearest_fitted(self.core_gain, fitted)
+        kept = gain[fitted][..., 0]  # (fitted knots, F): ring 0
+        out = {"coherence_fitted_fraction": float(fitted.float().mean())}
+        out.update({f"coherence_gain_k{f}": float(kept[:, f].mean()) for f in range(1, min(4, kept.shape[1]))
+                    if kept.numel()})
         return out
 
     def _fit_ring_tables(self, tables: Tensor, model: Tensor, data: Tensor, hit: Tensor, c: Tensor,
