@@ -355,7 +355,9 @@ def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int,
     train(data, model, probe_dir, steps=probe_steps, batch_size=batch_size, seed=seed, progress=False,
           checkpoint_every=10**9, log_every=10**9, callback=lambda step, logs: stamps.__setitem__(step, clock()),
           config=cfg, device=device)
-    calibration_s = clock() - stamps[probe_steps]  # the calibration and the final checkpoint
+    # the calibration and its checkpoint, for a model that fitted one (meta.json says so); else nothing to hold back
+    calibrated = "calibration" in json.loads((probe_dir / "meta.json").read_text())
+    calibration_s = clock() - stamps[probe_steps] if calibrated else 0.0
     shutil.rmtree(probe_dir, ignore_errors=True)
     first = min(5, probe_steps // 4)
     s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)

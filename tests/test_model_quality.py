@@ -3,6 +3,7 @@ training budget holds the end-of-training calibration."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,12 +37,13 @@ def test_merge_keeps_other_rows_and_replaces_the_same_key() -> None:
 
 
 def test_probe_times_a_capped_calibration_apart_and_the_budget_holds_the_full_one(
-        tiny_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe calibrates on at most _PROBE_CALIBRATION showers, timed after its last step; the cost per shower
     it gives, times the run's calibration showers (capped at the file), is what the budget must hold back."""
     mq = _model_quality()
     seen: dict[str, Any] = {}
     now = [0.0]
+    calibrates = True
 
     def fake_train(data: Path, model: str, out: Path, steps: int, callback: Any, config: Any, **_: Any) -> None:
         seen["config"] = config
@@ -50,10 +52,12 @@ def test_probe_times_a_capped_calibration_apart_and_the_budget_holds_the_full_on
             now[0] += 2.0
             callback(step, {})
         now[0] += 100.0  # the end-of-training calibration
+        out.mkdir(parents=True)
+        (out / "meta.json").write_text(json.dumps({"calibration": {"n": 250}} if calibrates else {}))
 
     config = {"hparams": {"maps": "all"}, "train": {"calibration_showers": 5250}}
     monkeypatch.setattr(mq, "train", fake_train)
-    per_step, setup, per_shower = mq._probe(tiny_file, "layer-fm", tiny_file.parent / "run", None, 0, 30,
+    per_step, setup, per_shower = mq._probe(tiny_file, "layer-fm", tmp_path / "run", None, 0, 30,
                                             lambda: now[0], config, "cpu")
     n_cal = mq._PROBE_CALIBRATION
     assert seen["config"]["train"]["calibration_showers"] == n_cal
@@ -63,3 +67,6 @@ def test_probe_times_a_capped_calibration_apart_and_the_budget_holds_the_full_on
         n = f.n
     assert mq._calibration_showers(tiny_file, config) == min(5250, n)
     assert mq._calibration_showers(tiny_file, {"train": {"calibration_showers": 3}}) == 3
+    assert not (tmp_path / "run-probe").exists()
+    calibrates = False  # a model without a calibration: nothing held back for it
+    assert mq._probe(tiny_file, "flow", tmp_path / "run", None, 0, 30, lambda: now[0], None, "cpu")[2] == 0.0
