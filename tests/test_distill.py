@@ -305,13 +305,14 @@ def test_ring_share_student_exports(ring_runs: tuple[Path, Path], tmp_path: Path
 @pytest.mark.parametrize(("layer_knots", "more"), [(0, {}), (3, {}),
                                                    (0, {"mode_rings": 1, "count_copula": True, "hit_map": True,
                                                           "depth_copula": True, "layer_copula": True,
-                                                          "coherent_rings": 1})])
+                                                          "coherent_rings": 1, "share_copula": True})])
 def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_knots: int, more: dict[str, Any]) -> None:
     """A layer-fm that generates hit counts (occupancy="count") with layer and ring maps (maps="all", fitted at the
     end of training; with layer_knots also per layer energy; with mode_rings the inner ring's angular modes, with
     count_copula the counts' dependence on the layer energy, with hit_map a cap on the rings' energy per hit, with
     depth_copula the layers' counts' dependence on each other, with layer_copula the layer energies' dependence and
-    with coherent_rings the inner ring's gains on its depth-summed pattern) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count numbers say,
+    with coherent_rings the inner ring's gains on its depth-summed pattern, with share_copula the rings' shares'
+    dependence) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count numbers say,
     and its ONNX export gives the torch sampler's showers."""
     e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
@@ -338,6 +339,8 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_kn
         assert not torch.equal(t_model.layer_mix, torch.eye(3).expand_as(t_model.layer_mix))
         assert not torch.equal(t_model.depth_mix[..., 3:], torch.eye(3).expand_as(t_model.depth_mix[..., 3:]))
         assert torch.equal(model.stage1.core_gain, t_model.core_gain) and bool(t_model.core_gain.abs().sum() > 0)
+        assert torch.equal(model.stage1.share_mix, t_model.share_mix)
+        assert not torch.equal(t_model.share_mix, torch.eye(4).expand_as(t_model.share_mix))
     z, c = _ring_inputs(300, 4, model)
     with torch.no_grad():
         x = model.sample_from_noise(z, c).reshape(-1, 3, 4, 3)
