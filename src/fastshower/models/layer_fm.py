@@ -374,7 +374,9 @@ class LayerFMConfig(ModelConfig):
             the ring map keeps the ODE's ranks, and with them its looser radial profile: par04-ds2's 60-min runs,
             10-40 GeV, layers 3-16, rank correlation of ring 0's and ring 1's shares -0.54 to -0.73 against
             Geant4's -0.73 to -0.81, of rings 1 and 2 -0.12 to 0.07 against 0.09 to 0.18; the per-layer r moments, each
-            within AUC 0.57 of Geant4's, told a seed-0 run from Geant4 with AUC 0.69 together.
+            within AUC 0.57 of Geant4's, told a seed-0 run from Geant4 with AUC 0.69 together. Measured with
+            coherent_rings on three runs: the links come to Geant4's, the strict high-level AUC 0.760 -> 0.741 on
+            seed 0 but 0.636 -> 0.667 and 0.651 -> 0.693 on the other two (docs/model_quality.md), so it is off.
         hit_map: with the ring map and occupancy="count", a cap fitted by ``calibrate`` from the data alone: per
             incident-energy knot, layer, ring and class of the ring's hit count n (1, 2-3, 4-7, ..., all A cells:
             floor(log2 n)), the ``_HIT_LEVEL`` (99.5th) percentile of the data's log energy per hit, log(share x
