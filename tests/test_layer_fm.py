@@ -938,3 +938,21 @@ def test_share_copula_gives_the_rings_the_data_s_radial_profile(copula: bool) ->
             build_model("layer-fm", spec, {**SMALL, "maps": "layers", "share_copula": True})
     else:
         assert model[1] < 0.5, (model, data)
+
+
+def test_an_unfitted_ring_copula_leaves_the_showers_as_they_are() -> None:
+    """Before calibrate, share_copula and count_copula are the identity: the same weights and noise give the same
+    showers with them as without (their scores, bounded against a far-off net's numbers, stay clear of the bound
+    here: logit shares reach -14)."""
+    torch.manual_seed(0)
+    spec = _polar_spec()
+    x, c = _radial_profile(300)
+    hp = {**SMALL, "occupancy": "count", "maps": "all"}
+    with_them = _scaled(spec, {**hp, "share_copula": True, "count_copula": True}, x, c)
+    plain = build_model("layer-fm", spec, hp)
+    assert isinstance(plain, LayerFlowMatching)
+    plain.load_state_dict({k: v for k, v in with_them.state_dict().items() if not k.startswith(("share_", "copula_"))})
+    plain.eval()
+    z = with_them.draw_noise(300, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(with_them.sample_from_noise(z, c), plain.sample_from_noise(z, c), atol=1e-7)

@@ -74,8 +74,9 @@ _COPULA_SHRINK, _COPULA_SCORES = 0.1, 2.5
 #: the per-layer ring copulas (count_copula, share_copula): the rings' numbers each links to its layer's energy, and
 #: its buffers (the model's marginal tables, the mix)
 _RING_COPULAS = {"counts": ("copula_in", "copula_mix"), "shares": ("share_in", "share_mix")}
-#: their normal scores are bounded here (a Gaussian sample of 1e9 stays within it)
-_SCORE_BOUND = 6.0
+#: their normal scores stay within this far beyond their tables' ends (tables end at the 2 % and 98 % quantiles,
+#: scores -2.05 and 2.05: a Gaussian sample of 1e9 stays within 6); an unfitted table is the identity over -60..60
+_SCORE_BOUND = 4.0
 #: coherent_rings: fixed-point rounds of the gains' fit (the first lands within ~3 % of the data's power), the bounds
 #: of a gain b (1 + b from 0.1 to 4 times the summed pattern's mode) and the floor of a cell's factor 1 + h
 _COHERENCE_ROUNDS, _COHERENCE_GAIN, _COHERENCE_FLOOR = 4, (-0.9, 3.0), 0.1
@@ -771,7 +772,8 @@ class LayerFlowMatching(CaloFlow):
         for part, on in (("counts", cfg.count_copula), ("shares", cfg.share_copula)):
             if on and self.rings is not None:  # per knot and layer: see _fit_copula
                 r1, (tables, mix) = self.rings[1] + 1, _RING_COPULAS[part]
-                self.register_buffer(tables, _identity_map((_MAP_KNOTS, self.n_layers, r1, 2, _MAP_POINTS)))
+                # wide, as the copulas' identity: logit shares span about +-14, and scores are bounded by the ends
+                self.register_buffer(tables, _identity_map((_MAP_KNOTS, self.n_layers, r1, 2, _MAP_POINTS), -60, 60))
                 self.register_buffer(mix, torch.eye(r1).expand(_MAP_KNOTS, self.n_layers, r1, r1).clone())
         if cfg.hit_map and self.rings is not None:  # per knot, layer, count class and ring: see _fit_hit_map
             self.hit_classes = int(math.log2(self.rings[0])) + 1
@@ -1096,11 +1098,13 @@ class LayerFlowMatching(CaloFlow):
         tables, mixes = (self.get_buffer(name) for name in _RING_COPULAS[part])
         tab = self._tables_at(tables, c, y.dtype)  # (B, L, 1 + R, 2, Q)
         mix = self._tables_at(mixes, c, y.dtype)  # (B, L, 1 + R, 1 + R)
+        # scores kept within _SCORE_BOUND of their table's ends: a value far beyond them (an untrained or badly
+        # fitted net's, 1e4 units out) would otherwise be carried by the mix into every ring of its layer
+        lo, hi = tab[..., 1, 0] - _SCORE_BOUND, tab[..., 1, -1] + _SCORE_BOUND  # (B, L, 1 + R)
         z = _piecewise_linear(self._copula_values(y, e, part), tab[..., 0, :], tab[..., 1, :])
-        # scores bounded: a value far beyond the tables (an untrained or badly fitted net's, 1e4 units out) would
-        # otherwise be carried by the mix into every ring of its layer
-        z = torch.einsum("blij,blj->bli", mix, z.clamp(-_SCORE_BOUND, _SCORE_BOUND)).clamp(-_SCORE_BOUND, _SCORE_BOUND)
-        moved = _piecewise_linear(z[:, :, 1:], tab[:, :, 1:, 1, :], tab[:, :, 1:, 0, :])  # back: the model's own
+        z = torch.einsum("blij,blj->bli", mix, torch.minimum(torch.maximum(z, lo), hi))
+        z = torch.minimum(torch.maximum(z, lo), hi)[:, :, 1:]
+        moved = _piecewise_linear(z, tab[:, :, 1:, 1, :], tab[:, :, 1:, 0, :])  # back: the model's own
         y, at = y.reshape(y.shape[0], self.n_layers, -1), self._ring_part(part)
         return torch.cat([y[:, :, : at.start], moved, y[:, :, at.stop :]], dim=2).reshape(y.shape[0], -1)
 
@@ -1339,9 +1343,12 @@ class LayerFlowMatching(CaloFlow):
 
     def _reset_shape_maps(self) -> None:
         """Every map of the stage-2 numbers back to the identity (the layer map is refitted on its own)."""
-        for name in ("ring_table", "cell_map", "copula_in", "share_in"):
+        for name in ("ring_table", "cell_map"):
             if name in self._buffers:
                 getattr(self, name).copy_(_identity_map(getattr(self, name).shape))
+        for name in ("copula_in", "share_in"):
+            if name in self._buffers:
+                getattr(self, name).copy_(_identity_map(getattr(self, name).shape, -60, 60))
         if "depth_mix" in self._buffers:
             self._reset_copula("depth")
             self.depth_fitted.fill_(False)
