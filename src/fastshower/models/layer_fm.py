@@ -376,8 +376,9 @@ class LayerFMConfig(ModelConfig):
             10-40 GeV, layers 3-16, rank correlation of ring 0's and ring 1's shares -0.54 to -0.73 against
             Geant4's -0.73 to -0.81, of rings 1 and 2 -0.12 to 0.07 against 0.09 to 0.18; the per-layer r moments, each
             within AUC 0.57 of Geant4's, told a seed-0 run from Geant4 with AUC 0.69 together. Measured with
-            coherent_rings on three runs: the links come to Geant4's, the strict high-level AUC 0.760 -> 0.741 on
-            seed 0 but 0.636 -> 0.667 and 0.651 -> 0.693 on the other two (docs/model_quality.md), so it is off.
+            coherent_rings on three runs (docs/model_quality.md): the links come to Geant4's, the CaloChallenge
+            high-level set's AUC 0.591-0.603 -> 0.565-0.591, the strict one within its noise (0.748, 0.639, 0.622
+            against 0.760, 0.636, 0.651); off by default, as the recipe trained end to end does not have it.
         hit_map: with the ring map and occupancy="count", a cap fitted by ``calibrate`` from the data alone: per
             incident-energy knot, layer, ring and class of the ring's hit count n (1, 2-3, 4-7, ..., all A cells:
             floor(log2 n)), the ``_HIT_LEVEL`` (99.5th) percentile of the data's log energy per hit, log(share x
