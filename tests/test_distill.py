@@ -312,8 +312,8 @@ def test_counting_teacher_with_maps_distils_and_exports(tmp_path: Path, layer_kn
     count_copula the counts' dependence on the layer energy, with hit_map a cap on the rings' energy per hit, with
     depth_copula the layers' counts' dependence on each other, with layer_copula the layer energies' dependence and
     with coherent_rings the inner ring's gains on its depth-summed pattern, with share_copula the rings' shares'
-    dependence) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count numbers say,
-    and its ONNX export gives the torch sampler's showers."""
+    dependence) distils: the student keeps the teacher's stage 1 with its maps, its rings hold the hits its count
+    numbers say, and its ONNX export gives the torch sampler's showers."""
     e = np.exp(np.random.default_rng(2).uniform(np.log(1e4), np.log(1e5), 400))
     data = write_synthetic(tmp_path / "polar.h5", POLAR, e, seed=3, zero_suppression=100.0)
     hp = {**RING_HP, "occupancy": "count", "maps": "all", "layer_knots": layer_knots, **more}
