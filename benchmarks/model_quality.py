@@ -347,8 +347,7 @@ def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int,
     probe_dir = out.parent / (out.name + "-probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
     cfg = dict(config or {})
-    wanted = int(cfg.get("train", {}).get("calibration_showers", TrainConfig.calibration_showers))
-    n_cal = min(wanted, _PROBE_CALIBRATION)
+    n_cal = min(_asked_calibration(config), _PROBE_CALIBRATION)
     cfg["train"] = {**cfg.get("train", {}), "calibration_showers": n_cal}
     stamps: dict[int, float] = {}
     c_start = clock()
@@ -368,9 +367,13 @@ def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int,
 def _calibration_showers(data: Path, config: dict[str, Any] | None) -> int:
     """How many showers the run's end-of-training calibration reads: the config's ``calibration_showers``, at
     most the training file (one pass, as :func:`fastshower.training.train` caps it)."""
-    wanted = int((config or {}).get("train", {}).get("calibration_showers", TrainConfig.calibration_showers))
     with ShowerFile(data) as f:
-        return min(wanted, f.n)
+        return min(_asked_calibration(config), f.n)
+
+
+def _asked_calibration(config: dict[str, Any] | None) -> int:
+    """The config's ``[train] calibration_showers``, or TrainConfig's default."""
+    return int((config or {}).get("train", {}).get("calibration_showers", TrainConfig.calibration_showers))
 
 
 def distilled_student(work: Path, args: argparse.Namespace, teacher_name: str, key: str,

@@ -75,11 +75,14 @@ _COPULA_SHRINK, _COPULA_SCORES = 0.1, 2.5
 #: its buffers (the model's marginal tables, the mix)
 _RING_COPULAS = {"counts": ("copula_in", "copula_mix"), "shares": ("share_in", "share_mix")}
 #: their normal scores stay within this far beyond their tables' ends (tables end at the 2 % and 98 % quantiles,
-#: scores -2.05 and 2.05: a Gaussian sample of 1e9 stays within 6); an unfitted table is the identity over -60..60
+#: scores -2.05 and 2.05: a Gaussian sample of 1e9 stays within 6); an unfitted table is the identity over _WIDE
 _SCORE_BOUND = 4.0
 #: coherent_rings: fixed-point rounds of the gains' fit (the first lands within ~3 % of the data's power), the bounds
 #: of a gain b (1 + b from 0.1 to 4 times the summed pattern's mode) and the floor of a cell's factor 1 + h
 _COHERENCE_ROUNDS, _COHERENCE_GAIN, _COHERENCE_FLOOR = 4, (-0.9, 3.0), 0.1
+#: the span of a copula's identity tables: wide enough for every value it sees (log fractions down to log(_TINY),
+#: logit shares to about +-14, log(1 + hits) up to log(1 + V))
+_WIDE = (-60.0, 60.0)
 
 
 def _identity_map(shape: torch.Size | tuple[int, ...], lo: float = -30.0, hi: float = 0.0) -> Tensor:
@@ -123,7 +126,7 @@ def _identity_copula(d: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     eye = torch.eye(d - k)
     trend = torch.zeros(_MAP_KNOTS, d, 4)
     trend[..., 2] = 1.0
-    return (_identity_map((_MAP_KNOTS, d, 2, _MAP_POINTS), -60.0, 60.0),
+    return (_identity_map((_MAP_KNOTS, d, 2, _MAP_POINTS), *_WIDE),
             torch.cat([torch.zeros(d - k, k), eye], dim=1).expand(_MAP_KNOTS, d - k, d).clone(), trend)
 
 
@@ -630,6 +633,11 @@ def angular_basis(n: int) -> Tensor:
     return torch.stack(rows).float()
 
 
+def _angular_frequencies(n: int) -> list[int]:
+    """The frequency k of each row of :func:`angular_basis` (n): 0 for the mean, then k for cos and sin of k."""
+    return [0] + [(j + 1) // 2 for j in range(1, n)]
+
+
 def dipole_angle(x: Tensor, n_layers: int, a: int, r: int) -> Tensor:
     """Showers x (B, V) on a polar grid (layer, a angular bins, r rings) -> the direction (B,) in [0, 2 pi) of
     their angular dipole, sum over cells of E (cos, sin) of the bin's centre angle 2 pi (j + 1/2) / a."""
@@ -725,7 +733,7 @@ class LayerFlowMatching(CaloFlow):
     ring_table: Tensor  # (_MAP_KNOTS [x layer_knots], L, per_ring x R, 2, _MAP_POINTS): shares' (counts') map
     layer_knots: Tensor  # (layer_knots,) standardised log layer fractions of the ring map's second axis
     mode_table: Tensor  # (_MAP_KNOTS, L, mode_rings, 3, A): per knot, layer and inner ring the mode map (m, m', s)
-    mode_basis: Tensor  # (A, A): angular_basis(A)
+    mode_basis: Tensor  # (A, A): angular_basis(A) (mode_rings, coherent_rings)
     copula_in: Tensor  # (_MAP_KNOTS, L, 1 + R, 2, Q): the model's log layer fraction and counts -> normal scores
     copula_mix: Tensor  # (_MAP_KNOTS, L, 1 + R, 1 + R): L_data L_model^-1 of the normal scores' correlations
     hit_cap: Tensor  # (_MAP_KNOTS, L, count classes, R): the highest log energy per hit of a ring (hit_map)
@@ -737,7 +745,6 @@ class LayerFlowMatching(CaloFlow):
     layer_trend: Tensor  # (_MAP_KNOTS, L, 4): the model's scores' trend in c0 (layer_copula; see _gauss_copula)
     depth_trend: Tensor  # (_MAP_KNOTS, 2 L, 4): the same for depth_copula
     core_gain: Tensor  # (_MAP_KNOTS, k, A): per knot and inner ring each angular mode's gain b (coherent_rings)
-    core_basis: Tensor  # (A, A): angular_basis(A)
 
     def __init__(self, spec: ModelSpec, config: LayerFMConfig | Mapping[str, Any] | None = None, *,
                  with_velocity: bool = True, **overrides: Any) -> None:
@@ -773,8 +780,7 @@ class LayerFlowMatching(CaloFlow):
         for part, on in (("counts", cfg.count_copula), ("shares", cfg.share_copula)):
             if on and self.rings is not None:  # per knot and layer: see _fit_copula
                 r1, (tables, mix) = self.rings[1] + 1, _RING_COPULAS[part]
-                # wide, as the copulas' identity: logit shares span about +-14, and scores are bounded by the ends
-                self.register_buffer(tables, _identity_map((_MAP_KNOTS, self.n_layers, r1, 2, _MAP_POINTS), -60, 60))
+                self.register_buffer(tables, _identity_map((_MAP_KNOTS, self.n_layers, r1, 2, _MAP_POINTS), *_WIDE))
                 self.register_buffer(mix, torch.eye(r1).expand(_MAP_KNOTS, self.n_layers, r1, r1).clone())
         if cfg.hit_map and self.rings is not None:  # per knot, layer, count class and ring: see _fit_hit_map
             self.hit_classes = int(math.log2(self.rings[0])) + 1
@@ -788,10 +794,10 @@ class LayerFlowMatching(CaloFlow):
         if cfg.mode_rings and self.rings is not None:  # per knot, layer and inner ring: see _fit_mode_map
             self.register_buffer("mode_table", _identity_modes((_MAP_KNOTS, self.n_layers, cfg.mode_rings, 3,
                                                                self.rings[0])))
-            self.register_buffer("mode_basis", angular_basis(self.rings[0]), persistent=False)
         if cfg.coherent_rings and self.rings is not None:  # per knot, inner ring and angular mode: see _fit_coherence
             self.register_buffer("core_gain", torch.zeros(_MAP_KNOTS, cfg.coherent_rings, self.rings[0]))
-            self.register_buffer("core_basis", angular_basis(self.rings[0]), persistent=False)
+        if (cfg.mode_rings or cfg.coherent_rings) and self.rings is not None:
+            self.register_buffer("mode_basis", angular_basis(self.rings[0]), persistent=False)
         self.register_buffer("loss_weight", self._loss_weights(cfg, tuple(sizes)), persistent=False)
         self.ema_velocity: ShapeVelocity | None = None
         if not with_velocity:
@@ -1076,8 +1082,7 @@ class LayerFlowMatching(CaloFlow):
 
     def _count_numbers(self, y: Tensor) -> Tensor:
         """The rings' count numbers log(1 + n + u) (B, L, R) of stage-2 numbers y (B, W) with occupancy="count"."""
-        r = (self.rings or (1, 1))[1]
-        return y.reshape(y.shape[0], self.n_layers, -1)[:, :, r : 2 * r]
+        return y.reshape(y.shape[0], self.n_layers, -1)[:, :, self._ring_part("counts")]
 
     def _ring_part(self, part: str) -> slice:
         """Where a layer's ring numbers ``part`` ("shares": logit shares of the layer, "counts": count numbers) sit
@@ -1205,20 +1210,19 @@ class LayerFlowMatching(CaloFlow):
         summed = cells.sum(1)  # (B, A, k)
         mean = summed.mean(1, keepdim=True)
         rel = torch.where(mean > 0, summed / mean.clamp_min(_TINY) - 1.0, torch.zeros_like(summed))
-        return torch.einsum("ma,bak->bmk", self.core_basis.to(rel.dtype), rel)
+        return torch.einsum("ma,bak->bmk", self.mode_basis.to(rel.dtype), rel)
 
-    def cohere(self, x: Tensor, c: Tensor, gain: Tensor | None = None) -> Tensor:
+    def cohere(self, x: Tensor, c: Tensor) -> Tensor:
         """Showers x (B, V) with the cells of each of the ``coherent_rings`` inner rings, in every layer, multiplied
         by 1 + h (floored at ``_COHERENCE_FLOOR``), h (B, A, k) the ring's depth-summed pattern with each mode times
-        its gain (``core_gain`` interpolated at c[:, 0], or ``gain`` (B, A, k)), then rescaled to the ring's energy
-        in that layer: every ring keeps its energy in every layer, and its empty cells stay empty."""
+        its gain (``core_gain`` interpolated at c[:, 0]), then rescaled to the ring's energy in that layer: every
+        ring keeps its energy in every layer, and its empty cells stay empty."""
         a, r = self.rings or (1, 1)
         k = self.config.coherent_rings
-        if gain is None:
-            gain = self._tables_at(self.core_gain, c, x.dtype).transpose(1, 2)  # (B, A, k)
+        gain = self._tables_at(self.core_gain, c, x.dtype).transpose(1, 2)  # (B, A, k)
         cells = x.reshape(x.shape[0], self.n_layers, a, r)
         inner = cells[..., :k]
-        h = torch.einsum("ma,bmk->bak", self.core_basis.to(x.dtype), self._summed_modes(inner) * gain)
+        h = torch.einsum("ma,bmk->bak", self.mode_basis.to(x.dtype), self._summed_modes(inner) * gain)
         shaped = inner * (1.0 + h).clamp_min(_COHERENCE_FLOOR).unsqueeze(1)
         shaped = shaped * (inner.sum(2, keepdim=True) / shaped.sum(2, keepdim=True).clamp_min(_TINY))
         return torch.cat([shaped, cells[..., k:]], dim=3).reshape(x.shape)
@@ -1349,7 +1353,7 @@ class LayerFlowMatching(CaloFlow):
                 getattr(self, name).copy_(_identity_map(getattr(self, name).shape))
         for name in ("copula_in", "share_in"):
             if name in self._buffers:
-                getattr(self, name).copy_(_identity_map(getattr(self, name).shape, -60, 60))
+                getattr(self, name).copy_(_identity_map(getattr(self, name).shape, *_WIDE))
         if "depth_mix" in self._buffers:
             self._reset_copula("depth")
             self.depth_fitted.fill_(False)
@@ -1414,7 +1418,7 @@ class LayerFlowMatching(CaloFlow):
         nearest fitted knot's, or no cap. Returns the fraction of (knot, layer, class, ring) fitted."""
         v, n = self._hit_energies(data, e)
         group = _hit_class(n, self.hit_classes)
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         fitted = torch.zeros(self.hit_cap.shape, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
             for j in range(self.hit_classes):
@@ -1437,7 +1441,7 @@ class LayerFlowMatching(CaloFlow):
         above 0.3; for "shares", the mean correlation of ring 0's score with ring 1's, model and data."""
         model, real = self._copula_values(y, e[0], part).float(), self._copula_values(data, e[1], part).float()
         tables, mixes = (self.get_buffer(name) for name in _RING_COPULAS[part])
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         levels = torch.linspace(0.02, 0.98, _MAP_POINTS)
         fitted, corr_m, corr_d = [], [], []
         for knot in range(_MAP_KNOTS):
@@ -1478,7 +1482,7 @@ class LayerFlowMatching(CaloFlow):
         matrices (D, D) and the data's values (n_knot, D)."""
         out = tables, mix, trend = self._copula_buffers(name)
         keep = tables.shape[1] - mix.shape[1]
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         scores = torch.linspace(-_COPULA_SCORES, _COPULA_SCORES, _MAP_POINTS)
         fits, done = [], torch.zeros(_MAP_KNOTS, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
@@ -1535,7 +1539,7 @@ class LayerFlowMatching(CaloFlow):
         full = {"model": self._full_rings(y), "data": (x > 0).reshape(-1, self.n_layers, a, r)[..., :k].all(2)}
         modes = {"model": self._modes(self._log_shares(self._cells(y)[..., :k].float())),
                  "data": self._modes(self._log_shares(self._cells(data)[..., :k].float()))}
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         fitted = torch.zeros(_MAP_KNOTS, self.n_layers, k, dtype=torch.bool)
         for knot in range(_MAP_KNOTS):
             moments, enough = [], torch.ones(self.n_layers, k, dtype=torch.bool)
@@ -1555,7 +1559,7 @@ class LayerFlowMatching(CaloFlow):
         _from_nearest_fitted(self.mode_table, fitted)  # a knot too few showers reach takes the nearest fitted one's
         out = {"mode_map_fitted_fraction": float(fitted.float().mean())}
         if ratios.numel():  # modes 2k - 1 and 2k are frequency k's cos and sin
-            freq = [0] + [(j + 1) // 2 for j in range(1, a)]
+            freq = _angular_frequencies(a)
             for f in sorted(set(freq)):
                 out[f"mode_map_spread_ratio_k{f}"] = float(ratios[:, [j for j in range(a) if freq[j] == f]].mean())
         return out
@@ -1571,8 +1575,8 @@ class LayerFlowMatching(CaloFlow):
             return {}
         a, r = self.rings or (1, 1)
         k = self.config.coherent_rings
-        freq = torch.tensor([0] + [(j + 1) // 2 for j in range(1, a)], device=x.device)
-        near = torch.nn.functional.one_hot(hat_weights(c[:, 0].float(), self.map_knots).argmax(1), _MAP_KNOTS).float()
+        freq = torch.tensor(_angular_frequencies(a), device=x.device)
+        near = torch.nn.functional.one_hot(self._nearest_knot(c), _MAP_KNOTS).float()
         per_f = torch.nn.functional.one_hot(freq).float()  # (A, F)
         fitted = near.sum(0) >= _MIN_GROUP  # (K,)
 
@@ -1606,7 +1610,7 @@ class LayerFlowMatching(CaloFlow):
             return self._fit_tables(tables, model, data, hit, c, gap)
         marginal = tables[::k2].clone()
         self._fit_tables(marginal, model, data, hit, c, gap)
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         groups = [hat_weights(self._layer_features(f)[..., 0].reshape(-1).float(), self.layer_knots).argmax(1)
                   .reshape(f.shape) for f in e]  # (B, L) each: the nearest layer-energy knot
         for k in range(tables.shape[0]):
@@ -1640,6 +1644,10 @@ class LayerFlowMatching(CaloFlow):
         w2 = hat_weights(f.reshape(-1), self.layer_knots.to(dtype)).reshape(*f.shape, -1)  # (B, L, K2)
         return (w1[:, None, :, None] * w2[:, :, None, :]).reshape(*f.shape, -1)
 
+    def _nearest_knot(self, c: Tensor) -> Tensor:
+        """The incident-energy knot (B,) nearest each shower's c[:, 0]: the group whose showers a map's fit pools."""
+        return hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+
     def _tables_at(self, tables: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
         """Map tables (K, ...) of the energy knots -> (B, ...) interpolated at each shower's c[:, 0]."""
         w = hat_weights(c[:, 0].to(dtype), self.map_knots.to(dtype))
@@ -1650,7 +1658,7 @@ class LayerFlowMatching(CaloFlow):
         """Fill ``tables`` (K, L, R, 2, Q) in place: per energy knot (the showers nearest to it) the quantile map
         of the model's values (n, L, A, R) onto the data's (n, L, A, R), hit (n, L, A, R) bool (``tail``: see
         :func:`_hit_quantiles`); knots with fewer than 20 showers take the nearest fitted knot's tables."""
-        near = hat_weights(c[:, 0].float(), self.map_knots).argmax(1)
+        near = self._nearest_knot(c)
         fitted = torch.tensor([int((near == k).sum()) >= 20 for k in range(_MAP_KNOTS)])
         for k in fitted.nonzero().flatten().tolist():
             rate = hit[near == k].float().mean(dim=(0, 2))  # (L, R)
