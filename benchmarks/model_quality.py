@@ -336,6 +336,8 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "ms_per_step": round(1e3 * train_c / max(state["step"], 1), 1),
         "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name()})",
         "last_logs": {k: round(float(v), 5) for k, v in state["logs"].items()},
+        # the training process's peak (the end-of-training calibration included), as the run's meta.json has it
+        "peak_rss_mb": json.loads((out / "meta.json").read_text()).get("peak_rss_mb"),
     }
 
 
