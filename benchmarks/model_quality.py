@@ -52,6 +52,7 @@ from fastshower.energy import parse_energy  # noqa: E402
 from fastshower.generation import generate  # noqa: E402
 from fastshower.io import ShowerFile, ShowerFileError  # noqa: E402
 from fastshower.montecarlo.run import simulate  # noqa: E402
+from fastshower.refinement import RefineConfig, fit_refiner  # noqa: E402
 from fastshower.runs import load_run  # noqa: E402
 from fastshower.training import train  # noqa: E402
 from fastshower.validate.evaluate import evaluate  # noqa: E402
@@ -254,7 +255,8 @@ _REPLANS = 4
 
 def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: int | None, seed: int,
                 probe_steps: int, clock_name: str = "cpu", deadline: float | None = None,
-                config: dict[str, Any] | None = None, device: str = "cpu") -> dict[str, Any]:
+                config: dict[str, Any] | None = None, device: str = "cpu",
+                refine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``model`` for about ``seconds`` on ``clock_name`` ("cpu": process time, or "wall").
 
     A probe run fixes the planned steps; the run then trains a fifth of them, measures its own cost per step and
@@ -269,17 +271,20 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     whose load leaves too little CPU); the run then keeps its last weights and says so.
     ``config``: :func:`fastshower.training.train`'s config (``hparams``, ``train``), None: the defaults.
     ``device``: where to train ("cuda" on a lent GPU, timed with ``clock_name="wall"``).
+    ``refine``: :class:`fastshower.refinement.RefineConfig` fields: after training, fit the run's refiner, within
+    the budget as the calibration is (the probe fits one on ``_PROBE_CALIBRATION`` showers to time it).
     """
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
     c_start, t_start = clock(), time.perf_counter()
-    s_per_step, setup_s, cal_per_shower = _probe(data, model, out, batch_size, seed, probe_steps, clock, config,
-                                                 device)
+    s_per_step, setup_s, cal_per_shower, refine_per_shower = _probe(data, model, out, batch_size, seed, probe_steps,
+                                                                    clock, config, device, refine)
     probe_s = clock() - c_start
-    reserve = cal_per_shower * _calibration_showers(data, config)  # the end-of-training calibration's cost
+    # the end-of-training calibration's cost, and the refiner's
+    reserve = cal_per_shower * _calibration_showers(data, config) + refine_per_shower * _refine_showers(refine)
     budget = max(seconds - probe_s - setup_s - reserve, 10 * s_per_step)
     steps = max(50, int(0.95 * budget / s_per_step))
     log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step), calibration "
-        f"reserve {reserve:.0f} s -> {steps} steps")
+        f"and refiner reserve {reserve:.0f} s -> {steps} steps")
     c0, t0 = clock(), time.perf_counter()
     state: dict[str, Any] = {"step": 0, "logs": {}, "stamps": {}, "until": max(50, steps // 5)}
     hard = c0 + 1.15 * budget + setup_s
@@ -320,7 +325,9 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
     if stopped:
         log(f"{model}: stopped ({stopped}) at step {state['step']} of {steps}")
     train_c = clock() - c0
+    refined = _timed_refiner(out, data, refine, clock) if refine else {}
     return {
+        **refined,
         "clock": clock_name,
         "budget_minutes_total": round(seconds / 60, 2),
         "used_minutes_total": round((clock() - c_start) / 60, 2),
@@ -342,10 +349,12 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
 
 
 def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int, probe_steps: int,
-           clock: Any, config: dict[str, Any] | None, device: str) -> tuple[float, float, float]:
-    """(seconds per step, set-up seconds, calibration seconds per shower) of a ``probe_steps`` run beside ``out``
-    (deleted afterwards). The probe's end-of-training calibration (models that fit maps after training) runs on
-    at most ``_PROBE_CALIBRATION`` showers and is timed apart, so that the budget can hold the real one."""
+           clock: Any, config: dict[str, Any] | None, device: str, refine: dict[str, Any] | None = None
+           ) -> tuple[float, float, float, float]:
+    """(seconds per step, set-up seconds, calibration and refiner seconds per shower) of a ``probe_steps`` run
+    beside ``out`` (deleted afterwards). The probe's end-of-training calibration (models that fit maps after
+    training) runs on at most ``_PROBE_CALIBRATION`` showers and is timed apart, so that the budget can hold the
+    real one; with ``refine``, a refiner fitted on as many showers is timed too."""
     probe_dir = out.parent / (out.name + "-probe")
     shutil.rmtree(probe_dir, ignore_errors=True)
     cfg = dict(config or {})
@@ -359,11 +368,30 @@ def _probe(data: Path, model: str, out: Path, batch_size: int | None, seed: int,
     # the calibration and its checkpoint, for a model that fitted one (meta.json says so); else nothing to hold back
     calibrated = "calibration" in json.loads((probe_dir / "meta.json").read_text())
     calibration_s = clock() - stamps[probe_steps] if calibrated else 0.0
+    refine_s = 0.0
+    if refine:
+        refine_s = clock()
+        fit_refiner(probe_dir, data, RefineConfig(**{**refine, "showers": _PROBE_CALIBRATION}), progress=False)
+        refine_s = clock() - refine_s
     shutil.rmtree(probe_dir, ignore_errors=True)
     first = min(5, probe_steps // 4)
     s_per_step = (stamps[probe_steps] - stamps[first]) / (probe_steps - first)
     setup_s = stamps[probe_steps] - c_start - s_per_step * probe_steps  # transform fit, model build (paid again)
-    return s_per_step, setup_s, calibration_s / n_cal
+    return s_per_step, setup_s, calibration_s / n_cal, refine_s / _PROBE_CALIBRATION
+
+
+def _refine_showers(refine: dict[str, Any] | None) -> int:
+    """How many showers a run's refiner is fitted on (0 without one)."""
+    return int(refine.get("showers", RefineConfig.showers)) if refine else 0
+
+
+def _timed_refiner(run_dir: Path, data: Path, refine: dict[str, Any], clock: Any) -> dict[str, Any]:
+    """Fit the run's refiner on ``data`` and say what it cost on ``clock``."""
+    c0 = clock()
+    summary = fit_refiner(run_dir, data, RefineConfig(**refine), progress=False)
+    log(f"refiner: held-out AUC {summary['validation_auc']:.3f}, acceptance {summary['acceptance']:.2f}, "
+        f"{clock() - c0:.0f} s")
+    return {"refine": summary, "refine_seconds_clock": round(clock() - c0, 1)}
 
 
 def _calibration_showers(data: Path, config: dict[str, Any] | None) -> int:
@@ -485,8 +513,10 @@ def score(reference: Path, candidate: Path, out: Path, layers: int, seed: int,
     return res
 
 
-def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, seed: int) -> dict[str, Any]:
-    """Generate as many showers as ``reference`` at ``energy`` (None: the reference's own energies)."""
+def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, seed: int,
+                 refine: bool = False) -> dict[str, Any]:
+    """Generate as many showers as ``reference`` at ``energy`` (None: the reference's own energies), with
+    ``refine`` on the run's refiner."""
     with ShowerFile(reference) as f:
         n = f.n
         e_ref = f.energies()
@@ -500,10 +530,14 @@ def generate_for(run_dir: Path, reference: Path, energy: str | None, out: Path, 
     # extreme energies (e.g. 1.26-99.5 GeV for 400 showers): generate there too, and say so
     extrapolate = spec.low < lo * (1 - 1e-9) or spec.high > hi * (1 + 1e-9)
     t0 = time.perf_counter()
-    generate(loaded, n, energy, out=out, seed=seed, progress=False, batch_size=5000, extrapolate=extrapolate)
+    generate(loaded, n, energy, out=out, seed=seed, progress=False, batch_size=5000, extrapolate=extrapolate,
+             refine=refine)
     s = time.perf_counter() - t0
     info = {"n": n, "energy": energy, "seconds": round(s, 2), "ms_per_shower": round(1e3 * s / n, 3),
             "step": loaded[2].step}
+    if refine:
+        with ShowerFile(out) as f:
+            info["refine_draws_per_shower"] = round(int(f.attrs["refine_draws"]) / n, 3)
     if extrapolate:
         info["extrapolated_beyond_training_range_gev"] = [lo / 1e3, hi / 1e3]
     return info
@@ -644,8 +678,11 @@ def main() -> None:
     #: table key -> (model, train() config or None)
     rows: dict[str, tuple[str, dict[str, Any] | None]] = {m: (m, None) for m in args.models}
     rows.update({v: VARIANTS[v] for v in args.variants})
+    refines: dict[str, dict[str, Any]] = {}  # table key -> RefineConfig fields: fit a refiner, generate with it
     for label, spec in args.variant_json.items():
         spec = dict(spec)
+        if "refine" in spec:
+            refines[label] = dict(spec.pop("refine"))
         rows[label] = (spec.pop("model"), spec)
     if args.print_table:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
@@ -727,7 +764,7 @@ def main() -> None:
             try:
                 tinfo = timed_train(work / "train.h5", family, run_dir, 60 * args.minutes, args.batch_size,
                                     args.seed, args.probe_steps, args.clock, args.deadline, config,
-                                    args.device)
+                                    args.device, refines.get(model))
             except Exception as exc:  # a model that cannot train here is a table row, not a crash
                 log(f"{model}: training failed: {type(exc).__name__}: {exc}")
                 traceback.print_exc()  # the where, for a failure on a machine seen only through its log
@@ -784,7 +821,8 @@ def main() -> None:
             gen = work / "gen" / f"{tag}-{test}.h5"
             gen.parent.mkdir(parents=True, exist_ok=True)
             log(f"{model}: generating for {test}")
-            ginfo = generate_for(run_dir, work / f"{ref}.h5", energy, gen, seed=args.seed + 17)
+            ginfo = generate_for(run_dir, work / f"{ref}.h5", energy, gen, seed=args.seed + 17,
+                                 refine="refine" in tinfo)
             log(f"{model}: scoring {test} ({ginfo['ms_per_shower']} ms/shower)")
             try:
                 sc = score(work / f"{ref}.h5", gen, work / "eval" / f"{tag}-{test}", layers, args.seed,

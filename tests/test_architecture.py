@@ -36,6 +36,7 @@ FLOORS: dict[str, int] = {
     "fastshower.training": 5,
     "fastshower.deploy": 6,
     "fastshower.distillation": 6,
+    "fastshower.refinement": 6,
     "fastshower.generation": 7,
     "fastshower.fastsim_model": 7,
     "fastshower.airshower": 8,

@@ -18,8 +18,8 @@ from fastshower.demo import DemoSettings, run_demo
 from fastshower.io import ShowerFile
 from fastshower.models import available_models
 
-VERBS = ("geometries", "info", "convert", "merge", "simulate", "train", "distill", "generate", "evaluate", "demo",
-         "export", "bench")
+VERBS = ("geometries", "info", "convert", "merge", "simulate", "train", "distill", "generate", "refine", "evaluate",
+         "demo", "export", "bench")
 SMALL_TOML = 'model = "flow-matching"\n[hparams]\nhidden = 16\ndepth = 1\nemb_dim = 8\nsteps = 2\nwarmup = 2\n'
 
 

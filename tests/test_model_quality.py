@@ -57,12 +57,24 @@ def test_probe_times_a_capped_calibration_apart_and_the_budget_holds_the_full_on
 
     config = {"hparams": {"maps": "all"}, "train": {"calibration_showers": 5250}}
     monkeypatch.setattr(mq, "train", fake_train)
-    per_step, setup, per_shower = mq._probe(tiny_file, "layer-fm", tmp_path / "run", None, 0, 30,
-                                            lambda: now[0], config, "cpu")
+    per_step, setup, per_shower, refine = mq._probe(tiny_file, "layer-fm", tmp_path / "run", None, 0, 30,
+                                                    lambda: now[0], config, "cpu")
     n_cal = mq._PROBE_CALIBRATION
     assert seen["config"]["train"]["calibration_showers"] == n_cal
     assert config["train"]["calibration_showers"] == 5250  # the caller's config is left as it was
-    assert (per_step, setup, per_shower) == (2.0, 7.0, 100.0 / n_cal)
+    assert (per_step, setup, per_shower, refine) == (2.0, 7.0, 100.0 / n_cal, 0.0)
+
+    def fake_refiner(run: Path, data: Path, cfg: Any, progress: bool) -> dict[str, Any]:
+        seen["refine"] = cfg
+        now[0] += 40.0
+        return {}
+
+    monkeypatch.setattr(mq, "fit_refiner", fake_refiner)  # a refiner is timed on as many showers, after the rest
+    timed = mq._probe(tiny_file, "layer-fm", tmp_path / "run", None, 0, 30, lambda: now[0], config, "cpu",
+                      {"showers": 5000, "cap": 2.0})
+    assert timed == (2.0, 7.0, 100.0 / n_cal, 40.0 / n_cal)
+    assert (seen["refine"].showers, seen["refine"].cap) == (n_cal, 2.0)
+    assert mq._refine_showers({"showers": 5000}) == 5000 and mq._refine_showers(None) == 0
     with ShowerFile(tiny_file) as f:
         n = f.n
     assert mq._calibration_showers(tiny_file, config) == min(5250, n)

@@ -39,6 +39,8 @@ _SMALL_CLI = {
     "--energy 0.5,1,1.5,2.5 --n 40000": "--energy 0.5,1,1.5,2.5 --n 200",
     "--steps 5000": "--steps 5",
     "--n 10000 --energy 2.0 --out gen.h5": "--n 100 --energy 2.0 --out gen.h5",
+    "--showers 5000": "--showers 100",
+    "--n 10000 --energy 2.0 --out gen_refined.h5": "--n 100 --energy 2.0 --out gen_refined.h5",
     "--energy 2.0 --n 10000": "--energy 2.0 --n 100",
     "--out runs/fm1": "--out runs/fm1 --pairs 200 --steps 5",
     "--geant4 --out bench.json": "--geant4 --geant4-showers 4 --batch-sizes 1,100 --out bench.json",
@@ -100,6 +102,6 @@ def test_readme_cli_chain_runs_in_order(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    for name in ("belle.h5", "gen.h5", "g4_2GeV.h5", "fm.onnx", "fm_int8.onnx", "bench.json",
-                 "report/report.html", "runs/fm1/meta.json"):
+    for name in ("belle.h5", "gen.h5", "gen_refined.h5", "runs/fm/refiner.pt", "g4_2GeV.h5", "fm.onnx",
+                 "fm_int8.onnx", "bench.json", "report/report.html", "runs/fm1/meta.json"):
         assert (tmp_path / name).is_file(), name

@@ -28,6 +28,7 @@ _API: dict[str, str] = {
     "train": "fastshower.training",
     "distill": "fastshower.distillation",
     "generate": "fastshower.generation",
+    "fit_refiner": "fastshower.refinement",
     "fast_sim_model": "fastshower.fastsim_model",
     "evaluate": "fastshower.validate.evaluate",
     "export_onnx": "fastshower.deploy.export",
@@ -63,6 +64,7 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "fast_sim_model",
+    "fit_refiner",
     "generate",
     "get_geometry",
     "list_geometries",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
     from fastshower.io import ShowerBatch, ShowerFile, ShowerWriter
     from fastshower.models import available_models
     from fastshower.montecarlo.run import simulate
+    from fastshower.refinement import fit_refiner
     from fastshower.runs import Run, load_run
     from fastshower.sampling import sample_batch
     from fastshower.training import train

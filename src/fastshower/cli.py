@@ -178,13 +178,24 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from fastshower.refinement import RefineConfig, fit_refiner
+
+    cfg = RefineConfig(showers=args.showers, cap=args.cap, seed=args.seed)
+    done = fit_refiner(args.run, args.data, cfg, progress=not args.quiet)
+    print(f"refiner written to {args.run}: held-out AUC of the run against the data {done['validation_auc']:.3f}; "
+          f"generate --refine keeps {done['acceptance']:.2f} of the draws (cap {cfg.cap:g}); "
+          f"{done['cpu_seconds']:.0f} CPU-s")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fastshower.generation import generate
 
     out = generate(
         run=args.run, n=args.n, energy=args.energy, conditions=dict(args.condition or []),
         out=args.out, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, backend=args.backend,
-        onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate, resume=args.resume,
+        onnx_path=args.onnx, int8=args.int8, extrapolate=args.extrapolate, resume=args.resume, refine=args.refine,
     )
     print(f"wrote {args.n} showers to {out}")
     return 0
@@ -415,7 +426,20 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--extrapolate", action="store_true", help="allow energies outside the training range")
     gen.add_argument("--resume", action="store_true",
                      help="top an interrupted --out up to --n (same run, seed, batch size and specs)")
+    gen.add_argument("--refine", action="store_true",
+                     help="rejection-sample on the run's refiner (fit by fastshower refine): closer to the data")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rf = _verb(sub, "refine", _cmd_refine, "fit a run's refiner: a classifier of its showers against the data, "
+               "for generate --refine")
+    rf.add_argument("--run", required=True, help="finished run folder (the refiner is saved in it)")
+    rf.add_argument("--data", default=None, help="Geant4 file to learn from (default: the run's training file)")
+    rf.add_argument("--showers", type=int, default=5000,
+                    help="data showers used, and as many of the run's own drawn at their energies")
+    rf.add_argument("--cap", type=float, default=3.0,
+                    help="largest density ratio honoured: a larger cap follows the data further at more draws")
+    rf.add_argument("--seed", type=int, default=0, help="seeds the run's showers, the split and the classifier")
+    rf.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -22,6 +22,7 @@ from fastshower._version import __version__
 from fastshower.deploy.export import ExportError, OnnxSampler, export_onnx, load_onnx
 from fastshower.energy import EnergySpec, EnergySpecError, parse_energy
 from fastshower.io import ShowerBatch, ShowerWriter
+from fastshower.refinement import Refiner, load_refiner, refiner_summary
 from fastshower.runs import Run, RunInfo, as_run, training_energy_range_mev
 from fastshower.sampling import ConditionSampler, GenerationError, condition_samplers, draw_noise, sample_batch
 
@@ -49,6 +50,7 @@ def generate(
     onnx_path: str | Path | None = None,
     int8: bool = False,
     resume: bool = False,
+    refine: bool = False,
 ) -> Path:
     """Generate ``n`` showers from a trained run into a new shower file ``out``; returns its path.
 
@@ -67,29 +69,38 @@ def generate(
             onnx_path: an exported file of this run (default: a fresh export, INT8 when ``int8``).
         resume: top up an interrupted ``out`` (or a smaller one) to ``n``; the request must be the file's own
             (run, step, seed, batch_size, specs, sampler), else it is refused naming what differs.
+        refine: rejection-sample on the run's refiner (:mod:`fastshower.refinement`); attributes ``refine`` (the
+            refiner) and ``refine_draws`` (showers drawn) say so in the file.
 
     Raises:
         GenerationError: bad n, batch_size, backend, energies outside the training range, conditions;
-            RunError, ExportError, ShowerFileError: an unusable run, ONNX file or output path.
+            RunError, ExportError, ShowerFileError, RefineError: an unusable run, ONNX file, output path, refiner.
     """
     _check_request(out, resume, n, batch_size, backend)
     loaded = as_run(run, device)
-    info = loaded.info
-    espec = _energy_spec(energy, info, extrapolate)
+    info, espec = loaded.info, _energy_spec(energy, loaded.info, extrapolate)
     samplers, used = condition_samplers(info, conditions)
-    thr = info.threshold_mev if threshold_mev is None else float(threshold_mev)
-    opts = dict(sample_options or {})
+    thr, opts = info.threshold_mev if threshold_mev is None else float(threshold_mev), dict(sample_options or {})
+    refiner = load_refiner(info.run_dir, info.geometry) if refine else None
     attrs = {"seed": seed, "model": info.model_name, "run": str(info.run_dir.resolve()), "run_step": info.step,
              "energy_spec": espec.text, "condition_specs": used, "threshold_mev": thr, "sample_options": opts,
-             "training_data": info.training_file or "unknown", "batch_size": batch_size}
+             "training_data": info.training_file or "unknown", "batch_size": batch_size, **_refine_attr(info, refiner)}
     with contextlib.ExitStack() as stack:
-        onnx_sampler = None
-        if backend == "onnx":
-            onnx_sampler = _onnx_sampler(stack, loaded, onnx_path, thr, opts, int8)
+        onnx_sampler = _onnx_sampler(stack, loaded, onnx_path, thr, opts, int8) if backend == "onnx" else None
         attrs["backend"] = onnx_sampler.backend if onnx_sampler else "torch"
         writer = stack.enter_context(_writer(out, info, onnx_sampler, n, attrs, resume))
-        _fill(writer, loaded, espec, samplers, onnx_sampler, n, batch_size, seed, thr, opts, device, progress)
+        _fill(writer, loaded, espec, samplers, onnx_sampler, n, batch_size, seed, thr, opts, device, progress,
+              refiner)
     return Path(out)
+
+
+def _refine_attr(info: RunInfo, refiner: Refiner | None) -> dict[str, Any]:
+    """{"refine": the file's attribute}: "none", or the refiner's cap, data and held-out figures."""
+    if refiner is None:
+        return {"refine": "none"}
+    fitted = refiner_summary(info.run_dir)
+    return {"refine": {"cap": refiner.config.cap, "max_rounds": refiner.config.max_rounds, "data": fitted.get("data"),
+                       "validation_auc": fitted.get("validation_auc"), "acceptance": fitted.get("acceptance")}}
 
 
 def _check_request(out: str | Path, resume: bool, n: int, batch_size: int, backend: str) -> None:
@@ -121,8 +132,8 @@ def _check_resumed(writer: ShowerWriter, attrs: Mapping[str, Any], batch_size: i
     """Raise :class:`GenerationError` unless the resumed file was made by this very request, in whole batches."""
     stored = writer.attrs
     for key in ("run", "run_step", "seed", "batch_size", "energy_spec", "condition_specs", "threshold_mev",
-                "sample_options", "backend"):
-        have = stored.get(key)
+                "sample_options", "backend", "refine"):
+        have = stored.get(key, "none" if key == "refine" else None)  # files from before refinement: unrefined
         want = attrs[key] if isinstance(attrs[key], (str, int, float)) else json.dumps(attrs[key])
         if have is None or str(have) != str(want):
             raise GenerationError(f"resume=True: {writer.path} was generated with {key}={have}, not {want}; "
@@ -156,12 +167,12 @@ def _generator_name(info: RunInfo, onnx_sampler: OnnxSampler | None) -> str:
 
 def _fill(writer: ShowerWriter, run: Run, espec: EnergySpec, samplers: Mapping[str, ConditionSampler],
           onnx_sampler: OnnxSampler | None, n: int, batch_size: int, seed: int, threshold_mev: float,
-          options: Mapping[str, Any], device: str, progress: bool) -> None:
+          options: Mapping[str, Any], device: str, progress: bool, refiner: Refiner | None = None) -> None:
     """Generate and append batches until ``writer`` holds ``n`` showers.
 
     Batch k draws energies and conditions from a numpy generator and the model's noise from a torch
-    generator, both seeded by (``seed``, k): the same call writes the same file, and a resumed file the
-    file an uninterrupted call would have written.
+    generator, both seeded by (``seed``, k), and a refiner's acceptance from (``seed``, k, 1): the same call
+    writes the same file, and a resumed file the file an uninterrupted call would have written.
     """
     from tqdm.auto import tqdm
 
@@ -175,11 +186,19 @@ def _fill(writer: ShowerWriter, run: Run, espec: EnergySpec, samplers: Mapping[s
             m = min(batch_size, n - writer.n_written)
             e = espec.sample(rng, m)
             conds = {k: s(rng, m) for k, s in samplers.items()}
-            if onnx_sampler is None:
-                showers = sample_batch(model, transform, e, conds, gen, threshold_mev, geometry=info.geometry,
-                                       **options)
-            else:  # the same noise, in the same order, as model.sample draws from gen
-                showers = onnx_sampler(draw_noise(model, m, gen), e, conds)
+
+            def draw(e: np.ndarray, conds: Mapping[str, np.ndarray], gen: torch.Generator = gen) -> np.ndarray:
+                if onnx_sampler is None:
+                    return sample_batch(model, transform, e, conds, gen, threshold_mev, geometry=info.geometry,
+                                        **options)
+                return onnx_sampler(draw_noise(model, len(e), gen), e, conds)  # model.sample's noise, in order
+
+            if refiner is None:
+                showers = draw(e, conds)
+            else:
+                showers, counts = refiner.refine(draw, e, conds, np.random.default_rng([seed, k, 1]))
+                writer.set_attrs({key: int(writer.attrs.get(key, 0)) + v for key, v in
+                                  (("refine_draws", counts["draws"]), ("refine_unaccepted", counts["unaccepted"]))})
             writer.append(ShowerBatch(e, showers, conds))
             bar.update(m)
 
