@@ -129,3 +129,25 @@ def test_refine_bad_input(refined_run: tuple[Path, dict[str, Any]], tiny_file: P
 def _geo(path: Path) -> Geometry:
     with ShowerFile(path) as f:
         return f.geometry
+
+
+def test_marginal_shifts_moves_marginals_and_keeps_ranks() -> None:
+    """benchmarks/marginal_shifts.py: a candidate that is the training sample doubled and reversed in one column
+    comes back with the training marginal per energy decile, and its ranks (its copula) as they were."""
+    from benchmark_scripts import load_benchmark
+
+    ms = load_benchmark("marginal_shifts")
+    rng = np.random.default_rng(0)
+    e = np.exp(rng.uniform(np.log(1e3), np.log(1e5), 4000))
+    train = np.c_[rng.normal(size=4000) * np.log(e), rng.gamma(2.0, size=4000)]
+    cand = np.c_[2.0 * train[:, 0], -train[:, 1]]
+    out = ms.moved(cand, e, train, e, [0, 1])
+    assert np.corrcoef(out[:, 0], train[:, 0])[0, 1] > 0.999  # same ranks in each decile: the same values
+    decile = np.digitize(np.log(e), np.quantile(np.log(e), np.linspace(0, 1, 11))[1:-1])
+    for d in range(10):
+        for j in (0, 1):
+            rows = decile == d
+            assert np.array_equal(np.argsort(out[rows, j]), np.argsort(cand[rows, j]))
+    assert np.quantile(out[:, 1], [0.1, 0.5, 0.9]) == pytest.approx(np.quantile(train[:, 1], [0.1, 0.5, 0.9]),
+                                                                    rel=0.05)
+    assert np.array_equal(ms.moved(cand, e, train, e, [])[:, 1], cand[:, 1])
