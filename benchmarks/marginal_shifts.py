@@ -16,37 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastshower.io import ShowerFile
 from fastshower.validate.metrics import classifier_score
-from fastshower.validate.observables import compute_observables, observable_names
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from observable_families import load  # observables, log10 E_inc and names of a file
 
 #: observable families, by name prefix ("globals": every observable of no per-layer family)
 FAMILIES = ("E_layer_", "x_centre_", "y_centre_", "x_width_", "y_width_", "r_centre_", "r_width_", "sparsity_")
 
 
-def load(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Observables (N, F) of every shower in ``path``, its incident energies (N,) MeV and the F names."""
-    with ShowerFile(path) as f:
-        batch, geometry = f.read(0, f.n), f.geometry
-    e = np.asarray(batch.energies, dtype=np.float64).reshape(-1)
-    obs = compute_observables(batch.showers, e, geometry)
-    names = observable_names(geometry)
-    return np.stack([np.asarray(obs[n], dtype=np.float64) for n in names], 1), e, names
-
-
-def moved(cand: np.ndarray, e_cand: np.ndarray, train: np.ndarray, e_train: np.ndarray, cols: list[int],
+def moved(cand: np.ndarray, le_cand: np.ndarray, train: np.ndarray, le_train: np.ndarray, cols: list[int],
           bins: int = 10) -> np.ndarray:
-    """``cand`` (n, F) with columns ``cols`` moved onto ``train``'s marginals per incident-energy decile of the
-    training file, each value to the training quantile of its rank within its decile."""
-    edges = np.quantile(np.log(e_train), np.linspace(0, 1, bins + 1))
+    """``cand`` (n, F) with columns ``cols`` moved onto ``train``'s marginals per decile of the training file's log
+    incident energy (``le_*``, (n,) each), each value to the training quantile of its rank within its decile."""
+    edges = np.quantile(le_train, np.linspace(0, 1, bins + 1))
     edges[0], edges[-1] = -np.inf, np.inf
-    bc, bt = np.digitize(np.log(e_cand), edges), np.digitize(np.log(e_train), edges)
+    bc, bt = np.digitize(le_cand, edges), np.digitize(le_train, edges)
     out = cand.copy()
     for b in np.unique(bc):
         mc, mt = bc == b, bt == b
@@ -66,9 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    train, e_train, names = load(args.train)
+    train, le_train, names = load(args.train)
     ref, _, _ = load(args.reference)
-    cand, e_cand, _ = load(args.candidate)
+    cand, le_cand, _ = load(args.candidate)
     n = min(len(ref), len(cand))
 
     def aucs(x: np.ndarray) -> dict[str, float | list[float]]:
@@ -78,11 +70,11 @@ def main() -> None:
     every = list(range(len(names)))
     families = {p: [i for i, k in enumerate(names) if k.startswith(p)] for p in FAMILIES}
     families["globals"] = [i for i in every if not any(i in c for c in families.values())]
-    as_is, all_moved = aucs(cand), aucs(moved(cand, e_cand, train, e_train, every))
+    as_is, all_moved = aucs(cand), aucs(moved(cand, le_cand, train, le_train, every))
     print("as generated", as_is, "every marginal moved", all_moved, flush=True)
     but = {}
     for family, cols in families.items():
-        but[family] = aucs(moved(cand, e_cand, train, e_train, sorted(set(every) - set(cols))))
+        but[family] = aucs(moved(cand, le_cand, train, le_train, sorted(set(every) - set(cols))))
         print("every marginal moved but", family, but[family], flush=True)
     out = {"train": str(args.train.resolve()), "reference": str(args.reference.resolve()),
            "candidate": str(args.candidate.resolve()), "n": n, "features": "raw observables, as evaluate's",
