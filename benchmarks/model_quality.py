@@ -280,7 +280,8 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
                                                                     clock, config, device, refine)
     probe_s = clock() - c_start
     # the end-of-training calibration's cost, and the refiner's
-    reserve = cal_per_shower * _calibration_showers(data, config) + refine_per_shower * _refine_showers(refine)
+    reserves = cal_per_shower * _calibration_showers(data, config), refine_per_shower * _refine_showers(refine)
+    reserve = sum(reserves)
     budget = max(seconds - probe_s - setup_s - reserve, 10 * s_per_step)
     steps = max(50, int(0.95 * budget / s_per_step))
     log(f"{model}: probe {probe_steps} steps in {probe_s:.1f} s ({1e3 * s_per_step:.1f} ms/step), calibration "
@@ -336,7 +337,8 @@ def timed_train(data: Path, model: str, out: Path, seconds: float, batch_size: i
         "stopped_early": stopped,  # None: ran its planned steps; "budget" or "deadline"
         "probe_steps": probe_steps,
         "probe_seconds": round(probe_s, 1),
-        "calibration_reserve_seconds": round(reserve, 1),
+        "calibration_reserve_seconds": round(reserves[0], 1),
+        "refine_reserve_seconds": round(reserves[1], 1),
         "train_seconds_wall": round(time.perf_counter() - t0, 1),
         "train_seconds_clock": round(train_c, 1),
         "wall_minutes_total": round((time.perf_counter() - t_start) / 60, 2),
