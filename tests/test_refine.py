@@ -69,8 +69,8 @@ def refined_run(tmp_path_factory: pytest.TempPathFactory, tiny_file: Path) -> tu
     with ShowerWriter(tmp / "upper.h5", geometry, particle, "selection", int(upper.sum()),
                       {k: v.shape[1] for k, v in own.conditions.items()}) as w:
         w.append(ShowerBatch(own.energies[upper], own.showers[upper], {k: v[upper] for k, v in own.conditions.items()}))
-    summary = fit_refiner(run, tmp / "upper.h5", RefineConfig(showers=int(upper.sum()), cap=3.0, seed=1),
-                          progress=False)
+    summary = fit_refiner(run, tmp / "upper.h5", RefineConfig(showers=5000, cap=3.0, seed=1), progress=False)
+    assert summary["showers"] == upper.sum()  # at most 5000: all 800 of the file
     return run, {**summary, "median": float(np.median(response))}
 
 
@@ -105,9 +105,10 @@ def test_refined_generation_is_reproducible_and_resumes(refined_run: tuple[Path,
         generate(run, 60, "1:5", out=plain, batch_size=30, seed=2, progress=False, refine=True, resume=True)
 
 
-def test_refine_bad_input(refined_run: tuple[Path, dict[str, Any]], tiny_file: Path, tmp_path: Path,
-                          capsys: pytest.CaptureFixture[str]) -> None:
-    """One line and status 2: a run without a refiner, too few showers, a bad cap, a missing data file."""
+def test_refine_bad_input(refined_run: tuple[Path, dict[str, Any]], tiny_file: Path, belle_file: Path,
+                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line and status 2: a run without a refiner, too few showers, a bad cap, a missing data file, data of
+    another detector."""
     bare = train(tiny_file, "flow-matching", tmp_path / "bare", steps=2, batch_size=64, progress=False,
                  config={"hparams": HP, "train": TRAIN})
     with pytest.raises(RefineError, match="has no refiner"):
@@ -118,7 +119,7 @@ def test_refine_bad_input(refined_run: tuple[Path, dict[str, Any]], tiny_file: P
         (["refine", "--run", str(bare), "--showers", "5"], "showers must be >= 20"),
         (["refine", "--run", str(bare), "--cap", "0"], "cap > 0"),
         (["refine", "--run", str(bare), "--data", str(tmp_path / "none.h5")], "cannot be read"),
-        (["refine", "--run", str(bare), "--showers", "5000"], "fewer than the 5000"),
+        (["refine", "--run", str(bare), "--data", str(belle_file)], "is on geometry 'belle2-ecl-5x5'"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

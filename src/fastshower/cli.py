@@ -183,7 +183,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
 
     cfg = RefineConfig(showers=args.showers, cap=args.cap, seed=args.seed)
     done = fit_refiner(args.run, args.data, cfg, progress=not args.quiet)
-    print(f"refiner written to {args.run}: held-out AUC of the run against the data {done['validation_auc']:.3f}; "
+    print(f"refiner written to {args.run} ({done['showers']} showers of each): held-out AUC of the run against the "
+          f"data {done['validation_auc']:.3f}; "
           f"generate --refine keeps {done['acceptance']:.2f} of the draws (cap {cfg.cap:g}); "
           f"{done['cpu_seconds']:.0f} CPU-s")
     return 0
@@ -435,7 +436,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     rf.add_argument("--run", required=True, help="finished run folder (the refiner is saved in it)")
     rf.add_argument("--data", default=None, help="Geant4 file to learn from (default: the run's training file)")
     rf.add_argument("--showers", type=int, default=5000,
-                    help="data showers used, and as many of the run's own drawn at their energies")
+                    help="data showers used (at most; all if the file holds fewer), and as many of the run's own "
+                    "drawn at their energies")
     rf.add_argument("--cap", type=float, default=3.0,
                     help="largest density ratio honoured: a larger cap follows the data further at more draws")
     rf.add_argument("--seed", type=int, default=0, help="seeds the run's showers, the split and the classifier")

@@ -48,6 +48,8 @@ __all__ = ["RefineConfig", "RefineError", "Refiner", "fit_refiner", "load_refine
 #: the refiner's files in a run folder
 REFINER_FILE, REFINER_SUMMARY = "refiner.pt", "refiner.json"
 _FORMAT = 1
+#: fewest showers of each kind a refiner is fitted on
+_MIN_SHOWERS = 20
 
 #: draws(energies (m,) MeV, conditions name -> (m, k)) -> showers (m, V) MeV: one batch of a run's sampler
 Draw = Callable[[np.ndarray, Mapping[str, np.ndarray]], np.ndarray]
@@ -62,8 +64,8 @@ class RefineConfig:
     """How a refiner is fitted and used.
 
     Attributes:
-        showers: training showers used, and as many of the run's own drawn at their conditions (the fit's cost is
-            that of generating them).
+        showers: data showers used (all of the file if it holds fewer), and as many of the run's own drawn at
+            their conditions (the fit's cost is that of generating them).
         hidden: width of the classifier's two hidden layers; lr, weight_decay, batch_size: AdamW's.
         max_epochs, patience: at most this many epochs, stopping after ``patience`` without a better held-out loss.
         validation: held-out fraction (early stopping, the AUC and acceptance reported).
@@ -86,8 +88,9 @@ class RefineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.showers < 20 or self.hidden < 1 or self.batch_size < 1 or self.max_epochs < 1:
-            raise RefineError(f"refine: showers must be >= 20 and hidden, batch_size, max_epochs >= 1 ({self})")
+        if self.showers < _MIN_SHOWERS or self.hidden < 1 or self.batch_size < 1 or self.max_epochs < 1:
+            raise RefineError(f"refine: showers must be >= {_MIN_SHOWERS} and hidden, batch_size, max_epochs >= 1 "
+                              f"({self})")
         if not 0.05 <= self.validation <= 0.5 or self.cap <= 0 or self.max_rounds < 1:
             raise RefineError(f"refine: validation must be in [0.05, 0.5], cap > 0 and max_rounds >= 1 ({self})")
 
@@ -162,13 +165,17 @@ class Refiner(torch.nn.Module):
 
 def _data_rows(path: str, n: int, refiner: Refiner, chunk: int = 1000
                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The first ``n`` showers of ``path`` (read ``chunk`` at a time) -> observables (n, F), energies (n,),
-    conditions; memory holds one chunk of showers."""
+    """The first ``n`` showers of ``path`` (all, if it holds fewer; read ``chunk`` at a time) -> observables (m, F),
+    energies (m,), conditions; memory holds one chunk of showers."""
     obs, e, conds = [], [], []
     try:
         with ShowerFile(path) as f:
-            if f.n < n:
-                raise RefineError(f"refine: {path} holds {f.n} showers, fewer than the {n} asked for")
+            if f.geometry.to_dict() != refiner.geometry.to_dict():
+                raise RefineError(f"refine: {path} is on geometry {f.geometry.name!r}, the run on "
+                                  f"{refiner.geometry.name!r}")
+            n = min(n, f.n)
+            if n < _MIN_SHOWERS:
+                raise RefineError(f"refine: {path} holds {f.n} showers, fewer than the {_MIN_SHOWERS} a refiner needs")
             for a in range(0, n, chunk):
                 b = f.read(a, min(n, a + chunk))
                 obs.append(refiner.observables(b.showers, b.energies))
@@ -252,7 +259,7 @@ def fit_refiner(run: str | Path | Run, data: str | Path | None = None, config: R
             training file, as its meta.json records it). config: :class:`RefineConfig`. progress: say what it does.
 
     Raises:
-        RefineError: unreadable data, fewer showers than asked for, a condition the data lacks.
+        RefineError: unreadable data, data of another geometry or lacking a condition, fewer than 20 showers.
     """
     cfg = config or RefineConfig()
     loaded = as_run(run, require_finished=True)
@@ -265,13 +272,13 @@ def fit_refiner(run: str | Path | Run, data: str | Path | None = None, config: R
                       + int(sum(info.cond_widths)), cfg)
     obs_d, e, conds = _data_rows(path, cfg.showers, refiner)
     if progress:
-        print(f"refine: {cfg.showers} showers of {path} read; drawing as many of run {info.run_id}", flush=True)
+        print(f"refine: {len(e)} showers of {path} read; drawing as many of run {info.run_id}", flush=True)
     obs_m = _model_rows(loaded, refiner, e, conds, cfg.seed)
     scale = np.nanmedian(np.abs(np.concatenate([obs_d, obs_m])), axis=0)
     refiner.scale.copy_(torch.from_numpy(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)))
     x = np.concatenate([refiner.features(obs_d, e, conds), refiner.features(obs_m, e, conds)])
     y = np.r_[np.ones(len(obs_d)), np.zeros(len(obs_m))]
-    summary = {"data": str(Path(path).resolve()), "run_step": info.step, "config": asdict(cfg),
+    summary = {"data": str(Path(path).resolve()), "showers": len(e), "run_step": info.step, "config": asdict(cfg),
                **_train(refiner, x, y, cfg), "cpu_seconds": time.process_time() - t0}
     atomic_save({"format": _FORMAT, "config": asdict(cfg), "cond_names": list(refiner.cond_names),
                  "n_features": x.shape[1], "state": refiner.state_dict()}, info.run_dir / REFINER_FILE)
