@@ -41,6 +41,7 @@ from fastshower.geometry import Geometry
 from fastshower.io import ShowerFile, ShowerFileError
 from fastshower.runs import Run, as_run, atomic_save, write_json
 from fastshower.sampling import sample_batch
+from fastshower.validate.metrics import fit_early_stopped, mlp_classifier
 from fastshower.validate.observables import compute_observables, observable_names
 
 __all__ = ["RefineConfig", "RefineError", "Refiner", "fit_refiner", "load_refiner", "refiner_summary"]
@@ -113,10 +114,7 @@ class Refiner(torch.nn.Module):
         self.register_buffer("scale", torch.ones(len(self.names), dtype=torch.float64))
         self.register_buffer("mu", torch.zeros(n_features))
         self.register_buffer("sd", torch.ones(n_features))
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(n_features, config.hidden), torch.nn.LeakyReLU(0.2),
-            torch.nn.Linear(config.hidden, config.hidden), torch.nn.LeakyReLU(0.2),
-            torch.nn.Linear(config.hidden, 1))
+        self.net = mlp_classifier(n_features, config.hidden)
 
     def observables(self, showers: np.ndarray, energies: np.ndarray) -> np.ndarray:
         """Showers (n, V) MeV at incident energies (n,) MeV -> their observables (n, F), float64."""
@@ -210,31 +208,17 @@ def _train(refiner: Refiner, x: np.ndarray, y: np.ndarray, cfg: RefineConfig) ->
     i_val, i_tr = perm[:n_val], perm[n_val:]
     refiner.mu.copy_(torch.from_numpy(x[i_tr].mean(0)))
     refiner.sd.copy_(torch.from_numpy(x[i_tr].std(0) + 1e-6))
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
-    torch.manual_seed(cfg.seed)
-    for m in refiner.net:
-        if isinstance(m, torch.nn.Linear):
-            m.reset_parameters()
+    xs = (torch.from_numpy(x) - refiner.mu) / refiner.sd
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's generator alone
+        torch.manual_seed(cfg.seed)
+        for m in refiner.net:
+            if isinstance(m, torch.nn.Linear):
+                m.reset_parameters()
     opt = torch.optim.AdamW(refiner.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lossf = torch.nn.BCEWithLogitsLoss()
-    best, state, bad, best_epoch = float("inf"), refiner.state_dict(), 0, 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        refiner.train()
-        order = torch.from_numpy(i_tr[rng.permutation(len(i_tr))])
-        for a in range(0, len(order), cfg.batch_size):
-            rows = order[a:a + cfg.batch_size]
-            opt.zero_grad()
-            lossf(refiner.net((xt[rows] - refiner.mu) / refiner.sd)[:, 0], yt[rows]).backward()
-            opt.step()
-        refiner.eval()
-        with torch.no_grad():
-            loss = float(lossf(refiner.logit(x[i_val]), yt[i_val]))
-        if loss < best - 1e-5:
-            best, state, bad, best_epoch = loss, {k: v.clone() for k, v in refiner.state_dict().items()}, 0, epoch
-        elif (bad := bad + 1) >= cfg.patience:
-            break
-    refiner.load_state_dict(state)
-    return _held_out(refiner, x[i_val], y[i_val], best, best_epoch)
+    best, best_epoch = fit_early_stopped(refiner.net, xs, torch.from_numpy(y.astype(np.float32)),
+                                         lambda: torch.from_numpy(i_tr[rng.permutation(len(i_tr))]),
+                                         torch.from_numpy(i_val), opt, cfg.batch_size, cfg.max_epochs, cfg.patience)
+    return _held_out(refiner.eval(), x[i_val], y[i_val], best, best_epoch)
 
 
 @torch.no_grad()

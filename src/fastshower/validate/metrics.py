@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -424,7 +424,9 @@ def auc_error(auc: float, n_pos: int, n_neg: int) -> float:
     return float(math.sqrt(max(var, 0.0)))
 
 
-def _mlp(d: int, hidden: int) -> torch.nn.Module:
+def mlp_classifier(d: int, hidden: int) -> torch.nn.Sequential:
+    """The CaloChallenge classifier's net: d features -> 2 hidden layers of ``hidden`` LeakyReLU(0.2) units -> a
+    logit (B, 1)."""
     return torch.nn.Sequential(
         torch.nn.Linear(d, hidden), torch.nn.LeakyReLU(0.2),
         torch.nn.Linear(hidden, hidden), torch.nn.LeakyReLU(0.2),
@@ -468,6 +470,39 @@ def classifier_score(
         torch.set_num_threads(old_threads)
 
 
+def fit_early_stopped(net: torch.nn.Module, xs: torch.Tensor, y: torch.Tensor, epoch_rows: Callable[[], torch.Tensor],
+                      stop_rows: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int, max_epochs: int,
+                      patience: int) -> tuple[float, int]:
+    """Train a logit net on features xs (n, d) and labels y (n,) by binary cross-entropy with ``opt``: each epoch
+    over the rows ``epoch_rows()`` returns (in that order, ``batch_size`` at a time), stopping after ``patience``
+    epochs whose loss on ``stop_rows`` is not 1e-5 below the best; the best epoch's weights are loaded and the net
+    left in eval mode. Returns (best held-out loss, best epoch). The one loop of the classifier metrics and the
+    refiner (:mod:`fastshower.refinement`)."""
+    lossf = torch.nn.BCEWithLogitsLoss()
+    best, best_state, best_epoch, bad = math.inf, copy.deepcopy(net.state_dict()), 0, 0
+    for epoch in range(1, max_epochs + 1):
+        net.train()
+        order = epoch_rows()
+        for a in range(0, len(order), batch_size):
+            b = order[a:a + batch_size]
+            opt.zero_grad()
+            loss = lossf(net(xs[b])[:, 0], y[b])
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad():
+            stop_loss = float(lossf(net(xs[stop_rows])[:, 0], y[stop_rows]))
+        if stop_loss < best - 1e-5:
+            best, best_state, best_epoch, bad = stop_loss, copy.deepcopy(net.state_dict()), epoch, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    return best, best_epoch
+
+
 def _standardise(x: np.ndarray, rows: np.ndarray, block: int = 2048) -> np.ndarray:
     """``x`` (n, d) float32 shifted and scaled in place to zero mean and unit variance over ``rows``
     (constant features keep scale 1).
@@ -504,31 +539,11 @@ def _classifier_score(reference: np.ndarray, candidate: np.ndarray, seed: int, h
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _mlp(x.shape[1], hidden)
+        net = mlp_classifier(x.shape[1], hidden)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    lossf = torch.nn.BCEWithLogitsLoss()
     tr = torch.from_numpy(i_tr)
-    best, best_state, best_epoch, bad = math.inf, copy.deepcopy(net.state_dict()), 0, 0
-    for epoch in range(1, max_epochs + 1):
-        net.train()
-        order = tr[torch.randperm(len(tr), generator=gen)]
-        for a in range(0, len(order), batch_size):
-            b = order[a:a + batch_size]
-            opt.zero_grad()
-            loss = lossf(net(xs[b])[:, 0], yt[b])
-            loss.backward()
-            opt.step()
-        net.eval()
-        with torch.no_grad():
-            test_loss = float(lossf(net(xs[i_te])[:, 0], yt[i_te]))
-        if test_loss < best - 1e-5:
-            best, best_state, best_epoch, bad = test_loss, copy.deepcopy(net.state_dict()), epoch, 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    net.load_state_dict(best_state)
-    net.eval()
+    _, best_epoch = fit_early_stopped(net, xs, yt, lambda: tr[torch.randperm(len(tr), generator=gen)],
+                                      torch.from_numpy(i_te), opt, batch_size, max_epochs, patience)
     with torch.no_grad():
         p_te = torch.sigmoid(net(xs[i_te])[:, 0]).numpy().astype(np.float64)
         p_va = torch.sigmoid(net(xs[i_va])[:, 0]).numpy().astype(np.float64)
